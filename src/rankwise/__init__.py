@@ -1,0 +1,77 @@
+"""rankwise: the low-rank family of model adaptation and compression, exact and fast.
+
+Public API (see DESIGN.md)::
+
+    cfg   = rankwise.LoRAConfig(r=8, alpha=16, targets=["query", "value"])
+    cfg   = rankwise.config("dora", r=8)           # any registered method by name
+    model = rankwise.adapt(model, cfg)
+    rankwise.summary(model); rankwise.trainable_parameters(model)
+    rankwise.merge(model); rankwise.unmerge(model); plain = rankwise.unload(model, merge=True)
+    rankwise.save(model, "out/"); model = rankwise.load(base_model, "out/")
+    rankwise.import_peft(base_model, "peft_dir/"); rankwise.export_peft(model, "peft_dir/")
+    model = rankwise.compress(model, ratio=0.5)
+
+Every method's config class (``C3AConfig``, ``GraLoRAConfig``, ...) is reachable as
+``rankwise.<Name>Config`` once its module is registered.
+"""
+
+from typing import Any
+
+from ._version import __version__
+from .adapters.lora import DoRAConfig, LoRAConfig
+from .core.config import AdapterConfig
+from .core.inject import (
+    adapt,
+    adapted_layers,
+    adapter_config,
+    disable_adapters,
+    find_targets,
+    merge,
+    summary,
+    trainable_parameters,
+    unload,
+    unmerge,
+)
+from .core.io import load, save
+from .core.registry import config, methods, register
+from .integrations.peft import export_peft, import_peft
+
+__all__ = [
+    "AdapterConfig",
+    "DoRAConfig",
+    "LoRAConfig",
+    "__version__",
+    "adapt",
+    "adapted_layers",
+    "adapter_config",
+    "compress",
+    "config",
+    "disable_adapters",
+    "export_peft",
+    "find_targets",
+    "import_peft",
+    "load",
+    "merge",
+    "methods",
+    "register",
+    "save",
+    "summary",
+    "trainable_parameters",
+    "unload",
+    "unmerge",
+]
+
+
+def __getattr__(name: str) -> Any:
+    """Lazy access to ``compress`` and to every registered method's config class."""
+    if name == "compress":
+        from .compress import compress
+
+        return compress
+    if name.endswith("Config"):
+        from .core.registry import registered
+
+        for method in registered():
+            if method.config_cls.__name__ == name:
+                return method.config_cls
+    raise AttributeError(f"module 'rankwise' has no attribute {name!r}")

@@ -1,0 +1,263 @@
+"""LoRA, rsLoRA and DoRA, computed exactly as Hugging Face PEFT 0.21.2 computes them.
+
+Papers:
+    * "LoRA: Low-Rank Adaptation of Large Language Models", Hu et al., arXiv:2106.09685.
+    * "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA" (rsLoRA), Kalajdzievski,
+      arXiv:2312.03732.
+    * "DoRA: Weight-Decomposed Low-Rank Adaptation", Liu et al., ICML 2024, arXiv:2402.09353.
+
+LoRA (W ∈ R^{m×n}, y = x Wᵀ + b)::
+
+    ΔW = s · B A,   A ∈ R^{r×n} (lora_A),  B ∈ R^{m×r} (lora_B),  s = α/r  (rsLoRA: s = α/√r)
+    y  = base(x) + s · B A dropout(x)          (dropout on the adapter branch only)
+
+Init (PEFT ``init_lora_weights``): ``True`` gives A ~ kaiming_uniform(a=√5) = U(−1/√n, 1/√n) and
+B = 0, so ΔW = 0 at step 0; ``"gaussian"`` gives A ~ N(0, 1/r²), B = 0; ``False`` leaves B random
+(for tests only). With ``lora_bias`` B also has a bias b_B (zero init) and the merge adds s·b_B to
+the layer's bias. Trainable parameters per layer: r(m + n) (+ m with ``lora_bias``).
+
+DoRA (PEFT ``use_dora=True``)::
+
+    W' = diag(g / c) (W + s B A),   c_i = ‖W_i + s (B A)_i‖₂  treated as a constant (detached)
+    y  = base(x) + (g/c − 1) ⊙ (W x̃) + (g/c) ⊙ (s B A x̃)
+
+with magnitude g ∈ R^m (``lora_magnitude_vector``) initialised to c at creation. x̃ = x in eval
+mode or without dropout (then W x̃ is the base output minus its bias, no extra matmul); in
+training with dropout x̃ = dropout(x) and W x̃ is recomputed: exactly PEFT's semantics, which
+differ from W' dropout(x) (paper §4.3 / PEFT ``DoraLinearVariant.forward``). Trainable parameters:
+r(m + n) + m.
+
+Where we differ from PEFT, on purpose:
+    * c is computed without the m×n matrix W + sBA:
+      c_i² = ‖W_i‖² + 2s ⟨(W Aᵀ)_i, B_i⟩ + s² B_i (A Aᵀ) B_iᵀ, O(mnr) flops and O(mr) memory.
+    * A zero row (c_i = 0, e.g. a pruned output unit) gets g/c = 1 instead of PEFT's 0/0 = NaN;
+      the row of W' is zero either way, so nothing else changes.
+    * ``r > min(m, n)`` is an error (PEFT silently accepts it and wastes the extra parameters).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core.config import (
+    AdapterConfig,
+    check_choice,
+    check_dropout,
+    check_positive_int,
+    check_positive_number,
+    config_field,
+)
+from ..core.layer import Adapter
+from ..core.registry import PeftFormat, register
+
+
+@dataclass(kw_only=True)
+class LoRAConfig(AdapterConfig):
+    """LoRA hyper-parameters, named and defaulted as in PEFT's ``LoraConfig``."""
+
+    method = "lora"
+
+    r: int = config_field(8, "rank of the update B·A")
+    alpha: float = config_field(8.0, "scaling numerator: s = alpha / r (alpha / sqrt(r) with use_rslora)")
+    dropout: float = config_field(0.0, "dropout probability on the adapter branch's input")
+    use_rslora: bool = config_field(False, "rank-stabilised scaling s = alpha / sqrt(r)")
+    init_weights: bool | str = config_field(True, "True: kaiming A, zero B; 'gaussian': N(0, 1/r^2) A, zero B; False: random B")
+    lora_bias: bool = config_field(False, "train a bias on B as well (merged into the layer's bias)")
+
+    def validate(self) -> None:
+        owner = type(self).__name__
+        check_positive_int(owner, "r", self.r)
+        check_positive_number(owner, "alpha", self.alpha)
+        check_dropout(owner, self.dropout)
+        check_choice(owner, "init_weights", self.init_weights, [True, False, "gaussian"])
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+
+@dataclass(kw_only=True)
+class DoRAConfig(LoRAConfig):
+    """DoRA hyper-parameters: LoRA's, plus the magnitude vector that DoRA always trains."""
+
+    method = "dora"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.lora_bias:
+            raise ValueError("DoRAConfig: lora_bias is not supported with DoRA (as in PEFT); set lora_bias=False")
+
+
+class LoRAAdapter(Adapter):
+    """ΔW = s·B·A, applied as two thin matmuls; the dense B·A is only built for merging."""
+
+    def __init__(self, base: nn.Module, config: LoRAConfig, layer_name: str = "") -> None:
+        super().__init__(base, config, layer_name)
+        if config.r > min(self.out_features, self.in_features):
+            raise self.fail(
+                f"rank r={config.r} exceeds min(out, in)={min(self.out_features, self.in_features)}",
+                f"Use r <= {min(self.out_features, self.in_features)} or exclude this layer from targets",
+            )
+        self.r = config.r
+        self.scaling = config.scaling
+        self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(self.in_features, self.r, bias=False)
+        self.lora_B = nn.Linear(self.r, self.out_features, bias=config.lora_bias)
+        self._init_factors(config.init_weights)
+
+    @torch.no_grad()
+    def _init_factors(self, init: bool | str) -> None:
+        if init is False:
+            return
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1.0 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        if self.lora_B.bias is not None:
+            nn.init.zeros_(self.lora_B.bias)
+
+    def low_rank_output(self, x: Tensor, base_out: Tensor) -> Tensor:
+        """base_out + s·B·A·x, with the scale applied to the r-wide intermediate and one fused addmm."""
+        hidden = F.linear(x, self.lora_A.weight) * self.scaling
+        out = torch.addmm(
+            base_out.reshape(-1, self.out_features), hidden.reshape(-1, self.r), self.lora_B.weight.T
+        ).view(base_out.shape)
+        if self.lora_B.bias is not None:
+            out = out + self.scaling * self.lora_B.bias
+        return out
+
+    def forward(self, x: Tensor, base_out: Tensor) -> Tensor:
+        return self.low_rank_output(self.lora_dropout(x), base_out)
+
+    def low_rank_weight(self) -> Tensor:
+        """s·B·A, the dense low-rank update."""
+        return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
+
+    def delta_weight(self) -> Tensor:
+        return self.low_rank_weight()
+
+    def delta_bias(self) -> Tensor | None:
+        return None if self.lora_B.bias is None else self.scaling * self.lora_B.bias
+
+    @classmethod
+    def expected_num_params(cls, out_features: int, in_features: int, config: LoRAConfig) -> int:
+        return config.r * (out_features + in_features) + (out_features if config.lora_bias else 0)
+
+    def describe(self) -> str:
+        return f"r={self.r}, s={self.scaling:g}"
+
+
+class DoRAAdapter(LoRAAdapter):
+    """W' = diag(g/c)(W + sBA) with c detached; see the module docstring for the forward."""
+
+    def __init__(self, base: nn.Module, config: DoRAConfig, layer_name: str = "") -> None:
+        super().__init__(base, config, layer_name)
+        with torch.no_grad():
+            norm = self.weight_norm(self.base_weight().to(self.lora_A.weight.dtype))
+        self.lora_magnitude_vector = nn.Parameter(norm.clone())
+        self._merge_norm: Tensor | None = None
+
+    @torch.no_grad()
+    def weight_norm(self, weight: Tensor) -> Tensor:
+        """c_i = ‖W_i + s(BA)_i‖₂ for every row, without building the m×n sum (no gradient)."""
+        A, B, s = self.lora_A.weight, self.lora_B.weight, self.scaling
+        base_sq = torch.linalg.vector_norm(weight, dim=1).square()
+        cross = ((weight.to(A.dtype) @ A.T) * B).sum(dim=1)
+        low_rank_sq = ((B @ (A @ A.T)) * B).sum(dim=1)
+        return (base_sq + 2 * s * cross + s * s * low_rank_sq).clamp_min(0).sqrt()
+
+    def magnitude_scale(self, norm: Tensor) -> Tensor:
+        """g / c, with 1 where c = 0 (an all-zero row, for which PEFT returns NaN)."""
+        zero = norm == 0
+        return torch.where(zero, torch.ones_like(norm), self.lora_magnitude_vector / torch.where(zero, 1.0, norm))
+
+    def forward(self, x: Tensor, base_out: Tensor) -> Tensor:
+        weight = self.base_weight()
+        scale = self.magnitude_scale(self.weight_norm(weight))
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            bias = self.base_bias()
+            plain = base_out if bias is None else base_out - bias
+        else:
+            x = self.lora_dropout(x)
+            plain = F.linear(x, weight.to(x.dtype))
+        low_rank = F.linear(F.linear(x, self.lora_A.weight), self.lora_B.weight) * self.scaling
+        return base_out + (scale - 1) * plain + scale * low_rank
+
+    def merged_weight(self, weight: Tensor) -> Tensor:
+        # c comes from the unmerged weight and is kept, because unmerge cannot recompute it.
+        self._merge_norm = self.weight_norm(weight)
+        scale = self.magnitude_scale(self._merge_norm).to(weight.dtype)
+        return scale[:, None] * (weight + self.low_rank_weight().to(weight.dtype))
+
+    def unmerged_weight(self, weight: Tensor) -> Tensor:
+        if self._merge_norm is None:
+            raise ValueError(f"DoRA layer '{self.layer_name}' was not merged by rankwise, so it cannot be unmerged")
+        scale = self.magnitude_scale(self._merge_norm).to(weight.dtype)
+        self._merge_norm = None
+        return weight / scale[:, None] - self.low_rank_weight().to(weight.dtype)
+
+    def delta_weight(self) -> Tensor:
+        """W' − W (full rank in general; merging uses :meth:`merged_weight`)."""
+        weight = self.base_weight().to(self.lora_A.weight.dtype)
+        scale = self.magnitude_scale(self.weight_norm(weight))
+        return scale[:, None] * (weight + self.low_rank_weight()) - weight
+
+    @classmethod
+    def expected_num_params(cls, out_features: int, in_features: int, config: DoRAConfig) -> int:
+        return config.r * (out_features + in_features) + out_features
+
+
+# ----------------------------------------------------------------------------------------------
+# PEFT's LoraConfig <-> ours
+# ----------------------------------------------------------------------------------------------
+
+
+def _to_peft(config: LoRAConfig) -> dict[str, Any]:
+    return {
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "use_rslora": config.use_rslora,
+        "use_dora": config.method == "dora",
+        "init_lora_weights": config.init_weights,
+        "lora_bias": config.lora_bias,
+    }
+
+
+def _from_peft(peft_config: dict[str, Any]) -> dict[str, Any]:
+    unsupported = {
+        "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "use_qalora": False,
+    }
+    for key, neutral in unsupported.items():
+        if peft_config.get(key) not in (neutral, None, {}, []):
+            raise ValueError(f"PEFT LoRA option {key}={peft_config[key]!r} is not supported by rankwise import_peft")
+    init = peft_config.get("init_lora_weights", True)
+    return {
+        "r": peft_config["r"],
+        "alpha": float(peft_config.get("lora_alpha", 8)),
+        "dropout": float(peft_config.get("lora_dropout", 0.0)),
+        "use_rslora": bool(peft_config.get("use_rslora", False)),
+        "init_weights": init if init in (True, False, "gaussian") else True,
+        "lora_bias": bool(peft_config.get("lora_bias", False)),
+    }
+
+
+register(
+    "lora",
+    LoRAConfig,
+    LoRAAdapter,
+    peft=PeftFormat("LORA", lambda c: not c.get("use_dora", False), _to_peft, _from_peft, {}),
+)
+register(
+    "dora",
+    DoRAConfig,
+    DoRAAdapter,
+    peft=PeftFormat("LORA", lambda c: bool(c.get("use_dora", False)), _to_peft, _from_peft, {}),
+)

@@ -1,0 +1,267 @@
+"""Targeting and injection: which layers get an adapter, and the model-level verbs.
+
+``adapt`` is transactional: every adapter is built (and validated against its layer) before the
+model is touched, so a config that does not fit some layer raises without leaving the model half
+adapted. ``unload`` gives back the plain model with the original ``requires_grad`` flags.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig
+from .layer import AdaptedLayer, is_supported_layer, linear_shape
+from .registry import get_method
+
+ALL_LINEAR = "all-linear"
+_CONFIG_ATTR = "_rankwise_config"
+_FLAGS_ATTR = "_rankwise_requires_grad"
+
+
+# ----------------------------------------------------------------------------------------------
+# Target selection
+# ----------------------------------------------------------------------------------------------
+
+
+def _matches(name: str, pattern: list[str] | str) -> bool:
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, name) is not None
+    return any(name == suffix or name.endswith("." + suffix) for suffix in pattern)
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Names of the model's output head(s), which ``"all-linear"`` leaves alone.
+
+    For a transformers ``PreTrainedModel`` these are the output embeddings (``lm_head``) and every
+    layer outside the backbone named by ``base_model_prefix`` (``classifier``, ``score``,
+    ``qa_outputs``, ...). A plain ``nn.Module`` has no recognisable head, so nothing is excluded
+    (the same rule as PEFT).
+    """
+    heads: set[str] = set()
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    prefix = getattr(model, "base_model_prefix", "")
+    backbone = getattr(model, prefix, None) if prefix else None
+    for name, module in model.named_modules():
+        if output is not None and module is output:
+            heads.add(name)
+        elif isinstance(backbone, nn.Module) and backbone is not model and name and not (
+            name == prefix or name.startswith(prefix + ".")
+        ):
+            heads.add(name)
+    return heads
+
+
+def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """Names of the layers ``config`` selects, in model order; ``ValueError`` if the selection is bad."""
+    modules = dict(model.named_modules())
+    supported = [name for name, m in modules.items() if name and is_supported_layer(m)]
+    saved = set(config.modules_to_save or [])
+
+    def excluded(name: str) -> bool:
+        if any(name == s or name.startswith(s + ".") or name.endswith("." + s) for s in saved):
+            return True
+        return config.exclude is not None and _matches(name, config.exclude)
+
+    if config.targets == ALL_LINEAR:
+        heads = output_head_names(model)
+        names = [n for n in supported if n not in heads and not excluded(n)]
+    else:
+        names = []
+        for name, module in modules.items():
+            if not name or not _matches(name, config.targets) or excluded(name):
+                continue
+            if not is_supported_layer(module):
+                raise ValueError(
+                    f"target {config.targets!r} matches '{name}', a {type(module).__name__}, but rankwise "
+                    "adapters wrap nn.Linear and transformers Conv1D layers only. Name its linear "
+                    f"sub-layers instead, e.g. {_examples([n for n in supported if n.startswith(name + '.')])}."
+                )
+            names.append(name)
+        if isinstance(config.targets, list):
+            unmatched = [t for t in config.targets if not any(n == t or n.endswith("." + t) for n in names)]
+            if unmatched and names:
+                raise ValueError(
+                    f"target name(s) {unmatched} match no Linear/Conv1D layer of {type(model).__name__}; "
+                    f"fix the spelling or drop them. Available suffixes: {_suffixes(supported)}."
+                )
+    if not names:
+        raise ValueError(
+            f"targets {config.targets!r} match no Linear/Conv1D layer of {type(model).__name__}. "
+            f"Candidate layers: {_examples(supported)}; available suffixes: {_suffixes(supported)}."
+        )
+    return names
+
+
+def _examples(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit]) or "(none)"
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _suffixes(names: list[str]) -> str:
+    seen: dict[str, None] = {}
+    for name in names:
+        parts = name.split(".")
+        seen[parts[-1]] = None
+        if len(parts) > 1 and not parts[-2].isdigit():
+            seen[".".join(parts[-2:])] = None
+    return ", ".join(sorted(seen))
+
+
+# ----------------------------------------------------------------------------------------------
+# Model-level verbs
+# ----------------------------------------------------------------------------------------------
+
+
+def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
+    """(name, wrapper) for every adapted layer; the name is the original layer's path."""
+    for name, module in model.named_modules():
+        if isinstance(module, AdaptedLayer):
+            yield name, module
+
+
+def adapter_config(model: nn.Module) -> AdapterConfig:
+    """The config the model was adapted with; ``ValueError`` if it carries no rankwise adapter."""
+    config = getattr(model, _CONFIG_ATTR, None)
+    if config is None:
+        raise ValueError(f"{type(model).__name__} carries no rankwise adapter; call rankwise.adapt(model, config) first")
+    return config
+
+
+def is_adapted(model: nn.Module) -> bool:
+    return getattr(model, _CONFIG_ATTR, None) is not None or any(True for _ in adapted_layers(model))
+
+
+def _set_child(model: nn.Module, name: str, child: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, child)
+
+
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """Adapters train in the base's precision, except that half-precision bases get float32 adapters
+    (PEFT's ``autocast_adapter_dtype=True``)."""
+    return base_dtype if base_dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
+    """Freeze every base parameter and wrap each targeted layer with the config's adapter.
+
+    The model is changed in place and returned. Modules in ``config.modules_to_save`` stay trainable.
+    """
+    if not isinstance(config, AdapterConfig):
+        raise ValueError(f"adapt expects a rankwise config (e.g. rankwise.LoRAConfig), got {type(config).__name__}")
+    if is_adapted(model):
+        raise ValueError(
+            f"{type(model).__name__} already carries a rankwise adapter; rankwise.unload(model) it first, "
+            "or adapt a fresh copy of the base model"
+        )
+    method = get_method(config.method)
+    names = find_targets(model, config)
+    saved_modules = _modules_to_save(model, config)
+    adapters = {name: method.adapter_cls(model.get_submodule(name), config, name) for name in names}
+
+    setattr(model, _FLAGS_ATTR, {n: p.requires_grad for n, p in model.named_parameters()})
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for name, adapter in adapters.items():
+        base = model.get_submodule(name)
+        adapter.to(device=base.weight.device, dtype=adapter_dtype(base.weight.dtype))
+        _set_child(model, name, AdaptedLayer(base, adapter))
+    for module in saved_modules.values():
+        module.requires_grad_(True)
+    setattr(model, _CONFIG_ATTR, config)
+    return model
+
+
+def _modules_to_save(model: nn.Module, config: AdapterConfig) -> dict[str, nn.Module]:
+    found: dict[str, nn.Module] = {}
+    for wanted in config.modules_to_save or []:
+        hits = {n: m for n, m in model.named_modules() if n == wanted or n.endswith("." + wanted)}
+        if not hits:
+            raise ValueError(
+                f"modules_to_save entry {wanted!r} matches no module of {type(model).__name__}; "
+                f"top-level modules are {[n for n, _ in model.named_children()]}"
+            )
+        found.update(hits)
+    return found
+
+
+def merge(model: nn.Module, safe: bool = False) -> nn.Module:
+    """Fold every adapter into its base weight (idempotent)."""
+    for _, layer in adapted_layers(model):
+        layer.merge(safe=safe)
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo :func:`merge` (idempotent)."""
+    for _, layer in adapted_layers(model):
+        layer.unmerge()
+    return model
+
+
+def unload(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Remove every adapter, merging it first when ``merge``; restore the original trainable flags."""
+    for name, layer in list(adapted_layers(model)):
+        _set_child(model, name, layer.unload(merge=merge))
+    flags: dict[str, bool] = getattr(model, _FLAGS_ATTR, {})
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(flags.get(name, parameter.requires_grad))
+    for attr in (_CONFIG_ATTR, _FLAGS_ATTR):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    return model
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model alone inside the block (merged adapters are taken out and put back)."""
+    layers = [layer for _, layer in adapted_layers(model)]
+    merged = [layer.merged for layer in layers]
+    try:
+        for layer in layers:
+            layer.unmerge()
+            layer.disabled = True
+        yield model
+    finally:
+        for layer, was_merged in zip(layers, merged):
+            layer.disabled = False
+            if was_merged:
+                layer.merge()
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    """Number of parameters that require gradients."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def summary(model: nn.Module) -> str:
+    """A per-layer table (method, shape, trainable count) and PEFT's one-line total."""
+    rows: list[tuple[str, ...]] = [("layer", "method", "shape (out x in)", "adapter", "trainable")]
+    config: Any = getattr(model, _CONFIG_ATTR, None)
+    method = config.method if config else "?"
+    for name, layer in adapted_layers(model):
+        out_f, in_f = linear_shape(layer.base_layer)
+        count = sum(p.numel() for p in layer.adapter.parameters() if p.requires_grad)
+        rows.append((name, method, f"{out_f} x {in_f}", layer.adapter.describe(), f"{count:,}"))
+    for wanted in (config.modules_to_save or []) if config else []:
+        for name, module in _modules_to_save(model, config).items():
+            if name == wanted or name.endswith("." + wanted):
+                count = sum(p.numel() for p in module.parameters())
+                rows.append((name, "full", type(module).__name__, "modules_to_save", f"{count:,}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    trainable = trainable_parameters(model)
+    total = sum(p.numel() for p in model.parameters())
+    percent = 100.0 * trainable / total if total else 0.0
+    lines.append("")
+    lines.append(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {percent:.4f}")
+    return "\n".join(lines)

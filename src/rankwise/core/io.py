@@ -1,0 +1,196 @@
+"""Adapter files: ``adapter_config.json`` + ``adapter.safetensors``, written atomically, read safely.
+
+``save`` writes each file to a temporary name in the target directory and renames it into place,
+so a crash never leaves a half-written file under the real name. ``load`` reads and checks
+everything (config, method, tensor file, layer names and shapes against the base model) before it
+changes the model, and takes the adapters back out if anything still fails; tensors are read with
+safetensors only, never with pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .._version import __version__
+from .inject import _modules_to_save, adapt, adapted_layers, adapter_config, unload
+from .layer import is_supported_layer, linear_shape
+from .registry import get_method
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter.safetensors"
+FORMAT = "rankwise-adapter"
+
+
+def adapter_state(model: nn.Module) -> dict[str, Tensor]:
+    """Every adapter tensor and every ``modules_to_save`` tensor, keyed by its path in the model."""
+    state: dict[str, Tensor] = {}
+    for name, layer in adapted_layers(model):
+        for key, value in layer.adapter.state_dict().items():
+            state[f"{name}.adapter.{key}"] = value
+    for name, module in _modules_to_save(model, adapter_config(model)).items():
+        for key, value in module.state_dict().items():
+            state[f"{name}.{key}"] = value
+    return state
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file atomically (tensors are copied to contiguous CPU memory first)."""
+    plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(plain, tmp, metadata=metadata))
+
+
+def save_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON atomically."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+
+    atomic_write(path, write)
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """Read a JSON object, turning a missing or broken file into a clear error."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: {path} does not exist")
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{what}: {path} is not valid JSON ({error}); the file is corrupted") from None
+    if not isinstance(payload, dict):
+        raise ValueError(f"{what}: {path} must hold a JSON object")
+    return payload
+
+
+def read_tensors(path: Path, what: str) -> dict[str, Tensor]:
+    """Read a safetensors file, turning a missing, truncated or corrupted file into a clear error."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: {path} does not exist")
+    try:
+        return load_file(str(path))
+    except Exception as error:  # safetensors raises its own error types for every kind of damage
+        raise ValueError(
+            f"{what}: {path} could not be read as safetensors ({type(error).__name__}: {error}); "
+            "the file is truncated or corrupted. Save the adapter again."
+        ) from None
+
+
+def save(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
+    """Write the model's adapter to ``directory`` (created if needed) and return the directory."""
+    config = adapter_config(model)
+    layers = {name: {"out_features": linear_shape(layer.base_layer)[0], "in_features": linear_shape(layer.base_layer)[1]}
+              for name, layer in adapted_layers(model)}
+    base_name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    payload = {
+        "format": FORMAT,
+        "method": config.method,
+        "rankwise_version": __version__,
+        "config": config.to_dict(),
+        "layers": layers,
+        "base_model": base_name if isinstance(base_name, str) else None,
+    }
+    directory = Path(directory)
+    save_tensors(directory / WEIGHTS_FILE, adapter_state(model), metadata={"format": FORMAT, "method": config.method})
+    save_json(directory / CONFIG_FILE, payload)
+    return directory
+
+
+def load(base_model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
+    """Adapt ``base_model`` as saved in ``directory`` and load the saved tensors into it."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"adapter directory {directory} does not exist")
+    payload = read_json(directory / CONFIG_FILE, "rankwise.load")
+    if payload.get("format") != FORMAT or "method" not in payload or "config" not in payload:
+        raise ValueError(
+            f"rankwise.load: {directory / CONFIG_FILE} is not a rankwise adapter config "
+            "(a PEFT adapter? use rankwise.import_peft)"
+        )
+    method = get_method(payload["method"])
+    config = method.config_cls.from_dict(payload["config"])
+    tensors = read_tensors(directory / WEIGHTS_FILE, "rankwise.load")
+    check_layers_fit(base_model, payload.get("layers", {}), directory)
+    return load_state_into(base_model, config, tensors, source=str(directory))
+
+
+def check_layers_fit(base_model: nn.Module, layers: dict[str, dict[str, int]], source: Any) -> None:
+    """Every saved layer exists in ``base_model`` with the same (out, in) shape."""
+    modules = dict(base_model.named_modules())
+    for name, shape in layers.items():
+        module = modules.get(name)
+        if module is None or not is_supported_layer(module):
+            raise ValueError(
+                f"the adapter in {source} was trained on a base model with a layer '{name}', which "
+                f"{type(base_model).__name__} does not have; load it onto the base model it was trained on"
+            )
+        have = linear_shape(module)
+        want = (shape["out_features"], shape["in_features"])
+        if have != want:
+            raise ValueError(
+                f"the adapter in {source} expects layer '{name}' with (out, in) = {want}, but this base model "
+                f"has {have}; load it onto the base model it was trained on"
+            )
+
+
+def load_state_into(
+    base_model: nn.Module,
+    config: Any,
+    tensors: dict[str, Tensor],
+    source: str,
+    key_map: Callable[[str], str | None] | None = None,
+) -> nn.Module:
+    """Adapt ``base_model`` with ``config`` and copy ``tensors`` in; on any failure the model is restored.
+
+    ``key_map`` turns each of the model's adapter-state keys into the key it has in ``tensors``
+    (identity by default); a key mapped to None keeps its freshly initialised value.
+    """
+    model = adapt(base_model, config)
+    try:
+        expected = adapter_state(model)
+        mapped = {key: (key_map(key) if key_map else key) for key in expected}
+        missing = sorted(m for m in mapped.values() if m is not None and m not in tensors)
+        unexpected = sorted(set(tensors) - {m for m in mapped.values() if m is not None})
+        if missing or unexpected:
+            raise ValueError(
+                f"the tensors in {source} do not fit this model: missing {missing[:5]}"
+                f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                f"{'...' if len(unexpected) > 5 else ''}; was it saved from a different base model or method?"
+            )
+        pairs = [(target, tensors[mapped[key]], mapped[key]) for key, target in expected.items() if mapped[key]]
+        for target, value, name in pairs:
+            if tuple(value.shape) != tuple(target.shape):
+                raise ValueError(
+                    f"tensor '{name}' in {source} has shape {tuple(value.shape)}, the model expects "
+                    f"{tuple(target.shape)}; the adapter and the base model do not match"
+                )
+        with torch.no_grad():
+            for target, value, _ in pairs:
+                target.copy_(value)
+    except BaseException:
+        unload(model, merge=False)
+        raise
+    return model

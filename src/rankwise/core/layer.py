@@ -1,0 +1,208 @@
+"""The adapter contract and the wrapper that puts an adapter beside a frozen layer.
+
+Every method implements :class:`Adapter`. rankwise wraps each targeted layer as
+``AdaptedLayer(base_layer, adapter)``: the base module is kept as it is (same class, same
+parameters, frozen) under ``base_layer``, so its state-dict keys read ``<path>.base_layer.weight``
+like PEFT's, and the adapter's tensors read ``<path>.adapter.<name>``.
+
+Adapters see every supported base layer as a linear map ``y = x Wᵀ + b`` with ``W`` of shape
+``(out_features, in_features)``: :func:`weight_matrix` hides the transposed storage of
+transformers' ``Conv1D`` (GPT-2 style, ``fan_in_fan_out``), so a method written for ``nn.Linear``
+works on ``Conv1D`` without a line of its own.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .config import AdapterConfig
+
+
+@functools.lru_cache(maxsize=1)
+def _conv1d_class() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is optional for the core
+        return None
+    return Conv1D
+
+
+def is_fan_in_fan_out(module: nn.Module) -> bool:
+    """True for layers that store their weight as (in_features, out_features), i.e. ``Conv1D``."""
+    conv1d = _conv1d_class()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def is_supported_layer(module: nn.Module) -> bool:
+    """Layers rankwise adapters can wrap: ``nn.Linear`` and transformers' ``Conv1D``."""
+    return isinstance(module, nn.Linear) or is_fan_in_fan_out(module)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a supported layer."""
+    weight = module.weight
+    return (weight.shape[1], weight.shape[0]) if is_fan_in_fan_out(module) else (weight.shape[0], weight.shape[1])
+
+
+def weight_matrix(module: nn.Module) -> Tensor:
+    """The layer's weight as an (out_features, in_features) view (a transpose view for Conv1D)."""
+    return module.weight.T if is_fan_in_fan_out(module) else module.weight
+
+
+class Adapter(nn.Module):
+    """The trainable part of one adapted layer. Subclasses implement the method's math.
+
+    Contract:
+        * ``__init__(base, config, layer_name)`` builds and initialises the trainable tensors from
+          the base layer's shape and raises ``ValueError`` (via :meth:`fail`) when the config does
+          not fit the layer.
+        * ``forward(x, base_out)`` returns the adapted output, given the frozen layer's output.
+        * ``delta_weight()`` returns the dense (out, in) update that merging adds to ``W``;
+          ``merged_weight`` / ``unmerged_weight`` override it for methods that are not additive.
+        * ``expected_num_params(out_features, in_features, config)`` is the paper's closed form.
+    """
+
+    def __init__(self, base: nn.Module, config: AdapterConfig, layer_name: str = "") -> None:
+        super().__init__()
+        self.layer_name = layer_name
+        self.out_features, self.in_features = linear_shape(base)
+        # A plain tuple keeps the base layer out of this module's children (and state dict):
+        # it belongs to the wrapper, the adapter only reads it.
+        self._base: tuple[nn.Module] = (base,)
+
+    # -- the base layer, read-only ---------------------------------------------------------------
+
+    @property
+    def base_layer(self) -> nn.Module:
+        return self._base[0]
+
+    def base_weight(self) -> Tensor:
+        """The frozen weight as (out_features, in_features)."""
+        return weight_matrix(self.base_layer)
+
+    def base_bias(self) -> Tensor | None:
+        return self.base_layer.bias
+
+    # -- what every method provides ------------------------------------------------------------
+
+    def forward(self, x: Tensor, base_out: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def delta_weight(self) -> Tensor:  # pragma: no cover - abstract
+        """Dense ΔW of shape (out_features, in_features) such that the merged weight is W + ΔW."""
+        raise NotImplementedError
+
+    def delta_bias(self) -> Tensor | None:
+        """Update of the bias on merge, or None when the method leaves the bias alone."""
+        return None
+
+    def merged_weight(self, weight: Tensor) -> Tensor:
+        """The (out, in) weight after merging, given the unmerged one."""
+        return weight + self.delta_weight().to(weight.dtype)
+
+    def unmerged_weight(self, weight: Tensor) -> Tensor:
+        """The inverse of :meth:`merged_weight`."""
+        return weight - self.delta_weight().to(weight.dtype)
+
+    @classmethod
+    def expected_num_params(cls, out_features: int, in_features: int, config: AdapterConfig) -> int:
+        """Closed-form number of trainable parameters for one layer."""  # pragma: no cover
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """A short description of the adapter's shape for ``rankwise.summary``."""
+        return ""
+
+    # -- helpers for subclasses ------------------------------------------------------------------
+
+    def fail(self, problem: str, fix: str) -> ValueError:
+        """A ``ValueError`` naming this layer, its shape, the problem and the fix."""
+        name = self.layer_name or "<unnamed layer>"
+        return ValueError(
+            f"{type(self).__name__} cannot adapt layer '{name}' "
+            f"(out_features={self.out_features}, in_features={self.in_features}): {problem}. {fix}"
+        )
+
+    def _apply_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+
+class AdaptedLayer(nn.Module):
+    """A frozen layer plus one adapter. ``forward`` = ``adapter(x, base_layer(x))`` unless merged."""
+
+    def __init__(self, base_layer: nn.Module, adapter: Adapter) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapter = adapter
+        self.merged = False
+        self.disabled = False
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        base_out = self.base_layer(x, *args, **kwargs)
+        if self.merged or self.disabled:
+            return base_out
+        adapter_dtype = self.adapter._apply_dtype()
+        if x.dtype != adapter_dtype:
+            out = self.adapter(x.to(adapter_dtype), base_out.to(adapter_dtype))
+            return out.to(base_out.dtype)
+        return self.adapter(x, base_out)
+
+    @property
+    def weight(self) -> Tensor:
+        """The base layer's weight, so code that reads ``layer.weight`` keeps working."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias
+
+    @torch.no_grad()
+    def merge(self, safe: bool = False) -> None:
+        """Fold the adapter into the base weight. Idempotent. ``safe`` refuses non-finite results."""
+        if self.merged:
+            return
+        self._write_weights(self.adapter.merged_weight, sign=1, safe=safe)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take a merged adapter back out of the base weight. Idempotent."""
+        if not self.merged:
+            return
+        self._write_weights(self.adapter.unmerged_weight, sign=-1, safe=False)
+        self.merged = False
+
+    def _write_weights(self, transform: Any, sign: int, safe: bool) -> None:
+        weight = self.base_layer.weight
+        # Merging arithmetic in half precision drifts; do it in float32 and cast back.
+        compute_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        new_weight = transform(weight_matrix(self.base_layer).to(compute_dtype))
+        delta_bias = self.adapter.delta_bias()
+        if delta_bias is not None and self.base_layer.bias is None:
+            raise ValueError(
+                f"{type(self.adapter).__name__} has a bias update but the base layer has no bias; "
+                "it cannot be merged. Build the adapter without a bias term to merge it."
+            )
+        if safe and not torch.isfinite(new_weight).all():
+            raise ValueError(
+                f"merging {type(self.adapter).__name__} into layer '{self.adapter.layer_name}' gives "
+                "non-finite weights; the adapter is left unmerged. Check the adapter for NaN/inf."
+            )
+        weight.copy_(new_weight.T if is_fan_in_fan_out(self.base_layer) else new_weight)
+        if delta_bias is not None:
+            self.base_layer.bias.add_(sign * delta_bias.to(self.base_layer.bias.dtype))
+
+    def unload(self, merge: bool) -> nn.Module:
+        """The plain base module, with the adapter merged in or discarded."""
+        if merge:
+            self.merge()
+        else:
+            self.unmerge()
+        return self.base_layer
+
+    def extra_repr(self) -> str:
+        return f"merged={self.merged}"

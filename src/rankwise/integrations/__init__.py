@@ -1,0 +1,1 @@
+"""Bridges to other libraries: PEFT adapter files, transformers Trainer callbacks."""
