@@ -15,7 +15,6 @@ from typing import Any
 
 from torch import nn
 
-from .._version import __version__
 from ..core.inject import adapted_layers, adapter_config
 from ..core.io import adapter_state, load_state_into, read_json, read_tensors, save_json, save_tensors
 from ..core.layer import is_fan_in_fan_out
@@ -63,7 +62,6 @@ def export_peft(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
         "fan_in_fan_out": any(is_fan_in_fan_out(layer.base_layer) for _, layer in layers),
         "bias": "none",
         "revision": None,
-        "created_by": f"rankwise {__version__}",
         **method.peft.to_peft_config(config),
     }
     to_peft = _peft_key_map(model, method)
