@@ -78,13 +78,21 @@ def block_spectral_matvec(x: Tensor, spectrum: Tensor, block: int) -> Tensor:
     return y.reshape(*lead, p * block)
 
 
+def circulant_index(block: int, device: torch.device) -> Tensor:
+    """(b, b) index with [t, s] = (s − t) mod b: ``v[index]`` is the circulant with first ROW v."""
+    steps = torch.arange(block, device=device)
+    return (steps[None, :] - steps[:, None]) % block
+
+
+def assemble_blocks(blocks: Tensor) -> Tensor:
+    """(p, q, b, b) blocks -> the (p·b, q·b) matrix whose block (i, j) is ``blocks[i, j]``."""
+    p, q, b, _ = blocks.shape
+    return blocks.permute(0, 2, 1, 3).reshape(p * b, q * b)
+
+
 def circulant_rows(kernel: Tensor) -> Tensor:
     """Dense block-circulant matrix with first-ROW kernels: (p, q, b) -> (p·b, q·b)."""
-    p, q, b = kernel.shape
-    steps = torch.arange(b, device=kernel.device)
-    index = (steps[None, :] - steps[:, None]) % b  # [t, s] -> (s − t) mod b
-    blocks = kernel[:, :, index]  # (p, q, b, b)
-    return blocks.permute(0, 2, 1, 3).reshape(p * b, q * b)
+    return assemble_blocks(kernel[:, :, circulant_index(kernel.shape[-1], kernel.device)])
 
 
 def check_block_divides(adapter: Adapter, block: int, option: str) -> None:
