@@ -1,0 +1,157 @@
+"""MiSS / Bat oracle: PEFT 0.21.2's ``miss`` tuner with the same weights copied in.
+
+Outputs, merged weights and gradients must agree to 1e-5 (float32); PEFT's adapter directories
+must import into rankwise and rankwise's exports must load into PEFT with equal outputs. An
+independent index formula (ΔW[o, c] = D[c mod r, o]) checks the default update without PEFT.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import MissConfig as PeftMissConfig
+from peft import PeftModel, get_peft_model
+from torch import nn
+
+import rankwise
+
+VARIANTS = [
+    pytest.param({"r": 8, "init_weights": True}, id="default"),
+    pytest.param({"r": 5, "init_weights": True}, id="default-partial-shard"),
+    pytest.param({"r": 3, "init_weights": True}, id="default-odd-r"),
+    pytest.param({"r": 8, "init_weights": "mini", "mini_r": 4}, id="mini"),
+    pytest.param({"r": 8, "init_weights": "bat"}, id="bat"),
+]
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(24, 48)
+        self.down = nn.Linear(48, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.tanh(self.up(x)))
+
+
+def base_net() -> Net:
+    torch.manual_seed(0)
+    return Net()
+
+
+def pair(kwargs: dict) -> tuple[nn.Module, nn.Module]:
+    """(PEFT model, rankwise model) with identical random blocks."""
+    peft_kwargs = {("miss_dropout" if k == "dropout" else k): v for k, v in kwargs.items()}
+    peft_model = get_peft_model(base_net(), PeftMissConfig(target_modules=["up", "down"], **peft_kwargs))
+    ours = rankwise.adapt(base_net(), rankwise.config("miss", targets=["up", "down"], **kwargs))
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, layer in rankwise.adapted_layers(ours):
+            block = 0.1 * torch.randn(layer.adapter.miss_block.shape, generator=generator)
+            layer.adapter.miss_block.copy_(block)
+            peft_model.base_model.model.get_submodule(name).miss_block["default"].copy_(block)
+    return peft_model, ours
+
+
+def x_in() -> torch.Tensor:
+    return torch.randn(4, 6, 24, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("kwargs", VARIANTS)
+def test_forward_and_gradients_match_peft(kwargs):
+    peft_model, ours = pair(kwargs)
+    x = x_in()
+    out_peft, out_ours = peft_model(x), ours(x)
+    torch.testing.assert_close(out_ours, out_peft, atol=1e-5, rtol=1e-5)
+    target = torch.randn(out_peft.shape, generator=torch.Generator().manual_seed(9))
+    ((out_peft - target) ** 2).sum().backward()
+    ((out_ours - target) ** 2).sum().backward()
+    for name, layer in rankwise.adapted_layers(ours):
+        peft_grad = peft_model.base_model.model.get_submodule(name).miss_block["default"].grad
+        assert peft_grad is not None and peft_grad.abs().sum() > 0
+        torch.testing.assert_close(layer.adapter.miss_block.grad, peft_grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", VARIANTS)
+def test_merged_weights_match_peft_and_unmerge_restores(kwargs):
+    peft_model, ours = pair(kwargs)
+    original = {n: l.base_layer.weight.clone() for n, l in rankwise.adapted_layers(ours)}
+    with torch.no_grad():
+        peft_model.merge_adapter()
+        rankwise.merge(ours)
+        for name, layer in rankwise.adapted_layers(ours):
+            peft_weight = peft_model.base_model.model.get_submodule(name).base_layer.weight
+            assert not torch.allclose(peft_weight, original[name], atol=1e-3)
+            torch.testing.assert_close(layer.base_layer.weight, peft_weight, atol=1e-5, rtol=1e-5)
+        rankwise.unmerge(ours)
+        for name, layer in rankwise.adapted_layers(ours):
+            torch.testing.assert_close(layer.base_layer.weight, original[name], atol=1e-5, rtol=1e-5)
+
+
+def test_default_update_equals_the_index_formula():
+    """ΔW[o, c] = D[c mod r, o], written out with explicit loops (r = 5 does not divide n = 24)."""
+    _, ours = pair({"r": 5, "init_weights": True})
+    adapter = ours.up.adapter
+    block = adapter.miss_block.detach()
+    expected = torch.empty(48, 24)
+    for o in range(48):
+        for c in range(24):
+            expected[o, c] = block[c % 5, o]
+    torch.testing.assert_close(adapter.delta_weight(), expected, atol=0, rtol=0)
+
+
+def test_float64_forward_matches_dense_formula():
+    base = base_net().double()
+    model = rankwise.adapt(copy.deepcopy(base), rankwise.config("miss", targets=["up"], r=5, init_weights=False))
+    x = x_in().double()
+    block = model.up.adapter.miss_block.detach()
+    columns = torch.arange(24) % 5
+    dense = base.up.weight + block[columns, :].T
+    torch.testing.assert_close(model.up(x), x @ dense.T + base.up.bias, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("kwargs", VARIANTS)
+def test_peft_directory_imports(kwargs, tmp_path):
+    peft_model, ours = pair(kwargs)
+    peft_model.save_pretrained(tmp_path / "peft")
+    imported = rankwise.import_peft(base_net(), tmp_path / "peft")
+    x = x_in()
+    with torch.no_grad():
+        torch.testing.assert_close(imported(x), peft_model(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", VARIANTS)
+def test_export_loads_into_peft(kwargs, tmp_path):
+    _, ours = pair(kwargs)
+    rankwise.export_peft(ours, tmp_path / "ours")
+    loaded = PeftModel.from_pretrained(base_net(), tmp_path / "ours")
+    x = x_in()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), ours(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"r": 32, "init_weights": True}, "in_features=24"),
+        ({"r": 5, "init_weights": "bat"}, "divisible by r=5"),
+        ({"r": 8, "init_weights": "mini", "mini_r": 5}, "mini_r=5"),
+    ],
+)
+def test_shapes_that_do_not_fit_name_layer_and_fix(kwargs, message):
+    with pytest.raises(ValueError, match=message) as error:
+        rankwise.adapt(base_net(), rankwise.config("miss", targets=["up", "down"], **kwargs))
+    assert "'up'" in str(error.value) or "'down'" in str(error.value)
+
+
+def test_bat_refuses_dropout():
+    with pytest.raises(ValueError, match="dropout"):
+        rankwise.config("miss", init_weights="bat", dropout=0.1)
+
+
+def test_defaults_fit_minilm_shapes():
+    net = nn.Sequential(nn.Linear(384, 384), nn.Linear(384, 1536), nn.Linear(1536, 384))
+    model = rankwise.adapt(net, rankwise.config("miss"))
+    assert rankwise.trainable_parameters(model) == 64 * (384 + 1536 + 384)
