@@ -1,0 +1,54 @@
+"""One row per registered method for the parametrised method suite (tests/test_method_suite.py).
+
+Each method's author owns its own row. Fields:
+    kwargs: config keyword arguments that fit the toy model's layers (in/out widths 32, 48, 64).
+    starts_at_zero: the method's default init leaves the model unchanged.
+    random_init: kwargs that make the adapter non-trivial at init (so merge tests see a real update);
+        the suite also perturbs every floating adapter tensor, so this may be {}.
+    bad: config kwargs that are invalid on their own: the config constructor must raise ValueError.
+    unfit: config kwargs valid on their own that do not fit the toy layers: adapt must raise ValueError.
+    conv1d: whether the method supports transformers' Conv1D (GPT-2 layout).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Case:
+    kwargs: dict[str, Any]
+    starts_at_zero: bool = True
+    random_init: dict[str, Any] = field(default_factory=dict)
+    bad: list[dict[str, Any]] = field(default_factory=list)
+    unfit: list[dict[str, Any]] = field(default_factory=list)
+    conv1d: bool = True
+
+
+CASES: dict[str, Case] = {
+    "c3a": Case(
+        kwargs={"block_size": 16},
+        starts_at_zero=False,  # PEFT's default xavier_uniform kernel; init_weights=True starts at zero
+        bad=[{"block_size": 0}, {"block_size": -16}, {"init_weights": "orthogonal"}],
+        unfit=[{"block_size": 5}, {"block_size": 64}],
+    ),
+    "surm": Case(
+        kwargs={"structure": "circulant"},
+        bad=[{"structure": "lowrank"}, {"alpha": 0}, {"block_size": 0}, {"displacement_rank": 0},
+             {"r": 0}, {"dropout": 1.0}, {"structure": "kronecker", "block_size": 8}],
+        unfit=[{"block_size": 5}, {"structure": "toeplitz", "block_size": 64}, {"structure": "kronecker", "r": 5}],
+    ),
+    "lora": Case(
+        kwargs={"r": 4, "alpha": 8},
+        random_init={"init_weights": False},
+        bad=[{"r": 0}, {"r": -1}, {"alpha": 0}, {"dropout": 1.0}, {"dropout": -0.1}],
+        unfit=[{"r": 33}],
+    ),
+    "dora": Case(
+        kwargs={"r": 4, "alpha": 8},
+        random_init={"init_weights": False},
+        bad=[{"r": 0}, {"alpha": -1}, {"dropout": 1.5}],
+        unfit=[{"r": 40}],
+    ),
+}
