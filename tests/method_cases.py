@@ -27,6 +27,18 @@ class Case:
 
 
 CASES: dict[str, Case] = {
+    "singlora": Case(
+        kwargs={"r": 4, "alpha": 4},
+        random_init={"ramp_up_steps": 0},
+        bad=[{"r": 0}, {"alpha": 0}, {"dropout": 1.0}, {"ramp_up_steps": -1}, {"init_weights": "zeros"}],
+        unfit=[{"r": 33}],
+    ),
+    "gralora": Case(
+        kwargs={"r": 4, "alpha": 8, "gralora_k": 2, "hybrid_r": 2},
+        random_init={"init_weights": False},
+        bad=[{"r": 0}, {"gralora_k": 0}, {"r": 3}, {"hybrid_r": -1}, {"alpha": 0}, {"dropout": 1.0}],
+        unfit=[{"r": 5, "gralora_k": 5}, {"hybrid_r": 40}],
+    ),
     "c3a": Case(
         kwargs={"block_size": 16},
         starts_at_zero=False,  # PEFT's default xavier_uniform kernel; init_weights=True starts at zero
