@@ -1,0 +1,34 @@
+"""Compression: low-rank factorisation of trained Linear layers into :class:`FactorizedLinear`.
+
+``rankwise.compress(model, ratio=0.5, method="svd" | "whitened", calibration=...)`` (see
+:mod:`rankwise.compress.svd`); ``save_compressed`` / ``load_compressed`` / ``decompress``.
+The package module itself is callable (``rankwise.compress(...)``) so that the package and the
+function of the same name are interchangeable wherever ``rankwise.compress`` resolves to either.
+"""
+
+import sys
+import types
+from typing import Any
+
+from .factorized import FactorizedLinear, break_even_rank
+from .storage import load_compressed, save_compressed
+from .svd import CompressionReport, compress, compression_report, decompress
+
+
+class _CallableModule(types.ModuleType):
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return compress(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+__all__ = [
+    "CompressionReport",
+    "FactorizedLinear",
+    "break_even_rank",
+    "compress",
+    "compression_report",
+    "decompress",
+    "load_compressed",
+    "save_compressed",
+]
