@@ -63,4 +63,15 @@ CASES: dict[str, Case] = {
         bad=[{"r": 0}, {"alpha": -1}, {"dropout": 1.5}],
         unfit=[{"r": 40}],
     ),
+    "loldu": Case(
+        kwargs={"r": 4, "alpha": 4.0},
+        bad=[{"r": 0}, {"alpha": 0}, {"alpha": float("nan")}],
+        unfit=[{"r": 33}],
+    ),
+    "miss": Case(
+        kwargs={"r": 8},
+        random_init={"init_weights": False},
+        bad=[{"r": 0}, {"mini_r": 0}, {"dropout": 1.0}, {"init_weights": "bone"}, {"init_weights": "bat", "dropout": 0.1}],
+        unfit=[{"r": 40}, {"init_weights": "bat", "r": 6}, {"init_weights": "mini", "mini_r": 5}],
+    ),
 }
