@@ -118,13 +118,16 @@ def value_rank(singular_values: Tensor, threshold: float) -> int:
     return max(1, int((singular_values >= threshold).sum().item()))
 
 
-def stable_rank(matrix: Tensor) -> float:
-    """srank(M) = ‖M‖_F² / ‖M‖₂² = Σσᵢ² / σ₁² (real-valued; Cuttlefish floors it)."""
+def stable_rank(matrix: Tensor, name: str = "matrix") -> float:
+    """srank(M) = ‖M‖_F² / ‖M‖₂² = Σσᵢ² / σ₁² (real-valued; Cuttlefish floors it). ``name`` labels errors."""
     if not torch.isfinite(matrix).all():
-        raise ValueError(f"stable_rank: the {tuple(matrix.shape)} matrix holds NaN or Inf; the layer diverged")
+        raise ValueError(f"stable_rank of {name}: the {tuple(matrix.shape)} weight holds NaN or Inf; training diverged")
     sigma = torch.linalg.svdvals(matrix.detach().double())
     if sigma[0] <= 0:
-        raise ValueError(f"stable_rank: the {tuple(matrix.shape)} matrix is all zero; its stable rank is undefined")
+        raise ValueError(
+            f"stable_rank of {name}: the {tuple(matrix.shape)} weight is all zero, so its stable rank is undefined; "
+            "initialise the layer or leave it out of the targets"
+        )
     return float((sigma**2).sum() / sigma[0] ** 2)
 
 
