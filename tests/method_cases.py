@@ -74,4 +74,10 @@ CASES: dict[str, Case] = {
         bad=[{"r": 0}, {"mini_r": 0}, {"dropout": 1.0}, {"init_weights": "bone"}, {"init_weights": "bat", "dropout": 0.1}],
         unfit=[{"r": 40}, {"init_weights": "bat", "r": 6}, {"init_weights": "mini", "mini_r": 5}],
     ),
+    "bora": Case(
+        kwargs={"r": 4, "alpha": 8},
+        random_init={"init_weights": False},
+        bad=[{"r": 0}, {"alpha": 0}, {"dropout": 1.0}, {"order": "both"}, {"detach_norms": "yes"}, {"lora_bias": True}],
+        unfit=[{"r": 40}],
+    ),
 }
