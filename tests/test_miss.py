@@ -155,3 +155,23 @@ def test_defaults_fit_minilm_shapes():
     net = nn.Sequential(nn.Linear(384, 384), nn.Linear(384, 1536), nn.Linear(1536, 384))
     model = rankwise.adapt(net, rankwise.config("miss"))
     assert rankwise.trainable_parameters(model) == 64 * (384 + 1536 + 384)
+
+
+@pytest.mark.parametrize("kwargs", [{"r": 8}, {"r": 8, "init_weights": "bat"}], ids=["default", "bat"])
+def test_conv1d_layer_equals_the_same_linear_layer(kwargs):
+    """GPT-2 Conv1D (weight stored in × out) sees the same (out, in) update as nn.Linear."""
+    from transformers.pytorch_utils import Conv1D
+
+    linear = base_net().up
+    conv = Conv1D(48, 24)
+    with torch.no_grad():
+        conv.weight.copy_(linear.weight.T)
+        conv.bias.copy_(linear.bias)
+    lin_model = rankwise.adapt(nn.Sequential(linear), rankwise.config("miss", targets=["0"], **kwargs))
+    conv_model = rankwise.adapt(nn.Sequential(conv), rankwise.config("miss", targets=["0"], **kwargs))
+    with torch.no_grad():
+        block = torch.randn(lin_model[0].adapter.miss_block.shape, generator=torch.Generator().manual_seed(1))
+        lin_model[0].adapter.miss_block.copy_(0.1 * block)
+        conv_model[0].adapter.miss_block.copy_(0.1 * block)
+        x = x_in()
+        torch.testing.assert_close(conv_model(x), lin_model(x), atol=1e-5, rtol=1e-5)
