@@ -11,7 +11,7 @@ W ∈ R^{m×n} (out × in), y = x Wᵀ + b, r = shard size along the inputs (``r
         ΔW[o, c] = D[c mod r, o],  i.e. ΔW = [Dᵀ Dᵀ … Dᵀ] (⌈n/r⌉ copies, the last cut to n mod r)
         y = base(x) + x̄ D,   x̄ = Σ_k x[..., kr:(k+1)r]   (x zero-padded to a multiple of r)
     mini:  d ∈ R^{r×mini_r}, zeros, tiled along the outputs: D = [d d … d], m % mini_r == 0.
-        y = base(x) + tile(x̄ d)   (the r×mini_r product is tiled, never the r×m block)
+        y = base(x) + tile(x̄ d)   (x̄ d is broadcast over the output tiles; d is never tiled)
     bat (Bone v1):  D ∈ R^{(m/r)×r×r}, zeros; for the r×r block W_ij (output block i, input block j)
         W'_ij = W_ij + (W_ij + I) D_i,   n % r == 0 and m % r == 0.
 
@@ -26,7 +26,7 @@ I + D_i is invertible (a singular one raises).
 Where we differ from PEFT, on purpose:
     * Default mode sums the shards of x with one reshape (no padded copy of x when n % r == 0)
       and adds x̄ D to the base output in one fused ``addmm``; mini multiplies by the small d and
-      tiles the result instead of tiling d to r×m first.
+      broadcasts the result over the output tiles instead of tiling d to r×m first.
     * Bat applies no dropout in PEFT; rankwise refuses ``dropout > 0`` with bat rather than
       silently ignoring it (importing a PEFT bat adapter drops its inert dropout).
     * mini with ``m % mini_r != 0`` and bat with a width not divisible by ``r`` raise ValueError
@@ -128,8 +128,9 @@ class MissAdapter(Adapter):
         summed = self.shard_sum(self.miss_dropout(x)).reshape(-1, self.r)
         flat_out = base_out.reshape(-1, self.out_features)
         if self.variant == "mini":
-            small = summed @ self.miss_block
-            out = flat_out + small.repeat(1, self.out_features // small.shape[1])
+            mini_r = self.miss_block.shape[1]
+            small = (summed @ self.miss_block).unsqueeze(1)  # broadcast over the m / mini_r output tiles
+            out = flat_out.view(-1, self.out_features // mini_r, mini_r) + small
         else:
             out = torch.addmm(flat_out, summed, self.miss_block)
         return out.view(base_out.shape)
