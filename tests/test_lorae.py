@@ -80,6 +80,18 @@ def test_product_penalty_gradient_through_two_layers() -> None:
                                rtol=1e-9, atol=1e-10)
 
 
+def test_each_penalty_gradient_per_layer() -> None:
+    """Σ_k ‖M_k‖_*: each layer's gradient gains λ U_k V_kᵀ from its own SVD."""
+    lam = 0.1
+    x = torch.rand(5, 12, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    model = _model(lam, layers=2, penalise="each")
+    total, plain = _grads(model, x, total=True), _grads(model, x, total=False)
+    for k in range(2):
+        name = f"latent.layers.{k}.weight"
+        expected = lam * _svd_subgradient(model.latent.layers[k].weight)
+        torch.testing.assert_close(total[name] - plain[name], expected, rtol=1e-10, atol=1e-10)
+
+
 def test_first_penalty_ignores_later_layers() -> None:
     """The official code penalises only M₁: M₂'s gradient carries no penalty term."""
     x = torch.rand(5, 12, generator=torch.Generator().manual_seed(4), dtype=torch.float64)

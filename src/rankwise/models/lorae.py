@@ -2,7 +2,8 @@
 
 Paper: "Learning Low-Rank Latent Spaces with Simple Deterministic Autoencoder: Theoretical and
 Empirical Insights", Mazumder, Baruah, Kumar, Sharma, Pattanaik, Rathore, WACV 2024,
-arXiv:2310.16194. Official code: tirthajit/LoRAE_WACV24 (model.py, train.py, generation.py).
+arXiv:2310.16194. Official code: tirthajit/LoRAE_WACV24 (model.py, train.py, generation.py; train.py read at
+commit 3159f3e: loss = net(x) + λ·torch.linalg.norm(net.mlp.hidden[0].weight, ord='nuc')).
 It is the explicit-penalty version of IRMAE (Jing, Zbontar, LeCun, arXiv:2010.00679).
 
 Model (E: encoder to R^n, D: decoder, M_1..M_l: bias-free n×n Linears, no activation between)::
