@@ -31,6 +31,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from . import ranks
 from .factorized import FactorizedLinear, break_even_rank
 
 Scheme = Literal["channel", "spatial"]
@@ -100,15 +101,8 @@ def unmatricize(matrix: Tensor, shape: torch.Size | tuple[int, ...], scheme: Sch
 
 
 def energy_rank(singular_values: Tensor, energy: float) -> int:
-    """k(e) = min{k : Σ_{i≤k} σᵢ² / Σ σᵢ² ≥ e} for descending σ; 1 for an all-zero spectrum."""
-    check_energy(energy, "energy_rank")
-    power = singular_values.double() ** 2
-    total = power.sum()
-    if total <= 0:
-        return 1
-    fraction = torch.cumsum(power, 0) / total
-    # a tiny slack so that e = 1 is reached despite rounding in the cumulative sum
-    return int(torch.searchsorted(fraction, torch.tensor(energy - 1e-12, dtype=fraction.dtype)).item()) + 1
+    """k(e) = min{k : Σ_{i≤k} σᵢ² / Σ σᵢ² ≥ e} for descending σ (1 for an all-zero spectrum); e must be in (0, 1]."""
+    return ranks.energy_rank(singular_values, check_energy(energy, "energy_rank"))
 
 
 def value_rank(singular_values: Tensor, threshold: float) -> int:
