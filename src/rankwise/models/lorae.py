@@ -42,7 +42,6 @@ multiply-add per weight). It adds parameters; it removes none.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -50,6 +49,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..core.config import check_choice, check_positive_int, check_positive_number
 
 Penalise = Literal["first", "product", "each"]
 _PENALISE = ("first", "product", "each")
@@ -75,19 +76,16 @@ class LoRAEConfig:
     penalise: Penalise = "first"
 
     def __post_init__(self) -> None:
-        if isinstance(self.latent_dim, bool) or not isinstance(self.latent_dim, int) or self.latent_dim <= 0:
-            raise ValueError(f"LoRAEConfig: latent_dim must be a positive integer, got {self.latent_dim!r}")
+        owner = type(self).__name__
+        check_positive_int(owner, "latent_dim", self.latent_dim)
         if isinstance(self.latent_layers, bool) or not isinstance(self.latent_layers, int) or self.latent_layers < 0:
-            raise ValueError(
-                f"LoRAEConfig: latent_layers must be an integer >= 0 (0 = plain autoencoder), got {self.latent_layers!r}"
-            )
-        if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not math.isfinite(self.lam) or self.lam < 0:
-            raise ValueError(f"LoRAEConfig: lam must be a finite number >= 0 (0 = no penalty), got {self.lam!r}")
-        if self.penalise not in _PENALISE:
-            raise ValueError(f"LoRAEConfig: penalise must be one of {list(_PENALISE)}, got {self.penalise!r}")
+            raise ValueError(f"{owner}: latent_layers must be an integer >= 0 (0 = plain AE), got {self.latent_layers!r}")
+        if isinstance(self.lam, bool) or self.lam != 0:  # 0 = no penalty; otherwise finite and > 0
+            check_positive_number(owner, "lam", self.lam)
+        check_choice(owner, "penalise", self.penalise, _PENALISE)
         if self.lam > 0 and self.latent_layers == 0:
             raise ValueError(
-                f"LoRAEConfig: lam={self.lam} needs a latent layer to penalise, but latent_layers=0; "
+                f"{owner}: lam={self.lam} needs a latent layer to penalise, but latent_layers=0; "
                 "set latent_layers >= 1, or lam=0 for a plain autoencoder"
             )
 
