@@ -10,9 +10,12 @@ import sys
 import types
 from typing import Any
 
+from .cuttlefish import Cuttlefish, CuttlefishConfig
 from .factorized import FactorizedLinear, break_even_rank
+from .lowrank_conv import FactorizedConv2d, factorize_layer
 from .storage import load_compressed, save_compressed
 from .svd import CompressionReport, compress, compression_report, decompress
+from .trp import TRP, TRPConfig
 
 
 class _CallableModule(types.ModuleType):
