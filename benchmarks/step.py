@@ -73,7 +73,7 @@ SHARED = [
     Shared("LoRA r8 all-linear", "lora", {"r": 8, "alpha": 8}, _lora, common.ALL_LINEAR),
     Shared("DoRA r8 all-linear", "dora", {"r": 8, "alpha": 8}, lambda t: _lora(t, use_dora=True), common.ALL_LINEAR),
     Shared("C3A block 64 all-linear", "c3a", {"block_size": 64}, _c3a, common.ALL_LINEAR),
-    Shared("GraLoRA r32 k2 all-linear", "gralora", {"r": 32, "alpha": 64, "k": 2}, _gralora, common.ALL_LINEAR),
+    Shared("GraLoRA r32 k2 all-linear", "gralora", {"r": 32, "alpha": 64, "gralora_k": 2}, _gralora, common.ALL_LINEAR),
     Shared("MiSS r64 all-linear", "miss", {"r": 64}, _miss, common.ALL_LINEAR),
 ]
 

@@ -179,16 +179,20 @@ class DoRAAdapter(LoRAAdapter):
         return torch.where(zero, torch.ones_like(norm), self.lora_magnitude_vector / torch.where(zero, 1.0, norm))
 
     def forward(self, x: Tensor, base_out: Tensor) -> Tensor:
+        """(base_out − W x̃) + (g/c) ⊙ (W x̃ + s·B A x̃): one fused addmm and one addcmul.
+
+        Without dropout (or in eval) W x̃ = base_out − b, so the output is
+        (1 − g/c) ⊙ b + (g/c) ⊙ (base_out + s·B A x) and W x is never recomputed.
+        """
         weight = self.base_weight()
         scale = self.magnitude_scale(self.weight_norm(weight))
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            adapted = self.low_rank_output(x, base_out)
             bias = self.base_bias()
-            plain = base_out if bias is None else base_out - bias
-        else:
-            x = self.lora_dropout(x)
-            plain = F.linear(x, weight.to(x.dtype))
-        low_rank = F.linear(F.linear(x, self.lora_A.weight), self.lora_B.weight) * self.scaling
-        return base_out + (scale - 1) * plain + scale * low_rank
+            return adapted * scale if bias is None else torch.addcmul((1 - scale) * bias, adapted, scale)
+        x = self.lora_dropout(x)
+        plain = F.linear(x, weight.to(x.dtype))
+        return torch.addcmul(base_out - plain, self.low_rank_output(x, plain), scale)
 
     def merged_weight(self, weight: Tensor) -> Tensor:
         # c comes from the unmerged weight and is kept, because unmerge cannot recompute it.
