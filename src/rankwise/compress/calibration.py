@@ -45,12 +45,19 @@ def _on_device(batch: Batch, device: torch.device) -> dict[str, Any]:
 
 
 def token_rows(x: Tensor, batch: Batch) -> Tensor:
-    """The input's tokens as float64 rows (tokens, in), padding dropped where the mask fits."""
+    """The input's tokens as rows (tokens, in) in float32 or wider, padding dropped where the mask fits."""
     mask = batch.get("attention_mask")
     x = x.detach()
+    x = x.float() if x.element_size() < 4 else x
     if isinstance(mask, Tensor) and tuple(mask.shape) == tuple(x.shape[:-1]):
-        return x[mask.to(x.device).bool()].to(torch.float64)
-    return x.reshape(-1, x.shape[-1]).to(torch.float64)
+        return x[mask.to(x.device).bool()]
+    return x.reshape(-1, x.shape[-1])
+
+
+def gram(a: Tensor, b: Tensor) -> Tensor:
+    """``aᵀ b`` of one batch, multiplied in the rows' precision and returned in float64 for accumulation
+    (a float32 product over one batch is accurate to ~1e-6 relative; the sums over batches are float64)."""
+    return (a.T @ b).to(torch.float64)
 
 
 def _run(model: nn.Module, batch: Batch) -> None:
@@ -73,15 +80,20 @@ def _eval_no_grad(model: nn.Module) -> Iterator[None]:
 
 
 def input_grams(model: nn.Module, names: list[str], batches: list[Batch]) -> dict[str, Tensor]:
-    """``XᵀX`` (float64, in x in) of every named layer's input, from one pass per batch."""
+    """``XᵀX`` (float64, in x in) of every named layer's input, from one pass per batch.
+
+    Layers reading the same input tensor (Q, K, V) share one product per batch.
+    """
     grams: dict[str, Tensor] = {}
-    current: dict[str, Batch] = {}
+    current: dict[str, Any] = {}
 
     def hook(name: str):
         def record(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
-            rows = token_rows(args[0], current["batch"])
-            gram = rows.T @ rows
-            grams[name] = grams[name] + gram if name in grams else gram
+            if current.get("input") is not args[0]:
+                rows = token_rows(args[0], current["batch"])
+                current["input"], current["product"] = args[0], gram(rows, rows)
+            product = current["product"]
+            grams[name] = grams[name] + product if name in grams else product
 
         return record
 
@@ -89,8 +101,9 @@ def input_grams(model: nn.Module, names: list[str], batches: list[Batch]) -> dic
     try:
         with _eval_no_grad(model):
             for batch in batches:
-                current["batch"] = batch
+                current.update(batch=batch, input=None, product=None)
                 _run(model, batch)
+                current.clear()
     finally:
         for handle in handles:
             handle.remove()
@@ -167,7 +180,7 @@ def paired_grams(model: nn.Module, name: str, originals: dict[str, nn.Module], b
             with swapped(model, originals):
                 x_o = _capture(model, name, batch)
             x_c = _capture(model, name, batch)
-            pair = (x_c.T @ x_c, x_c.T @ x_o)
+            pair = (gram(x_c, x_c), gram(x_c, x_o))
             if sums:
                 sums[0] += pair[0]
                 sums[1] += pair[1]

@@ -1,0 +1,269 @@
+"""One-shot low-rank compression (LoRD / SVD, whitened SVD-LLM, sequential, global allocation).
+
+Oracles are independent numpy computations of the formulas (Eckart–Young, SVD-LLM Theorem 3.2,
+reduced-rank regression via least squares), never values copied from our own output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import rankwise
+from rankwise.compress import (
+    FactorizedLinear,
+    compress,
+    compression_report,
+    decompress,
+    load_compressed,
+    save_compressed,
+)
+from rankwise.compress.ranks import energy_rank, global_allocation
+from rankwise.compress.svd import regression_decomposition
+
+
+class Toy(nn.Module):
+    """A model that takes a dict input like a transformers model: x -> Linear -> ReLU -> Linear."""
+
+    def __init__(self, n_in: int = 32, hidden: int = 48, n_out: int = 24) -> None:
+        super().__init__()
+        self.first = nn.Linear(n_in, hidden)
+        self.second = nn.Linear(hidden, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.relu(self.first(x)))
+
+
+def correlated_inputs(rows: int, n_in: int = 32, seed: int = 0) -> torch.Tensor:
+    """Inputs with a strongly anisotropic covariance, the case activation-aware methods exist for."""
+    mixing = torch.randn(n_in, n_in, generator=torch.Generator().manual_seed(123)) * torch.logspace(0, -2, n_in)[:, None]
+    return torch.randn(rows, n_in, generator=torch.Generator().manual_seed(seed)) @ mixing + 0.3
+
+
+def toy(seed: int = 0) -> Toy:
+    torch.manual_seed(seed)
+    return Toy()
+
+
+def calibration(rows: int = 512, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    x = correlated_inputs(rows, seed=seed)
+    return [{"x": x[i:i + 128]} for i in range(0, rows, 128)]
+
+
+# ----------------------------------------------------------------------------------------------
+# exactness
+# ----------------------------------------------------------------------------------------------
+
+
+def test_full_rank_factorisation_equals_dense_layer():
+    model = toy()
+    reference = copy.deepcopy(model)
+    compress(model, ranks={"first": 32, "second": 24}, force=True)
+    assert isinstance(model.first, FactorizedLinear) and model.first.rank == 32
+    x = torch.randn(16, 32)
+    torch.testing.assert_close(model(x=x), reference(x=x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.first.bias, reference.first.bias)
+
+
+@pytest.mark.parametrize("rank", [1, 5, 17])
+def test_plain_svd_error_is_the_discarded_singular_values(rank):
+    model = toy()
+    weight = model.first.weight.detach().double().numpy()
+    compress(model, ranks={"first": rank})
+    approx = model.first.dense_weight().detach().double().numpy()
+    sigma = np.linalg.svd(weight, compute_uv=False)
+    error = np.linalg.norm(weight - approx, "fro") ** 2
+    np.testing.assert_allclose(error, np.sum(sigma[rank:] ** 2), rtol=1e-4)
+    assert np.linalg.matrix_rank(approx, tol=1e-5) == rank
+
+
+def test_whitened_output_error_is_the_discarded_whitened_singular_values():
+    """SVD-LLM Theorem 3.2: ‖XWᵀ - XŴᵀ‖_F² = Σ_{i>r} σ_i(W L)², L the Cholesky factor of XᵀX."""
+    model = toy()
+    batches = calibration()
+    x = torch.cat([b["x"] for b in batches]).double().numpy()
+    weight = model.first.weight.detach().double().numpy()
+    compress(model, method="whitened", calibration=batches, ranks={"first": 6})
+    approx = model.first.dense_weight().detach().double().numpy()
+    sigma = np.linalg.svd(weight @ np.linalg.cholesky(x.T @ x), compute_uv=False)
+    error = np.linalg.norm(x @ weight.T - x @ approx.T, "fro") ** 2
+    np.testing.assert_allclose(error, np.sum(sigma[6:] ** 2), rtol=1e-3)
+
+
+def test_whitened_beats_plain_svd_on_the_calibration_distribution():
+    batches = calibration()
+    held_out = correlated_inputs(256, seed=1)
+    errors = {}
+    for method in ("svd", "whitened"):
+        model = toy()
+        dense = copy.deepcopy(model.first)
+        compress(model, method=method, calibration=batches, ranks={"first": 6}) if method == "whitened" else compress(
+            model, ranks={"first": 6})
+        errors[method] = float((model.first(held_out) - dense(held_out)).norm())
+    assert errors["whitened"] < 0.7 * errors["svd"]
+
+
+def test_reduced_rank_regression_matches_least_squares_oracle():
+    """Sequential step: the rank-r Ŵ minimising ‖X_o Wᵀ - X_c Ŵᵀ‖_F, by OLS then projection (numpy)."""
+    rng = np.random.default_rng(0)
+    x_o = correlated_inputs(400).double().numpy()
+    x_c = x_o + 0.1 * rng.standard_normal(x_o.shape)
+    weight = rng.standard_normal((20, 32))
+    rank = 5
+    ols = np.linalg.lstsq(x_c, x_o @ weight.T, rcond=None)[0]  # (n, m)
+    _, _, vt = np.linalg.svd(x_c @ ols, full_matrices=False)
+    oracle = (ols @ vt[:rank].T @ vt[:rank]).T
+    d = regression_decomposition(torch.from_numpy(weight), torch.from_numpy(x_c.T @ x_c), "layer", torch.from_numpy(x_c.T @ x_o))
+    left, right = d.factors(rank)
+    np.testing.assert_allclose((left @ right).numpy(), oracle, atol=1e-6, rtol=1e-6)
+
+
+def test_sequential_final_output_error_is_not_above_parallel_whitening():
+    """With the first layer compressed alike, the sequential second layer is the optimum of the very
+    objective the parallel one is a feasible point of, so its error on the calibration set cannot be larger."""
+    batches = calibration()
+    x = torch.cat([b["x"] for b in batches])
+    reference = toy()
+    errors = {}
+    for sequential in (False, True):
+        model = compress(copy.deepcopy(reference), method="whitened", calibration=batches, ranks={"first": 8, "second": 4},
+                         sequential=sequential)
+        with torch.no_grad():
+            errors[sequential] = float((model(x=x) - reference(x=x)).norm())
+    assert errors[True] <= errors[False] * (1 + 1e-6)
+    assert errors[True] < 0.99 * errors[False]
+
+
+def test_conv1d_layer_is_factorised_with_its_transposed_layout():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(24, 32))
+    reference = copy.deepcopy(model)
+    compress(model, ranks={"0": 24}, force=True)
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# rank choice
+# ----------------------------------------------------------------------------------------------
+
+
+def test_ratio_keeps_that_fraction_of_weights_and_skips_layers_past_break_even():
+    model = compress(toy(), ratio=0.5)
+    report = compression_report(model)
+    assert [layer.rank for layer in report.layers] == [int(0.5 * 48 * 32 / 80), int(0.5 * 24 * 48 / 72)]
+    assert report.params_after <= 0.5 * report.params_before
+    square = compress(nn.Sequential(nn.Linear(16, 16)), ratio=1.0)
+    (row,) = compression_report(square).layers
+    assert row.rank is None and "break-even" in row.note and isinstance(square[0], nn.Linear)
+    forced = compress(nn.Sequential(nn.Linear(16, 16)), ranks={"0": 8}, force=True)
+    assert isinstance(forced[0], FactorizedLinear) and forced[0].rank == 8
+
+
+def test_energy_rank_is_the_smallest_rank_reaching_the_threshold():
+    sigma = torch.tensor([4.0, 2.0, 1.0, 1.0])  # energies 16, 4, 1, 1 of 22
+    assert energy_rank(sigma, 16 / 22) == 1
+    assert energy_rank(sigma, 0.8) == 2
+    assert energy_rank(sigma, 21 / 22) == 3
+    assert energy_rank(sigma, 1.0) == 4
+
+
+def test_global_allocation_gives_an_exactly_low_rank_layer_its_rank_and_respects_the_budget():
+    torch.manual_seed(0)
+    low = torch.randn(64, 3) @ torch.randn(3, 64)
+    full = torch.randn(64, 64)
+    spectra = {name: (torch.linalg.svdvals(w), 64, 64) for name, w in (("low", low), ("full", full))}
+    ranks = global_allocation(spectra, ratio=0.3)
+    assert ranks["low"] == 3
+    assert 14 <= ranks["full"] <= 16
+    assert (ranks["low"] + ranks["full"]) * 128 <= 0.3 * 2 * 64 * 64
+
+
+# ----------------------------------------------------------------------------------------------
+# save / load / decompress
+# ----------------------------------------------------------------------------------------------
+
+
+def test_save_load_round_trip_and_decompress(tmp_path):
+    model = compress(toy(), method="whitened", calibration=calibration(), ratio=0.5)
+    with torch.no_grad():
+        model.second.up.bias.add_(0.25)  # a change after compression must come back too
+    save_compressed(model, tmp_path / "out")
+    loaded = load_compressed(toy(seed=3), tmp_path / "out")
+    assert loaded.first.rank == model.first.rank and loaded.second.rank == model.second.rank
+    x = correlated_inputs(8, seed=2)
+    torch.testing.assert_close(loaded(x=x), model(x=x))
+    expected = model(x=x)
+    plain = decompress(loaded)
+    assert type(plain.first) is nn.Linear and type(plain.second) is nn.Linear
+    torch.testing.assert_close(plain(x=x), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="first"):
+        load_compressed(Toy(n_in=16), tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"ratio": 0.0}, "ratio"),
+        ({"ratio": 1.5}, "ratio"),
+        ({"ratio": -0.2}, "ratio"),
+        ({"energy": 0.0}, "energy"),
+        ({"energy": 1.01}, "energy"),
+        ({"ranks": {"first": 33}}, "first.*min"),
+        ({"ranks": {"first": 0}}, "positive"),
+        ({"ranks": {"nothing": 3}}, "nothing"),
+        ({"ratio": 0.5, "energy": 0.9}, "only one"),
+        ({"method": "asvd"}, "method"),
+        ({"method": "whitened"}, "calibration"),
+        ({"sequential": True}, "sequential"),
+        ({"targets": ["missing"]}, "match no"),
+    ],
+)
+def test_bad_inputs_raise_a_clear_value_error(kwargs, match):
+    model = toy()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=match):
+        compress(model, **kwargs)
+    assert type(model.first) is nn.Linear
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
+
+
+def test_compressing_twice_is_refused():
+    model = compress(toy(), ratio=0.5)
+    with pytest.raises(ValueError, match="already factorised"):
+        compress(model, ratio=0.5)
+
+
+def test_the_package_is_callable_as_rankwise_compress():
+    model = rankwise.compress(toy(), ratio=0.5)
+    assert isinstance(model.first, FactorizedLinear)
+    assert isinstance(rankwise.compress(toy(), ratio=0.5).second, FactorizedLinear)
+
+
+# ----------------------------------------------------------------------------------------------
+# the command line
+# ----------------------------------------------------------------------------------------------
+
+
+def test_cli_parser_defaults_and_validation():
+    from rankwise.compress import cli
+
+    parser = argparse.ArgumentParser(prog="rankwise")
+    cli.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["compress", "--ratio", "0.7", "--method", "whitened"])
+    assert args.ratio == 0.7 and args.method == "whitened" and args.run is cli.run
+    with pytest.raises(SystemExit):
+        parser.parse_args(["compress", "--method", "nope"])
