@@ -178,6 +178,8 @@ def test_init_ranges_follow_peft():
 def test_width_not_divisible_names_layer_and_fix():
     with pytest.raises(ValueError, match=r"lin1.*block_size=12 does not divide both widths 48 and 32.*gcd"):
         rankwise.adapt(make_base(), C3AConfig(block_size=12))
+    with pytest.warns(UserWarning, match="block_size=1 makes"):
+        C3AConfig(block_size=1)
 
 
 def test_paper_parameter_counts():

@@ -41,6 +41,7 @@ Where we differ from PEFT, on purpose (c3a.md §2, §4, §7):
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,6 +132,12 @@ class C3AConfig(AdapterConfig):
         owner = type(self).__name__
         check_positive_int(owner, "block_size", self.block_size)
         check_choice(owner, "init_weights", self.init_weights, INITS)
+        if self.block_size == 1:
+            warnings.warn(
+                f"{owner}: block_size=1 makes ΔW a dense m×n matrix (full fine-tuning of the layer, plus FFT "
+                "overhead); use LoRA or a larger block size",
+                stacklevel=3,
+            )
 
 
 class C3AAdapter(Adapter):
