@@ -1,0 +1,48 @@
+"""Smoke runs of the benchmark scripts on toy sizes: they build, time and report. No timing is asserted."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import common  # noqa: E402
+import scaling  # noqa: E402
+import step  # noqa: E402
+
+
+def test_interleaved_times_runs_every_candidate_every_round() -> None:
+    calls: list[str] = []
+    steps = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = common.interleaved_times(steps, rounds=3, warmup=1)
+    assert {name: len(samples) for name, samples in times.items()} == {"a": 3, "b": 3, "c": 3}
+    assert len(calls) == 12
+
+
+def test_markdown_table_and_ratio() -> None:
+    assert common.markdown_table(["a", "b"], [[1, 2]]).splitlines() == ["| a | b |", "|---|---|", "| 1 | 2 |"]
+    assert common.ratio(3.0, 2.0) == "1.50"
+    assert common.ratio(None, 2.0) == "—"
+
+
+def test_step_benchmark_quick(tmp_path: Path) -> None:
+    pytest.importorskip("peft")
+    args = step.parse_args(["--quick", "--rounds", "1", "--warmup", "0", "--methods", "lora,dora", "--no-memory", "--out", ""])
+    text = step.run(args)
+    assert "| LoRA r8 all-linear |" in text and "| DoRA r8 all-linear |" in text
+    assert "| lora |" in text and "| dora |" in text
+
+
+def test_step_memory_subprocess_quick() -> None:
+    args = step.parse_args(["--quick"])
+    assert step.memory_in_subprocess("rankwise LoRA r8 query,value", args) is not None
+
+
+def test_scaling_benchmark_quick() -> None:
+    args = scaling.parse_args(["--widths", "64", "--tokens", "4", "--rounds", "1", "--warmup", "0",
+                               "--methods", "lora,dora", "--out", ""])
+    text = scaling.run(args)
+    assert "| lora |" in text and "| n = 64 |" in text
