@@ -13,6 +13,16 @@ a rough sample-quality proxy (no FID on 8×8 digits).
 
 Run:  python examples/digits_lorae.py [--epochs 30] [--lam 1e-3] [--seeds 0] [--out DIR]
 With --out, a PNG of decoded GMM samples per model is written there.
+
+Measured (2026-11-25, defaults but --seeds 0 1 2, shared 2-core CPU, about 4.5 minutes)::
+
+    model               params  FLOPs/ex  test MSE eff.rank num.rank   GMM→NN
+    LoRAE (λ=0.001)      25952     51552   0.02493     4.28      5.0  0.02362
+    vanilla (λ=0)        25952     51552   0.01442     7.16     10.3  0.02834
+    plain AE (no M)      24928     49504   0.01103     9.60     14.0  0.03039
+
+The penalty halves the codes' rank at the same budget. Reconstruction is worse, and the
+GMM samples land closer to real test digits.
 """
 
 from __future__ import annotations
@@ -96,7 +106,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # small matmuls: more threads only add contention
 
     train, test = digits_split()
     lorae = LoRAEConfig(latent_dim=args.latent_dim, lam=args.lam)
