@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import random
+import re
 from typing import Any
 
 import torch
@@ -54,7 +55,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _targets(text: str) -> str | list[str]:
-    return text if text == "all-linear" or "," not in text and any(c in text for c in ".*[]()|^$+?\\") else text.split(",")
+    """``all-linear``; comma-separated name suffixes (``query,value``); anything else is a regex."""
+    if text != "all-linear" and re.fullmatch(r"[\w.,]+", text):
+        return text.split(",")
+    return text
 
 
 def _parameters(model: nn.Module) -> int:
