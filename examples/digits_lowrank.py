@@ -6,6 +6,19 @@ It trains (1) the dense small CNN, (2) the same CNN with the chosen method, fact
 (TRP) or at the automatic switch (Cuttlefish), and (3) a narrower dense CNN with the parameter count
 of the compressed model, trained directly. It prints parameters, MACs per image and test accuracy.
 Each run takes about a minute on 2 CPU cores.
+
+Measured (seed 0, 360 test images, so one image = 0.28 points; dense width-16 CNN: 40,394 params,
+616k MACs, 0.9917):
+
+=====================================  ======  =====  ========  =====================
+run                                    params  MACs   test acc  same-budget dense CNN
+=====================================  ======  =====  ========  =====================
+trp (e 0.9, m 1, λ 3e-4; paper values) 4,714   84k    0.8667    4,160 / 0.9833
+trp --period 5                         5,882   102k   0.9444    5,914 / 0.9750
+trp --energy 0.98                      10,890  227k   0.9889    10,346 / 0.9889
+cuttlefish (switch after epoch 13)     15,066  252k   0.9722    16,010 / 0.9778
+cuttlefish --frobenius-decay 1e-4      15,066  252k   0.9944    16,010 / 0.9778
+=====================================  ======  =====  ========  =====================
 """
 
 from __future__ import annotations
