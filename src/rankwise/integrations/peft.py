@@ -57,13 +57,14 @@ def export_peft(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
         "base_model_name_or_path": base_name if isinstance(base_name, str) else None,
         "inference_mode": True,
         "target_modules": sorted(name for name, _ in layers),
-        "exclude_modules": None,
         "modules_to_save": config.modules_to_save,
-        "fan_in_fan_out": any(is_fan_in_fan_out(layer.base_layer) for _, layer in layers),
         "bias": "none",
         "revision": None,
         **method.peft.to_peft_config(config),
     }
+    # Not every PEFT config class knows fan_in_fan_out (C3A, MiSS do not): write it only when it matters.
+    if any(is_fan_in_fan_out(layer.base_layer) for _, layer in layers):
+        payload["fan_in_fan_out"] = True
     to_peft = _peft_key_map(model, method)
     tensors = {}
     for key, value in adapter_state(model).items():
