@@ -186,12 +186,12 @@ def encode(tokenizer: Any, data: datasets.LabelledText, max_length: int) -> Enco
 
 def load_splits(args: argparse.Namespace) -> datasets.Splits:
     """The data named by --task or --data, split and capped by --max-examples."""
+    if args.max_examples < 0:
+        raise ValueError(f"--max-examples must be >= 0 (0 = no cap), got {args.max_examples}")
     labelled = (
         datasets.load_file(args.data, args.text_column, args.label_column) if args.data else datasets.load_task(args.task)
     )
     splits = datasets.split(labelled, seed=args.seed)
-    if args.max_examples < 0:
-        raise ValueError(f"--max-examples must be >= 0 (0 = no cap), got {args.max_examples}")
     if not args.max_examples:
         return splits
     held_out = max(100, args.max_examples // 3)
