@@ -42,6 +42,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--sequential", action="store_true", help="calibrate each layer on the compressed model's inputs")
     parser.add_argument("--allocation", choices=ALLOCATIONS, default="uniform", help="rank allocation across layers")
     parser.add_argument("--targets", default="all-linear", help="'all-linear', a regex, or comma-separated suffixes")
+    parser.add_argument("--exclude", default="pooler.dense",
+                        help="layers left alone (same forms as --targets; the pooler is unused by mean pooling); '' for none")
     parser.add_argument("--force", action="store_true", help="factorise layers even past the break-even rank")
     parser.add_argument("--calibration", type=int, default=256, help="calibration tweets (whitened)")
     parser.add_argument("--held-out", type=int, default=512, help="held-out tweets for fidelity and the probe test")
@@ -102,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
 
     model = compress(copy.deepcopy(original), ratio=args.ratio, energy=args.energy, method=args.method,
                      calibration=calibration if args.method == "whitened" else None, targets=_targets(args.targets),
+                     exclude=_targets(args.exclude) if args.exclude else None,
                      allocation=args.allocation, sequential=args.sequential, force=args.force)
     print(compression_report(model).table())
     before, after = _parameters(original), _parameters(model)

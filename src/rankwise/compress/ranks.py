@@ -12,6 +12,10 @@ pays while ``r < m n / (m + n)`` (break-even, LoRD arXiv 2309.14021 spec Sec. 2d
   truncation loss; with whitened spectra this is its relative output error on the calibration
   set) subject to ``Σ_l cost_l <= ratio · Σ_l m_l n_l``. Solved by the Lagrangian: for a price λ
   each layer independently takes ``argmin loss(r) + λ cost(r)``; λ is bisected to the budget.
+  Measured on all-MiniLM-L6-v2 (256 calibration / 256 held-out tweets, ratio 0.5, sequential
+  whitening): it keeps 24 of 37 layers dense and reaches only cos 0.768, below uniform whitening
+  (0.82): equal weights on each layer's relative loss do not reflect how errors propagate to the
+  embedding. It is therefore opt-in; a sensitivity-weighted loss (ASVD Sec. 3.3) is the next step.
 """
 
 from __future__ import annotations
