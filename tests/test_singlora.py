@@ -116,6 +116,9 @@ def test_clock_counts_optimizer_steps_not_forwards_and_survives_save_load(tmp_pa
     assert int(resumed[0].adapter.singlora_step) == 3
     train(resumed, steps=2)
     assert int(resumed[0].adapter.singlora_step) == 5
+    copied = copy.deepcopy(resumed)  # a copy keeps its own clock
+    train(copied, steps=1)
+    assert (int(copied[0].adapter.singlora_step), int(resumed[0].adapter.singlora_step)) == (6, 5)
 
 
 def test_peft_singlora_ramp_up_defects_that_rankwise_fixes():

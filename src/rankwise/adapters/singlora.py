@@ -127,6 +127,11 @@ class SingLoRAAdapter(Adapter):
         self._merged_ramp: Tensor | None = None
         _track(self)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Copies (``copy.deepcopy``, unpickling) skip ``__init__``; they need the clock too."""
+        super().__setstate__(state)
+        _track(self)
+
     # -- the clock -----------------------------------------------------------------------------
 
     @torch.no_grad()
