@@ -173,6 +173,7 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
     for name, adapter in adapters.items():
         base = model.get_submodule(name)
         adapter.to(device=base.weight.device, dtype=adapter_dtype(base.weight.dtype))
+        adapter.train(base.training)  # a model adapted in eval mode stays in eval mode
         _set_child(model, name, AdaptedLayer(base, adapter))
     for module in saved_modules.values():
         module.requires_grad_(True)
