@@ -65,9 +65,11 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     """Lazy access to ``compress`` and to every registered method's config class."""
     if name == "compress":
-        from .compress import compress
+        # The package rankwise.compress is itself callable as compress(model, ratio=...), so the
+        # name means the same thing before and after the subpackage is imported.
+        import importlib
 
-        return compress
+        return importlib.import_module(".compress", __name__)
     if name.endswith("Config"):
         from .core.registry import registered
 

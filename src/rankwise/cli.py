@@ -15,6 +15,7 @@ from ._version import __version__
 
 SUBCOMMANDS = [
     "rankwise.experiment.finetune",
+    "rankwise.compress.cli",
 ]
 
 
