@@ -283,3 +283,17 @@ def test_import_peft_refuses_pickles_and_unknown_types(tmp_path):
 def test_export_requires_an_adapted_model(tmp_path):
     with pytest.raises(ValueError, match="carries no rankwise adapter"):
         rankwise.export_peft(tiny_bert(), tmp_path / "x")
+
+
+@pytest.mark.parametrize(
+    "option",
+    [{"rank_pattern": {"query": 4}}, {"block_size_pattern": {"x": 8}}, {"layers_to_transform": [0]}, {"bias": "all"}],
+)
+def test_import_peft_refuses_options_without_an_equivalent(tmp_path, option):
+    (tmp_path / "p").mkdir()
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["query"], **option}
+    (tmp_path / "p" / "adapter_config.json").write_text(json.dumps(config))
+    model, reference = tiny_bert(), tiny_bert()
+    with pytest.raises(ValueError, match=f"{next(iter(option))}=.*no rankwise equivalent"):
+        rankwise.import_peft(model, tmp_path / "p")
+    assert_untouched(model, reference)

@@ -201,11 +201,6 @@ def _to_peft(config: MissConfig) -> dict[str, Any]:
 
 
 def _from_peft(peft_config: dict[str, Any]) -> dict[str, Any]:
-    for key in ("layers_to_transform", "layers_pattern"):
-        if peft_config.get(key) not in (None, [], ""):
-            raise ValueError(f"PEFT MiSS option {key}={peft_config[key]!r} is not supported by rankwise import_peft")
-    if peft_config.get("bias", "none") != "none":
-        raise ValueError(f"PEFT MiSS bias={peft_config['bias']!r} is not supported; only bias='none' imports")
     init = peft_config.get("init_weights", True)
     return {
         "r": int(peft_config.get("r", 64)),

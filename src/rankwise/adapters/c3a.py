@@ -194,13 +194,6 @@ def _to_peft(config: C3AConfig) -> dict[str, Any]:
 
 
 def _from_peft(peft_config: dict[str, Any]) -> dict[str, Any]:
-    if peft_config.get("block_size_pattern"):
-        raise ValueError(
-            "PEFT C3A option block_size_pattern is not supported by rankwise import_peft; "
-            "re-train with one block_size for every layer"
-        )
-    if peft_config.get("bias", "none") != "none":
-        raise ValueError(f"PEFT C3A bias={peft_config['bias']!r} is not supported by rankwise; use bias='none'")
     return {
         "block_size": peft_config.get("block_size", 256),
         "init_weights": peft_config.get("init_weights", "xavier_uniform"),

@@ -176,11 +176,6 @@ def _to_peft(config: GraLoRAConfig) -> dict[str, Any]:
 
 
 def _from_peft(peft_config: dict[str, Any]) -> dict[str, Any]:
-    for key in ("layers_to_transform", "layers_pattern"):
-        if peft_config.get(key) not in (None, [], ""):
-            raise ValueError(f"PEFT GraLoRA option {key}={peft_config[key]!r} is not supported by rankwise import_peft")
-    if peft_config.get("bias", "none") != "none":
-        raise ValueError(f"PEFT GraLoRA bias={peft_config['bias']!r} is not supported by rankwise; only 'none' is")
     return {
         "r": peft_config.get("r", 32),
         "alpha": float(peft_config.get("alpha", 64)),

@@ -236,12 +236,8 @@ def _to_peft(config: LoRAConfig) -> dict[str, Any]:
 
 
 def _from_peft(peft_config: dict[str, Any]) -> dict[str, Any]:
-    unsupported = {
-        "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "use_qalora": False,
-    }
-    for key, neutral in unsupported.items():
-        if peft_config.get(key) not in (neutral, None, {}, []):
-            raise ValueError(f"PEFT LoRA option {key}={peft_config[key]!r} is not supported by rankwise import_peft")
+    if peft_config.get("use_qalora"):
+        raise ValueError("PEFT LoRA option use_qalora=True is not supported by rankwise import_peft")
     init = peft_config.get("init_lora_weights", True)
     return {
         "r": peft_config["r"],

@@ -86,6 +86,23 @@ def _method_for(peft_config: dict[str, Any], source: Path) -> Method:
     raise ValueError(f"{source}: PEFT adapter type {peft_type!r} is not supported; rankwise imports {supported}")
 
 
+def _reject_per_layer_options(peft_config: dict[str, Any], source: Path) -> None:
+    """PEFT options that rankwise has no equivalent for, shared by every PEFT method: per-module
+    overrides (``rank_pattern``, ``alpha_pattern``, ``block_size_pattern``, ...), a layer subset
+    (``layers_to_transform``) and trained biases (``bias`` other than ``"none"``)."""
+    problems = [
+        f"{key}={value!r}" for key, value in sorted(peft_config.items())
+        if (key.endswith("_pattern") and key != "layers_pattern" and value)
+        or (key == "layers_to_transform" and value not in (None, [], ""))
+        or (key == "bias" and value not in (None, "none"))
+    ]
+    if problems:
+        raise ValueError(
+            f"{source}: PEFT option(s) {', '.join(problems)} have no rankwise equivalent, so import_peft cannot "
+            "reproduce this adapter; re-train it without them (one rank / block size for every layer, bias='none')"
+        )
+
+
 def import_peft(base_model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
     """Adapt ``base_model`` with an adapter saved by PEFT's ``save_pretrained`` and load its tensors."""
     directory = Path(directory)
@@ -97,6 +114,7 @@ def import_peft(base_model: nn.Module, directory: str | os.PathLike[str]) -> nn.
             f"{directory} holds only adapter_model.bin (a pickle); rankwise never unpickles. Re-save it with "
             "PEFT's save_pretrained(safe_serialization=True)"
         )
+    _reject_per_layer_options(peft_config, directory)
     method = _method_for(peft_config, directory)
     targets = peft_config.get("target_modules")
     if isinstance(targets, (list, tuple, set)):
