@@ -19,13 +19,7 @@ from rankwise.adapters.c3a import C3AAdapter, C3AConfig
 peft = pytest.importorskip("peft")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """MKL's FFT pays ~30 ms per call to wake a second thread on a busy 2-core box; tiny FFTs need one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TwoLinear(nn.Module):

@@ -22,13 +22,7 @@ SHAPES = [(8, 8), (7, 7), (12, 8), (6, 9), (16, 24)]  # (out, in): square, odd, 
 STRUCTURES = ["circulant", "toeplitz", "ldr", "kronecker"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """MKL's FFT pays ~30 ms per call to wake a second thread on a busy 2-core box; tiny FFTs need one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- dense references from the definitions --------------------------------------------------------

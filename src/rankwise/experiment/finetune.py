@@ -70,7 +70,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     training.add_argument("--epochs", type=float, default=2.0, help="passes over the training set")
     training.add_argument("--steps", type=int, help="total optimizer steps (overrides --epochs)")
     training.add_argument("--batch-size", type=int, default=32)
-    training.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate (linear decay)")
+    training.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (linear decay to zero)")
     training.add_argument("--probe-lr", type=float, default=5e-3, help="learning rate of the linear probe")
     training.add_argument("--no-probe", action="store_true", help="skip the linear-probe baseline")
     training.add_argument("--seed", type=int, default=0, help="seeds the split, the order and the init")
