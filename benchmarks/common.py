@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -166,6 +167,13 @@ def write_result(name: str, text: str, directory: Path = RESULTS_DIR) -> Path:
     path = directory / name
     path.write_text(text + "\n")
     return path
+
+
+def publish(text: str, out: str) -> None:
+    """Print a result table, and write it under results/ when ``out`` names a file."""
+    print(text)
+    if out:
+        print(f"written to {write_result(out, text)}", file=sys.stderr)
 
 
 def environment_line(threads: int) -> str:

@@ -91,10 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    text = run(args)
-    print(text)
-    if args.out:
-        print(f"written to {common.write_result(args.out, text)}", file=sys.stderr)
+    common.publish(run(args), args.out)
 
 
 if __name__ == "__main__":

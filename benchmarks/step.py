@@ -266,10 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.memory_of:
         print(json.dumps({"peak_rss_growth_mib": measure_memory(args.memory_of, args)}))
         return
-    text = run(args)
-    print(text)
-    if args.out:
-        print(f"written to {common.write_result(args.out, text)}", file=sys.stderr)
+    common.publish(run(args), args.out)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,10 @@ import pytest
 import torch
 from peft import GraloraConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers import BertConfig, BertModel
 from transformers.pytorch_utils import Conv1D
 
 import rankwise
+from toy_models import minilm_shaped_bert
 from rankwise.adapters.gralora import GraLoRAAdapter
 
 
@@ -152,9 +152,7 @@ def test_bad_shapes_name_the_layer_and_oversized_rank_warns():
 
 def test_defaults_work_on_minilm_shapes():
     """Default config on a one-layer MiniLM-shaped BERT (hidden 384, intermediate 1536)."""
-    torch.manual_seed(0)
-    bert = BertModel(BertConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=1,
-                                num_attention_heads=12, vocab_size=50)).eval()
+    bert = minilm_shaped_bert()
     ids = torch.randint(0, 50, (2, 9))
     with torch.no_grad():
         before = bert(ids).last_hidden_state

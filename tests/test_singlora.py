@@ -13,6 +13,7 @@ from peft_singlora import SingLoRAConfig as PeftSingLoRAConfig
 from torch import nn
 
 import rankwise
+from toy_models import minilm_shaped_bert
 from rankwise.adapters.singlora import SingLoRAAdapter
 
 SHAPES = [(10, 6), (6, 10), (8, 8)]  # (in, out): wide, tall, square
@@ -178,11 +179,7 @@ def test_merge_is_applied_once_and_unmerge_uses_the_recorded_ramp():
 
 
 def test_init_scale_and_defaults_on_minilm_shapes():
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    bert = BertModel(BertConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=1,
-                                num_attention_heads=12, vocab_size=50)).eval()
+    bert = minilm_shaped_bert()
     ids = torch.randint(0, 50, (2, 9))
     with torch.no_grad():
         before = bert(ids).last_hidden_state
