@@ -26,12 +26,18 @@ class _CallableModule(types.ModuleType):
 sys.modules[__name__].__class__ = _CallableModule
 
 __all__ = [
+    "TRP",
     "CompressionReport",
+    "Cuttlefish",
+    "CuttlefishConfig",
+    "FactorizedConv2d",
     "FactorizedLinear",
+    "TRPConfig",
     "break_even_rank",
     "compress",
     "compression_report",
     "decompress",
+    "factorize_layer",
     "load_compressed",
     "save_compressed",
 ]

@@ -103,7 +103,7 @@ def read_tensors(path: Path, what: str) -> dict[str, Tensor]:
 def save(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     """Write the model's adapter to ``directory`` (created if needed) and return the directory."""
     config = adapter_config(model)
-    layers = {name: {"out_features": linear_shape(layer.base_layer)[0], "in_features": linear_shape(layer.base_layer)[1]}
+    layers = {name: dict(zip(("out_features", "in_features"), linear_shape(layer.base_layer)))
               for name, layer in adapted_layers(model)}
     base_name = getattr(getattr(model, "config", None), "_name_or_path", None)
     payload = {
