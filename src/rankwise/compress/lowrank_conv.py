@@ -26,7 +26,7 @@ rank a·b / (a + b) (:func:`break_even_rank`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -153,6 +153,19 @@ def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (value[0], value[1])
 
 
+def conv_signature(conv: nn.Conv2d) -> dict[str, Any]:
+    """What :class:`FactorizedConv2d` takes from ``conv``, JSON-ready: convs with equal signatures factorise alike."""
+    return {
+        "weight_shape": list(conv.weight.shape),
+        "stride": list(_pair(conv.stride)),
+        "padding": conv.padding if isinstance(conv.padding, str) else list(_pair(conv.padding)),
+        "dilation": list(_pair(conv.dilation)),
+        "groups": conv.groups,
+        "bias": conv.bias is not None,
+        "padding_mode": conv.padding_mode,
+    }
+
+
 class FactorizedConv2d(nn.Module):
     """``second(first(x))``: a Conv2d as two thin convs under the channel or spatial scheme (no bias on ``first``)."""
 
@@ -172,6 +185,7 @@ class FactorizedConv2d(nn.Module):
         self.scheme = scheme
         self.rank = rank
         self.weight_shape = tuple(conv.weight.shape)
+        self.conv_signature = conv_signature(conv)  # the original layer, for save_compressed / load_compressed
 
     def forward(self, x: Tensor) -> Tensor:
         return self.second(self.first(x))
@@ -276,6 +290,7 @@ def count_macs(model: nn.Module, example: Tensor) -> int:
 __all__ = [
     "FactorizedConv2d",
     "check_energy",
+    "conv_signature",
     "count_macs",
     "energy_rank",
     "factorize_layer",
