@@ -15,6 +15,8 @@ from ._version import __version__
 
 SUBCOMMANDS = [
     "rankwise.experiment.finetune",
+    "rankwise.experiment.compare",
+    "rankwise.inspect_cli",
     "rankwise.compress.cli",
 ]
 

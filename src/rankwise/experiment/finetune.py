@@ -4,6 +4,10 @@ It trains the adapter on a fixed split, then prints its test accuracy and macro-
 baselines: the majority class and a frozen-encoder linear probe (only the classification head
 trained, on the same examples, epochs and batch size). The adapter, ``metrics.json`` and a
 training-curve PNG go to ``--output-dir``.
+
+``rankwise compare`` (compare.py) reuses this module: the shared option groups (``add_data_options``,
+``add_targets_option``, ``add_training_options``) and the run of one method (``prepare``,
+``adapted_classifier``, ``train_and_test``).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import dataclasses
 import json
 import os
 import re
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +33,18 @@ from ..core.registry import config as make_config
 from ..core.registry import get_method, registered
 from . import data as datasets
 from . import report
-from .train import Encoded, Metrics, TrainSettings, evaluate, majority_metrics, train
+from .train import (
+    Encoded,
+    History,
+    Metrics,
+    TrainSettings,
+    evaluate,
+    majority_metrics,
+    train,
+)
 
 SHIPPED_MODEL = "all-MiniLM-L6-v2"
-_COMMON_FIELDS = {f.name for f in dataclasses.fields(AdapterConfig)}
+COMMON_FIELDS = {f.name for f in dataclasses.fields(AdapterConfig)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -47,6 +60,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description=__doc__,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    add_data_options(parser)
+    method = parser.add_argument_group("method")
+    method.add_argument("--method", default="lora", help="registered method (rankwise.methods())")
+    add_targets_option(method, default="query,value")
+    method.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="any config field of the method (repeatable), e.g. --set use_rslora=true")
+    _add_method_options(parser)
+    add_training_options(parser, output_help="where the adapter and reports go; unset: runs/finetune-<task>-<method>")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    """The data options shared by ``finetune`` and ``compare``."""
     data = parser.add_argument_group("data")
     data.add_argument("--task", default="movie-reviews", help=f"built-in task: {', '.join(sorted(datasets.TASKS))}")
     data.add_argument("--data", help="your own .csv or .jsonl file instead of a built-in task")
@@ -56,14 +83,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                       help="cap on training examples (validation and test get max(100, N/3)); 0 = no cap")
     data.add_argument("--max-length", type=int, default=64, help="tokens per example")
 
-    method = parser.add_argument_group("method")
-    method.add_argument("--method", default="lora", help="registered method (rankwise.methods())")
-    method.add_argument("--targets", default="query,value",
-                        help="layers to adapt: comma list of name suffixes, a regex, or all-linear")
-    method.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="any config field of the method (repeatable), e.g. --set use_rslora=true")
-    _add_method_options(parser)
 
+def add_targets_option(group: argparse._ArgumentGroup, default: str) -> None:
+    """``--targets``, shared by ``finetune`` and ``compare`` (which differ only in the default)."""
+    group.add_argument("--targets", default=default,
+                       help="layers to adapt: comma list of name suffixes, a regex, or all-linear")
+
+
+def add_training_options(parser: argparse.ArgumentParser, output_help: str) -> None:
+    """The model, budget, seed and output options shared by ``finetune`` and ``compare``."""
     training = parser.add_argument_group("training")
     training.add_argument("--model", default=SHIPPED_MODEL,
                           help="model id or local path; the default is the shipped all-MiniLM-L6-v2")
@@ -75,9 +103,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     training.add_argument("--no-probe", action="store_true", help="skip the linear-probe baseline")
     training.add_argument("--seed", type=int, default=0, help="seeds the split, the order and the init")
     training.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch CPU threads")
-    training.add_argument("--output-dir", help="where the adapter and reports go; unset: runs/finetune-<task>-<method>")
-    parser.set_defaults(func=run)
-    return parser
+    training.add_argument("--output-dir", help=output_help)
 
 
 def _add_method_options(parser: argparse.ArgumentParser) -> None:
@@ -88,7 +114,7 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
     helps: dict[str, str] = {}
     for method in registered():
         for f in dataclasses.fields(method.config_cls):
-            if f.name not in _COMMON_FIELDS:
+            if f.name not in COMMON_FIELDS:
                 owners.setdefault(f.name, []).append(method.name)
                 helps.setdefault(f.name, f.metadata.get("help", ""))
     for name, methods in owners.items():
@@ -119,22 +145,34 @@ def parse_targets(text: str) -> list[str] | str:
     return text
 
 
-def method_config(args: argparse.Namespace, heads: list[str]) -> AdapterConfig:
-    """The method's config from --method, its hyper-parameter options, --set and --targets."""
-    method = get_method(args.method)
-    known = {f.name for f in dataclasses.fields(method.config_cls)} - _COMMON_FIELDS
-    values = {k[3:]: v for k, v in vars(args).items() if k.startswith("hp_")}
-    for item in args.overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        values[key.strip()] = parse_value(value)
+def check_options(method_name: str, values: dict[str, Any]) -> None:
+    """Raise unless every key of ``values`` is a hyper-parameter of the method (not a shared field)."""
+    method = get_method(method_name)
+    known = {f.name for f in dataclasses.fields(method.config_cls)} - COMMON_FIELDS
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(
-            f"method {args.method!r} has no option(s) {unknown}; its options are {sorted(known)}"
-        )
-    return make_config(args.method, targets=parse_targets(args.targets), modules_to_save=heads, **values)
+        raise ValueError(f"method {method_name!r} has no option(s) {unknown}; its options are {sorted(known)}")
+
+
+def parse_assignment(item: str, form: str = "KEY=VALUE") -> tuple[str, Any]:
+    """``KEY=VALUE`` (the value read by :func:`parse_value`)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--set expects {form}, got {item!r}")
+    return key.strip(), parse_value(value)
+
+
+def method_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The hyper-parameters given for --method by its options and --set, checked against its config."""
+    values = {k[3:]: v for k, v in vars(args).items() if k.startswith("hp_")}
+    values.update(parse_assignment(item) for item in args.overrides)
+    check_options(args.method, values)
+    return values
+
+
+def method_config(args: argparse.Namespace, heads: list[str]) -> AdapterConfig:
+    """The method's config from --method, its hyper-parameter options, --set and --targets."""
+    return make_config(args.method, targets=parse_targets(args.targets), modules_to_save=heads, **method_options(args))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,51 +279,119 @@ def settings_from(args: argparse.Namespace, lr: float) -> TrainSettings:
     return TrainSettings(epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=lr, seed=args.seed)
 
 
-def linear_probe(prepared: Prepared, args: argparse.Namespace) -> tuple[Metrics, int]:
-    """Train only the classification head on the frozen encoder, same examples, epochs and batch size."""
-    labels = prepared.splits.train.label_names
-    torch.manual_seed(args.seed)
-    model = load_classifier(prepared.model_path, labels)
-    heads = set(head_modules(model))
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_(name.split(".")[0] in heads)
-    train(model, prepared.train, settings_from(args, args.probe_lr), prepared.pad_id,
-          num_labels=len(labels), description="linear probe")
-    return evaluate(model, prepared.test, prepared.pad_id, len(labels)), trainable_parameters(model)
-
-
-def run(args: argparse.Namespace) -> int:
-    """The ``finetune`` subcommand."""
+def setup_torch(args: argparse.Namespace) -> None:
+    """Quiet transformers' logging and progress bars; use --threads CPU threads."""
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     torch.set_num_threads(max(1, args.threads))
+
+
+def run_name(args: argparse.Namespace) -> str:
+    """The task's name in output paths: --task, or the stem of --data."""
+    return Path(args.data).stem if args.data else args.task
+
+
+@dataclass
+class Trained:
+    """A classifier after training, with its test metrics and how long its training steps took.
+
+    ``train_seconds`` is the whole training loop (with the validation passes, when there are any);
+    ``step_seconds`` holds the time of each optimizer step, measured from one training forward to the next.
+    """
+
+    model: nn.Module
+    trainable: int
+    history: History
+    test: Metrics
+    train_seconds: float
+    step_seconds: list[float]
+
+    @property
+    def steps(self) -> int:
+        return len(self.history.losses)
+
+    @property
+    def seconds_per_step(self) -> float:
+        """The median step time: the first step's warm-up and other programs' bursts do not move it."""
+        return statistics.median(self.step_seconds) if self.step_seconds else self.train_seconds / max(1, self.steps)
+
+
+def adapted_classifier(
+    prepared: Prepared, method: str, options: dict[str, Any], targets: list[str] | str, seed: int
+) -> tuple[nn.Module, AdapterConfig]:
+    """A fresh classifier (head initialised from ``seed``) adapted with ``method``; its head is trained in full."""
+    torch.manual_seed(seed)
+    model = load_classifier(prepared.model_path, prepared.splits.train.label_names)
+    config = make_config(method, targets=targets, modules_to_save=head_modules(model), **options)
+    return adapt(model, config), config
+
+
+def probe_classifier(prepared: Prepared, seed: int) -> nn.Module:
+    """A fresh classifier (head initialised from ``seed``) with only its head trainable: the linear probe."""
+    torch.manual_seed(seed)
+    model = load_classifier(prepared.model_path, prepared.splits.train.label_names)
+    heads = set(head_modules(model))
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name.split(".")[0] in heads)
+    return model
+
+
+def train_and_test(
+    model: nn.Module, prepared: Prepared, settings: TrainSettings, description: str, validate: bool = True
+) -> Trained:
+    """Train ``model`` on the training split (evaluating on validation at epoch ends when ``validate``), then test it."""
+    num_labels = len(prepared.splits.train.label_names)
+    trainable = trainable_parameters(model)
+    # The loop calls the model once per step in train mode (validation runs in eval mode), so the times
+    # of consecutive training forwards delimit the steps.
+    starts: list[float] = []
+    clock = model.register_forward_pre_hook(lambda module, _: starts.append(time.perf_counter()) if module.training else None)
+    started = time.perf_counter()
+    try:
+        history, _ = train(model, prepared.train, settings, prepared.pad_id,
+                           validation=prepared.validation if validate else None, num_labels=num_labels,
+                           description=description)
+    finally:
+        clock.remove()
+    ended = time.perf_counter()
+    steps = [b - a for a, b in zip(starts, [*starts[1:], ended])]
+    test = evaluate(model, prepared.test, prepared.pad_id, num_labels)
+    return Trained(model=model, trainable=trainable, history=history, test=test, train_seconds=ended - started,
+                   step_seconds=steps)
+
+
+def linear_probe(prepared: Prepared, args: argparse.Namespace, validate: bool = False) -> Trained:
+    """Train only the classification head on the frozen encoder, same examples, epochs and batch size."""
+    return train_and_test(probe_classifier(prepared, args.seed), prepared, settings_from(args, args.probe_lr),
+                          "linear probe", validate=validate)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``finetune`` subcommand."""
+    setup_torch(args)
     started = time.perf_counter()
     get_method(args.method)  # fail on an unknown method before loading anything
+    options = method_options(args)
+    targets = parse_targets(args.targets)
     prepared = prepare(args)
     labels = prepared.splits.train.label_names
-    output = Path(args.output_dir or f"runs/finetune-{args.data and Path(args.data).stem or args.task}-{args.method}")
+    output = Path(args.output_dir or f"runs/finetune-{run_name(args)}-{args.method}")
 
-    torch.manual_seed(args.seed)
-    model = load_classifier(prepared.model_path, labels)
-    config = method_config(args, head_modules(model))
-    model = adapt(model, config)
-    trainable = trainable_parameters(model)
-    print(f"method {args.method}: {trainable:,} trainable parameters, targets {config.targets}")
-
+    model, config = adapted_classifier(prepared, args.method, options, targets, args.seed)
+    print(f"method {args.method}: {trainable_parameters(model):,} trainable parameters, targets {config.targets}")
     settings = settings_from(args, args.lr)
-    history, _ = train(model, prepared.train, settings, prepared.pad_id, validation=prepared.validation,
-                       num_labels=len(labels), description=args.method)
-    adapted = evaluate(model, prepared.test, prepared.pad_id, len(labels))
+    adapted = train_and_test(model, prepared, settings, args.method)
     save(model, output)
 
     rows: dict[str, tuple[Metrics, int | None]] = {
         "majority class": (majority_metrics(prepared.splits.train.labels, prepared.test.labels, len(labels)), 0),
     }
     if not args.no_probe:
-        rows["linear probe (head only)"] = linear_probe(prepared, args)
-    rows[f"{args.method} + head"] = (adapted, trainable)
+        probe = linear_probe(prepared, args)
+        rows["linear probe (head only)"] = (probe.test, probe.trainable)
+    rows[f"{args.method} + head"] = (adapted.test, adapted.trainable)
 
     elapsed = time.perf_counter() - started
     payload = {
@@ -297,12 +403,12 @@ def run(args: argparse.Namespace) -> int:
         "max_length": args.max_length,
         "split_sizes": prepared.splits.sizes(),
         "test": {name: {**report.metrics_dict(m), "trainable": n} for name, (m, n) in rows.items()},
-        "history": report.history_dict(history),
+        "history": report.history_dict(adapted.history),
         "wall_seconds": round(elapsed, 1),
     }
     report.write_metrics(output, payload)
-    report.plot_curve(history, output / report.CURVE_FILE, f"{args.method} on {payload['task']}")
+    report.plot_curve(adapted.history, output / report.CURVE_FILE, f"{args.method} on {payload['task']}")
     print(report.results_table(rows))
-    print(f"test accuracy {adapted.accuracy:.4f}, macro-F1 {adapted.macro_f1:.4f}; "
+    print(f"test accuracy {adapted.test.accuracy:.4f}, macro-F1 {adapted.test.macro_f1:.4f}; "
           f"wrote {output} ({report.METRICS_FILE}, {report.CURVE_FILE}, adapter) in {elapsed:.0f} s")
     return 0

@@ -1,0 +1,131 @@
+"""``rankwise inspect``: saved adapters and compressed models described from their files alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from method_cases import CASES
+from torch import nn
+
+import rankwise
+from rankwise import cli
+from rankwise.compress import save_compressed
+from rankwise.compress.storage import CONFIG_FILE as COMPRESSED_CONFIG
+from rankwise.core.io import CONFIG_FILE, WEIGHTS_FILE, adapter_state
+
+
+class Toy(nn.Module):
+    """Linear layers of widths 32, 48 and 64 and a small head saved in full."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(32, 64)
+        self.mid = nn.Linear(64, 48)
+        self.down = nn.Linear(48, 32, bias=False)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.down(torch.relu(self.mid(torch.relu(self.up(x))))))
+
+
+def saved_adapter(tmp_path: Path, method: str = "lora", **kwargs) -> tuple[nn.Module, Path]:
+    torch.manual_seed(0)
+    config = rankwise.config(method, targets=["up", "mid", "down"], modules_to_save=["head"], **kwargs)
+    model = rankwise.adapt(Toy(), config)
+    return model, rankwise.save(model, tmp_path / f"adapter-{method}")
+
+
+def inspect_json(path: Path, capsys: pytest.CaptureFixture[str]) -> dict:
+    assert cli.main(["inspect", str(path), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("method", sorted(CASES))
+def test_every_method_counts_match_the_model(method: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model, directory = saved_adapter(tmp_path, method, **CASES[method].kwargs)
+    info = inspect_json(directory, capsys)
+    assert (info["kind"], info["method"]) == ("adapter", method)
+    assert info["config"] == rankwise.core.inject.adapter_config(model).to_dict()
+    assert [layer["layer"] for layer in info["layers"]] == ["down", "mid", "up"]  # natural name order
+    # Every saved tensor is listed once, with its shape, under its layer or the saved modules.
+    listed = {f"{layer['layer']}.adapter.{t['name']}": t["shape"] for layer in info["layers"] for t in layer["tensors"]}
+    listed.update({t["name"]: t["shape"] for t in info["modules_to_save"]})
+    assert listed == {name: list(value.shape) for name, value in adapter_state(model).items()}
+    # The closed form (what inspect can compute without the model) equals the live trainable count.
+    assert info["totals"]["trainable"] == rankwise.trainable_parameters(model)
+    assert info["totals"]["modules_to_save"] == 32 * 3 + 3
+
+
+def test_adapter_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model, directory = saved_adapter(tmp_path, "lora", r=4, alpha=8)
+    assert cli.main(["inspect", str(directory)]) == 0
+    out = capsys.readouterr().out
+    assert "method: lora" in out and "r=4" in out and "alpha=8" in out
+    assert "lora_A.weight" in out and "4x64" in out and "48x4" in out and "F32" in out
+    assert "head.weight" in out and "3x32" in out
+    total = rankwise.trainable_parameters(model)
+    assert f"total: {total:,} trainable parameters" in out
+    assert cli.main(["inspect", str(directory / CONFIG_FILE)]) == 0  # a file inside the directory works too
+
+
+def test_compressed_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    torch.manual_seed(0)
+    model = rankwise.compress(Toy(), ranks={"up": 5, "mid": 7})
+    directory = save_compressed(model, tmp_path / "compressed")
+    info = inspect_json(directory, capsys)
+    assert info["kind"] == "compressed"
+    layers = {layer["layer"]: layer for layer in info["layers"]}
+    assert {name: layer["rank"] for name, layer in layers.items()} == {"up": 5, "mid": 7}
+    up = {t["name"]: t["shape"] for t in layers["up"]["tensors"]}
+    assert up == {"down.weight": [5, 32], "up.weight": [64, 5], "up.bias": [64]}
+    assert layers["up"]["stored"] == 5 * (32 + 64) + 64 and layers["up"]["dense"] == 64 * 32 + 64
+    assert info["totals"]["stored"] == sum(p.numel() for p in model.parameters())
+    assert {t["name"] for t in info["other_tensors"]} == {"down.weight", "head.weight", "head.bias"}
+
+    assert cli.main(["inspect", str(directory)]) == 0
+    out = capsys.readouterr().out
+    assert "compressed model" in out and "64 x 32" in out and "rank" in out
+    assert "head.weight" not in out and "--all-tensors" in out
+    assert cli.main(["inspect", str(directory), "--all-tensors"]) == 0
+    assert "head.weight" in capsys.readouterr().out
+
+
+def _one_error_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rankwise: error:") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_corrupt_and_missing_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _, directory = saved_adapter(tmp_path)
+    (directory / CONFIG_FILE).write_text('{"format": "rankwise-adapter", "method": ', encoding="utf-8")
+    assert "not valid JSON" in _one_error_line(["inspect", str(directory)], capsys)
+
+    _, directory = saved_adapter(tmp_path / "truncated")
+    data = (directory / WEIGHTS_FILE).read_bytes()
+    (directory / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
+    assert "truncated or corrupted" in _one_error_line(["inspect", str(directory)], capsys)
+
+    _, directory = saved_adapter(tmp_path / "missing")
+    (directory / WEIGHTS_FILE).unlink()
+    assert "does not exist" in _one_error_line(["inspect", str(directory)], capsys)
+
+    _, directory = saved_adapter(tmp_path / "unknown")
+    payload = json.loads((directory / CONFIG_FILE).read_text())
+    payload["method"] = "no_such_method"
+    (directory / CONFIG_FILE).write_text(json.dumps(payload), encoding="utf-8")
+    assert "unknown method 'no_such_method'" in _one_error_line(["inspect", str(directory)], capsys)
+
+    assert "holds neither" in _one_error_line(["inspect", str(tmp_path)], capsys)
+    assert "does not exist" in _one_error_line(["inspect", str(tmp_path / "absent")], capsys)
+
+    model = rankwise.compress(Toy(), ranks={"up": 5})
+    directory = save_compressed(model, tmp_path / "compressed")
+    payload = json.loads((directory / COMPRESSED_CONFIG).read_text())
+    payload["layers"]["up"] = {"kind": "linear", "rank": "five"}
+    (directory / COMPRESSED_CONFIG).write_text(json.dumps(payload), encoding="utf-8")
+    assert "malformed" in _one_error_line(["inspect", str(directory)], capsys)
