@@ -63,19 +63,19 @@ def test_bad_options_fail_before_any_training(argv: list[str], message: str, tmp
 def test_table_shows_error_rows() -> None:
     rows = [
         {"name": "majority class", "config": "", "trainable": 0, "accuracy": 0.6, "macro_f1": 0.375,
-         "train_seconds": None, "median_step_seconds": None, "error": None},
+         "final_train_loss": None, "train_seconds": None, "median_step_seconds": None, "error": None},
         {"name": "lora", "config": compare.config_summary({"r": 8, "alpha": 8.0, "use_rslora": False, "exclude": None},
                                                           {}),
-         "trainable": 338690, "accuracy": 0.75, "macro_f1": 0.7412, "train_seconds": 12.34,
+         "trainable": 338690, "accuracy": 0.75, "macro_f1": 0.7412, "final_train_loss": 0.5, "train_seconds": 12.34,
          "median_step_seconds": 0.5123, "error": None},
         {"name": "c3a", "config": "block_size=7", "trainable": None, "accuracy": None, "macro_f1": None,
-         "train_seconds": None, "median_step_seconds": None, "error": "ValueError: block_size=7 does not divide | 384"},
+         "final_train_loss": None, "train_seconds": None, "median_step_seconds": None, "error": "ValueError: block_size=7 does not divide | 384"},
     ]
     table = compare.markdown_table(rows)
     lines = table.splitlines()
     assert lines[0].startswith("| method") and "median step (ms)" in lines[0]
     assert "| r=8 alpha=8 " in lines[3] and "338,690" in lines[3] and "0.7500" in lines[3] and "512" in lines[3]
-    assert [cell.strip() for cell in lines[4].split("|")[1:-1]] == ["c3a", "block_size=7", "error", "—", "—", "—", "—"]
+    assert [cell.strip() for cell in lines[4].split("|")[1:-1]] == ["c3a", "block_size=7", "error", *["—"] * 5]
     assert lines[-1] == "- c3a: ValueError: block_size=7 does not divide | 384"
     assert len({len(line) for line in lines[:5]}) == 1  # aligned
 
@@ -112,6 +112,7 @@ def test_compare_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         assert row["error"] is None and row["steps"] == 2
         assert row["trainable"] == _independent_trainable(method, options), method
         assert 0.0 <= row["accuracy"] <= 1.0 and row["train_seconds"] > 0 and row["median_step_seconds"] > 0
+        assert row["final_train_loss"] > 0
         assert row["method_config"]["targets"] == "all-linear"
         assert (out / method / "adapter.safetensors").is_file()
     assert rows["miss"]["config"].startswith("r=32")

@@ -5,7 +5,8 @@ batch size, learning-rate schedule and target layers (``--targets``, default ``a
 default of every method's own config, so no method is judged on layers it was not designed for);
 its hyper-parameters are its registry defaults unless ``--set METHOD.KEY=VALUE`` changes them. The
 table gives each method's key hyper-parameters, trainable parameters (adapter + head), test accuracy,
-macro-F1 and the wall time of its training loop, beside the majority-class and linear-probe baselines.
+macro-F1, the training loss over the last tenth of the steps, the wall time of its training loop and
+its median step time, beside the majority-class and linear-probe baselines.
 A method that fails (say a config that does not fit the model) becomes an error row; the others still
 run, and the exit status is 1. ``comparison.json`` and ``comparison.md`` go to ``--output-dir``.
 
@@ -52,13 +53,17 @@ JSON_FILE = "comparison.json"
 MARKDOWN_FILE = "comparison.md"
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written, and each option's default."""
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``compare`` on the CLI's subparsers."""
     parser = subparsers.add_parser(
         "compare",
         help="fine-tune several methods on one task under one budget, side by side",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     add_data_options(parser)
     method = parser.add_argument_group("methods")
@@ -129,6 +134,12 @@ def config_summary(values: dict[str, Any], overrides: dict[str, Any]) -> str:
     return " ".join(shown)
 
 
+def final_loss(losses: list[float]) -> float:
+    """The mean training loss over the last tenth of the steps (at least one step)."""
+    tail = losses[-max(1, len(losses) // 10):]
+    return sum(tail) / len(tail)
+
+
 def trained_row(name: str, kind: str, trained: Trained, config: str, **extra: Any) -> dict[str, Any]:
     return {
         "name": name,
@@ -137,6 +148,7 @@ def trained_row(name: str, kind: str, trained: Trained, config: str, **extra: An
         "trainable": trained.trainable,
         **report.metrics_dict(trained.test),
         "steps": trained.steps,
+        "final_train_loss": round(final_loss(trained.history.losses), 4),
         "train_seconds": round(trained.train_seconds, 3),
         "median_step_seconds": round(trained.seconds_per_step, 4),
         "error": None,
@@ -160,7 +172,7 @@ def run_one(prepared: Prepared, method: str, options: dict[str, Any], args: argp
         message = f"{type(error).__name__}: {error}"
         return {
             "name": method, "kind": "method", "config": config_summary({**default_fields(method), **options}, options),
-            "trainable": None, "accuracy": None, "macro_f1": None, "loss": None, "steps": None,
+            "trainable": None, "accuracy": None, "macro_f1": None, "loss": None, "steps": None, "final_train_loss": None,
             "train_seconds": None, "median_step_seconds": None, "error": message, "overrides": options,
         }
     finally:
@@ -173,7 +185,8 @@ def run_one(prepared: Prepared, method: str, options: dict[str, Any], args: argp
 # ----------------------------------------------------------------------------------------------
 
 
-COLUMNS = ("method", "config", "trainable", "test accuracy", "macro-F1", "train time (s)", "median step (ms)")
+COLUMNS = ("method", "config", "trainable", "test accuracy", "macro-F1", "final train loss", "train time (s)",
+           "median step (ms)")
 
 
 def _cells(row: dict[str, Any]) -> list[str]:
@@ -187,6 +200,7 @@ def _cells(row: dict[str, Any]) -> list[str]:
         "error" if failed else number("trainable", ","),
         number("accuracy", ".4f"),
         number("macro_f1", ".4f"),
+        number("final_train_loss", ".4f"),
         number("train_seconds", ".1f"),
         number("median_step_seconds", ".0f", 1000.0),
     ]
@@ -196,7 +210,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The rows as an aligned Markdown table, then one line per failed method with its error."""
     body = [[cell.replace("|", "\\|") for cell in _cells(row)] for row in rows]
     widths = [max(len(column), *(len(cells[i]) for cells in body)) for i, column in enumerate(COLUMNS)]
-    right = {2, 3, 4, 5, 6}
+    right = set(range(2, len(COLUMNS)))
 
     def line(cells: list[str] | tuple[str, ...]) -> str:
         return "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
@@ -213,7 +227,7 @@ def budget_line(payload: dict[str, Any]) -> str:
     """One sentence saying what every row shares."""
     settings = payload["settings"]
     sizes = payload["split_sizes"]
-    length = f"{settings['steps']} steps" if settings["steps"] else f"{settings['epochs']:g} epochs"
+    length = f"{settings['steps']} steps" if settings["steps"] else f"{settings['epochs']:g} epoch{'' if settings['epochs'] == 1 else 's'}"
     return (f"Task {payload['task']}, model {payload['model']}; train {sizes['train']}, test {sizes['test']} examples; "
             f"{length} ({payload['steps']} steps) of batch {settings['batch_size']}, max length {payload['max_length']}, "
             f"AdamW peak lr {settings['lr']:g} with linear decay (probe lr {payload['probe_lr']:g}), seed {settings['seed']}; "
@@ -244,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
     majority = majority_metrics(prepared.splits.train.labels, prepared.test.labels, len(labels))
     rows: list[dict[str, Any]] = [{
         "name": "majority class", "kind": "baseline", "config": "", "trainable": 0, **report.metrics_dict(majority),
-        "steps": 0, "train_seconds": None, "median_step_seconds": None, "error": None,
+        "steps": 0, "final_train_loss": None, "train_seconds": None, "median_step_seconds": None, "error": None,
     }]
     if not args.no_probe:
         probe = linear_probe(prepared, args)
