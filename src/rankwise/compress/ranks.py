@@ -21,6 +21,7 @@ pays while ``r < m n / (m + n)`` (break-even, LoRD arXiv 2309.14021 spec Sec. 2d
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -43,16 +44,88 @@ def energy_rank(spectrum: Tensor, energy: float) -> int:
     return int(torch.searchsorted(cumulative, torch.tensor([energy - 1e-12], dtype=cumulative.dtype)).item()) + 1
 
 
-def _options(spectrum: Tensor, out_features: int, in_features: int) -> tuple[Tensor, Tensor]:
-    """(loss, cost) of every option: ranks 1..r_max below break-even, then dense (loss 0, cost m n)."""
+@dataclass
+class RankOptions:
+    """The choices for one layer: ``ranks[i]`` (None = keep dense) costs ``cost[i]`` weights and ``loss[i]``."""
+
+    ranks: list[int | None]
+    loss: Tensor
+    cost: Tensor
+
+
+def relative_tail(spectrum: Tensor) -> Tensor:
+    """``tail[r-1] = Σ_{i>r} σ_i² / Σ_i σ_i²``, the relative error left at rank r (1-based)."""
     power = spectrum.double() ** 2
-    total = float(power.sum()) or 1.0
-    tail = (power.sum() - torch.cumsum(power, 0)) / total  # tail[r-1] = loss at rank r
-    r_max = min(len(spectrum), math.ceil(break_even_rank(out_features, in_features)) - 1)
+    return (power.sum() - torch.cumsum(power, 0)) / (float(power.sum()) or 1.0)
+
+
+def max_useful_rank(spectrum: Tensor, out_features: int, in_features: int) -> int:
+    """The largest rank below break-even (and within the spectrum)."""
+    return max(1, min(len(spectrum), math.ceil(break_even_rank(out_features, in_features)) - 1))
+
+
+def spectrum_options(spectrum: Tensor, out_features: int, in_features: int, gain: Tensor | None = None) -> RankOptions:
+    """Ranks 1..r_max below break-even with loss ``gain(r) · relative_tail(r)`` (gain 1 by default), then dense."""
+    r_max = max_useful_rank(spectrum, out_features, in_features)
+    loss = relative_tail(spectrum)[:r_max]
+    if gain is not None:
+        loss = loss * gain[:r_max]
     ranks = torch.arange(1, r_max + 1, dtype=torch.float64)
-    loss = torch.cat([tail[:r_max], torch.zeros(1, dtype=torch.float64)])
-    cost = torch.cat([ranks * (out_features + in_features), torch.tensor([float(out_features * in_features)])])
-    return loss, cost
+    return RankOptions(
+        list(range(1, r_max + 1)) + [None],
+        torch.cat([loss, torch.zeros(1, dtype=torch.float64)]),
+        torch.cat([ranks * (out_features + in_features), torch.tensor([float(out_features * in_features)])]),
+    )
+
+
+def allocate(options: dict[str, RankOptions], budget: float) -> dict[str, int | None]:
+    """One option per layer minimising the summed loss with total cost <= ``budget``.
+
+    Lagrangian relaxation: for a price λ every layer independently takes ``argmin loss + λ cost``;
+    λ is bisected to the smallest price whose choices fit the budget. The relaxation only reaches
+    points on each layer's convex hull, so the budget it leaves is then spent greedily: the upgrade
+    with the largest loss drop per extra weight that still fits, until none fits.
+    """
+
+    def choose(price: float) -> dict[str, int]:
+        return {name: int(torch.argmin(o.loss + price * o.cost)) for name, o in options.items()}
+
+    def spent(picks: dict[str, int]) -> float:
+        return sum(float(options[name].cost[i]) for name, i in picks.items())
+
+    low, high = 0.0, 1.0
+    while spent(choose(high)) > budget and high < 1e12:
+        high *= 4.0
+    for _ in range(60):
+        middle = (low + high) / 2
+        if spent(choose(middle)) > budget:
+            low = middle
+        else:
+            high = middle
+    picks = _spend_leftover(options, choose(high), budget)
+    return {name: options[name].ranks[i] for name, i in picks.items()}
+
+
+def _spend_leftover(options: dict[str, RankOptions], picks: dict[str, int], budget: float) -> dict[str, int]:
+    """Greedy upgrades (largest loss drop per extra cost) while they fit in the budget."""
+    picks = dict(picks)
+    left = budget - sum(float(options[name].cost[i]) for name, i in picks.items())
+    while True:
+        best: tuple[float, str, int] | None = None
+        for name, i in picks.items():
+            extra = options[name].cost - options[name].cost[i]
+            gain = options[name].loss[i] - options[name].loss
+            fits = (extra > 0) & (extra <= left) & (gain > 0)
+            if bool(fits.any()):
+                rate = torch.where(fits, gain / extra.clamp_min(1e-30), torch.tensor(-1.0, dtype=gain.dtype))
+                j = int(torch.argmax(rate))
+                if best is None or float(rate[j]) > best[0]:
+                    best = (float(rate[j]), name, j)
+        if best is None:
+            return picks
+        _, name, j = best
+        left -= float(options[name].cost[j] - options[name].cost[picks[name]])
+        picks[name] = j
 
 
 def global_allocation(spectra: dict[str, tuple[Tensor, int, int]], ratio: float) -> dict[str, int | None]:
@@ -60,21 +133,5 @@ def global_allocation(spectra: dict[str, tuple[Tensor, int, int]], ratio: float)
 
     ``spectra`` maps a layer name to (singular values, out_features, in_features).
     """
-    options = {name: _options(s, m, n) for name, (s, m, n) in spectra.items()}
-    budget = ratio * sum(m * n for _, m, n in spectra.values())
-
-    def choose(price: float) -> tuple[dict[str, int], float]:
-        picks = {name: int(torch.argmin(loss + price * cost)) for name, (loss, cost) in options.items()}
-        return picks, sum(float(options[name][1][i]) for name, i in picks.items())
-
-    low, high = 0.0, 1.0
-    while choose(high)[1] > budget and high < 1e12:
-        high *= 4.0
-    for _ in range(60):
-        middle = (low + high) / 2
-        if choose(middle)[1] > budget:
-            low = middle
-        else:
-            high = middle
-    picks, _ = choose(high)
-    return {name: (None if i == len(options[name][0]) - 1 else i + 1) for name, i in picks.items()}
+    options = {name: spectrum_options(s, m, n) for name, (s, m, n) in spectra.items()}
+    return allocate(options, ratio * sum(m * n for _, m, n in spectra.values()))

@@ -44,10 +44,11 @@ from ..core.inject import _set_child, find_targets
 from ..core.layer import linear_shape, weight_matrix
 from .calibration import Batch, execution_stages, input_grams, materialize, paired_grams
 from .factorized import FactorizedLinear, break_even_rank
-from .ranks import energy_rank, global_allocation, uniform_rank
+from .ranks import allocate, energy_rank, spectrum_options, uniform_rank
+from .sensitivity import DEFAULT_SEQUENCES, sensitivity_gains, take_sequences
 
 METHODS = ("svd", "whitened")
-ALLOCATIONS = ("uniform", "global")
+ALLOCATIONS = ("uniform", "global", "sensitivity")
 _REPORT_ATTR = "_rankwise_compression"
 
 
@@ -217,6 +218,7 @@ def compress(
     ranks: dict[str, int] | None = None,
     allocation: str = "uniform",
     sequential: bool = False,
+    sensitivity_sequences: int = DEFAULT_SEQUENCES,
     force: bool = False,
 ) -> nn.Module:
     """Replace the targeted Linear layers by rank-r :class:`FactorizedLinear` layers; return the model.
@@ -228,10 +230,14 @@ def compress(
         calibration: iterable of model-input dicts (``input_ids``, ``attention_mask``, ...).
         energy: keep the smallest rank whose σ² energy reaches this fraction, per layer.
         ranks: explicit ranks by layer name or suffix; targeted layers not named stay dense.
-        allocation: ``"uniform"`` (same fraction per layer) or ``"global"`` (spectrum-driven, see
-            :mod:`rankwise.compress.ranks`); only with ``ratio``.
+        allocation: ``"uniform"`` (same fraction per layer), ``"sensitivity"`` (measured effect of
+            each layer's truncation on the model output, needs ``calibration``; see
+            :mod:`rankwise.compress.sensitivity`) or ``"global"`` (spectrum only, see
+            :mod:`rankwise.compress.ranks`); the last two only with ``ratio``.
         sequential: calibrate each layer on the inputs of the already compressed model
             (reduced-rank regression to the original outputs); ``method="whitened"`` only.
+        sensitivity_sequences: calibration sequences used to measure the sensitivity (one forward
+            pass over them per targeted layer).
         force: factorise even where the rank reaches break-even ``m n / (m + n)``.
     """
     if method not in METHODS:
@@ -245,11 +251,14 @@ def compress(
         ratio = 0.5
     _check_fraction("ratio", ratio)
     _check_fraction("energy", energy)
-    if allocation == "global" and ratio is None:
-        raise ValueError("compress: allocation='global' distributes a ratio budget; pass ratio=, not energy/ranks")
+    if isinstance(sensitivity_sequences, bool) or not isinstance(sensitivity_sequences, int) or sensitivity_sequences <= 0:
+        raise ValueError(f"compress: sensitivity_sequences must be a positive integer, got {sensitivity_sequences!r}")
+    if allocation != "uniform" and ratio is None:
+        raise ValueError(f"compress: allocation={allocation!r} distributes a ratio budget; pass ratio=, not energy/ranks")
     if sequential and method != "whitened":
         raise ValueError("compress: sequential=True needs method='whitened' (it is a calibration scheme)")
-    batches = materialize(calibration, f"compress(method={method!r})") if method == "whitened" else []
+    needs_data = method == "whitened" or allocation == "sensitivity"
+    batches = materialize(calibration, f"compress(method={method!r}, allocation={allocation!r})") if needs_data else []
 
     names = _select(model, targets, exclude)
     shapes = {n: linear_shape(model.get_submodule(n)) for n in names}
@@ -265,8 +274,22 @@ def compress(
         else plain_decomposition(weight_matrix(model.get_submodule(n)))
         for n in names
     }
-    report = CompressionReport(method + (" sequential" if sequential else "") + (" global" if allocation == "global" else ""))
-    plan = _plan(names, shapes, decompositions, ratio, energy, chosen, allocation, force, report)
+    report = CompressionReport(method + (" sequential" if sequential else "") + ("" if allocation == "uniform" else f" {allocation}"))
+    if allocation == "sensitivity":
+        factors = {n: (d.left, d.right, d.spectrum) for n, d in decompositions.items()}
+        gains = sensitivity_gains(model, factors, shapes, take_sequences(batches, sensitivity_sequences))
+        wanted = allocate({n: spectrum_options(decompositions[n].spectrum, *shapes[n], gains[n]) for n in names},
+                          ratio * sum(m * k for m, k in shapes.values()))
+    elif allocation == "global":
+        wanted = allocate({n: spectrum_options(decompositions[n].spectrum, *shapes[n]) for n in names},
+                          ratio * sum(m * k for m, k in shapes.values()))
+    elif energy is not None:
+        wanted = {n: energy_rank(decompositions[n].spectrum, energy) for n in names}
+    elif ratio is not None:
+        wanted = {n: uniform_rank(*shapes[n], ratio) for n in names}
+    else:
+        wanted = {n: chosen.get(n) for n in names}
+    plan = _plan(names, shapes, wanted, allocation, force, report)
 
     if sequential:
         _compress_sequential(model, plan, batches)
@@ -278,25 +301,15 @@ def compress(
     return model
 
 
-def _plan(names: list[str], shapes: dict[str, tuple[int, int]], decompositions: dict[str, Decomposition],
-          ratio: float | None, energy: float | None, chosen: dict[str, int], allocation: str, force: bool,
-          report: CompressionReport) -> dict[str, int]:
+def _plan(names: list[str], shapes: dict[str, tuple[int, int]], wanted: dict[str, int | None], allocation: str,
+          force: bool, report: CompressionReport) -> dict[str, int]:
     """The rank of every layer to factorise; every targeted layer gets a report row."""
-    if allocation == "global":
-        spectra = {n: (decompositions[n].spectrum, *shapes[n]) for n in names}
-        wanted: dict[str, int | None] = dict(global_allocation(spectra, ratio))
-    elif energy is not None:
-        wanted = {n: energy_rank(decompositions[n].spectrum, energy) for n in names}
-    elif ratio is not None:
-        wanted = {n: uniform_rank(*shapes[n], ratio) for n in names}
-    else:
-        wanted = {n: chosen.get(n) for n in names}
     plan: dict[str, int] = {}
     for name in names:
         m, n = shapes[name]
         rank = wanted[name]
         if rank is None:
-            note = "kept dense by the global allocation" if allocation == "global" else "no rank given"
+            note = f"kept dense by the {allocation} allocation" if allocation != "uniform" else "no rank given"
             report.layers.append(LayerReport(name, m, n, None, note))
         elif rank >= break_even_rank(m, n) and not force:
             report.layers.append(LayerReport(name, m, n, None, f"rank {rank} >= break-even {break_even_rank(m, n):.1f}: "

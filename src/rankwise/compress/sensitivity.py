@@ -1,0 +1,118 @@
+"""How much each layer's truncation hurts the *model's output*: measured sensitivity for rank allocation.
+
+A layer's own truncation error (its whitened tail ``Σ_{i>r} σ_i²``) says nothing about how far the
+error travels to the model's output: MiniLM's attention projections tolerate far less truncation than
+its feed-forward layers at the same relative error. ASVD (Yuan et al., "ASVD: Activation-aware
+Singular Value Decomposition for Compressing Large Language Models", arXiv 2312.05821, Sec. 3.3)
+therefore truncates one layer at a time, measures the model's perplexity, and allocates ranks from
+that table. We keep the measurement and make it model-agnostic and cheaper:
+
+* distortion of the model output: ``D = Σ ‖y - ŷ‖² / Σ ‖y‖²`` over the calibration tokens (padding
+  dropped), where ``y`` is the model's first output tensor (``last_hidden_state``, ``logits``, ...);
+* each layer is truncated alone at a few ranks (``fractions`` of its break-even rank) and the *gain*
+  ``g = D / relative_tail(r)`` is recorded;
+* between the measured ranks the gain is interpolated linearly (constant outside), so every rank
+  gets the loss ``g(r) · relative_tail(r)``: the measured end-to-end sensitivity, with the exact
+  shape of the layer's own spectrum. :func:`rankwise.compress.ranks.allocate` then minimises the
+  summed loss within the weight budget (first-order additivity of small per-layer distortions).
+
+Cost: ``len(fractions)`` forward passes over the calibration batches per targeted layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .calibration import Batch, _eval_no_grad, _on_device, swapped, token_rows
+from .factorized import FactorizedLinear
+from .ranks import max_useful_rank, relative_tail
+
+DEFAULT_FRACTIONS = (0.5,)
+DEFAULT_SEQUENCES = 64
+
+
+def first_tensor(output: object) -> Tensor:
+    """The model's main output: the tensor itself, or the first tensor of a tuple / dict / ModelOutput."""
+    if isinstance(output, Tensor):
+        return output
+    values = output.values() if isinstance(output, Mapping) else output
+    for value in values:  # type: ignore[union-attr]
+        if isinstance(value, Tensor):
+            return value
+    raise ValueError(f"sensitivity: the model returned {type(output).__name__} with no tensor to compare")
+
+
+def model_outputs(model: nn.Module, batches: list[Batch]) -> list[Tensor]:
+    """The model's main output on every batch, as token rows (padding dropped) in float32 or wider."""
+    device = next(model.parameters()).device
+    with _eval_no_grad(model):
+        return [token_rows(first_tensor(model(**_on_device(b, device))), b) for b in batches]
+
+
+def distortion(model: nn.Module, batches: list[Batch], references: list[Tensor]) -> float:
+    """``Σ ‖y - ŷ‖² / Σ ‖y‖²`` of the model's outputs against ``references``."""
+    error = total = 0.0
+    for output, reference in zip(model_outputs(model, batches), references):
+        error += float((output.double() - reference.double()).pow(2).sum())
+        total += float(reference.double().pow(2).sum())
+    return error / (total or 1.0)
+
+
+def take_sequences(batches: list[Batch], count: int) -> list[Batch]:
+    """The first ``count`` sequences of the calibration batches (tensors sliced along their first dimension)."""
+    taken: list[Batch] = []
+    for batch in batches:
+        if count <= 0:
+            break
+        size = next((v.shape[0] for v in batch.values() if isinstance(v, Tensor) and v.dim()), count)
+        keep = min(size, count)
+        taken.append({k: (v[:keep] if isinstance(v, Tensor) and v.dim() and v.shape[0] == size else v)
+                      for k, v in batch.items()})
+        count -= keep
+    return taken
+
+
+def _interpolate(points: list[tuple[int, float]], length: int) -> Tensor:
+    """Piecewise-linear values at ranks 1..length through (rank, value) points, constant outside."""
+    ranks = torch.arange(1, length + 1, dtype=torch.float64)
+    xs = torch.tensor([float(r) for r, _ in points], dtype=torch.float64)
+    ys = torch.tensor([v for _, v in points], dtype=torch.float64)
+    index = torch.searchsorted(xs, ranks).clamp(1, len(xs) - 1) if len(xs) > 1 else None
+    if index is None:
+        return ys.expand(length).clone()
+    x0, x1, y0, y1 = xs[index - 1], xs[index], ys[index - 1], ys[index]
+    values = y0 + (y1 - y0) * (ranks - x0) / (x1 - x0)
+    return torch.where(ranks <= xs[0], ys[0], torch.where(ranks >= xs[-1], ys[-1], values))
+
+
+def sensitivity_gains(
+    model: nn.Module,
+    factors: Mapping[str, tuple[Tensor, Tensor, Tensor]],
+    shapes: Mapping[str, tuple[int, int]],
+    batches: list[Batch],
+    fractions: tuple[float, ...] = DEFAULT_FRACTIONS,
+) -> dict[str, Tensor]:
+    """Per layer, the gain ``g(r)`` for ranks 1..len(spectrum).
+
+    ``factors[name] = (left, right, spectrum)`` with ``W_r = left[:, :r] @ right[:r]``.
+    """
+    references = model_outputs(model, batches)
+    gains: dict[str, Tensor] = {}
+    for name, (left, right, spectrum) in factors.items():
+        dense = model.get_submodule(name)
+        weight = dense.weight
+        r_max = max_useful_rank(spectrum, *shapes[name])
+        tail = relative_tail(spectrum)
+        points: list[tuple[int, float]] = []
+        for rank in sorted({max(1, min(r_max, round(f * r_max))) for f in fractions}):
+            if float(tail[rank - 1]) <= 0.0:
+                continue
+            trial = FactorizedLinear.from_factors(left[:, :rank].to(weight), right[:rank].to(weight),
+                                                  None if dense.bias is None else dense.bias.detach())
+            with swapped(model, {name: trial}):
+                points.append((rank, distortion(model, batches, references) / float(tail[rank - 1])))
+        gains[name] = _interpolate(points, len(spectrum)) if points else torch.zeros(len(spectrum), dtype=torch.float64)
+    return gains
