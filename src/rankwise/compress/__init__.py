@@ -11,6 +11,14 @@ import types
 from typing import Any
 
 from .cuttlefish import Cuttlefish, CuttlefishConfig
+from .decompositions import (
+    FitInfo,
+    als_low_rank,
+    hadamard_decomposition,
+    khatri_rao,
+    khatri_rao_decomposition,
+    kronecker_decomposition,
+)
 from .factorized import FactorizedLinear, break_even_rank
 from .lowrank_conv import FactorizedConv2d, factorize_layer
 from .storage import load_compressed, save_compressed
@@ -32,12 +40,18 @@ __all__ = [
     "CuttlefishConfig",
     "FactorizedConv2d",
     "FactorizedLinear",
+    "FitInfo",
     "TRPConfig",
+    "als_low_rank",
     "break_even_rank",
     "compress",
     "compression_report",
     "decompress",
     "factorize_layer",
+    "hadamard_decomposition",
+    "khatri_rao",
+    "khatri_rao_decomposition",
+    "kronecker_decomposition",
     "load_compressed",
     "save_compressed",
 ]
