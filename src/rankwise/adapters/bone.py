@@ -86,6 +86,7 @@ class MissAdapter(Adapter):
         super().__init__(base, config, layer_name)
         self.r = config.r
         self.variant = config.init_weights if isinstance(config.init_weights, str) else "miss"
+        self.uses_base_output = self.variant != "bat"
         self._check_fits(config)
         self.miss_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         m, r = self.out_features, self.r
@@ -152,9 +153,11 @@ class MissAdapter(Adapter):
 
     # -- the contract ------------------------------------------------------------------------
 
-    def forward(self, x: Tensor, base_out: Tensor) -> Tensor:
-        if self.variant == "bat":
-            return base_out + F.linear(x, self.bat_delta(self.base_weight().to(x.dtype)))
+    def forward(self, x: Tensor, base_out: Tensor | None) -> Tensor:
+        if self.variant == "bat":  # one GEMM with W + Δ(W); the wrapper skipped W x (uses_base_output)
+            weight = self.base_weight().to(x.dtype)
+            bias = self.base_bias()
+            return F.linear(x, weight + self.bat_delta(weight), None if bias is None else bias.to(x.dtype))
         return self._shared_forward(x, base_out)
 
     def delta_weight(self) -> Tensor:

@@ -89,6 +89,8 @@ def magnitude_ratio(magnitude: Tensor, sq_norm: Tensor) -> Tensor:
 class BoRAAdapter(LoRAAdapter):
     """W' = diag(d_out) (W0 + s·B·A) diag(d_in); the LoRA factors and forward come from LoRAAdapter."""
 
+    uses_base_output = False  # the output is built from W itself; the wrapper skips its W x
+
     def __init__(self, base: nn.Module, config: BoRAConfig, layer_name: str = "") -> None:
         super().__init__(base, config, layer_name)
         self.order = config.order
@@ -122,7 +124,7 @@ class BoRAAdapter(LoRAAdapter):
             d_out = magnitude_ratio(self.bora_magnitude_out, rows(d_in.square()))
         return d_out, d_in
 
-    def forward(self, x: Tensor, base_out: Tensor) -> Tensor:
+    def forward(self, x: Tensor, base_out: Tensor | None) -> Tensor:
         weight = self.base_weight()
         d_out, d_in = self.scales(weight)
         plain = F.linear(x * d_in, weight.to(x.dtype))

@@ -61,10 +61,16 @@ class Adapter(nn.Module):
           the base layer's shape and raises ``ValueError`` (via :meth:`fail`) when the config does
           not fit the layer.
         * ``forward(x, base_out)`` returns the adapted output, given the frozen layer's output.
+          A method that computes the whole output from the weight itself (BoRA, MiSS "bat") sets
+          the class attribute ``uses_base_output = False``; the wrapper then skips the frozen
+          layer's own matmul (one full-size GEMM in the forward and one in the backward) and
+          passes ``base_out=None``.
         * ``delta_weight()`` returns the dense (out, in) update that merging adds to ``W``;
           ``merged_weight`` / ``unmerged_weight`` override it for methods that are not additive.
         * ``expected_num_params(out_features, in_features, config)`` is the paper's closed form.
     """
+
+    uses_base_output: bool = True
 
     def __init__(self, base: nn.Module, config: AdapterConfig, layer_name: str = "") -> None:
         super().__init__()
@@ -89,7 +95,7 @@ class Adapter(nn.Module):
 
     # -- what every method provides ------------------------------------------------------------
 
-    def forward(self, x: Tensor, base_out: Tensor) -> Tensor:  # pragma: no cover - abstract
+    def forward(self, x: Tensor, base_out: Tensor | None) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def delta_weight(self) -> Tensor:  # pragma: no cover - abstract
@@ -142,13 +148,17 @@ class AdaptedLayer(nn.Module):
         self.disabled = False
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        base_out = self.base_layer(x, *args, **kwargs)
-        if self.merged or self.disabled:
-            return base_out
+        if self.merged or self.disabled or self.adapter.uses_base_output:
+            base_out = self.base_layer(x, *args, **kwargs)
+            if self.merged or self.disabled:
+                return base_out
+            out_dtype = base_out.dtype
+        else:
+            base_out, out_dtype = None, x.dtype
         adapter_dtype = self.adapter._apply_dtype()
         if x.dtype != adapter_dtype:
-            out = self.adapter(x.to(adapter_dtype), base_out.to(adapter_dtype))
-            return out.to(base_out.dtype)
+            out = self.adapter(x.to(adapter_dtype), None if base_out is None else base_out.to(adapter_dtype))
+            return out.to(out_dtype)
         return self.adapter(x, base_out)
 
     @property
