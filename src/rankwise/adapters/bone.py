@@ -152,10 +152,11 @@ class MissAdapter(Adapter):
     def _unblocks(self, blocks: Tensor) -> Tensor:
         return blocks.transpose(1, 2).reshape(self.out_features, self.in_features)
 
-    def bat_delta(self, weight: Tensor) -> Tensor:
-        """ΔW(W) with ΔW_ij = (W_ij + I) D_i = W_ij D_i + D_i."""
+    def bat_weight(self, weight: Tensor) -> Tensor:
+        """W + ΔW(W), block by block W_ij (I + D_i) + D_i (one batched matmul, no separate full-size add)."""
         block = self.miss_block.to(weight.dtype).unsqueeze(1)
-        return self._unblocks(self._blocks(weight) @ block + block)
+        eye = torch.eye(self.r, dtype=weight.dtype, device=weight.device)
+        return self._unblocks(self._blocks(weight) @ (eye + block) + block)
 
     # -- the contract ------------------------------------------------------------------------
 
@@ -163,18 +164,19 @@ class MissAdapter(Adapter):
         if self.variant == "bat":  # one GEMM with W + Δ(W); the wrapper skipped W x (uses_base_output)
             weight = self.base_weight().to(x.dtype)
             bias = self.base_bias()
-            return F.linear(x, weight + self.bat_delta(weight), None if bias is None else bias.to(x.dtype))
+            return F.linear(x, self.bat_weight(weight), None if bias is None else bias.to(x.dtype))
         return self._shared_forward(x, base_out)
 
     def delta_weight(self) -> Tensor:
         if self.variant == "bat":
-            return self.bat_delta(self.base_weight().to(self.miss_block.dtype))
+            weight = self.base_weight().to(self.miss_block.dtype)
+            return self.bat_weight(weight) - weight
         tiled = self.shared_block().T.repeat(1, -(-self.in_features // self.r))
         return tiled[:, : self.in_features]
 
     def merged_weight(self, weight: Tensor) -> Tensor:
         if self.variant == "bat":
-            return weight + self.bat_delta(weight)
+            return self.bat_weight(weight)
         return super().merged_weight(weight)
 
     def unmerged_weight(self, weight: Tensor) -> Tensor:
