@@ -1,0 +1,293 @@
+"""Train rankwise adapters with ``transformers.Trainer``: adapter files in every checkpoint, checked
+start, exact resume.
+
+Usage::
+
+    import rankwise
+    from rankwise.integrations import RankwiseCallback
+    from transformers import Trainer, TrainingArguments
+
+    model = rankwise.adapt(model, rankwise.LoRAConfig(r=8, alpha=16, targets=["query", "value"]))
+    args = TrainingArguments(output_dir="out", save_steps=500, report_to=[])
+    Trainer(model=model, args=args, train_dataset=train, callbacks=[RankwiseCallback()]).train()
+    model = rankwise.load(fresh_base_model, "out/adapter")    # or "out/checkpoint-500/adapter"
+
+What the callback writes (``rankwise.save``: ``adapter_config.json`` + ``adapter.safetensors``,
+adapter and ``modules_to_save`` tensors only, each file written atomically)::
+
+    <output_dir>/checkpoint-<global_step>/adapter/   at every checkpoint (Trainer's on_save)
+    <output_dir>/adapter/                            when training ends (after load_best_model_at_end)
+
+What it checks (``ValueError`` with the offending names and what to do):
+    * at the start: the model carries a rankwise adapter; the trainable parameters are exactly
+      adapter (and ``modules_to_save``) parameters, and at least one of them is trainable; the
+      optimizer holds every one of them (an optimizer built before ``rankwise.adapt`` would not);
+    * on resume (``Trainer.train(resume_from_checkpoint=...)``): the adapter the Trainer has just loaded
+      is the one in ``checkpoint-<step>/adapter`` (same method, config and tensors). Trainer loads a
+      checkpoint with ``load_state_dict(strict=False)`` and only logs missing keys, so resuming with a
+      model adapted differently would otherwise restart from a fresh adapter without a word;
+    * at the first optimizer step: some adapter parameter has a gradient (not the case, for example,
+      under reentrant gradient checkpointing with frozen input embeddings, where the adapters would
+      silently stay untrained). Adapter layers that got no gradient while others did are a warning.
+    The gradient and optimizer checks are skipped under DeepSpeed and FSDP, whose optimizers and
+    gradients live in flattened or partitioned copies.
+
+How resume works, and why no rankwise code is needed for it (checked on transformers 5.24): a
+rankwise-adapted ``PreTrainedModel`` is still that ``PreTrainedModel`` (rankwise wraps layers, not
+the model), so each checkpoint's ``model.safetensors`` is its full state dict, written by
+``save_pretrained``: frozen base, adapter tensors and buffers (SingLoRA's int64 ``singlora_step``
+included). No tensor is shared: an adapter keeps its base layer outside its own state dict. Resume
+restores that file, the optimizer, the scheduler, the RNG states and the data position, so N steps
+straight and N/2 steps then a resumed run to N give the same adapter (``tests/test_trainer.py``,
+bit-identical on CPU). SingLoRA's ramp-up clock counts calls of ``torch.optim.Optimizer.step`` on
+the optimizer that holds its A; Trainer's accelerate wrapper (``AcceleratedOptimizer``) does not
+count a second time, so the clock equals ``state.global_step``, including under gradient accumulation.
+
+The callback writes files on the process with ``args.should_save`` only. Under hyper-parameter
+search checkpoints live in ``<output_dir>/run-<id>/``; the callback finds ``checkpoint-<step>`` there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from ..core.inject import adapted_layers, adapter_config, is_adapted, unload
+from ..core.io import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    adapter_state,
+    load,
+    read_json,
+    read_tensors,
+    save,
+)
+
+ADAPTER_SUBDIR = "adapter"
+
+
+def load_checkpoint_adapter(base_model: nn.Module, checkpoint_dir: str | os.PathLike[str]) -> nn.Module:
+    """Adapt ``base_model`` with the adapter saved by :class:`RankwiseCallback` in ``checkpoint_dir``.
+
+    ``checkpoint_dir`` may be a Trainer checkpoint (``out/checkpoint-500``), the run's output directory
+    (``out``, for the final adapter) or the adapter folder itself; this is ``rankwise.load`` on
+    ``<checkpoint_dir>/adapter``. To continue training, use ``Trainer.train(resume_from_checkpoint=...)``
+    on an adapted model instead: it also restores the optimizer, the scheduler and the data position.
+    """
+    directory = Path(checkpoint_dir)
+    if (directory / CONFIG_FILE).is_file():
+        return load(base_model, directory)
+    if (directory / ADAPTER_SUBDIR / CONFIG_FILE).is_file():
+        return load(base_model, directory / ADAPTER_SUBDIR)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"load_checkpoint_adapter: {directory} does not exist")
+    raise FileNotFoundError(
+        f"load_checkpoint_adapter: neither {directory} nor {directory / ADAPTER_SUBDIR} holds a rankwise adapter "
+        f"({CONFIG_FILE}); was the run trained with RankwiseCallback? Trainer's own model.safetensors there holds "
+        "the full adapted model: adapt a base model with the same config and load it with model.load_state_dict"
+    )
+
+
+class RankwiseCallback(TrainerCallback):
+    """Save the rankwise adapter with every Trainer checkpoint and at the end, and check the setup.
+
+    Args:
+        merge_at_end: when training ends, after the final adapter is written, fold the adapter into
+            the base weights and remove it (``rankwise.unload(model, merge=True)``): the Trainer's model
+            is then the plain architecture, and ``trainer.save_model()`` writes a standard checkpoint
+            that ``from_pretrained`` loads. (A merged model that kept its adapter modules would be a
+            trap: its full state dict holds the merged weights *and* the adapter, and loading it into
+            an adapted model would add the update twice.)
+        save_final: write ``<output_dir>/adapter`` when training ends.
+        checks: run the start, resume and first-step checks described in the module docstring.
+    """
+
+    def __init__(self, merge_at_end: bool = False, save_final: bool = True, checks: bool = True) -> None:
+        self.merge_at_end = merge_at_end
+        self.save_final = save_final
+        self.checks = checks
+        self._gradient_checked = False
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       model: nn.Module | None = None, optimizer: Any = None, **kwargs: Any) -> None:
+        self._gradient_checked = not self.checks or _sharded(args)
+        if not self.checks:
+            return
+        check_trainable(model)
+        if optimizer is not None and not _sharded(args):
+            check_optimizer(model, optimizer)
+        if state.global_step > 0:
+            checkpoint = _checkpoint_dir(args, state)
+            if checkpoint is not None and (checkpoint / ADAPTER_SUBDIR / CONFIG_FILE).is_file():
+                check_resumed(model, checkpoint / ADAPTER_SUBDIR)
+
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                              model: nn.Module | None = None, **kwargs: Any) -> None:
+        if self._gradient_checked:
+            return
+        self._gradient_checked = True
+        check_gradients(model)
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                model: nn.Module | None = None, **kwargs: Any) -> None:
+        if not args.should_save:
+            return
+        checkpoint = _checkpoint_dir(args, state)
+        if checkpoint is None:
+            warnings.warn(
+                f"RankwiseCallback: no {PREFIX_CHECKPOINT_DIR}-{state.global_step} folder under {args.output_dir}; "
+                "the adapter of this checkpoint was not written",
+                stacklevel=2,
+            )
+            return
+        save(_adapted(model), checkpoint / ADAPTER_SUBDIR)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     model: nn.Module | None = None, **kwargs: Any) -> None:
+        model = _adapted(model)
+        if self.save_final and args.should_save:
+            save(model, Path(args.output_dir) / ADAPTER_SUBDIR)
+        if self.merge_at_end:
+            unload(model, merge=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The checks (public so that custom training loops can run them too)
+# ----------------------------------------------------------------------------------------------
+
+
+def _adapted(model: nn.Module | None) -> nn.Module:
+    if model is None or not is_adapted(model):
+        name = type(model).__name__
+        raise ValueError(
+            f"RankwiseCallback: the Trainer's model ({name}) carries no rankwise adapter. Adapt it before building "
+            "the Trainer: model = rankwise.adapt(model, rankwise.LoRAConfig(...)); Trainer(model=model, ...)"
+        )
+    adapter_config(model)  # a model whose adapter config was lost raises its own clear error
+    return model
+
+
+def _limited(names: list[str], limit: int = 8) -> str:
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def check_trainable(model: nn.Module | None) -> None:
+    """``ValueError`` unless the model is adapted and exactly its adapter (and ``modules_to_save``)
+    parameters, at least one of them, require gradients."""
+    model = _adapted(model)
+    allowed = set(adapter_state(model))
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    extra = [name for name in trainable if name not in allowed]
+    if extra:
+        raise ValueError(
+            f"RankwiseCallback: parameters outside the rankwise adapter are trainable: {_limited(extra)}. "
+            "rankwise.adapt freezes the base model; something unfroze these afterwards (e.g. "
+            "model.requires_grad_(True)). Freeze them again, or "
+            "list their modules in the config's modules_to_save to train and save them with the adapter"
+        )
+    if not trainable:
+        raise ValueError(
+            "RankwiseCallback: the model has a rankwise adapter but no parameter requires gradients, so "
+            "training would change nothing; do not freeze the adapter (rankwise.adapt leaves it trainable)"
+        )
+
+
+def check_optimizer(model: nn.Module, optimizer: Any) -> None:
+    """``ValueError`` if a trainable adapter parameter is missing from ``optimizer``'s parameter groups."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in held]
+    if missing:
+        raise ValueError(
+            f"RankwiseCallback: the optimizer does not hold the trainable parameter(s) {_limited(missing)}, so they "
+            "would never be updated. Build the optimizer after rankwise.adapt (or let the Trainer build it)"
+        )
+
+
+def check_gradients(model: nn.Module | None) -> None:
+    """After a backward pass: ``ValueError`` if no trainable adapter parameter has a gradient, a warning
+    naming the adapted layers that have none while others do."""
+    model = _adapted(model)
+    without: list[str] = []
+    with_grad = 0
+    for name, layer in adapted_layers(model):
+        params = [p for p in layer.adapter.parameters() if p.requires_grad]
+        if not params:
+            continue
+        if any(p.grad is not None for p in params):
+            with_grad += 1
+        else:
+            without.append(name)
+    if without and not with_grad:
+        raise ValueError(
+            "RankwiseCallback: after the first backward pass no adapter parameter has a gradient, so training "
+            "would not change the adapter. The usual cause is gradient checkpointing (use_reentrant=True) with "
+            "frozen input embeddings: call model.enable_input_require_grads(), or pass {'use_reentrant': False} "
+            "as TrainingArguments' activation_checkpointing_kwargs (gradient_checkpointing_kwargs before "
+            "transformers 5)"
+        )
+    if without:
+        warnings.warn(
+            f"RankwiseCallback: the adapters of {_limited(without)} got no gradient at the first step (layers "
+            "that the forward pass does not use?); they will not be trained",
+            stacklevel=2,
+        )
+
+
+def check_resumed(model: nn.Module, saved: Path) -> None:
+    """``ValueError`` unless the model's adapter equals the one saved in ``saved`` (config and tensors)."""
+    model = _adapted(model)
+    payload = read_json(saved / CONFIG_FILE, "RankwiseCallback")
+    config = adapter_config(model)
+    ours = json.loads(json.dumps(config.to_dict()))
+    if payload.get("method") != config.method or payload.get("config") != ours:
+        raise ValueError(
+            f"RankwiseCallback: resuming from {saved.parent}, whose adapter is {payload.get('method')!r} with "
+            f"{payload.get('config')}, but the model is adapted with {config.method!r} and {ours}. Adapt the "
+            "base model with the checkpoint's config before resuming"
+        )
+    tensors = read_tensors(saved / WEIGHTS_FILE, "RankwiseCallback")
+    state = adapter_state(model)
+    differ = sorted(set(tensors) ^ set(state))
+    differ += [k for k in sorted(set(tensors) & set(state))
+               if not torch.equal(state[k].detach().to("cpu", tensors[k].dtype), tensors[k])]
+    if differ:
+        raise ValueError(
+            f"RankwiseCallback: after Trainer loaded {saved.parent}, the model's adapter differs from the one "
+            f"saved there ({_limited(differ)}): Trainer loads checkpoints with strict=False, so tensors that do "
+            "not match are skipped and stay at their fresh values. Adapt the same base model with the same "
+            "config before resuming (or pass checks=False if this checkpoint folder belongs to another run)"
+        )
+
+
+def _sharded(args: TrainingArguments) -> bool:
+    """DeepSpeed or FSDP: parameters, gradients and optimizer state live in other tensors."""
+    return bool(getattr(args, "deepspeed", None)) or bool(getattr(args, "fsdp", None))
+
+
+def _checkpoint_dir(args: TrainingArguments, state: TrainerState) -> Path | None:
+    """The folder Trainer wrote for ``state.global_step``: ``<output_dir>/checkpoint-<step>``, or under a
+    hyper-parameter-search run folder (the newest one)."""
+    name = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+    root = Path(args.output_dir)
+    if (root / name).is_dir():
+        return root / name
+    found = [p for p in root.glob(f"*/{name}") if p.is_dir()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+__all__ = ["RankwiseCallback", "load_checkpoint_adapter"]
