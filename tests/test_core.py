@@ -105,6 +105,10 @@ def test_registry_names_and_config_by_name():
         rankwise.config("nope")
     with pytest.raises(ValueError, match="already registered"):
         rankwise.register("lora", rankwise.LoRAConfig, object)
+    with pytest.raises(ValueError, match=r"gralora: unknown option\(s\) \['k'\].*'gralora_k'"):
+        rankwise.config("gralora", k=2)
+    with pytest.raises(TypeError):  # still a TypeError, like any unexpected keyword
+        rankwise.config("lora", rank=4)
 
 
 # -- bad inputs -----------------------------------------------------------------------------------

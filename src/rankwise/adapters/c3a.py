@@ -47,6 +47,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..core.config import AdapterConfig, check_choice, check_positive_int, config_field
 from ..core.layer import Adapter
@@ -169,7 +170,14 @@ class C3AAdapter(Adapter):
         return torch.fft.rfft(self.c3a_kernel, dim=-1).conj()
 
     def forward(self, x: Tensor, base_out: Tensor) -> Tensor:
-        delta = block_spectral_matvec(x, self.kernel_spectrum(), self.block_size)
+        spectrum = self.kernel_spectrum()
+        if torch.is_grad_enabled() and (x.requires_grad or spectrum.requires_grad):
+            # Keep only x (already alive) for the backward and recompute its rfft there, as PEFT's
+            # hand-written backward does, instead of holding a complex copy of x per layer.
+            delta = checkpoint(block_spectral_matvec, x, spectrum, self.block_size, use_reentrant=False,
+                               preserve_rng_state=False)
+        else:
+            delta = block_spectral_matvec(x, spectrum, self.block_size)
         return base_out + delta / self.in_features
 
     def delta_weight(self) -> Tensor:

@@ -8,8 +8,9 @@ group (each entry point is a module to import).
 
 from __future__ import annotations
 
+
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
@@ -89,9 +90,19 @@ def registered() -> list[Method]:
     return [_METHODS[n] for n in sorted(_METHODS)]
 
 
+class UnknownOptionError(ValueError, TypeError):
+    """An option the method's config does not have (a ValueError, and a TypeError like any bad keyword)."""
+
+
 def config(name: str, **kwargs: Any) -> "AdapterConfig":
     """Build the config of method ``name`` from keyword arguments."""
-    return get_method(name).config_cls(**kwargs)
+    config_cls = get_method(name).config_cls
+    known = {f.name for f in fields(config_cls) if f.init}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise UnknownOptionError(f"{name}: unknown option(s) {unknown}; the options of {config_cls.__name__} are "
+                                 f"{sorted(known)}")
+    return config_cls(**kwargs)
 
 
 _loaded = False
