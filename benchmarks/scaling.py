@@ -19,10 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
-import rankwise  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import common
+import torch
+from torch import nn
+
+import rankwise
 
 
 def layer_step(model: nn.Module, tokens: int, width: int) -> common.Step:

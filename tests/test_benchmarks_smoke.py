@@ -9,9 +9,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-import common  # noqa: E402
-import scaling  # noqa: E402
-import step  # noqa: E402
+import common
+import scaling
+import step
 
 
 def test_interleaved_times_runs_every_candidate_every_round() -> None:

@@ -63,7 +63,7 @@ def test_missing_package_says_how_to_install() -> None:
 
 def _rows() -> list[dict[str, str]]:
     rows = [{"sentence": f"text number {i}", "y": "pos" if i % 3 else "neg"} for i in range(60)]
-    return rows + [rows[0], rows[1]]  # two exact duplicates
+    return [*rows, rows[0], rows[1]]  # two exact duplicates
 
 
 def test_csv_and_jsonl_files(tmp_path: Path) -> None:

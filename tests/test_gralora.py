@@ -8,10 +8,10 @@ import pytest
 import torch
 from peft import GraloraConfig, PeftModel, get_peft_model
 from torch import nn
+from toy_models import minilm_shaped_bert
 from transformers.pytorch_utils import Conv1D
 
 import rankwise
-from toy_models import minilm_shaped_bert
 from rankwise.adapters.gralora import GraLoRAAdapter
 
 

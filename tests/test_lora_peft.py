@@ -14,11 +14,11 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 peft = pytest.importorskip("peft")
-from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from peft import LoraConfig, PeftModel, get_peft_model
 
-import rankwise  # noqa: E402
+import rankwise
 
-TOL = dict(atol=1e-5, rtol=1e-5)
+TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 
 class Net(nn.Module):
@@ -37,10 +37,10 @@ class Net(nn.Module):
 
 
 VARIANTS = {
-    "lora": dict(use_dora=False, use_rslora=False),
-    "rslora": dict(use_dora=False, use_rslora=True),
-    "dora": dict(use_dora=True, use_rslora=False),
-    "dora-rslora": dict(use_dora=True, use_rslora=True),
+    "lora": {"use_dora": False, "use_rslora": False},
+    "rslora": {"use_dora": False, "use_rslora": True},
+    "dora": {"use_dora": True, "use_rslora": False},
+    "dora-rslora": {"use_dora": True, "use_rslora": True},
 }
 
 

@@ -9,14 +9,13 @@ import copy
 
 import pytest
 import torch
+from method_cases import CASES
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import rankwise
 from rankwise.core.layer import AdaptedLayer, linear_shape
 from rankwise.core.registry import get_method
-
-from method_cases import CASES
 
 METHODS = rankwise.methods()
 
@@ -120,7 +119,7 @@ def test_delta_weight_matches_forward(name):
     perturb(model)
     with torch.no_grad():
         for _, layer in rankwise.adapted_layers(model):
-            out_f, in_f = linear_shape(layer.base_layer)
+            _out_f, in_f = linear_shape(layer.base_layer)
             x = torch.randn(6, in_f, generator=torch.Generator().manual_seed(4))
             weight = layer.adapter.merged_weight(layer.base_layer.weight.clone())
             dense = x @ weight.T + (0 if layer.base_layer.bias is None else layer.base_layer.bias)

@@ -114,7 +114,7 @@ def test_float64_forward_matches_dense_formula():
 
 @pytest.mark.parametrize("kwargs", VARIANTS)
 def test_peft_directory_imports(kwargs, tmp_path):
-    peft_model, ours = pair(kwargs)
+    peft_model, _ours = pair(kwargs)
     peft_model.save_pretrained(tmp_path / "peft")
     imported = rankwise.import_peft(base_net(), tmp_path / "peft")
     x = x_in()

@@ -11,9 +11,9 @@ import torch
 from peft_singlora import Linear as PeftSingLoRALinear
 from peft_singlora import SingLoRAConfig as PeftSingLoRAConfig
 from torch import nn
+from toy_models import minilm_shaped_bert
 
 import rankwise
-from toy_models import minilm_shaped_bert
 from rankwise.adapters.singlora import SingLoRAAdapter
 
 SHAPES = [(10, 6), (6, 10), (8, 8)]  # (in, out): wide, tall, square

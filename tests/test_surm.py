@@ -5,10 +5,9 @@ the default structure."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import copy
 import math
+from collections.abc import Callable
 
 import pytest
 import torch

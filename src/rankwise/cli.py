@@ -16,6 +16,7 @@ from ._version import __version__
 SUBCOMMANDS = [
     "rankwise.experiment.finetune",
     "rankwise.experiment.compare",
+    "rankwise.experiment.bench",
     "rankwise.inspect_cli",
     "rankwise.compress.cli",
 ]

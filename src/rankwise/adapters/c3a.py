@@ -68,7 +68,7 @@ def block_spectral_matvec(x: Tensor, spectrum: Tensor, block: int) -> Tensor:
     rfft eigenvalues λ of its circulant, so that block (i, j) acts as ``irfft(λ ⊙ rfft(u))``.
     Returns (..., p·b). No p·b × q·b matrix is built.
     """
-    p, q, freqs = spectrum.shape
+    p, q, _freqs = spectrum.shape
     lead = x.shape[:-1]
     x_hat = torch.fft.rfft(x.reshape(-1, q, block), dim=-1)  # (N, q, F)
     if q == 1 and p == 1:

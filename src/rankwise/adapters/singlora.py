@@ -196,7 +196,7 @@ class SingLoRAAdapter(Adapter):
 # The optimizer-step clock: one global hook, a weak set of live adapters.
 # ----------------------------------------------------------------------------------------------
 
-_LIVE: "weakref.WeakSet[SingLoRAAdapter]" = weakref.WeakSet()
+_LIVE: weakref.WeakSet[SingLoRAAdapter] = weakref.WeakSet()
 _HOOK: list[Any] = []
 
 

@@ -62,10 +62,8 @@ def gram(a: Tensor, b: Tensor) -> Tensor:
 
 def _run(model: nn.Module, batch: Batch) -> None:
     device = next(model.parameters()).device
-    try:
+    with contextlib.suppress(_Stop):
         model(**_on_device(batch, device))
-    except _Stop:
-        pass
 
 
 @contextlib.contextmanager

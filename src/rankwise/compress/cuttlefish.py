@@ -151,7 +151,7 @@ class Cuttlefish:
         self.full_ranks = {n: rank_cap(m.weight.shape) for n, m in self.layers.items()}
         self.scale = {n: self.full_ranks[n] / self._srank(n) for n in self.layers}
         self.history: dict[str, list[int]] = {n: [] for n in self.layers}
-        self.stable: dict[str, bool] = {n: False for n in self.layers}
+        self.stable: dict[str, bool] = dict.fromkeys(self.layers, False)
         self.switched = False
         self.factorized: list[nn.Module] = []
 

@@ -76,7 +76,7 @@ def spectrum_options(spectrum: Tensor, out_features: int, in_features: int, gain
         loss = loss * gain[:r_max]
     ranks = torch.arange(1, r_max + 1, dtype=torch.float64)
     return RankOptions(
-        list(range(1, r_max + 1)) + [None],
+        [*list(range(1, r_max + 1)), None],
         torch.cat([loss, torch.zeros(1, dtype=torch.float64)]),
         torch.cat([ranks * (out_features + in_features), torch.tensor([float(out_features * in_features)])]),
     )

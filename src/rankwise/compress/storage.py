@@ -99,7 +99,7 @@ def _conv_skeleton(module: nn.Module, spec: LayerSpec) -> nn.Module:
     """An empty FactorizedConv2d for ``module``, which must be a Conv2d with the recorded signature."""
     want = {key: spec[key] for key in CONV_FIELDS}
     if not isinstance(module, nn.Conv2d):
-        raise ValueError(  # noqa: TRY004 (a mismatching base model, not a wrong argument type)
+        raise ValueError(
             f"is a Conv2d {want} but the base model has a {type(module).__name__}; {FIX}")
     have = conv_signature(module)
     differ = {key: f"{want[key]} saved, {have[key]} here" for key in want if want[key] != have[key]}
@@ -124,7 +124,7 @@ SKELETONS: dict[str, Callable[[nn.Module, LayerSpec], nn.Module]] = {
 def _skeleton(name: str, spec: Any, modules: dict[str, nn.Module], source: Path) -> nn.Module:
     """The empty factorised module for saved entry ``name``; a ValueError naming the layer if it cannot be built."""
     if not isinstance(spec, dict):
-        raise ValueError(  # noqa: TRY004 (a corrupt file, not a wrong argument type)
+        raise ValueError(
             f"load_compressed: saved layer '{name}' in {source} has a malformed entry {spec!r}; save the model again")
     kind = spec.get("kind", "linear")
     if kind not in SKELETONS:

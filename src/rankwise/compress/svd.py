@@ -222,7 +222,7 @@ def _named_ranks(ranks: dict[str, int], names: list[str]) -> dict[str, int]:
         hits = [n for n in names if n == key or n.endswith("." + key)]
         if not hits:
             raise ValueError(f"compress: ranks key {key!r} matches no targeted layer; targeted layers are {names[:8]}...")
-        chosen.update({n: rank for n in hits})
+        chosen.update(dict.fromkeys(hits, rank))
     return chosen
 
 

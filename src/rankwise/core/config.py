@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 Targets = Sequence[str] | str | None
 
@@ -65,7 +66,7 @@ class AdapterConfig:
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "AdapterConfig":
+    def from_dict(cls, values: dict[str, Any]) -> AdapterConfig:
         """Rebuild a config, refusing keys this version does not know."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)

@@ -48,12 +48,10 @@ def output_head_names(model: nn.Module) -> set[str]:
     output = get_output() if callable(get_output) else None
     prefix = getattr(model, "base_model_prefix", "")
     backbone = getattr(model, prefix, None) if prefix else None
+    outside_backbone = isinstance(backbone, nn.Module) and backbone is not model
     for name, module in model.named_modules():
-        if output is not None and module is output:
-            heads.add(name)
-        elif isinstance(backbone, nn.Module) and backbone is not model and name and not (
-            name == prefix or name.startswith(prefix + ".")
-        ):
+        is_output = output is not None and module is output
+        if is_output or (outside_backbone and name and name != prefix and not name.startswith(prefix + ".")):
             heads.add(name)
     return heads
 

@@ -93,7 +93,7 @@ def read_tensors(path: Path, what: str) -> dict[str, Tensor]:
         raise FileNotFoundError(f"{what}: {path} does not exist")
     try:
         return load_file(str(path))
-    except Exception as error:  # safetensors raises its own error types for every kind of damage
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error types for every kind of damage
         raise ValueError(
             f"{what}: {path} could not be read as safetensors ({type(error).__name__}: {error}); "
             "the file is truncated or corrupted. Save the adapter again."

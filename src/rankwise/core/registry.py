@@ -8,10 +8,10 @@ group (each entry point is a module to import).
 
 from __future__ import annotations
 
-
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .config import AdapterConfig
@@ -35,7 +35,7 @@ class PeftFormat:
 
     peft_type: str
     matches: Callable[[dict[str, Any]], bool]
-    to_peft_config: Callable[["AdapterConfig"], dict[str, Any]]
+    to_peft_config: Callable[[AdapterConfig], dict[str, Any]]
     from_peft_config: Callable[[dict[str, Any]], dict[str, Any]]
     tensor_names: dict[str, str]
 
@@ -45,8 +45,8 @@ class Method:
     """One registered method."""
 
     name: str
-    config_cls: type["AdapterConfig"]
-    adapter_cls: type["Adapter"]
+    config_cls: type[AdapterConfig]
+    adapter_cls: type[Adapter]
     peft: PeftFormat | None = None
 
 
@@ -55,8 +55,8 @@ _METHODS: dict[str, Method] = {}
 
 def register(
     name: str,
-    config_cls: type["AdapterConfig"],
-    adapter_cls: type["Adapter"],
+    config_cls: type[AdapterConfig],
+    adapter_cls: type[Adapter],
     peft: PeftFormat | None = None,
 ) -> None:
     """Add a method; ``config_cls.method`` must equal ``name``."""
@@ -94,7 +94,7 @@ class UnknownOptionError(ValueError, TypeError):
     """An option the method's config does not have (a ValueError, and a TypeError like any bad keyword)."""
 
 
-def config(name: str, **kwargs: Any) -> "AdapterConfig":
+def config(name: str, **kwargs: Any) -> AdapterConfig:
     """Build the config of method ``name`` from keyword arguments."""
     config_cls = get_method(name).config_cls
     known = {f.name for f in fields(config_cls) if f.init}

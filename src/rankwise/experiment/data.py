@@ -20,9 +20,9 @@ import json
 import logging
 import random
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class LabelledText:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def subset(self, indices: list[int]) -> "LabelledText":
+    def subset(self, indices: list[int]) -> LabelledText:
         """The examples at ``indices``, in that order."""
         return LabelledText(
             texts=[self.texts[i] for i in indices],
@@ -50,7 +50,7 @@ class LabelledText:
             groups=[self.groups[i] for i in indices] if self.groups is not None else None,
         )
 
-    def head(self, limit: int | None) -> "LabelledText":
+    def head(self, limit: int | None) -> LabelledText:
         """The first ``limit`` examples (all of them when ``limit`` is None)."""
         return self if limit is None or limit >= len(self) else self.subset(list(range(limit)))
 

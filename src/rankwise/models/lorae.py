@@ -89,7 +89,7 @@ class LoRAEConfig:
                 "set latent_layers >= 1, or lam=0 for a plain autoencoder"
             )
 
-    def vanilla(self) -> "LoRAEConfig":
+    def vanilla(self) -> LoRAEConfig:
         """The baseline at the same budget: the same architecture with λ = 0 (no penalty term)."""
         return dataclasses.replace(self, lam=0.0)
 
@@ -299,7 +299,7 @@ class LatentGMM:
         self.mixture = GaussianMixture(n_components=n_components, covariance_type="full", random_state=seed)
         self.latent_dim: int | None = None
 
-    def fit(self, codes: Tensor) -> "LatentGMM":
+    def fit(self, codes: Tensor) -> LatentGMM:
         """Fit on a (N, n) batch of codes; N must be at least the number of components."""
         if codes.dim() != 2 or codes.shape[0] < self.mixture.n_components:
             raise ValueError(
