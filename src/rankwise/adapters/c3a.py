@@ -178,7 +178,7 @@ class C3AAdapter(Adapter):
                                preserve_rng_state=False)
         else:
             delta = block_spectral_matvec(x, spectrum, self.block_size)
-        return base_out + delta / self.in_features
+        return base_out.add_(delta, alpha=1.0 / self.in_features)  # in place, as PEFT: no second output buffer
 
     def delta_weight(self) -> Tensor:
         return circulant_rows(self.c3a_kernel) / self.in_features

@@ -126,7 +126,7 @@ class GraLoRAAdapter(Adapter):
         # Information exchange: (N, k_in, k_out, ρ) -> (N, k_out, k_in·ρ).
         z = z.view(1, tokens, k, k, r // k).transpose(2, 3).reshape(1, tokens, k, r)
         out = torch.einsum("bljr,jro->bljo", z, self.gralora_B).reshape(tokens, m)
-        out = base_out.reshape(tokens, m) + self.scaling * out
+        out = base_out.reshape(tokens, m).add_(out, alpha=self.scaling)  # in place: no second (N, m) buffer
         if self.hybrid_r:
             hidden = F.linear(x, self.gralora_A_general) * self.scaling
             out = torch.addmm(out, hidden, self.gralora_B_general.T)

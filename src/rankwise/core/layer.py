@@ -64,7 +64,8 @@ class Adapter(nn.Module):
           A method that computes the whole output from the weight itself (BoRA, MiSS "bat") sets
           the class attribute ``uses_base_output = False``; the wrapper then skips the frozen
           layer's own matmul (one full-size GEMM in the forward and one in the backward) and
-          passes ``base_out=None``.
+          passes ``base_out=None``. ``base_out`` belongs to the adapter: an additive method may add
+          its update into it in place (C3A, GraLoRA do, as PEFT does), saving one output-sized buffer.
         * ``delta_weight()`` returns the dense (out, in) update that merging adds to ``W``;
           ``merged_weight`` / ``unmerged_weight`` override it for methods that are not additive.
         * ``expected_num_params(out_features, in_features, config)`` is the paper's closed form.
