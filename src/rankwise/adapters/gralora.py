@@ -126,11 +126,11 @@ class GraLoRAAdapter(Adapter):
         # Information exchange: (N, k_in, k_out, ρ) -> (N, k_out, k_in·ρ).
         z = z.view(1, tokens, k, k, r // k).transpose(2, 3).reshape(1, tokens, k, r)
         out = torch.einsum("bljr,jro->bljo", z, self.gralora_B).reshape(tokens, m)
-        out = base_out.reshape(tokens, m).add_(out, alpha=self.scaling)  # in place: no second (N, m) buffer
-        if self.hybrid_r:
-            hidden = F.linear(x, self.gralora_A_general) * self.scaling
-            out = torch.addmm(out, hidden, self.gralora_B_general.T)
-        return out.view(base_out.shape)
+        if self.hybrid_r:  # the scale is applied once below, to both branches
+            out = torch.addmm(out, F.linear(x, self.gralora_A_general), self.gralora_B_general.T)
+        # In place into base_out itself (not into a reshaped view of it, whose backward would copy it
+        # through CopySlices), as PEFT does: no second output-sized buffer per layer.
+        return base_out.add_(out.view(base_out.shape), alpha=self.scaling)
 
     def delta_weight(self) -> Tensor:
         k, rho = self.k, self.r // self.k
