@@ -301,3 +301,20 @@ def test_import_peft_refuses_options_without_an_equivalent(tmp_path, option):
     with pytest.raises(ValueError, match=f"{next(iter(option))}=.*no rankwise equivalent"):
         rankwise.import_peft(model, tmp_path / "p")
     assert_untouched(model, reference)
+
+
+@pytest.mark.parametrize("method", ["c3a", "gralora"])
+def test_in_place_output_add_never_touches_a_callers_tensor(method):
+    torch.manual_seed(0)
+    base = nn.Linear(64, 64)
+    model = rankwise.adapt(nn.Sequential(base), rankwise.config(method, targets=["0"]))
+    layer = model[0]
+    for parameter in layer.adapter.parameters():
+        torch.nn.init.normal_(parameter)
+    x = torch.randn(3, 5, 64)
+    base_out = base(x)
+    kept = base_out.clone()
+    direct = layer.adapter(x, base_out)
+    assert torch.equal(base_out, kept)  # a direct caller's tensor is left alone
+    assert not torch.allclose(direct, kept)
+    torch.testing.assert_close(layer(x), direct)  # the wrapper's in-place path gives the same output

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..core.config import AdapterConfig, check_choice, check_positive_int, config_field
-from ..core.layer import Adapter
+from ..core.layer import Adapter, add_into_output
 from ..core.registry import PeftFormat, register
 
 INITS = (True, False, "zeros", "gaussian", "kaiming_uniform", "xavier_uniform")
@@ -178,7 +178,7 @@ class C3AAdapter(Adapter):
                                preserve_rng_state=False)
         else:
             delta = block_spectral_matvec(x, spectrum, self.block_size)
-        return base_out.add_(delta, alpha=1.0 / self.in_features)  # in place, as PEFT: no second output buffer
+        return add_into_output(base_out, delta, alpha=1.0 / self.in_features)
 
     def delta_weight(self) -> Tensor:
         return circulant_rows(self.c3a_kernel) / self.in_features

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.config import AdapterConfig, check_dropout, check_positive_int, check_positive_number, config_field
-from ..core.layer import Adapter
+from ..core.layer import Adapter, add_into_output
 from ..core.registry import PeftFormat, register
 
 
@@ -128,9 +128,8 @@ class GraLoRAAdapter(Adapter):
         out = torch.einsum("bljr,jro->bljo", z, self.gralora_B).reshape(tokens, m)
         if self.hybrid_r:  # the scale is applied once below, to both branches
             out = torch.addmm(out, F.linear(x, self.gralora_A_general), self.gralora_B_general.T)
-        # In place into base_out itself (not into a reshaped view of it, whose backward would copy it
-        # through CopySlices), as PEFT does: no second output-sized buffer per layer.
-        return base_out.add_(out.view(base_out.shape), alpha=self.scaling)
+        # Into base_out itself, not into a reshaped view of it (autograd's CopySlices would copy it back).
+        return add_into_output(base_out, out.view(base_out.shape), alpha=self.scaling)
 
     def delta_weight(self) -> Tensor:
         k, rho = self.k, self.r // self.k

@@ -53,6 +53,17 @@ def weight_matrix(module: nn.Module) -> Tensor:
     return module.weight.T if is_fan_in_fan_out(module) else module.weight
 
 
+def add_into_output(base_out: Tensor, update: Tensor, alpha: float = 1.0) -> Tensor:
+    """``base_out + alpha · update`` (same shapes), in place when ``base_out`` is the wrapper's scratch output.
+
+    :class:`AdaptedLayer` marks the frozen layer's fresh output as scratch before handing it to the
+    adapter; a tensor passed to ``Adapter.forward`` by anyone else is left untouched.
+    """
+    if getattr(base_out, "_rankwise_scratch", False):
+        return base_out.add_(update, alpha=alpha)
+    return torch.add(base_out, update, alpha=alpha)
+
+
 class Adapter(nn.Module):
     """The trainable part of one adapted layer. Subclasses implement the method's math.
 
@@ -64,8 +75,9 @@ class Adapter(nn.Module):
           A method that computes the whole output from the weight itself (BoRA, MiSS "bat") sets
           the class attribute ``uses_base_output = False``; the wrapper then skips the frozen
           layer's own matmul (one full-size GEMM in the forward and one in the backward) and
-          passes ``base_out=None``. ``base_out`` belongs to the adapter: an additive method may add
-          its update into it in place (C3A, GraLoRA do, as PEFT does), saving one output-sized buffer.
+          passes ``base_out=None``. Additive methods return :func:`add_into_output`, which adds in
+          place into the wrapper's own fresh ``base_out`` (one output-sized buffer less per layer, as
+          PEFT's ``result +=``) and never into a tensor a direct caller passed in.
         * ``delta_weight()`` returns the dense (out, in) update that merging adds to ``W``;
           ``merged_weight`` / ``unmerged_weight`` override it for methods that are not additive.
         * ``expected_num_params(out_features, in_features, config)`` is the paper's closed form.
@@ -158,9 +170,12 @@ class AdaptedLayer(nn.Module):
             base_out, out_dtype = None, x.dtype
         adapter_dtype = self.adapter._apply_dtype()
         if x.dtype != adapter_dtype:
-            out = self.adapter(x.to(adapter_dtype), None if base_out is None else base_out.to(adapter_dtype))
-            return out.to(out_dtype)
-        return self.adapter(x, base_out)
+            x = x.to(adapter_dtype)
+            base_out = None if base_out is None else base_out.to(adapter_dtype)
+        if base_out is not None:
+            base_out._rankwise_scratch = True  # fresh and ours: see add_into_output
+        out = self.adapter(x, base_out)
+        return out if out.dtype == out_dtype else out.to(out_dtype)
 
     @property
     def weight(self) -> Tensor:
