@@ -39,6 +39,11 @@ def test_method_selection_and_overrides() -> None:
     assert compare.selected_methods("lora, dora") == ["lora", "dora"]
     options = compare.per_method_options(["lora.r=16", "lora.use_rslora=true", "miss.r=32"], ["lora", "miss"])
     assert options == {"lora": {"r": 16, "use_rslora": True}, "miss": {"r": 32}}
+    assert compare.per_method_options(["lora.lr=0.003"], ["lora"], training_keys=("lr",)) == {"lora": {"lr": 0.003}}
+    with pytest.raises(ValueError, match="has no option"):  # lr is a training key only where the caller says so
+        compare.per_method_options(["lora.lr=0.003"], ["lora"])
+    with pytest.raises(ValueError, match="lora.lr must be a positive number"):
+        compare.per_method_options(["lora.lr=-1"], ["lora"], training_keys=("lr",))
 
 
 @pytest.mark.parametrize(
@@ -91,7 +96,8 @@ def _independent_trainable(method: str, options: dict) -> int:
 @pytest.mark.slow
 def test_compare_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cmp"
-    argv = ["compare", "--methods", "lora,miss,c3a", "--set", "miss.r=32", "--set", "c3a.block_size=7",
+    argv = ["compare", "--methods", "lora,miss,c3a", "--set", "miss.r=32", "--set", "miss.lr=0.004",
+            "--set", "c3a.block_size=7",
             "--max-examples", "32", "--steps", "2", "--batch-size", "16", "--max-length", "16",
             "--threads", "1", "--output-dir", str(out), "--save-adapters"]
     assert cli.main(argv) == 1  # c3a fails: 7 does not divide 384; the others still run
@@ -115,7 +121,8 @@ def test_compare_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         assert row["final_train_loss"] > 0
         assert row["method_config"]["targets"] == "all-linear"
         assert (out / method / "adapter.safetensors").is_file()
-    assert rows["miss"]["config"].startswith("r=32")
+    assert rows["miss"]["config"].startswith("r=32") and rows["miss"]["config"].endswith("lr=0.004")
+    assert rows["miss"]["lr"] == 0.004 and rows["lora"]["lr"] == payload["settings"]["lr"]
 
     failed = rows["c3a"]
     assert failed["trainable"] is None and failed["accuracy"] is None

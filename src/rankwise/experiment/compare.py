@@ -3,7 +3,8 @@
 Every method gets the same split, examples, seed, classifier-head initialisation, epochs or steps,
 batch size, learning-rate schedule and target layers (``--targets``, default ``all-linear``: the
 default of every method's own config, so no method is judged on layers it was not designed for);
-its hyper-parameters are its registry defaults unless ``--set METHOD.KEY=VALUE`` changes them. The
+its hyper-parameters are its registry defaults unless ``--set METHOD.KEY=VALUE`` changes them
+(``--set METHOD.lr=...`` gives one method its own peak learning rate). The
 table gives each method's key hyper-parameters, trainable parameters (adapter + head), test accuracy,
 macro-F1, the training loss over the last tenth of the steps, the wall time of its training loop and
 its median step time, beside the majority-class and linear-probe baselines.
@@ -70,7 +71,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     method.add_argument("--methods", help="comma list of registered methods; default: all of rankwise.methods()")
     add_targets_option(method, default="all-linear")
     method.add_argument("--set", dest="overrides", action="append", default=[], metavar="METHOD.KEY=VALUE",
-                        help="change one method's config field (repeatable), e.g. --set lora.r=16")
+                        help="change one method's config field or its peak lr (repeatable), "
+                             "e.g. --set lora.r=16 --set miss.lr=3e-3")
     method.add_argument("--save-adapters", action="store_true", help="also save each trained adapter to OUTPUT/<method>")
     add_training_options(parser, output_help="where comparison.json and comparison.md go; unset: runs/compare-<task>")
     parser.set_defaults(func=run)
@@ -97,8 +99,12 @@ def selected_methods(text: str | None) -> list[str]:
     return names
 
 
-def per_method_options(items: list[str], names: list[str]) -> dict[str, dict[str, Any]]:
-    """``--set METHOD.KEY=VALUE`` items as {method: {key: value}}, each key checked against that method's config."""
+def per_method_options(items: list[str], names: list[str],
+                       training_keys: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
+    """``--set METHOD.KEY=VALUE`` items as {method: {key: value}}, each key checked against that method's config.
+
+    Keys in ``training_keys`` (``lr`` for ``compare``) are training settings, not config fields.
+    """
     options: dict[str, dict[str, Any]] = {name: {} for name in names}
     for item in items:
         target, value = parse_assignment(item, form="METHOD.KEY=VALUE")
@@ -109,7 +115,11 @@ def per_method_options(items: list[str], names: list[str]) -> dict[str, dict[str
             raise ValueError(f"--set {item!r} names method {method!r}, which is not compared (--methods: {names})")
         options[method][key] = value
     for method, values in options.items():
-        check_options(method, values)
+        check_options(method, {k: v for k, v in values.items() if k not in training_keys})
+        if "lr" in training_keys and "lr" in values:
+            lr = values["lr"]
+            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+                raise ValueError(f"--set {method}.lr must be a positive number, got {lr!r}")
     return options
 
 
@@ -160,18 +170,23 @@ def run_one(prepared: Prepared, method: str, options: dict[str, Any], args: argp
             settings: TrainSettings, output: Path) -> dict[str, Any]:
     """Fine-tune ``method`` and return its row; any failure becomes an error row with the message."""
     model = None
+    config_options = {k: v for k, v in options.items() if k != "lr"}
+    learning_rate = ""
+    if "lr" in options:  # --set METHOD.lr=...: this method's own peak lr
+        settings = dataclasses.replace(settings, lr=float(options["lr"]))
+        learning_rate = f" lr={settings.lr:g}"
     try:
-        model, config = adapted_classifier(prepared, method, options, parse_targets(args.targets), args.seed)
+        model, config = adapted_classifier(prepared, method, config_options, parse_targets(args.targets), args.seed)
         trained = train_and_test(model, prepared, settings, method, validate=False)
         if args.save_adapters:
             save(model, output / method)
-        return trained_row(method, "method", trained, config_summary(config.to_dict(), options),
-                           method_config=config.to_dict(), overrides=options)
+        return trained_row(method, "method", trained, config_summary(config.to_dict(), options) + learning_rate,
+                           method_config=config.to_dict(), overrides=options, lr=settings.lr)
     except Exception as error:  # one method failing must not end the comparison of the others
         logger.debug("%s failed", method, exc_info=True)
         message = f"{type(error).__name__}: {error}"
         return {
-            "name": method, "kind": "method", "config": config_summary({**default_fields(method), **options}, options),
+            "name": method, "kind": "method", "config": config_summary({**default_fields(method), **config_options}, config_options) + learning_rate,
             "trainable": None, "accuracy": None, "macro_f1": None, "loss": None, "steps": None, "final_train_loss": None,
             "train_seconds": None, "median_step_seconds": None, "error": message, "overrides": options,
         }
@@ -247,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
     """The ``compare`` subcommand."""
     started = time.perf_counter()
     names = selected_methods(args.methods)
-    options = per_method_options(args.overrides, names)
+    options = per_method_options(args.overrides, names, training_keys=("lr",))
     targets = parse_targets(args.targets)
     settings = settings_from(args, args.lr)  # check the budget before loading anything
     setup_torch(args)
