@@ -129,3 +129,25 @@ def test_compare_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert "block_size=7" in failed["error"] and failed["error"].startswith("ValueError")
     assert failed["config"].startswith("block_size=7")
     assert not (out / "c3a").exists()
+
+
+def test_lr_sweep_keeps_the_best_validation_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "sweep"
+    argv = ["compare", "--methods", "lora,loldu", "--lrs", "1e-5,3e-3", "--set", "loldu.lr=0.002",
+            "--max-examples", "32", "--steps", "2", "--batch-size", "16", "--max-length", "16", "--no-probe",
+            "--threads", "1", "--output-dir", str(out)]
+    assert cli.main(argv) == 0
+    payload = json.loads((out / compare.JSON_FILE).read_text())
+    rows = {row["name"]: row for row in payload["rows"]}
+    scores = rows["lora"]["validation_macro_f1_by_lr"]
+    assert set(scores) == {"1e-05", "0.003"}
+    best = max(scores, key=lambda lr: scores[lr])  # the first of equals wins, as in the sweep
+    assert rows["lora"]["lr"] == float(best) and "(best of 2)" in rows["lora"]["config"]
+    assert rows["loldu"]["lr"] == 0.002 and "validation_macro_f1_by_lr" not in rows["loldu"]  # its own lr is kept
+    assert "chosen per method from 1e-05, 0.003" in (out / compare.MARKDOWN_FILE).read_text()
+
+
+def test_bad_lr_grid_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["compare", "--lrs", "1e-3,-1"])
+    assert "distinct positive learning rates" in capsys.readouterr().err

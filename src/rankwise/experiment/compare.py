@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from ..core.io import atomic_write, save, save_json
 from ..core.registry import get_method, methods
 from . import report
@@ -73,6 +75,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     method.add_argument("--set", dest="overrides", action="append", default=[], metavar="METHOD.KEY=VALUE",
                         help="change one method's config field or its peak lr (repeatable), "
                              "e.g. --set lora.r=16 --set miss.lr=3e-3")
+    method.add_argument("--lrs", type=learning_rates, default=None, metavar="LR,LR,...",
+                        help="tune each method's peak lr: train at each, keep the best validation macro-F1, report "
+                             "its test scores (methods given --set METHOD.lr keep theirs)")
     method.add_argument("--save-adapters", action="store_true", help="also save each trained adapter to OUTPUT/<method>")
     add_training_options(parser, output_help="where comparison.json and comparison.md go; unset: runs/compare-<task>")
     parser.set_defaults(func=run)
@@ -82,6 +87,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 # ----------------------------------------------------------------------------------------------
 # Options
 # ----------------------------------------------------------------------------------------------
+
+
+def learning_rates(text: str) -> list[float]:
+    """``--lrs 1e-3,3e-3``: distinct positive numbers."""
+    try:
+        rates = [float(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not rates or any(not rate > 0 for rate in rates) or len(set(rates)) != len(rates):
+        raise argparse.ArgumentTypeError(f"expected distinct positive learning rates, got {text!r}")
+    return rates
 
 
 def selected_methods(text: str | None) -> list[str]:
@@ -168,30 +184,45 @@ def trained_row(name: str, kind: str, trained: Trained, config: str, **extra: An
 
 def run_one(prepared: Prepared, method: str, options: dict[str, Any], args: argparse.Namespace,
             settings: TrainSettings, output: Path) -> dict[str, Any]:
-    """Fine-tune ``method`` and return its row; any failure becomes an error row with the message."""
-    model = None
+    """Fine-tune ``method`` (at each ``--lrs`` rate, keeping the best on validation) and return its row.
+
+    Any failure becomes an error row with the message.
+    """
     config_options = {k: v for k, v in options.items() if k != "lr"}
-    learning_rate = ""
-    if "lr" in options:  # --set METHOD.lr=...: this method's own peak lr
-        settings = dataclasses.replace(settings, lr=float(options["lr"]))
-        learning_rate = f" lr={settings.lr:g}"
+    rates = [float(options["lr"])] if "lr" in options else (args.lrs or [settings.lr])
+    shown_lr = "" if rates == [settings.lr] else f" lr={rates[0]:g}"
+    best: tuple[float, float, nn.Module, Any, Trained] | None = None
+    scores: dict[str, float] = {}
     try:
-        model, config = adapted_classifier(prepared, method, config_options, parse_targets(args.targets), args.seed)
-        trained = train_and_test(model, prepared, settings, method, validate=False)
+        for lr in rates:
+            model, config = adapted_classifier(prepared, method, config_options, parse_targets(args.targets), args.seed)
+            trained = train_and_test(model, prepared, dataclasses.replace(settings, lr=lr), method,
+                                     validate=len(rates) > 1)
+            score = trained.history.evaluations[-1][1].macro_f1 if trained.history.evaluations else 0.0
+            scores[f"{lr:g}"] = round(score, 4)
+            if best is None or score > best[0]:
+                best = (score, lr, model, config, trained)
+            del model, trained
+            gc.collect()
+        _, lr, model, config, trained = best
+        if len(rates) > 1:
+            shown_lr = f" lr={lr:g} (best of {len(rates)})"
         if args.save_adapters:
             save(model, output / method)
-        return trained_row(method, "method", trained, config_summary(config.to_dict(), options) + learning_rate,
-                           method_config=config.to_dict(), overrides=options, lr=settings.lr)
+        extra = {"validation_macro_f1_by_lr": scores} if len(rates) > 1 else {}
+        return trained_row(method, "method", trained, config_summary(config.to_dict(), options) + shown_lr,
+                           method_config=config.to_dict(), overrides=options, lr=lr, **extra)
     except Exception as error:  # one method failing must not end the comparison of the others
         logger.debug("%s failed", method, exc_info=True)
         message = f"{type(error).__name__}: {error}"
         return {
-            "name": method, "kind": "method", "config": config_summary({**default_fields(method), **config_options}, config_options) + learning_rate,
+            "name": method, "kind": "method",
+            "config": config_summary({**default_fields(method), **config_options}, config_options) + shown_lr,
             "trainable": None, "accuracy": None, "macro_f1": None, "loss": None, "steps": None, "final_train_loss": None,
             "train_seconds": None, "median_step_seconds": None, "error": message, "overrides": options,
         }
     finally:
-        del model
+        best = None
         gc.collect()
 
 
@@ -238,6 +269,14 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def lr_text(payload: dict[str, Any]) -> str:
+    """The shared peak lr, or the tuned grid."""
+    rates = payload.get("lrs")
+    if rates:
+        return f"chosen per method from {', '.join(f'{r:g}' for r in rates)} by validation macro-F1"
+    return f"{payload['settings']['lr']:g}"
+
+
 def budget_line(payload: dict[str, Any]) -> str:
     """One sentence saying what every row shares."""
     settings = payload["settings"]
@@ -245,7 +284,7 @@ def budget_line(payload: dict[str, Any]) -> str:
     length = f"{settings['steps']} steps" if settings["steps"] else f"{settings['epochs']:g} epoch{'' if settings['epochs'] == 1 else 's'}"
     return (f"Task {payload['task']}, model {payload['model']}; train {sizes['train']}, test {sizes['test']} examples; "
             f"{length} ({payload['steps']} steps) of batch {settings['batch_size']}, max length {payload['max_length']}, "
-            f"AdamW peak lr {settings['lr']:g} with linear decay (probe lr {payload['probe_lr']:g}), seed {settings['seed']}; "
+            f"AdamW peak lr {lr_text(payload)} with linear decay (probe lr {payload['probe_lr']:g}), seed {settings['seed']}; "
             f"targets {payload['targets']}; trainable counts include the classification head.")
 
 
@@ -292,6 +331,7 @@ def run(args: argparse.Namespace) -> int:
         "targets": targets,
         "settings": dataclasses.asdict(settings),
         "steps": settings.total_steps(len(prepared.train)),
+        "lrs": args.lrs,
         "probe_lr": args.probe_lr,
         "max_length": args.max_length,
         "split_sizes": prepared.splits.sizes(),
