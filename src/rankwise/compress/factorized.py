@@ -44,6 +44,14 @@ class FactorizedLinear(nn.Module):
                 layer.up.bias.copy_(bias)
         return layer
 
+    @classmethod
+    def replacing(cls, dense: nn.Module, left: Tensor, right: Tensor) -> FactorizedLinear:
+        """The layer W = left @ right standing in for ``dense``: its dtype, device and bias."""
+        weight, bias = dense.weight, dense.bias
+        return cls.from_factors(left.to(device=weight.device, dtype=weight.dtype),
+                                right.to(device=weight.device, dtype=weight.dtype),
+                                None if bias is None else bias.detach())
+
     def forward(self, x: Tensor) -> Tensor:
         return self.up(self.down(x))
 

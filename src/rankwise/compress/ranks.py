@@ -132,10 +132,14 @@ def _spend_leftover(options: dict[str, RankOptions], picks: dict[str, int], budg
         picks[name] = j
 
 
-def global_allocation(spectra: dict[str, tuple[Tensor, int, int]], ratio: float) -> dict[str, int | None]:
-    """Per-layer rank (None = keep dense) minimising the summed relative loss within the budget.
+def global_allocation(spectra: dict[str, tuple[Tensor, int, int]], ratio: float,
+                      gains: dict[str, Tensor] | None = None) -> dict[str, int | None]:
+    """Per-layer rank (None = keep dense) minimising the summed loss within ``ratio`` of the weights.
 
-    ``spectra`` maps a layer name to (singular values, out_features, in_features).
+    ``spectra`` maps a layer name to (singular values, out_features, in_features); each layer's loss
+    at rank r is its relative tail, times ``gains[name][r-1]`` when gains are given (the measured
+    sensitivity of :mod:`rankwise.compress.sensitivity`).
     """
-    options = {name: spectrum_options(s, m, n) for name, (s, m, n) in spectra.items()}
+    options = {name: spectrum_options(s, m, n, None if gains is None else gains[name])
+               for name, (s, m, n) in spectra.items()}
     return allocate(options, ratio * sum(m * n for _, m, n in spectra.values()))

@@ -77,12 +77,12 @@ def take_sequences(batches: list[Batch], count: int) -> list[Batch]:
 
 def _interpolate(points: list[tuple[int, float]], length: int) -> Tensor:
     """Piecewise-linear values at ranks 1..length through (rank, value) points, constant outside."""
+    ys = torch.tensor([v for _, v in points], dtype=torch.float64)
+    if len(points) == 1:
+        return ys.expand(length).clone()
     ranks = torch.arange(1, length + 1, dtype=torch.float64)
     xs = torch.tensor([float(r) for r, _ in points], dtype=torch.float64)
-    ys = torch.tensor([v for _, v in points], dtype=torch.float64)
-    index = torch.searchsorted(xs, ranks).clamp(1, len(xs) - 1) if len(xs) > 1 else None
-    if index is None:
-        return ys.expand(length).clone()
+    index = torch.searchsorted(xs, ranks).clamp(1, len(xs) - 1)
     x0, x1, y0, y1 = xs[index - 1], xs[index], ys[index - 1], ys[index]
     values = y0 + (y1 - y0) * (ranks - x0) / (x1 - x0)
     return torch.where(ranks <= xs[0], ys[0], torch.where(ranks >= xs[-1], ys[-1], values))
@@ -103,16 +103,13 @@ def sensitivity_gains(
     gains: dict[str, Tensor] = {}
     for name, (left, right, spectrum) in factors.items():
         dense = model.get_submodule(name)
-        weight = dense.weight
         r_max = max_useful_rank(spectrum, *shapes[name])
         tail = relative_tail(spectrum)
         points: list[tuple[int, float]] = []
         for rank in sorted({max(1, min(r_max, round(f * r_max))) for f in fractions}):
             if float(tail[rank - 1]) <= 0.0:
                 continue
-            trial = FactorizedLinear.from_factors(left[:, :rank].to(weight), right[:rank].to(weight),
-                                                  None if dense.bias is None else dense.bias.detach())
-            with swapped(model, {name: trial}):
+            with swapped(model, {name: FactorizedLinear.replacing(dense, left[:, :rank], right[:rank])}):
                 points.append((rank, distortion(model, batches, references) / float(tail[rank - 1])))
         gains[name] = _interpolate(points, len(spectrum)) if points else torch.zeros(len(spectrum), dtype=torch.float64)
     return gains

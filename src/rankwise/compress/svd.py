@@ -64,7 +64,7 @@ from ..core.inject import _set_child, find_targets
 from ..core.layer import linear_shape, weight_matrix
 from .calibration import Batch, execution_stages, input_grams, materialize, paired_grams
 from .factorized import FactorizedLinear, break_even_rank
-from .ranks import allocate, energy_rank, spectrum_options, uniform_rank
+from .ranks import energy_rank, global_allocation, uniform_rank
 from .sensitivity import DEFAULT_SEQUENCES, sensitivity_gains, take_sequences
 
 METHODS = ("svd", "whitened")
@@ -295,30 +295,34 @@ def compress(
         for n in names
     }
     report = CompressionReport(method + (" sequential" if sequential else "") + ("" if allocation == "uniform" else f" {allocation}"))
+    gains = {}
     if allocation == "sensitivity":
         factors = {n: (d.left, d.right, d.spectrum) for n, d in decompositions.items()}
         gains = sensitivity_gains(model, factors, shapes, take_sequences(batches, sensitivity_sequences))
-        wanted = allocate({n: spectrum_options(decompositions[n].spectrum, *shapes[n], gains[n]) for n in names},
-                          ratio * sum(m * k for m, k in shapes.values()))
-    elif allocation == "global":
-        wanted = allocate({n: spectrum_options(decompositions[n].spectrum, *shapes[n]) for n in names},
-                          ratio * sum(m * k for m, k in shapes.values()))
-    elif energy is not None:
-        wanted = {n: energy_rank(decompositions[n].spectrum, energy) for n in names}
-    elif ratio is not None:
-        wanted = {n: uniform_rank(*shapes[n], ratio) for n in names}
-    else:
-        wanted = {n: chosen.get(n) for n in names}
+    wanted = _wanted_ranks(names, shapes, decompositions, ratio, energy, chosen, allocation, gains)
     plan = _plan(names, shapes, wanted, allocation, force, report)
 
     if sequential:
         _compress_sequential(model, plan, batches)
     else:
         for name, rank in plan.items():
-            bias = model.get_submodule(name).bias
-            _replace(model, name, *decompositions[name].factors(rank), bias)
+            _replace(model, name, *decompositions[name].factors(rank))
     setattr(model, _REPORT_ATTR, report)
     return model
+
+
+def _wanted_ranks(names: list[str], shapes: dict[str, tuple[int, int]], decompositions: dict[str, Decomposition],
+                  ratio: float | None, energy: float | None, chosen: dict[str, int], allocation: str,
+                  gains: dict[str, Tensor]) -> dict[str, int | None]:
+    """The rank each layer asks for (None: keep dense) under the chosen rule, before the break-even check."""
+    if allocation != "uniform":
+        spectra = {n: (decompositions[n].spectrum, *shapes[n]) for n in names}
+        return global_allocation(spectra, ratio, gains or None)
+    if energy is not None:
+        return {n: energy_rank(decompositions[n].spectrum, energy) for n in names}
+    if ratio is not None:
+        return {n: uniform_rank(*shapes[n], ratio) for n in names}
+    return {n: chosen.get(n) for n in names}
 
 
 def _plan(names: list[str], shapes: dict[str, tuple[int, int]], wanted: dict[str, int | None], allocation: str,
@@ -340,12 +344,8 @@ def _plan(names: list[str], shapes: dict[str, tuple[int, int]], wanted: dict[str
     return plan
 
 
-def _replace(model: nn.Module, name: str, left: Tensor, right: Tensor, bias: Tensor | None) -> None:
-    dense = model.get_submodule(name)
-    dtype, device = dense.weight.dtype, dense.weight.device
-    layer = FactorizedLinear.from_factors(left.to(device=device, dtype=dtype), right.to(device=device, dtype=dtype),
-                                          None if bias is None else bias.detach())
-    _set_child(model, name, layer)
+def _replace(model: nn.Module, name: str, left: Tensor, right: Tensor) -> None:
+    _set_child(model, name, FactorizedLinear.replacing(model.get_submodule(name), left, right))
 
 
 def _compress_sequential(model: nn.Module, plan: dict[str, int], batches: list[Batch]) -> None:
@@ -356,7 +356,7 @@ def _compress_sequential(model: nn.Module, plan: dict[str, int], batches: list[B
         for name in stage:
             dense = model.get_submodule(name)
             decomposition = regression_decomposition(weight_matrix(dense), gram, name, cross)
-            _replace(model, name, *decomposition.factors(plan[name]), dense.bias)
+            _replace(model, name, *decomposition.factors(plan[name]))
             originals[name] = dense
 
 
