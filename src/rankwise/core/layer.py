@@ -161,13 +161,10 @@ class AdaptedLayer(nn.Module):
         self.disabled = False
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        if self.merged or self.disabled or self.adapter.uses_base_output:
-            base_out = self.base_layer(x, *args, **kwargs)
-            if self.merged or self.disabled:
-                return base_out
-            out_dtype = base_out.dtype
-        else:
-            base_out, out_dtype = None, x.dtype
+        if self.merged or self.disabled:
+            return self.base_layer(x, *args, **kwargs)
+        base_out = self.base_layer(x, *args, **kwargs) if self.adapter.uses_base_output else None
+        out_dtype = x.dtype if base_out is None else base_out.dtype
         adapter_dtype = self.adapter._apply_dtype()
         if x.dtype != adapter_dtype:
             x = x.to(adapter_dtype)
