@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,6 +20,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch
 from torch import nn
 
+from rankwise.experiment.report import markdown_table  # noqa: F401  (re-exported for step.py / scaling.py)
 from rankwise.experiment.timing import (  # noqa: F401  (re-exported for step.py / scaling.py)
     Batch,
     Step,
@@ -81,13 +81,6 @@ def peak_rss_growth_mib(step: Step, calls: int = 3) -> float:
     for _ in range(calls):
         step()
     return (_status_kib("VmHWM") - before) / 1024
-
-
-def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    """A GitHub markdown table."""
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def ratio(value: float | None, reference: float | None) -> str:

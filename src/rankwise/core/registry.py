@@ -90,6 +90,11 @@ def registered() -> list[Method]:
     return [_METHODS[n] for n in sorted(_METHODS)]
 
 
+def option_names(name: str) -> set[str]:
+    """The keyword options of method ``name``'s config (shared fields such as ``targets`` included)."""
+    return {f.name for f in fields(get_method(name).config_cls) if f.init}
+
+
 class UnknownOptionError(ValueError, TypeError):
     """An option the method's config does not have (a ValueError, and a TypeError like any bad keyword)."""
 
@@ -97,7 +102,7 @@ class UnknownOptionError(ValueError, TypeError):
 def config(name: str, **kwargs: Any) -> AdapterConfig:
     """Build the config of method ``name`` from keyword arguments."""
     config_cls = get_method(name).config_cls
-    known = {f.name for f in fields(config_cls) if f.init}
+    known = option_names(name)
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise UnknownOptionError(f"{name}: unknown option(s) {unknown}; the options of {config_cls.__name__} are "

@@ -24,6 +24,7 @@ from ..core.inject import adapt, merge, trainable_parameters
 from ..core.registry import config as make_config
 from .compare import per_method_options, selected_methods
 from .finetune import SHIPPED_MODEL, model_path, parse_targets
+from .report import markdown_table
 from .timing import floor_step, inference_step, interleaved_times, medians, random_batch, training_step
 
 logger = logging.getLogger(__name__)
@@ -85,12 +86,6 @@ def benchmark(base: nn.Module, configs: dict[str, Any], batch: int, seq: int, ro
     return rows, floor * 1e3
 
 
-def markdown(headers: list[str], rows: list[list[str]]) -> str:
-    """A GitHub markdown table."""
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-
-
 def run(args: argparse.Namespace) -> int:
     """Build every method's config, time them against the floor, print the table; 1 if any method failed."""
     for option in ("batch", "seq", "rounds", "threads"):
@@ -107,5 +102,5 @@ def run(args: argparse.Namespace) -> int:
     rows, _ = benchmark(load_base(args.model), configs, args.batch, args.seq, args.rounds, args.warmup)
     print(f"Training step, {args.model}, batch {args.batch} x seq {args.seq}, {args.threads} threads, "
           f"{args.rounds} interleaved rounds after {args.warmup} warm-up, medians:\n")
-    print(markdown(["method", "trainable", "step ms", "x floor", "merged inference x base"], rows))
+    print(markdown_table(["method", "trainable", "step ms", "x floor", "merged inference x base"], rows))
     return 1 if any(row[1].startswith("error") for row in rows) else 0

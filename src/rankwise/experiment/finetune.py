@@ -30,7 +30,7 @@ from ..core.config import AdapterConfig
 from ..core.inject import adapt, trainable_parameters
 from ..core.io import save
 from ..core.registry import config as make_config
-from ..core.registry import get_method, registered
+from ..core.registry import get_method, option_names, registered
 from . import data as datasets
 from . import report
 from .train import (
@@ -147,8 +147,7 @@ def parse_targets(text: str) -> list[str] | str:
 
 def check_options(method_name: str, values: dict[str, Any]) -> None:
     """Raise unless every key of ``values`` is a hyper-parameter of the method (not a shared field)."""
-    method = get_method(method_name)
-    known = {f.name for f in dataclasses.fields(method.config_cls)} - COMMON_FIELDS
+    known = option_names(method_name) - COMMON_FIELDS
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"method {method_name!r} has no option(s) {unknown}; its options are {sorted(known)}")

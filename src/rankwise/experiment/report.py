@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,4 +75,11 @@ def results_table(rows: dict[str, tuple[Metrics, int | None]]) -> str:
     for name, (metrics, trainable) in rows.items():
         count = f"{trainable:,}" if trainable is not None else "-"
         lines.append(f"{name:<28}{count:>12}{metrics.accuracy:>10.4f}{metrics.macro_f1:>10.4f}")
+    return "\n".join(lines)
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """A GitHub markdown table."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
