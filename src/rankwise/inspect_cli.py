@@ -112,13 +112,19 @@ def _malformed(path: Path, what: str) -> ValueError:
     return ValueError(f"rankwise inspect: {path} is malformed ({what}); the file is corrupted, save it again")
 
 
+def _read_config(path: Path, expected_format: str, kind: str, hint: str = "") -> dict[str, Any]:
+    """The JSON at ``path``; a ValueError unless its ``format`` is ``expected_format``."""
+    payload = io.read_json(path, "rankwise inspect")
+    if payload.get("format") != expected_format:
+        raise ValueError(f"rankwise inspect: {path} is not a rankwise {kind} "
+                         f"(format {payload.get('format')!r}, expected {expected_format!r}{hint})")
+    return payload
+
+
 def describe_adapter(directory: Path) -> dict[str, Any]:
     """The adapter in ``directory``: method, config, per-layer tensors and parameter counts."""
     config_path = directory / io.CONFIG_FILE
-    payload = io.read_json(config_path, "rankwise inspect")
-    if payload.get("format") != io.FORMAT:
-        raise ValueError(f"rankwise inspect: {config_path} is not a rankwise adapter config "
-                         f"(format {payload.get('format')!r}, expected {io.FORMAT!r}; a PEFT adapter?)")
+    payload = _read_config(config_path, io.FORMAT, "adapter config", "; a PEFT adapter?")
     layers, values = payload.get("layers"), payload.get("config")
     if not isinstance(layers, dict) or not isinstance(values, dict) or not isinstance(payload.get("method"), str):
         raise _malformed(config_path, "'method', 'config' or 'layers' missing or of the wrong type")
@@ -183,10 +189,7 @@ def _shape_text(spec: dict[str, Any]) -> str:
 def describe_compressed(directory: Path) -> dict[str, Any]:
     """The compressed model in ``directory``: per-layer ranks, tensors and parameter counts."""
     config_path = directory / storage.CONFIG_FILE
-    payload = io.read_json(config_path, "rankwise inspect")
-    if payload.get("format") != storage.FORMAT:
-        raise ValueError(f"rankwise inspect: {config_path} is not a rankwise compressed-model config "
-                         f"(format {payload.get('format')!r}, expected {storage.FORMAT!r})")
+    payload = _read_config(config_path, storage.FORMAT, "compressed-model config")
     layers, aliases = payload.get("layers"), payload.get("aliases", {})
     if not isinstance(layers, dict) or not isinstance(aliases, dict):
         raise _malformed(config_path, "'layers' or 'aliases' missing or of the wrong type")
