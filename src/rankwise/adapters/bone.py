@@ -45,13 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.config import (
-    AdapterConfig,
-    check_choice,
-    check_dropout,
-    check_positive_int,
-    config_field,
-)
+from ..core.config import AdapterConfig, check_choice, check_dropout, check_positive_int, config_field
 from ..core.layer import Adapter
 from ..core.registry import PeftFormat, register
 

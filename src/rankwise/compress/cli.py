@@ -20,15 +20,7 @@ import torch
 from torch import nn
 
 from .calibration import Batch
-from .evaluate import (
-    embed,
-    fidelity,
-    load_minilm,
-    probe_accuracy,
-    time_ratio,
-    tokenize,
-    tweet_splits,
-)
+from .evaluate import embed, fidelity, load_minilm, probe_accuracy, time_ratio, tokenize, tweet_splits
 from .storage import save_compressed
 from .svd import ALLOCATIONS, METHODS, compress, compression_report
 
