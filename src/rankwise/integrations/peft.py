@@ -66,8 +66,11 @@ def export_peft(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     if any(is_fan_in_fan_out(layer.base_layer) for _, layer in layers):
         payload["fan_in_fan_out"] = True
     to_peft = _peft_key_map(model, method)
+    state = adapter_state(model)
+    if method.peft.prepare_export is not None:
+        method.peft.prepare_export(model, payload, state)
     tensors = {}
-    for key, value in adapter_state(model).items():
+    for key, value in state.items():
         peft_key = to_peft(key)
         if peft_key is not None:
             tensors[peft_key] = value
@@ -86,13 +89,14 @@ def _method_for(peft_config: dict[str, Any], source: Path) -> Method:
     raise ValueError(f"{source}: PEFT adapter type {peft_type!r} is not supported; rankwise imports {supported}")
 
 
-def _reject_per_layer_options(peft_config: dict[str, Any], source: Path) -> None:
+def _reject_per_layer_options(peft_config: dict[str, Any], source: Path, own: tuple[str, ...] = ()) -> None:
     """PEFT options that rankwise has no equivalent for, shared by every PEFT method: per-module
     overrides (``rank_pattern``, ``alpha_pattern``, ``block_size_pattern``, ...), a layer subset
-    (``layers_to_transform``) and trained biases (``bias`` other than ``"none"``)."""
+    (``layers_to_transform``) and trained biases (``bias`` other than ``"none"``). ``own`` lists the
+    options the method itself carries over (AdaLoRA's ``rank_pattern``)."""
     problems = [
         f"{key}={value!r}" for key, value in sorted(peft_config.items())
-        if (key.endswith("_pattern") and key != "layers_pattern" and value)
+        if (key.endswith("_pattern") and key != "layers_pattern" and key not in own and value)
         or (key == "layers_to_transform" and value not in (None, [], ""))
         or (key == "bias" and value not in (None, "none"))
     ]
@@ -114,8 +118,8 @@ def import_peft(base_model: nn.Module, directory: str | os.PathLike[str]) -> nn.
             f"{directory} holds only adapter_model.bin (a pickle); rankwise never unpickles. Re-save it with "
             "PEFT's save_pretrained(safe_serialization=True)"
         )
-    _reject_per_layer_options(peft_config, directory)
     method = _method_for(peft_config, directory)
+    _reject_per_layer_options(peft_config, directory, method.peft.own_options)
     targets = peft_config.get("target_modules")
     if isinstance(targets, (list, tuple, set)):
         targets = sorted(targets)
