@@ -228,3 +228,147 @@ def test_training_allocates_exactly_as_peft():
     ours.eval()
     x, _ = batch(999)
     torch.testing.assert_close(ours(x).logits, theirs(x).logits, **TOL)
+
+
+def test_paper_regularizer_is_the_sum_of_squared_norms():
+    _, ours = pair()
+    perturb = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for _, layer in rankwise.adapted_layers(ours):
+            layer.adapter.lora_A.add_(torch.randn(layer.adapter.lora_A.shape, generator=perturb))
+    paper = AdaLoRAAllocator(ours, total_step=24, target_r=3, orth_reg="paper", orth_reg_weight=0.7)
+    expected = torch.zeros(())
+    for _, layer in rankwise.adapted_layers(ours):
+        a, b = layer.adapter.lora_A, layer.adapter.lora_B
+        expected = expected + ((a @ a.T - torch.eye(6)) ** 2).sum() + ((b.T @ b - torch.eye(6)) ** 2).sum()
+    torch.testing.assert_close(paper.regularizer(), 0.7 * expected, **TOL)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: ValueError naming what to change, raised before anything is modified
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("kwargs", "words"), [
+    ({"target_r": 7}, ["target_r", "init_r"]),
+    ({"tinit": 12, "tfinal": 12}, ["tinit", "tfinal", "total_step"]),
+    ({"total_step": None}, ["total_step", "required"]),
+])
+def test_bad_schedule_is_refused(kwargs, words):
+    with pytest.raises(ValueError) as error:
+        rankwise.config("adalora", **{**OURS, **kwargs})
+    assert all(word in str(error.value) for word in words)
+
+
+def test_stepping_without_gradients_raises_before_changing_anything():
+    _, ours = pair()
+    optimizer = adam(ours)
+    x, y = batch(0)
+    ours(x, labels=y).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()  # set_to_none: the allocator is called one line too late
+    allocator = rankwise.allocator(ours)
+    before = lora_tensors(ours)
+    with pytest.raises(ValueError, match=r"proj\.lora_A.*before optimizer\.zero_grad"):
+        allocator.step(4)
+    assert not allocator.exp_avg_ipt and allocator.last_step is None
+    assert all(torch.equal(v, before[k]) for k, v in lora_tensors(ours).items())
+
+
+def test_final_phase_without_final_allocation_raises():
+    _, ours = pair()
+    with pytest.raises(ValueError, match="never ran"):
+        rankwise.allocator(ours).step(21)
+
+
+def lora_model(method: str = "lora", **kwargs) -> nn.Module:
+    return rankwise.adapt(base(), rankwise.config(method, targets=TARGETS, **kwargs))
+
+
+def test_target_budget_above_the_layers_is_refused():
+    model = lora_model(r=4)
+    with pytest.raises(ValueError, match=r"target_r=5 .* 15 components, more than the 12 .* target_r <= 4"):
+        AdaLoRAAllocator(model, total_step=10, target_r=5)
+
+
+def test_allocator_on_an_adapter_without_rank_components_names_the_supported_methods():
+    model = rankwise.adapt(base(), rankwise.config("c3a", targets=["proj"], block_size=8))
+    with pytest.raises(ValueError, match=r"'c3a' has none; the supported methods are \['adalora', 'bora', 'dora', 'lora'\]"):
+        AdaLoRAAllocator(model, total_step=10, target_r=1)
+    with pytest.raises(ValueError, match="'c3a' has none"):
+        rankwise.ranks(model)
+    assert rankwise.allocator(model) is None
+
+
+# ----------------------------------------------------------------------------------------------
+# The rank interface on LoRA, rsLoRA, DoRA, BoRA (a LoRAAdapter) and AdaLoRA
+# ----------------------------------------------------------------------------------------------
+
+RANKED = {
+    "lora": {"r": 4, "init_weights": False},
+    "rslora": {"r": 4, "init_weights": False, "use_rslora": True},
+    "dora": {"r": 4, "init_weights": False},
+    "bora": {"r": 4, "init_weights": False},
+    "adalora": {"init_r": 4, "target_r": 2, "total_step": 10, "init_weights": False},
+}
+
+
+def ranked_model(variant: str) -> nn.Module:
+    torch.manual_seed(2)
+    return lora_model("lora" if variant == "rslora" else variant, **RANKED[variant]).eval()
+
+
+@pytest.mark.parametrize("variant", RANKED)
+def test_masking_equals_dropping_and_growing_changes_nothing(variant):
+    model, dropped = ranked_model(variant), ranked_model(variant)
+    x, _ = batch(1)
+    keep = torch.tensor([True, False, True, False])
+    for (_, layer), (_, other) in zip(rankwise.adapted_layers(model), rankwise.adapted_layers(dropped)):
+        layer.adapter.mask_components(~keep)
+        other.adapter.keep_components(keep)
+        assert other.adapter.r == 2
+    assert rankwise.ranks(dropped) == dict.fromkeys(TARGETS, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(dropped(x).logits, model(x).logits, **TOL)
+        before = model(x).logits
+        params = rankwise.trainable_parameters(model)
+        for name, layer in rankwise.adapted_layers(model):
+            layer.adapter.grow_components(3)
+            assert layer.adapter.r == 7
+        torch.testing.assert_close(model(x).logits, before, **TOL)
+    widths = sum(sum(layer.adapter.base_weight().shape) for _, layer in rankwise.adapted_layers(model))
+    extra = 3 * (widths + (len(TARGETS) if variant == "adalora" else 0))
+    assert rankwise.trainable_parameters(model) == params + extra
+
+
+@pytest.mark.parametrize("variant", ["lora", "rslora", "dora", "bora"])
+def test_factors_are_the_trained_tensors(variant):
+    model = ranked_model(variant)
+    for _, layer in rankwise.adapted_layers(model):
+        a, b = layer.adapter.factors()
+        assert a is layer.adapter.lora_A.weight and b is layer.adapter.lora_B.weight
+        torch.testing.assert_close(layer.adapter.low_rank_weight(), layer.adapter.scaling * b @ a)
+
+
+def test_selectors_of_the_wrong_shape_are_refused():
+    _, layer = next(rankwise.adapted_layers(ranked_model("lora")))
+    with pytest.raises(ValueError, match=r"bool tensor of shape \(4,\) for layer 'proj'"):
+        layer.adapter.keep_components(torch.ones(3, dtype=torch.bool))
+
+
+def test_adalora_allocation_runs_on_lora_layers():
+    torch.manual_seed(3)
+    model = lora_model(r=4).train()
+    optimizer = adam(model)
+    allocator = AdaLoRAAllocator(model, total_step=12, target_r=2, tinit=1, tfinal=2)
+    assert rankwise.allocator(model) is None and rankwise.ranks(model) == dict.fromkeys(TARGETS, 4)
+    for step in range(12):
+        x, y = batch(step)
+        (model(x, labels=y).loss + allocator.regularizer()).backward()
+        optimizer.step()
+        allocator.step(step)
+        optimizer.zero_grad()
+    assert sum(allocator.ranks().values()) == 2 * len(TARGETS)
+    for name, layer in rankwise.adapted_layers(model):
+        dropped = ~allocator.final[name]
+        assert torch.count_nonzero(layer.adapter.lora_B.weight[:, dropped]) == 0
