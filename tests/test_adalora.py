@@ -219,6 +219,7 @@ def test_training_allocates_exactly_as_peft():
         for key, value in lora_tensors(ours).items():
             torch.testing.assert_close(value, expected[key], **TOL, msg=f"{key} at step {step}")
     assert changes >= 3, "the schedule should change the masks several times"
+    assert not allocator.exp_avg_ipt and not allocator.exp_avg_unc  # reset at total_step - tfinal, as PEFT
     assert allocator.allocations == 9  # steps 4, 6, ..., 18 of the budget phase and 20 = total_step - tfinal
     final = {name: sum(mask) for name, mask in peft_masks(theirs).items()}
     assert rankwise.ranks(ours) == final
@@ -273,6 +274,15 @@ def test_stepping_without_gradients_raises_before_changing_anything():
         allocator.step(4)
     assert not allocator.exp_avg_ipt and allocator.last_step is None
     assert all(torch.equal(v, before[k]) for k, v in lora_tensors(ours).items())
+
+
+def test_a_budget_that_never_shrinks_masks_nothing():
+    """init_r == target_r: k = 0 at every step, where PEFT's kthvalue fails (peft#2337)."""
+    torch.manual_seed(1)
+    model = rankwise.adapt(base(), rankwise.config("adalora", targets=TARGETS, **{**OURS, "target_r": 6}))
+    train_ours(model.train(), range(24), adam(model))
+    assert rankwise.ranks(model) == dict.fromkeys(TARGETS, 6)
+    assert all(torch.count_nonzero(layer.adapter.lora_E) == 6 for _, layer in rankwise.adapted_layers(model))
 
 
 def test_final_phase_without_final_allocation_raises():
@@ -332,7 +342,7 @@ def test_masking_equals_dropping_and_growing_changes_nothing(variant):
         torch.testing.assert_close(dropped(x).logits, model(x).logits, **TOL)
         before = model(x).logits
         params = rankwise.trainable_parameters(model)
-        for name, layer in rankwise.adapted_layers(model):
+        for _, layer in rankwise.adapted_layers(model):
             layer.adapter.grow_components(3)
             assert layer.adapter.r == 7
         torch.testing.assert_close(model(x).logits, before, **TOL)
@@ -504,7 +514,7 @@ def test_imported_adapter_allocates_in_the_budget_phase_from_its_own_components(
     train_ours(ours, range(9, 11), adam(ours))  # step 10 masks to b(10) among the present components
     budget, _ = allocator.budget(10)
     assert present > budget
-    assert sum(rankwise.ranks(ours).values()) <= budget
+    assert sum(rankwise.ranks(ours).values()) == budget  # k = present - b(10), not b0 - b(10) as PEFT's
 
 
 def test_export_import_round_trip(tmp_path):

@@ -34,7 +34,7 @@ Conv2d and quantised layers are not supported (rankwise wraps Linear and Conv1D)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -66,7 +66,7 @@ class AdaLoRAConfig(AdapterConfig):
     target_r: int = config_field(8, "average rank per layer at the end of the budget phase")
     tinit: int = config_field(0, "warm-up steps before any masking")
     tfinal: int = config_field(0, "final steps at the fixed target pattern")
-    deltaT: int = config_field(1, "steps between two allocations in the budget phase")  # noqa: N815 - PEFT's name
+    deltaT: int = config_field(1, "steps between two allocations in the budget phase")
     beta1: float = config_field(0.85, "EMA factor of the sensitivity")
     beta2: float = config_field(0.85, "EMA factor of the uncertainty")
     orth_reg_weight: float = config_field(0.5, "weight of the orthogonal regulariser")
@@ -75,7 +75,8 @@ class AdaLoRAConfig(AdapterConfig):
     alpha: float = config_field(8.0, "scaling numerator: ΔW = alpha / init_r · B (A ⊙ E)")
     dropout: float = config_field(0.0, "dropout probability on the adapter branch's input")
     init_weights: bool = config_field(True, "True: E = 0, A and B ~ N(0, 0.02^2); False: all N(0, 1)")
-    rank_pattern: dict[str, list[bool]] | None = config_field(None, "{layer: kept components of init_r}: build at those ranks")
+    rank_pattern: dict[str, list[bool]] | None = field(  # field(): ruff wants a visible default for a dict
+        default=None, metadata={"help": "{layer: kept components of init_r}: build the layers at those ranks"})
 
     def validate(self) -> None:
         owner = type(self).__name__

@@ -22,14 +22,16 @@ typo; the official code and PEFT use the continuous form above, and so do we.
 ``step(t)``, called after ``optimizer.step()`` and before ``optimizer.zero_grad()``:
 
     * t < T − t_final: update Ī and Ū; if t > t_init and t % ΔT == 0, zero (mask) every component whose
-      score is ≤ the k-th smallest score of all layers, k = (number of components) − b(t);
+      score is ≤ the k-th smallest score of all layers, k = (number of components) − b(t), and keep
+      every component when k ≤ 0;
     * t = T − t_final: mask to b_T with the statistics as they are, fix that pattern and reset Ī, Ū;
     * t > T − t_final: re-apply the fixed pattern.
 
 Masking zeroes λ_i (for LoRA, column i of B) in place and keeps the tensors at full size; the
 optimiser may revive a masked component until the next masking, exactly as in PEFT. Where we differ
 from PEFT, on purpose: k counts the components actually present (PEFT uses b₀, which is wrong for an
-adapter resized by a rank pattern, peft#2337), and k ≤ 0 masks nothing (PEFT: a ``kthvalue`` error).
+adapter resized by a rank pattern, peft#2337), and k ≤ 0 masks nothing (PEFT: a ``kthvalue`` error,
+e.g. whenever init_r = target_r).
 
 Orthogonal regulariser, :meth:`AdaLoRAAllocator.regularizer` (add it to the loss before ``backward``)::
 
@@ -54,7 +56,7 @@ from ..core.rank import Allocator, RankComponents, rank_layers
 ORTH_REG_FORMS = ("peft", "paper")
 
 
-def check_schedule(owner: str, *, total_step: Any, target_r: Any, tinit: Any, tfinal: Any, deltaT: Any,  # noqa: N803
+def check_schedule(owner: str, *, total_step: Any, target_r: Any, tinit: Any, tfinal: Any, deltaT: Any,
                    beta1: Any, beta2: Any, orth_reg_weight: Any, orth_reg: Any) -> None:
     """``ValueError`` naming the field to change when AdaLoRA's schedule values are invalid."""
     if total_step is None:
@@ -97,7 +99,7 @@ class AdaLoRAAllocator(Allocator):
     """
 
     def __init__(self, model: nn.Module, *, total_step: int, target_r: int, tinit: int = 0, tfinal: int = 0,
-                 deltaT: int = 1, beta1: float = 0.85, beta2: float = 0.85, orth_reg_weight: float = 0.5,  # noqa: N803
+                 deltaT: int = 1, beta1: float = 0.85, beta2: float = 0.85, orth_reg_weight: float = 0.5,
                  orth_reg: str = "peft", init_budget: int | None = None,
                  final: dict[str, Tensor] | None = None) -> None:
         owner = type(self).__name__
@@ -154,9 +156,9 @@ class AdaLoRAAllocator(Allocator):
             self._update_importance()
             budget, mask = self.budget(global_step)
             if mask:
-                self._mask_to_budget(budget, global_step)
+                self._mask_to_budget(budget)
         elif global_step == end:
-            self._mask_to_budget(self.budget(global_step)[0], global_step)
+            self._mask_to_budget(self.budget(global_step)[0])
             self.final = {name: mask.clone() for name, mask in self.masks.items()}
             self.exp_avg_ipt, self.exp_avg_unc = {}, {}
         else:
@@ -211,18 +213,19 @@ class AdaLoRAAllocator(Allocator):
                 for name, adapter in self.layers.items()}
 
     @torch.no_grad()
-    def _mask_to_budget(self, budget: int, step: int) -> None:
-        scores = self.scores()
-        every = torch.cat(list(scores.values()))
-        k = every.numel() - budget
+    def _mask_to_budget(self, budget: int) -> None:
+        """Keep the ``budget`` best-scored components of all layers (all of them when they fit the budget)."""
+        self.allocations += 1
+        k = sum(adapter.r for adapter in self.layers.values()) - budget
         if k <= 0:
+            self.masks = {name: torch.ones(adapter.r, dtype=torch.bool) for name, adapter in self.layers.items()}
             return
-        threshold = torch.kthvalue(every, k).values.item()
+        scores = self.scores()
+        threshold = torch.kthvalue(torch.cat(list(scores.values())), k).values.item()
         for name, adapter in self.layers.items():
             drop = scores[name] <= threshold
             adapter.mask_components(drop)
             self.masks[name] = ~drop
-        self.allocations += 1
 
     # -- the regulariser -------------------------------------------------------------------------
 

@@ -77,7 +77,6 @@ from transformers import (
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..core.inject import adapted_layers, adapter_config, is_adapted, unload
-from ..core.rank import Allocator, allocator, load_allocator
 from ..core.io import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -87,6 +86,7 @@ from ..core.io import (
     read_tensors,
     save,
 )
+from ..core.rank import Allocator, allocator, load_allocator
 
 ADAPTER_SUBDIR = "adapter"
 
