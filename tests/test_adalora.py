@@ -170,6 +170,17 @@ def test_forward_loss_gradients_and_merge_match_peft(dropout):
                                    **TOL)
 
 
+def test_float64_forward_matches_peft_to_rounding():
+    """In float64 the scale α/(init_r + 1e-5) is checked far below the float32 tolerance."""
+    theirs, ours = pair()
+    perturb_peft(theirs)
+    theirs.double()
+    ours.double()
+    copy_from_peft(ours, theirs)
+    x = batch(0)[0].double()
+    torch.testing.assert_close(ours(x).logits, theirs(x).logits, atol=1e-12, rtol=1e-12)
+
+
 def test_same_seed_gives_peft_initial_weights():
     net = base()
     torch.manual_seed(3)

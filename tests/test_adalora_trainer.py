@@ -63,6 +63,8 @@ def test_resume_restores_the_allocator_and_matches_the_uninterrupted_run(tmp_pat
     resumed = adalora_bert()
     train(resumed, tmp_path / "split", max_steps=8, resume=str(tmp_path / "split" / "checkpoint-4"))
     assert rankwise.ranks(resumed) == rankwise.ranks(straight)
+    # the allocator's own state came back from checkpoint-4 (allocations at steps 2 and 3 included)
+    assert rankwise.allocator(resumed).allocations == rankwise.allocator(straight).allocations == 5
     want = adapter_state(straight)
     for key, value in adapter_state(resumed).items():
         torch.testing.assert_close(value, want[key], atol=1e-6, rtol=0, msg=key)
