@@ -536,3 +536,10 @@ def test_export_import_round_trip(tmp_path):
     torch.testing.assert_close(logits(back), logits(ours), **TOL)
     assert rankwise.ranks(back) == rankwise.ranks(ours)
     assert rankwise.adapter_config(back).rank_pattern == our_masks(ours)
+
+
+def test_export_of_the_paper_regulariser_warns_that_peft_cannot_carry_it(tmp_path):
+    model = rankwise.adapt(base(), rankwise.config("adalora", targets=TARGETS, orth_reg="paper", **OURS))
+    with pytest.warns(UserWarning, match="orth_reg='peft', not 'paper'"):
+        rankwise.export_peft(model, tmp_path)
+    assert rankwise.adapter_config(rankwise.import_peft(base(), tmp_path)).orth_reg == "peft"

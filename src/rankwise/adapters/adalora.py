@@ -34,6 +34,7 @@ Conv2d and quantised layers are not supported (rankwise wraps Linear and Conv1D)
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,7 +167,11 @@ _SHARED = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", 
 
 def _to_peft(config: AdaLoRAConfig) -> dict[str, Any]:
     if config.orth_reg != "peft":
-        raise ValueError("PEFT's AdaLoRA has only its own orthogonal regulariser; export_peft needs orth_reg='peft'")
+        warnings.warn(
+            f"PEFT's AdaLoRA knows only its own orthogonal regulariser: the exported adapter keeps its weights, "
+            f"but training it further in PEFT (or after import_peft) uses orth_reg='peft', not {config.orth_reg!r}",
+            stacklevel=3,
+        )
     return {
         **{name: getattr(config, name) for name in _SHARED},
         "lora_alpha": config.alpha,
