@@ -295,7 +295,7 @@ def _component_scores(adapter: RankComponents, ipt: dict[str, Tensor], unc: dict
         else:
             others = [d for d in range(score.dim()) if d != dim]
             vectors.append(score.mean(dim=others).reshape(-1, 1))
-    total = torch.cat(vectors, dim=1).sum(dim=1) if vectors else torch.zeros(adapter.r)
+    total = torch.cat(vectors, dim=1).sum(dim=1) if vectors else torch.zeros_like(values[0])
     for value in values:
         total = value + total
     return total
