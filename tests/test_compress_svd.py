@@ -23,8 +23,8 @@ from rankwise.compress import (
     load_compressed,
     save_compressed,
 )
-from rankwise.compress.ranks import energy_rank, global_allocation
 from rankwise.compress.calibration import input_grams, paired_grams
+from rankwise.compress.ranks import energy_rank, global_allocation
 from rankwise.compress.svd import cholesky_factor, plain_decomposition, regression_decomposition
 
 

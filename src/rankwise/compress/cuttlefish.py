@@ -66,7 +66,7 @@ class CuttlefishConfig:
     points: int = field(default=11, metadata={"help": "q: trailing EMA-gradient points averaged"})
     tolerance: float = field(default=0.1, metadata={"help": "τ: stable when mean |∇EMA| <= τ"})
     relaxation: tuple[tuple[int, float], ...] = field(
-        default=((1, 5.0), (2, 2.5)), metadata={"help": "(max #unstable layers, τ multiplier), first match wins"}
+        default=((1, 5.0), (2, 2.5)), metadata={"help": "(max #unstable layers, τ multiplier); the smallest bound that covers wins"}
     )
     rank_metric: str = field(default="scaled", metadata={"help": "'scaled' (ξ·srank) or 'vanilla' (srank)"})
     rank_floor: float = field(default=0.0, metadata={"help": "ρ: rank >= ⌊ρ·min(m, n)⌋ (ImageNet 1/5, DeiT 1/2)"})

@@ -32,6 +32,8 @@ Decisions (source: the official code unless stated):
   code hard-codes stride 1 / padding 1 and therefore skipped strided convs.
 * A layer whose final rank is at or above the break-even rank stays dense (listed in the report).
 * Momentum buffers are not projected (as in the code): they keep the discarded directions.
+* The projection's SVD runs in float32, or in float64 for float64 weights, under ``no_grad``; half
+  and bfloat16 weights are projected in float32 and written back in their own dtype.
 """
 
 from __future__ import annotations
