@@ -65,7 +65,7 @@ class GraLoRAConfig(AdapterConfig):
     alpha: float = config_field(64.0, "scaling numerator: s = alpha / (r + hybrid_r)")
     gralora_k: int = config_field(2, "blocks per side: 2 for r <= 32, 4 for r >= 64 (paper)")
     hybrid_r: int = config_field(0, "rank of an extra dense LoRA branch (hybrid GraLoRA); 0 = none")
-    dropout: float = config_field(0.0, "dropout probability on the adapter branch's input")
+    dropout: float = config_field(0.0, "dropout probability on each adapter branch's input (block, hybrid: own masks)")
     init_weights: bool = config_field(True, "True: zero B (start at the base model); False: random B (tests)")
 
     def validate(self) -> None:
