@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import GraloraConfig, PeftModel, get_peft_model
 from torch import nn
-from toy_models import minilm_shaped_bert
+from toy_models import minilm_shaped_bert, seeded_train_outputs
 from transformers.pytorch_utils import Conv1D
 
 import rankwise
@@ -91,15 +91,7 @@ def test_dropout_in_training_equals_peft_under_the_same_seed(hybrid_r, shape):
     branch (block, then hybrid), drawn from the global RNG, so seeding before both forwards gives
     PEFT's output and gradients exactly."""
     ours, theirs = pair(hybrid_r, dropout=0.5)
-    ours.train()
-    theirs.train()
-    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
-    torch.manual_seed(123)
-    out_ours = ours(x)
-    torch.manual_seed(123)
-    out_theirs = theirs(x)
-    with torch.no_grad():
-        assert not torch.allclose(out_ours, ours.eval()(x), atol=1e-3)  # the masks matter
+    out_ours, out_theirs = seeded_train_outputs(ours, theirs, torch.randn(*shape, generator=torch.Generator().manual_seed(1)))
     torch.testing.assert_close(out_ours, out_theirs, atol=1e-6, rtol=1e-6)
     out_ours.square().sum().backward()
     out_theirs.square().sum().backward()
