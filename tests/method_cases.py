@@ -34,7 +34,7 @@ CASES: dict[str, Case] = {
         unfit=[{"r": 33}],
     ),
     "gralora": Case(
-        kwargs={"r": 4, "alpha": 8, "gralora_k": 2, "hybrid_r": 2},
+        kwargs={"r": 4, "alpha": 8, "gralora_k": 2, "hybrid_r": 2, "dropout": 0.1},
         random_init={"init_weights": False},
         bad=[{"r": 0}, {"gralora_k": 0}, {"r": 3}, {"hybrid_r": -1}, {"alpha": 0}, {"dropout": 1.0}],
         unfit=[{"r": 5, "gralora_k": 5}, {"hybrid_r": 40}],
@@ -69,10 +69,10 @@ CASES: dict[str, Case] = {
         unfit=[{"r": 33}],
     ),
     "miss": Case(
-        kwargs={"r": 8},
+        kwargs={"r": 8, "dropout": 0.1},
         random_init={"init_weights": False},
-        bad=[{"r": 0}, {"mini_r": 0}, {"dropout": 1.0}, {"init_weights": "bone"}, {"init_weights": "bat", "dropout": 0.1}],
-        unfit=[{"r": 40}, {"init_weights": "bat", "r": 6}, {"init_weights": "mini", "mini_r": 5}],
+        bad=[{"r": 0}, {"mini_r": 0}, {"dropout": 1.0}, {"init_weights": "bone"}, {"init_weights": "bat"}],
+        unfit=[{"r": 40}, {"init_weights": "bat", "r": 6, "dropout": 0.0}, {"init_weights": "mini", "mini_r": 5}],
     ),
     "bora": Case(
         kwargs={"r": 4, "alpha": 8},
