@@ -4,8 +4,8 @@ Toeplitz product, Kronecker, general circulant × skew-circulant LDR).
 Paper: "Structured Unrestricted-Rank Matrices for Parameter Efficient Fine-tuning", Sehanobish,
 Dubey, Choromanski, Basu Roy Chowdhury, Jain, Sindhwani, Chaturvedi, NeurIPS 2024,
 arXiv:2406.17740. Official code: arijitthegame/structured-matrices-PEFT (``src/lora/*_lora.py``);
-the square formulas below are the official LoRA-style layers (surm.md §2a–2d), the rectangular
-ones the paper's §3 definitions (surm.md §9).
+the square formulas below are its LoRA-style layers, the rectangular ones the paper's §3
+definitions of m×n structured matrices.
 
 One method, ``"surm"``, with ``structure=`` choosing the family. Notation (W ∈ R^{m×n},
 y = x Wᵀ + b): C_col(v) is the circulant with first column v (C[t, s] = v[(t − s) mod g], so
@@ -58,7 +58,7 @@ native rectangular Toeplitz t = 0 (a single linear factor, so a zero start still
 family starts with ΔW = 0. α defaults to 1 (official ``circ_alpha``). Dropout acts on the
 adapter branch's input only (official ``lora_dropout``): y = x Wᵀ + b + dropout(x) ΔWᵀ.
 
-Where we differ from the official code, on purpose (surm.md §2, §4, §7, §9):
+Where we differ from the official code, on purpose:
     * Rectangular layers: an explicit ``rectangular`` choice (above) instead of an assertion.
     * The LDR layer applies α (the official layer accepts ``circ_alpha`` and ignores it, i.e. α = 1,
       our default) and uses the correct root η = e^{iπ/g} (the official fallback uses a root of
