@@ -34,7 +34,8 @@ The ramp-up clock (the question every implementation gets wrong):
       ``singlora_step`` updates, the same u as the last training forward; at step 0 the model is
       exactly the base model. So a merged model computes what the unmerged model computes in eval
       mode at that moment (as in peft-singlora, whose forward and merge read one counter).
-    * The ramp is a device tensor (no ``.item()``), so there is no host sync and no graph break.
+    * The forward's ramp is a device tensor (no ``.item()``), so there is no host sync and no graph
+      break; only merge reads it on the host, for its warning.
 
 Merge bakes in u at merge time and records it; unmerge subtracts exactly what merge added, even if
 the clock moved in between. A merged layer never adds its update again (peft-singlora 0.2.0 does).
