@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from toy_models import forward_and_dropped_input
 
 import rankwise
 
@@ -88,13 +89,7 @@ def test_dropout_acts_on_the_lora_branch_input_only(order):
     d_out, d_in = dense_scales(base.weight.detach(), A, B, s, adapter.bora_magnitude_out.detach(),
                                adapter.bora_magnitude_in.detach(), order, True)
     x = torch.randn(64, 24, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    model.train()
-    torch.manual_seed(5)
-    with torch.no_grad():
-        out = model(x)
-    torch.manual_seed(5)
-    dropped = nn.functional.dropout(x, 0.5, training=True)
-    assert (dropped == 0).any() and (dropped != 0).any()
+    out, dropped = forward_and_dropped_input(lambda: model.train()(x), x, 0.5)
     frozen_part = d_out[:, None] * base.weight.detach() * d_in
     low_rank_part = d_out[:, None] * (s * B @ A) * d_in
     torch.testing.assert_close(out, x @ frozen_part.T + dropped @ low_rank_part.T + base.bias, atol=1e-10, rtol=1e-10)

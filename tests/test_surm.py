@@ -14,6 +14,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from torch import nn
+from toy_models import forward_and_dropped_input
 
 import rankwise
 from rankwise.adapters import surm
@@ -233,12 +234,7 @@ def test_dropout_acts_on_the_adapter_input_only(structure, rectangular):
     layer = make_layer(12, 8, torch.float64, dropout=0.5, **kwargs_for(structure, 12, 8, rectangular)).train()
     x = torch.randn(64, 8, dtype=torch.float64)
     delta = reference_delta(layer.adapter).detach()
-    torch.manual_seed(5)
-    with torch.no_grad():
-        out = layer(x)
-    torch.manual_seed(5)
-    dropped = nn.functional.dropout(x, 0.5, training=True)
-    assert (dropped == 0).any() and (dropped != 0).any()
+    out, dropped = forward_and_dropped_input(lambda: layer(x), x, 0.5)
     expected = nn.functional.linear(x, layer.base_layer.weight, layer.base_layer.bias) + dropped @ delta.T
     torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
     with torch.no_grad():  # eval: no dropout at all

@@ -231,7 +231,7 @@ class SURMConfig(AdapterConfig):
     rectangular: str = config_field(
         "error",
         "circulant/toeplitz/ldr layers with out != in: 'error' refuses them; 'native' uses the paper's m x n "
-        "circulant (2*out params) or Toeplitz (out+in-1 params); 'tile' tiles gcd(out, in) blocks (rankwise's own)",
+        "circulant (out params, 2*out with use_prod) or Toeplitz (out+in-1 params); 'tile' tiles gcd(out, in) blocks (rankwise's own)",
     )
     block_size: int | None = config_field(
         None, "circulant/toeplitz/ldr: tile every layer with g x g blocks (g must divide both widths); None: no tiling"
