@@ -354,10 +354,12 @@ class SURMAdapter(Adapter):
             f"rectangular='native' (the paper's §3 m×n {self.structure}: "
             f"{native_num_params(m, n, config):,} parameters) or "
         )
+        value = "tile" if self.structure == "ldr" else "native"
         return self.fail(
             f"the official {self.structure} layer is square only, and rectangular='error' refuses m ≠ n",
             f"Set {native}{tile}, or leave this layer out of targets (e.g. only the square attention "
-            f"projections); on the command line: finetune --rectangular X, compare/bench --set surm.rectangular=X",
+            f"projections); on the command line: rankwise finetune --method surm --rectangular {value}, "
+            f"rankwise compare/bench --set surm.rectangular={value}",
         )
 
     def _warn_if_denser_than_dense(self) -> None:
