@@ -43,8 +43,9 @@ S(s)ᵀ u is the negacyclic convolution s ⊛₋ u = Re(η̄ ⊙ ifft(fft(η ⊙
 η_t = e^{iπt/g}, followed by a circular convolution with c (O(N K m n / g · log g)); Kronecker is
 B X Aᵀ on x reshaped to X ∈ R^{r×(n/r)} (O(N r (m + n))). The native rectangular circulant folds
 x into its m residues mod m and convolves once (O(N(n + m log m))); the native Toeplitz is one
-linear convolution of length m + n − 1 (O(N (m + n) log(m + n))). For square layers every FFT
-family costs O(N n log n). All backward passes are autograd through torch.fft (gradcheck-tested).
+linear convolution, FFT length the power of two ≥ m + n − 1 (O(N (m + n) log(m + n))). For square
+layers every FFT family costs O(N n log n). All backward passes are autograd through torch.fft
+(gradcheck-tested).
 
 Closed-form trainable parameters per layer:
     square (g = n) or tiled (g = block_size or gcd(m, n)): circulant 2·m·n/g (m·n/g with
@@ -164,12 +165,15 @@ def rectangular_circulant_matvec(x: Tensor, v: Tensor) -> Tensor:
 def rectangular_toeplitz_matvec(x: Tensor, t: Tensor) -> Tensor:
     """x ΔWᵀ for the m×n ΔW[i, j] = t[i − j + n − 1]; t: (m + n − 1,).
 
-    Output i is entry i + n − 1 of the linear convolution t ∗ x; a circular one of length
-    m + n − 1 never wraps onto those entries.
+    Output i is entry i + n − 1 of the linear convolution t ∗ x; a circular one of any length
+    L ≥ m + n − 1 never wraps onto those entries. L is the next power of two, as in the official
+    ``toeplitz_multiplication`` (m + n − 1 itself may be prime, a slow FFT size).
     """
-    length, n = t.shape[-1], x.shape[-1]
-    full = torch.fft.irfft(torch.fft.rfft(x, n=length, dim=-1) * torch.fft.rfft(t), n=length, dim=-1)
-    return full[..., n - 1:]
+    n = x.shape[-1]
+    m = t.shape[-1] - n + 1
+    length = 1 << (t.shape[-1] - 1).bit_length()
+    spectrum = torch.fft.rfft(x, n=length, dim=-1) * torch.fft.rfft(t, n=length)
+    return torch.fft.irfft(spectrum, n=length, dim=-1)[..., n - 1: n - 1 + m]
 
 
 def index_differences(m: int, n: int, device: torch.device) -> Tensor:
