@@ -243,7 +243,7 @@ def test_dropout_acts_on_the_adapter_input_only(structure, rectangular):
 
 
 def init_draws(shape: tuple[int, ...], **kwargs) -> dict[str, torch.Tensor]:
-    """The adapter's tensors right after construction, built from seed 7 on a 256×256 layer."""
+    """The adapter's tensors right after construction from seed 7 on an (out, in) = shape layer."""
     base = nn.Linear(shape[1], shape[0])
     torch.manual_seed(7)
     adapter = SURMAdapter(base, SURMConfig(**kwargs), "layer")

@@ -238,7 +238,9 @@ class SURMConfig(AdapterConfig):
         "circulant (out params, 2*out with use_prod) or Toeplitz (out+in-1 params); 'tile' tiles gcd(out, in) blocks (rankwise's own)",
     )
     block_size: int | None = config_field(
-        None, "circulant/toeplitz/ldr: tile every layer with g x g blocks (g must divide both widths); None: no tiling"
+        None,
+        "circulant/toeplitz/ldr: tile every layer with g x g blocks (g must divide both widths); None: square "
+        "layers are one block, rectangular ones follow `rectangular` ('tile': g = gcd(out, in))",
     )
     use_prod: bool = config_field(True, "circulant: parametrise the kernel as a ⊙ b (official default)")
     displacement_rank: int = config_field(1, "ldr: number K of circulant × skew-circulant products")
@@ -283,11 +285,13 @@ def tile_size(out_features: int, in_features: int, config: SURMConfig) -> int | 
 
 
 def tiled_num_params(out_features: int, in_features: int, g: int, config: SURMConfig) -> int:
+    """Trainable parameters of a layer tiled with g×g blocks (a square layer is one block)."""
     per_tile = {"circulant": 2 if config.use_prod else 1, "toeplitz": 2, "ldr": 2 * config.displacement_rank}
     return per_tile[config.structure] * out_features * in_features // g
 
 
 def native_num_params(out_features: int, in_features: int, config: SURMConfig) -> int:
+    """Trainable parameters of the paper's m×n circulant (m, or 2m with use_prod) or Toeplitz (m + n − 1)."""
     if config.structure == "circulant":
         return out_features * (2 if config.use_prod else 1)
     return out_features + in_features - 1
