@@ -259,7 +259,7 @@ def init_draws(shape: tuple[int, ...], **kwargs) -> dict[str, torch.Tensor]:
     ("ldr", {"displacement_rank": 2}, {"surm_c": (0.0, (16, 16, 2, 16)), "surm_s": (0.02, (16, 16, 2, 16))}),
 ], ids=["circulant", "circulant-no-prod", "circulant-native", "toeplitz", "toeplitz-native", "ldr"])
 def test_init_distributions(structure, kwargs, draws):
-    """Official inits (surm.md §2a, 2b, 2d): seeded equality with a reference N(0, σ²) draw in
+    """The official inits (native Toeplitz: zeros): seeded equality with a reference N(0, σ²) draw in
     construction order, and the sample std of ≥ 4096 draws within 4 % of σ."""
     native = kwargs.get("rectangular") == "native"
     shape = (4096, 256) if native else (256, 256)
