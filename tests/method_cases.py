@@ -46,10 +46,13 @@ CASES: dict[str, Case] = {
         unfit=[{"block_size": 5}, {"block_size": 64}],
     ),
     "surm": Case(
-        kwargs={"structure": "circulant"},
-        bad=[{"structure": "lowrank"}, {"alpha": 0}, {"block_size": 0}, {"displacement_rank": 0},
-             {"r": 0}, {"dropout": 1.0}, {"structure": "kronecker", "block_size": 8}],
-        unfit=[{"block_size": 5}, {"structure": "toeplitz", "block_size": 64}, {"structure": "kronecker", "r": 5}],
+        kwargs={"structure": "circulant", "rectangular": "native"},
+        bad=[{"structure": "lowrank"}, {"alpha": 0}, {"block_size": 0, "rectangular": "tile"}, {"displacement_rank": 0},
+             {"r": 0}, {"dropout": 1.0}, {"rectangular": "pad"}, {"block_size": 8},
+             {"structure": "kronecker", "rectangular": "error", "block_size": 8}, {"structure": "ldr"}],
+        unfit=[{"rectangular": "error"}, {"block_size": 5, "rectangular": "tile"},
+               {"structure": "toeplitz", "block_size": 64, "rectangular": "tile"},
+               {"structure": "kronecker", "r": 5, "rectangular": "error"}],
     ),
     "lora": Case(
         kwargs={"r": 4, "alpha": 8},

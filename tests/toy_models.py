@@ -1,6 +1,8 @@
-"""Small models and helpers shared by several test files."""
+"""Small models and test helpers shared by several test files."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -27,3 +29,16 @@ def seeded_train_outputs(ours: nn.Module, theirs: nn.Module, x: torch.Tensor, se
         assert not torch.allclose(outputs[0], ours.eval()(x), atol=1e-3), "dropout did not change the output"
     ours.train()
     return outputs[0], outputs[1]
+
+
+def forward_and_dropped_input(forward: Callable[[], torch.Tensor], x: torch.Tensor, p: float,
+                              seed: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """``forward()`` (no grad) under ``seed``, and dropout(x, p) drawn under the same seed: the input an
+    adapter branch sees when its forward makes exactly one dropout call on x (and no other draw first)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = forward()
+    torch.manual_seed(seed)
+    dropped = torch.nn.functional.dropout(x, p, training=True)
+    assert (dropped == 0).any() and (dropped != 0).any()
+    return out, dropped
