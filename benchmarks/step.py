@@ -29,6 +29,7 @@ import common
 from torch import nn
 
 import rankwise
+from rankwise.core.registry import get_method
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,8 @@ def candidates(selected: set[str] | None) -> dict[str, Candidate]:
     for method in rankwise.methods():
         if selected is None or method in selected:
             key = f"rankwise {method} default"
-            found[key] = Candidate(key, _rankwise_builder(method, {"targets": common.ALL_LINEAR}))
+            defaults = get_method(method).config_cls.comparison_defaults  # SURM: rectangular="native"
+            found[key] = Candidate(key, _rankwise_builder(method, {"targets": common.ALL_LINEAR, **defaults}))
     return found
 
 

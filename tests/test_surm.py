@@ -7,6 +7,7 @@ suite covers only for the default structure."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 import warnings
 from collections.abc import Callable
@@ -302,6 +303,24 @@ def test_rectangular_layers_are_refused_by_default_with_the_fix():
     square_only = rankwise.adapt(nn.Sequential(nn.Linear(384, 384), nn.Linear(384, 1536)),
                                  SURMConfig(targets=["0"]))
     assert rankwise.trainable_parameters(square_only) == 2 * 384
+
+
+def test_files_saved_before_the_rectangular_option_keep_their_tiling(tmp_path):
+    net = nn.Sequential(nn.Linear(12, 12), nn.Linear(12, 18))
+    model = rankwise.adapt(copy.deepcopy(net), SURMConfig(rectangular="tile"))
+    with torch.no_grad():
+        for _, layer in rankwise.adapted_layers(model):
+            layer.adapter.surm_b.normal_()
+    rankwise.save(model, tmp_path)
+    path = tmp_path / "adapter_config.json"
+    payload = json.loads(path.read_text())
+    del payload["config"]["rectangular"]  # as written by rankwise before the option existed
+    path.write_text(json.dumps(payload))
+    loaded = rankwise.load(copy.deepcopy(net), tmp_path)
+    assert rankwise.adapter_config(loaded).rectangular == "tile"
+    x = torch.randn(3, 12)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    assert SURMConfig.from_dict({"structure": "kronecker"}).rectangular == "error"
 
 
 def test_rectangular_native_and_tile_on_minilm_shapes():

@@ -76,6 +76,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -229,6 +230,7 @@ class SURMConfig(AdapterConfig):
     """SURM hyper-parameters; ``structure`` picks the matrix family (see the module docstring)."""
 
     method = "surm"
+    comparison_defaults: ClassVar[dict[str, Any]] = {"rectangular": "native"}
 
     structure: str = config_field("circulant", "structured family of ΔW: circulant, toeplitz, kronecker or ldr")
     alpha: float = config_field(1.0, "scale of ΔW (kronecker: alpha / r)")
@@ -272,6 +274,13 @@ class SURMConfig(AdapterConfig):
                 f"{owner}: the paper defines no rectangular LDR matrix; use rectangular='tile' (gcd blocks), or "
                 "structure='circulant' / 'toeplitz' with rectangular='native'"
             )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> AdapterConfig:
+        """Files written before ``rectangular`` existed tiled rectangular layers: they keep loading as ``"tile"``."""
+        if "rectangular" not in values and values.get("structure", "circulant") != "kronecker":
+            values = {**values, "rectangular": "tile"}
+        return super().from_dict(values)
 
 
 def tile_size(out_features: int, in_features: int, config: SURMConfig) -> int | None:

@@ -34,6 +34,10 @@ class AdapterConfig:
     """
 
     method: ClassVar[str] = ""
+    # Options a side-by-side run (``rankwise compare`` / ``bench``, benchmarks/) applies unless the user sets
+    # them: a method whose safe default refuses some layers names here the explicit choice that lets it run
+    # on every layer the others adapt (SURM: rectangular layers).
+    comparison_defaults: ClassVar[dict[str, Any]] = {}
 
     targets: Targets = "all-linear"
     exclude: Targets = None
