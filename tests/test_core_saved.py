@@ -4,6 +4,7 @@ ModulesToSaveWrapper), and disable / unload / save / load / summary treat the tw
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -167,19 +168,9 @@ def test_a_failed_load_puts_the_original_head_back(tmp_path):
 # -- against PEFT 0.21.2 -------------------------------------------------------------------------
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = nn.Linear(16, 24)
-        self.head = nn.Linear(24, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.proj(x)))
-
-
 def test_modules_to_save_matches_peft_enabled_disabled_unloaded_and_counted(tmp_path):
     torch.manual_seed(0)
-    base = Net()
+    base = nn.Sequential(OrderedDict(proj=nn.Linear(16, 24), act=nn.ReLU(), head=nn.Linear(24, 3)))
     theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["proj"],
                                                            init_lora_weights=False, modules_to_save=["head"]))
     with torch.no_grad():
