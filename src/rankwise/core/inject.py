@@ -3,6 +3,8 @@
 ``adapt`` is transactional: every adapter is built (and validated against its layer) before the
 model is touched, so a config that does not fit some layer raises without leaving the model half
 adapted. ``unload`` gives back the plain model with the original ``requires_grad`` flags.
+``modules_to_save`` modules train as a copy beside the untouched original (:class:`SavedModule`).
+Quantised layers are refused, never wrapped as float layers (:mod:`rankwise.core.quantised`).
 """
 
 from __future__ import annotations
@@ -180,8 +182,8 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
         )
     method = get_method(config.method)
     names = find_targets(model, config)
-    saved = _modules_to_save(model, config)
     adapters = {name: method.adapter_cls(model.get_submodule(name), config, name) for name in names}
+    saved = {name: SavedModule(model.get_submodule(name)) for name in _modules_to_save(model, config)}
 
     setattr(model, _FLAGS_ATTR, {n: p.requires_grad for n, p in model.named_parameters()})
     for parameter in model.parameters():
@@ -191,8 +193,8 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
         adapter.to(device=base.weight.device, dtype=adapter_dtype(base.weight.dtype))
         adapter.train(base.training)  # a model adapted in eval mode stays in eval mode
         _set_child(model, name, AdaptedLayer(base, adapter))
-    for name in saved:
-        _set_child(model, name, SavedModule(model.get_submodule(name)))
+    for name, module in saved.items():
+        _set_child(model, name, module)
     setattr(model, _CONFIG_ATTR, config)
     return model
 

@@ -3,7 +3,9 @@
 Every method implements :class:`Adapter`. rankwise wraps each targeted layer as
 ``AdaptedLayer(base_layer, adapter)``: the base module is kept as it is (same class, same
 parameters, frozen) under ``base_layer``, so its state-dict keys read ``<path>.base_layer.weight``
-like PEFT's, and the adapter's tensors read ``<path>.adapter.<name>``.
+like PEFT's, and the adapter's tensors read ``<path>.adapter.<name>``. A ``modules_to_save`` module is
+wrapped as ``SavedModule(original)``: the forward runs a trainable copy, the original stays frozen and
+unchanged, so disabling or unloading the adapter gives the base model back.
 
 Adapters see every supported base layer as a linear map ``y = x Wᵀ + b`` with ``W`` of shape
 ``(out_features, in_features)``: :func:`weight_matrix` hides the transposed storage of
