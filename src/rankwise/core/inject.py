@@ -172,6 +172,7 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
         base = model.get_submodule(name)
         adapter.to(device=base.weight.device, dtype=adapter_dtype(base.weight.dtype))
         adapter.train(base.training)  # a model adapted in eval mode stays in eval mode
+        adapter.attach()
         _set_child(model, name, AdaptedLayer(base, adapter))
     for module in saved_modules.values():
         module.requires_grad_(True)
