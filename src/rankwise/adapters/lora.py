@@ -88,7 +88,6 @@ from ..core.config import (
 from ..core.layer import Adapter
 from ..core.registry import PeftFormat, register
 
-
 BASE_CHANGING_INITS = ("pissa", "olora")
 
 
