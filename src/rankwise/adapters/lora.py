@@ -206,7 +206,7 @@ class LoRAAdapter(Adapter):
         """base_out + s·B·A·x, with the scale applied to the r-wide intermediate and one fused addmm."""
         hidden = F.linear(x, self.lora_A.weight) * self.scaling
         out = torch.addmm(
-            base_out.reshape(-1, self.out_features), hidden.reshape(-1, self.r), self.lora_B.weight.T
+            base_out.reshape(-1, self.out_features), hidden.reshape(-1, hidden.shape[-1]), self.lora_B.weight.T
         ).view(base_out.shape)
         if self.lora_B.bias is not None:
             out = out + self.scaling * self.lora_B.bias
