@@ -71,9 +71,12 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
         heads = output_head_names(model)
         names = [n for n in supported if n not in heads and not excluded(n)]
     else:
-        names = []
+        names, named = [], []  # named: every layer a target names, excluded ones too (PEFT accepts those)
         for name, module in modules.items():
-            if not name or not _matches(name, config.targets) or excluded(name):
+            if not name or not _matches(name, config.targets):
+                continue
+            named.append(name)
+            if excluded(name):
                 continue
             if not is_supported_layer(module):
                 raise ValueError(
@@ -83,7 +86,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
                 )
             names.append(name)
         if isinstance(config.targets, list):
-            unmatched = [t for t in config.targets if not any(n == t or n.endswith("." + t) for n in names)]
+            unmatched = [t for t in config.targets if not any(n == t or n.endswith("." + t) for n in named)]
             if unmatched and names:
                 raise ValueError(
                     f"target name(s) {unmatched} match no Linear/Conv1D layer of {type(model).__name__}; "
