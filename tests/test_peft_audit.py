@@ -58,7 +58,7 @@ def saved_peft_adapter(method: str, directory) -> dict[str, Any]:
         model = get_peft_model(base_model(), cls(target_modules=["0", "2"], **kwargs))
     generator = torch.Generator().manual_seed(2)
     with torch.no_grad():
-        for name, parameter in model.named_parameters():
+        for parameter in model.parameters():
             if parameter.requires_grad:
                 parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
     model.save_pretrained(directory)

@@ -263,3 +263,21 @@ def test_inits_not_reproduced_are_refused(init, tmp_path):
         rankwise.import_peft(model, tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), base.parameters()))
     assert not list(rankwise.adapted_layers(model))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_failed_import_leaves_the_base_bit_identical(dtype, tmp_path):
+    """The import fails after PiSSA changed the base (a tensor is missing): the original weights come back."""
+    from safetensors.torch import load_file, save_file
+
+    base = base_net(dtype=dtype)
+    theirs = peft_model(base, "pissa")
+    theirs.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    del tensors[next(key for key in tensors if key.endswith("out.lora_B.weight"))]
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    model = copy.deepcopy(base)
+    with pytest.raises(ValueError, match="missing"):
+        rankwise.import_peft(model, tmp_path)
+    assert not list(rankwise.adapted_layers(model))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), base.parameters()))
