@@ -89,6 +89,21 @@ def non_default(field: dataclasses.Field) -> Any:
     return {"sentinel": 1}  # None, a dict or a config object
 
 
+def peft_lora(base: nn.Module, **kwargs: Any) -> nn.Module:
+    """PEFT LoRA on a copy of ``base`` with random (non-zero) B."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, **kwargs))
+
+
+def imported_like_peft(base: nn.Module, theirs: nn.Module, directory, x: torch.Tensor) -> nn.Module:
+    """Save ``theirs``, import it onto a copy of ``base`` and check both compute the same."""
+    theirs.save_pretrained(directory)
+    ours = rankwise.import_peft(copy.deepcopy(base), directory).eval()
+    torch.testing.assert_close(ours(x), theirs.eval()(x), atol=1e-5, rtol=1e-5)
+    return ours
+
+
 def outputs(model: nn.Module) -> torch.Tensor:
     return model.eval()(torch.randn(3, 16, generator=torch.Generator().manual_seed(1)))
 
@@ -154,44 +169,28 @@ def test_modules_to_save_follow_peft_suffix_rule(tmp_path):
 
     torch.manual_seed(0)
     base = Net()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["proj"], modules_to_save=["head"],
-                                                                init_lora_weights=False))
+    theirs = peft_lora(base, r=2, target_modules=["proj"], modules_to_save=["head"])
     with torch.no_grad():
         theirs.base_model.model.head.modules_to_save["default"].weight.add_(1.0)
         theirs.base_model.model.lm_head.modules_to_save["default"].weight.add_(2.0)
-    theirs.save_pretrained(tmp_path)
-    ours = rankwise.import_peft(copy.deepcopy(base), tmp_path).eval()
-    x = torch.randn(3, 8)
-    torch.testing.assert_close(ours(x), theirs.eval()(x), atol=1e-5, rtol=1e-5)
+    imported_like_peft(base, theirs, tmp_path, torch.randn(3, 8))
 
 
 @pytest.mark.parametrize("exclude", [["0"], "^0$"], ids=["list", "regex"])
 def test_exclude_modules_forms_match_peft(exclude, tmp_path):
     base = base_model()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["0", "2"], exclude_modules=exclude,
-                                                                init_lora_weights=False))
-    theirs.save_pretrained(tmp_path)
-    ours = rankwise.import_peft(copy.deepcopy(base), tmp_path)
+    theirs = peft_lora(base, r=2, target_modules=["0", "2"], exclude_modules=exclude)
+    ours = imported_like_peft(base, theirs, tmp_path, torch.randn(3, 16))
     assert [name for name, _ in rankwise.adapted_layers(ours)] == ["2"]
-    torch.testing.assert_close(outputs(ours), outputs(theirs), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 def test_rank_above_min_shape_imports_like_peft(use_dora, tmp_path):
     """PEFT accepts r > min(out, in) (here r=12 on a 16->8 layer); a file it loads must import."""
     base = base_model()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=12, target_modules=["0", "2"], use_dora=use_dora,
-                                                                init_lora_weights=False))
-    theirs.save_pretrained(tmp_path)
-    ours = rankwise.import_peft(copy.deepcopy(base), tmp_path)
+    theirs = peft_lora(base, r=12, target_modules=["0", "2"], use_dora=use_dora)
+    ours = imported_like_peft(base, theirs, tmp_path, torch.randn(3, 16))
     assert ours[2].adapter.lora_A.weight.shape == (12, 16)
-    torch.testing.assert_close(outputs(ours), outputs(theirs), atol=1e-5, rtol=1e-5)
     rankwise.save(ours, tmp_path / "rw")  # and it round-trips through rankwise's own format
     torch.testing.assert_close(outputs(rankwise.load(copy.deepcopy(base), tmp_path / "rw")), outputs(theirs),
                                atol=1e-5, rtol=1e-5)
