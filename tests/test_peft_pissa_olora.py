@@ -143,11 +143,25 @@ def test_import_on_a_half_base_matches_peft_reload(init, dtype, tmp_path):
     torch.testing.assert_close(ours(inputs(dtype)), reloaded(inputs(dtype)), atol=1e-2, rtol=1e-2)
 
 
-@pytest.mark.parametrize("init", ["pissa", "olora"])
-def test_export_reloads_in_peft(init, tmp_path):
+def test_init_names_are_read_like_peft(tmp_path):
+    """PEFT compares 'olora' (and 'gaussian') case-insensitively."""
     base = base_net()
-    ours = rankwise.adapt(copy.deepcopy(base), rankwise.LoRAConfig(r=4, alpha=6, init_weights=init,
-                                                                   targets=["proj", "out"]))
+    theirs = peft_model(base, "olora")
+    perturb(theirs)
+    theirs.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "init_lora_weights": "OLoRA"}))
+    ours = rankwise.import_peft(copy.deepcopy(base), tmp_path).eval()
+    torch.testing.assert_close(ours(inputs()), peft_reload(base, tmp_path)(inputs()), **TOL)
+    torch.testing.assert_close(ours(inputs()), theirs.eval()(inputs()), **TOL)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_export_reloads_in_peft(init, method, tmp_path):
+    base = base_net()
+    ours = rankwise.adapt(copy.deepcopy(base), rankwise.config(method, r=4, alpha=6, init_weights=init,
+                                                               targets=["proj", "out"]))
     perturb(ours)
     rankwise.export_peft(ours, tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["init_lora_weights"] == init
@@ -232,25 +246,7 @@ def test_import_with_rank_above_min_shape(init, tmp_path):
     assert rankwise.trainable_parameters(ours) == LoRAAdapter.expected_num_params(4, 6, config) == 4 * (4 + 6)
 
 
-@pytest.mark.parametrize("init", ["eva", "orthogonal"])
-def test_inits_that_leave_the_base_alone_import_exactly(init, tmp_path):
-    """EVA and orthogonal inits only choose starting factors, which the file overwrites; PEFT's reload
-    leaves the base untouched, so they import exactly as a plain LoRA."""
-    base = base_net()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["proj", "out"]))
-    perturb(theirs)
-    theirs.save_pretrained(tmp_path)
-    path = tmp_path / "adapter_config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), "init_lora_weights": init}))
-    if init == "eva":
-        pytest.importorskip("peft.tuners.lora.eva")
-    ours = rankwise.import_peft(copy.deepcopy(base), tmp_path).eval()
-    torch.testing.assert_close(ours(inputs()), peft_reload(base, tmp_path)(inputs()), **TOL)
-
-
-@pytest.mark.parametrize("init", ["pissa_niter_4", "corda", "loftq", "mica", "lora_ga", "unknown"])
+@pytest.mark.parametrize("init", ["pissa_niter_4", "corda", "loftq", "eva", "orthogonal", "mica", "lora_ga", "unknown"])
 def test_inits_not_reproduced_are_refused(init, tmp_path):
     base = base_net()
     with warnings.catch_warnings():
@@ -259,7 +255,8 @@ def test_inits_not_reproduced_are_refused(init, tmp_path):
     path = tmp_path / "adapter_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "init_lora_weights": init}))
     model = copy.deepcopy(base)
-    with pytest.raises(ValueError, match=f"init_lora_weights='{init}'.*path_initial_model_for_weight_conversion"):
+    fix = "set init_lora_weights to true" if init in ("eva", "orthogonal") else "path_initial_model_for_weight_conversion"
+    with pytest.raises(ValueError, match=f"init_lora_weights='{init}'.*{fix}"):
         rankwise.import_peft(model, tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), base.parameters()))
     assert not list(rankwise.adapted_layers(model))

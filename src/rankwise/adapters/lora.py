@@ -325,23 +325,23 @@ def _to_peft(config: LoRAConfig) -> dict[str, Any]:
     }
 
 
-# PEFT inits whose reload leaves the base untouched: the file's tensors replace the initial factors,
-# so the adapter imports exactly as a plain LoRA (init True).
-_BASE_UNTOUCHED_PEFT_INITS = ("eva", "orthogonal")
-
-
 def _from_peft(peft_config: dict[str, Any]) -> dict[str, Any]:
     init = peft_config.get("init_lora_weights", True)
-    if init in _BASE_UNTOUCHED_PEFT_INITS:
-        init = True
-    elif init not in (True, False, "gaussian", *BASE_CHANGING_INITS):
-        # pissa_niter_K (randomised SVD), corda, loftq and lora_ga change the base in a way that cannot be
-        # recomputed exactly from the base alone; mica also freezes lora_B in training.
+    if isinstance(init, str) and init.lower() in ("gaussian", "olora"):
+        init = init.lower()  # PEFT compares these two case-insensitively
+    if init not in (True, False, "gaussian", *BASE_CHANGING_INITS):
+        # pissa_niter_K (randomised SVD), corda, loftq and lora_ga change the base in ways the base alone does
+        # not determine; eva, orthogonal and mica are other training setups (mica also freezes lora_B).
+        fix = (
+            "PEFT's reload of this init leaves the base untouched, so if you only need the trained adapter, set "
+            "init_lora_weights to true in adapter_config.json"
+            if init in ("eva", "orthogonal")
+            else "Convert the adapter to a plain LoRA with PEFT (save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...)) or merge it with merge_and_unload"
+        )
         raise ValueError(
             f"PEFT LoRA field init_lora_weights={init!r} is not reproduced by rankwise (it imports True, False, "
-            f"'gaussian', 'pissa', 'olora', and {list(_BASE_UNTOUCHED_PEFT_INITS)}). Convert the adapter to a plain "
-            "LoRA with PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=...)) or merge it with "
-            "merge_and_unload"
+            f"'gaussian', 'pissa' and 'olora'). {fix}"
         )
     if init == "olora" and peft_config.get("fan_in_fan_out"):
         raise ValueError(

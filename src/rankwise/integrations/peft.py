@@ -53,7 +53,13 @@ def _peft_key_map(model: nn.Module, method: Method):
 
 
 def export_peft(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
-    """Write the model's adapter as a PEFT adapter directory that ``PeftModel.from_pretrained`` loads."""
+    """Write the model's adapter as a PEFT adapter directory that ``PeftModel.from_pretrained`` loads.
+
+    The written config is checked with the method's import reader first, so a model PEFT would not
+    reload as rankwise computes it (e.g. OLoRA on a Conv1D layer) raises ``ValueError`` and nothing is
+    written. A PiSSA / OLoRA adapter is written without conversion (``init_lora_weights`` kept): PEFT
+    reloads it onto the *original* base, recomputing the residual, as it does for its own files.
+    """
     config = adapter_config(model)
     method = next(m for m in registered() if m.name == config.method)
     if method.peft is None:
