@@ -112,3 +112,11 @@ def test_gaussian_init_is_peft_normal_with_std_one_over_r():
     assert abs(A.mean().item()) * RANK < 0.05
     assert A.abs().max() > 3 / RANK  # a normal, not a uniform of the same std (max √3·std)
     assert torch.count_nonzero(adapter.lora_B.weight) == 0
+
+
+@pytest.mark.parametrize("init", ["gaussian", "pissa", "olora"])
+def test_lora_bias_needs_the_default_init_like_peft(init):
+    with pytest.raises(ValueError, match="lora_bias=True is only supported"):
+        LoraConfig(r=2, target_modules=["0"], lora_bias=True, init_lora_weights=init)
+    with pytest.raises(ValueError, match=f"lora_bias=True works with init_weights=True or False only.*{init}"):
+        rankwise.LoRAConfig(r=2, lora_bias=True, init_weights=init)

@@ -61,6 +61,7 @@ Where we differ from PEFT, on purpose:
       ``import_peft`` sets it, so every adapter file PEFT loads imports.
     * PiSSA / OLoRA on a half-precision base keep B₀, A₀ in float32 (PEFT rounds them through the
       base dtype before its float32 autocast, so its W_res + s·B₀A₀ is off W by that rounding).
+      They also work on a float64 base (PEFT raises).
     * OLoRA factorises the (m, n) weight also on a transformers ``Conv1D`` layer; PEFT's OLoRA
       factorises the stored (n, m) matrix there (a shape error at the forward, or on a square layer
       an init that changes the model), so such PEFT files are refused by ``import_peft`` and such
@@ -117,6 +118,11 @@ class LoRAConfig(AdapterConfig):
         check_positive_number(owner, "alpha", self.alpha)
         check_dropout(owner, self.dropout)
         check_choice(owner, "init_weights", self.init_weights, [True, False, "gaussian", *BASE_CHANGING_INITS])
+        if self.lora_bias and self.init_weights not in (True, False):
+            raise ValueError(
+                f"{owner}: lora_bias=True works with init_weights=True or False only (as in PEFT, which refuses to "
+                f"load anything else), got init_weights={self.init_weights!r}"
+            )
 
     def factor_width(self, out_features: int, in_features: int) -> int:
         """Columns of B (rows of A): r, or at most min(out, in) for the SVD / QR inits, which have no more."""
@@ -197,8 +203,6 @@ class LoRAAdapter(Adapter):
             A, B = R[:width], Q[:, :width]
         self.lora_A.weight.copy_(A)
         self.lora_B.weight.copy_(B)
-        if self.lora_B.bias is not None:
-            self.lora_B.bias.zero_()
         # (s·B₀)A₀ in this order, as PEFT computes it, so the residual matches PEFT's bit for bit.
         weight.copy_(work - (self.scaling * B) @ A)
 
