@@ -201,3 +201,22 @@ def test_fresh_adapt_still_refuses_rank_above_min_shape():
         rankwise.adapt(base_model(), rankwise.LoRAConfig(r=12, targets=["0", "2"]))
     model = rankwise.adapt(base_model(), rankwise.LoRAConfig(r=12, targets=["0", "2"], allow_excess_rank=True))
     assert rankwise.trainable_parameters(model) == 12 * (16 + 16) + 12 * (16 + 8)
+
+
+def test_sequence_classification_adapter_imports(tmp_path):
+    """PEFT's SEQ_CLS task adds both "classifier" and "score" to modules_to_save; a BERT has only the first,
+    which PEFT accepts (nothing ends with "score"), so the import must too."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16, num_labels=3)
+    base = BertForSequenceClassification(config).eval()
+    theirs = peft_lora(base, task_type="SEQ_CLS", r=2, target_modules=["query", "value"])
+    with torch.no_grad():
+        theirs.base_model.model.classifier.modules_to_save["default"].weight.add_(1.0)
+    theirs.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == ["classifier", "score"]
+    ours = rankwise.import_peft(copy.deepcopy(base), tmp_path).eval()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    torch.testing.assert_close(ours(ids).logits, theirs.eval()(ids).logits, atol=1e-5, rtol=1e-5)
