@@ -124,7 +124,7 @@ def test_registry_names_and_config_by_name():
         ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
         ({"dropout": -0.5}, r"dropout must be in \[0, 1\)"),
         ({"targets": []}, "targets must be"),
-        ({"init_weights": "pissa"}, "init_weights must be one of"),
+        ({"init_weights": "corda"}, "init_weights must be one of"),
     ],
 )
 def test_invalid_configs_raise_at_construction(kwargs, message):

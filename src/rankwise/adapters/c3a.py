@@ -205,7 +205,7 @@ class C3AAdapter(Adapter):
 
 def _to_peft(config: C3AConfig) -> dict[str, Any]:
     init = True if config.init_weights == "zeros" else config.init_weights
-    return {"block_size": config.block_size, "block_size_pattern": {}, "init_weights": init}
+    return {"block_size": config.block_size, "init_weights": init}
 
 
 def _from_peft(peft_config: dict[str, Any]) -> dict[str, Any]:

@@ -180,8 +180,6 @@ def _to_peft(config: GraLoRAConfig) -> dict[str, Any]:
         "hybrid_r": config.hybrid_r,
         "gralora_dropout": config.dropout,
         "init_weights": config.init_weights,
-        "layers_to_transform": None,
-        "layers_pattern": None,
     }
 
 

@@ -82,9 +82,12 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
         for name in names:  # "all-linear" never skips a quantised linear layer in silence
             check_not_quantised(name, modules[name])
     else:
-        names = []
+        names, named = [], []  # named: every layer a target names, excluded ones too (PEFT accepts those)
         for name, module in modules.items():
-            if not name or not _matches(name, config.targets) or excluded(name):
+            if not name or not _matches(name, config.targets):
+                continue
+            named.append(name)
+            if excluded(name):
                 continue
             check_not_quantised(name, module)
             if not is_supported_layer(module):
@@ -95,7 +98,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
                 )
             names.append(name)
         if isinstance(config.targets, list):
-            unmatched = [t for t in config.targets if not any(n == t or n.endswith("." + t) for n in names)]
+            unmatched = [t for t in config.targets if not any(n == t or n.endswith("." + t) for n in named)]
             if unmatched and names:
                 raise ValueError(
                     f"target name(s) {unmatched} match no Linear/Conv1D layer of {type(model).__name__}; "
@@ -192,6 +195,7 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
         base = model.get_submodule(name)
         adapter.to(device=base.weight.device, dtype=adapter_dtype(base.weight.dtype))
         adapter.train(base.training)  # a model adapted in eval mode stays in eval mode
+        adapter.attach()
         _set_child(model, name, AdaptedLayer(base, adapter))
     for name, module in saved.items():
         _set_child(model, name, module)

@@ -73,7 +73,7 @@ class Adapter(nn.Module):
     Contract:
         * ``__init__(base, config, layer_name)`` builds and initialises the trainable tensors from
           the base layer's shape and raises ``ValueError`` (via :meth:`fail`) when the config does
-          not fit the layer.
+          not fit the layer; it never changes the base layer (that is :meth:`attach`'s job).
         * ``forward(x, base_out)`` returns the adapted output, given the frozen layer's output.
           A method that computes the whole output from the weight itself (BoRA, MiSS "bat") sets
           the class attribute ``uses_base_output = False``; the wrapper then skips the frozen
@@ -113,6 +113,14 @@ class Adapter(nn.Module):
 
     def forward(self, x: Tensor, base_out: Tensor | None) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def attach(self) -> None:
+        """Called by ``adapt`` once every adapter of the model is built, validated and moved to its device.
+
+        An init that changes the frozen base (LoRA's PiSSA and OLoRA subtract their initial update from
+        ``W``) does it here, so a config that does not fit a later layer never leaves a base changed.
+        The default does nothing.
+        """
 
     def delta_weight(self) -> Tensor:  # pragma: no cover - abstract
         """Dense ΔW of shape (out_features, in_features) such that the merged weight is W + ΔW."""
