@@ -278,3 +278,22 @@ def test_failed_import_leaves_the_base_bit_identical(dtype, tmp_path):
         rankwise.import_peft(model, tmp_path)
     assert not list(rankwise.adapted_layers(model))
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), base.parameters()))
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_failed_rankwise_load_leaves_the_base_bit_identical(init, tmp_path):
+    """rankwise.load shares the restore: a NaN in the file is refused after the init rewrote the base."""
+    from safetensors.torch import load_file, save_file
+
+    base = base_net()
+    rankwise.save(rankwise.adapt(copy.deepcopy(base), rankwise.LoRAConfig(r=4, init_weights=init,
+                                                                          targets=["proj", "out"])), tmp_path)
+    tensors = load_file(tmp_path / "adapter.safetensors")
+    key = next(key for key in tensors if key.endswith("out.adapter.lora_B.weight"))
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, tmp_path / "adapter.safetensors")
+    model = copy.deepcopy(base)
+    with pytest.raises(ValueError, match="NaN"):
+        rankwise.load(model, tmp_path)
+    assert not list(rankwise.adapted_layers(model))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), base.parameters()))

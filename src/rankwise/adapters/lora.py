@@ -131,6 +131,10 @@ class LoRAConfig(AdapterConfig):
         return self.r
 
     @property
+    def changes_base_weights(self) -> bool:
+        return self.init_weights in BASE_CHANGING_INITS
+
+    @property
     def scaling(self) -> float:
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
 

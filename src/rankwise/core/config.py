@@ -65,6 +65,12 @@ class AdapterConfig:
     def validate(self) -> None:
         """Check the method's own hyper-parameters; raise ``ValueError`` naming the fix."""
 
+    @property
+    def changes_base_weights(self) -> bool:
+        """True when adapting rewrites the targeted base weights (LoRA's PiSSA / OLoRA inits): loaders keep a
+        copy of those weights and put it back if the load fails."""
+        return False
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready fields of this config (the method name is stored beside it)."""
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .._version import __version__
-from .inject import adapt, adapted_layers, adapter_config, saved_modules, unload
+from .inject import adapt, adapted_layers, adapter_config, find_targets, saved_modules, unload
 from .layer import is_supported_layer, linear_shape
 from .quantised import FLOAT_DTYPES, check_not_quantised
 from .registry import get_method
@@ -215,7 +215,13 @@ def load_state_into(
 
     ``key_map`` turns each of the model's adapter-state keys into the key it has in ``tensors``
     (identity by default); a key mapped to None keeps its freshly initialised value.
+    A config that rewrites the base weights (``config.changes_base_weights``: PiSSA / OLoRA) gets them back
+    bit for bit on failure; the clean-up's ``unload(merge=False)`` alone would leave the residual, as PEFT's
+    ``unload`` does.
     """
+    kept = {}
+    if config.changes_base_weights:
+        kept = {name: base_model.get_submodule(name).weight.detach().clone() for name in find_targets(base_model, config)}
     model = adapt(base_model, config)
     try:
         expected = adapter_state(model)
@@ -241,5 +247,8 @@ def load_state_into(
                 target.copy_(value)
     except BaseException:
         unload(model, merge=False)
+        with torch.no_grad():
+            for name, weight in kept.items():
+                model.get_submodule(name).weight.copy_(weight)
         raise
     return model

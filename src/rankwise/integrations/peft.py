@@ -15,17 +15,13 @@ or a field rankwise reproduces exactly (the shared ones below, and every field t
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from ..adapters.lora import BASE_CHANGING_INITS
-from ..core.inject import adapted_layers, adapter_config, find_targets
+from ..core.inject import adapted_layers, adapter_config
 from ..core.io import adapter_state, load_state_into, read_json, read_tensors, save_json, save_tensors
 from ..core.layer import is_fan_in_fan_out
 from ..core.registry import Method, registered
@@ -162,23 +158,6 @@ def _method_for(peft_config: dict[str, Any], source: Path) -> Method:
     raise ValueError(f"{source}: PEFT adapter type {peft_type!r} is not supported; rankwise imports {supported}")
 
 
-@contextlib.contextmanager
-def _bases_restored_on_failure(model: nn.Module, config: Any) -> Iterator[None]:
-    """PiSSA / OLoRA change the targeted base weights inside ``adapt``; if the load fails after that, put
-    the original weights back bit for bit (the loader's clean-up, ``unload(merge=False)``, keeps the
-    residual, as PEFT's ``unload`` does). Other inits leave the base alone and need no copy."""
-    kept = {}
-    if getattr(config, "init_weights", None) in BASE_CHANGING_INITS:
-        kept = {name: model.get_submodule(name).weight.detach().clone() for name in find_targets(model, config)}
-    try:
-        yield
-    except BaseException:
-        with torch.no_grad():
-            for name, weight in kept.items():
-                model.get_submodule(name).weight.copy_(weight)
-        raise
-
-
 def import_peft(base_model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
     """Adapt ``base_model`` with an adapter saved by PEFT's ``save_pretrained`` and load its tensors.
 
@@ -221,5 +200,4 @@ def import_peft(base_model: nn.Module, directory: str | os.PathLike[str]) -> nn.
             built["map"] = _peft_key_map(base_model, method)
         return built["map"](key)
 
-    with _bases_restored_on_failure(base_model, config):
-        return load_state_into(base_model, config, tensors, source=str(directory), key_map=key_map)
+    return load_state_into(base_model, config, tensors, source=str(directory), key_map=key_map)
