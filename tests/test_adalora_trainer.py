@@ -99,3 +99,12 @@ def test_rankwise_own_training_loop_allocates(tmp_path):
     want = adapter_state(straight)
     for key, value in adapter_state(resumed).items():
         torch.testing.assert_close(value, want[key], atol=1e-6, rtol=0, msg=key)
+
+
+def test_side_by_side_runs_give_adalora_the_run_length():
+    """rankwise finetune / compare / bench build every method's config; AdaLoRA gets total_step from the run."""
+    from rankwise.experiment.finetune import with_run_length
+
+    assert with_run_length("adalora", {"init_r": 4}, 120) == {"init_r": 4, "total_step": 120}
+    assert with_run_length("adalora", {"total_step": 50}, 120) == {"total_step": 50}
+    assert with_run_length("lora", {"r": 4}, 120) == {"r": 4}

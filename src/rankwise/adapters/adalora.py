@@ -174,6 +174,7 @@ def _to_peft(config: AdaLoRAConfig) -> dict[str, Any]:
         )
     return {
         **{name: getattr(config, name) for name in _SHARED},
+        "r": 8,  # PEFT's AdaLoRA ignores r (it warns unless r is LoraConfig's default, 8)
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
         "init_lora_weights": config.init_weights,
@@ -229,8 +230,7 @@ register(
     "adalora",
     AdaLoRAConfig,
     AdaLoRAAdapter,
-    peft=PeftFormat("ADALORA", lambda c: True, _to_peft, _from_peft, {}, own_options=("rank_pattern",),
-                    prepare_export=_prepare_export),
+    peft=PeftFormat("ADALORA", lambda c: True, _to_peft, _from_peft, {}, prepare_export=_prepare_export),
     allocator=AdaLoRAAllocator.from_config,
 )
 

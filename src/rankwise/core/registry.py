@@ -34,8 +34,6 @@ class PeftFormat:
         to_peft_config: rankwise config -> the method-specific PEFT config fields.
         from_peft_config: PEFT config dict -> keyword arguments of the rankwise config.
         tensor_names: rankwise adapter tensor name -> PEFT's on-disk local name (identity when absent).
-        own_options: PEFT per-layer options (``rank_pattern``, ...) that ``from_peft_config`` carries
-            over, so ``import_peft`` does not refuse them.
         prepare_export: ``(model, payload, tensors)`` -> None, called by ``export_peft`` to adjust the
             config payload and the adapter tensors (keyed as in ``rankwise.save``) in place, for
             methods whose PEFT file depends on training state (AdaLoRA's rank pattern).
@@ -46,7 +44,6 @@ class PeftFormat:
     to_peft_config: Callable[[AdapterConfig], dict[str, Any]]
     from_peft_config: Callable[[dict[str, Any]], dict[str, Any]]
     tensor_names: dict[str, str]
-    own_options: tuple[str, ...] = ()
     prepare_export: Callable[[nn.Module, dict[str, Any], dict[str, Tensor]], None] | None = None
 
 

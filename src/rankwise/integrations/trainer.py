@@ -243,9 +243,9 @@ def check_trainable(model: nn.Module | None) -> None:
     """``ValueError`` unless the model is adapted and exactly its adapter (and ``modules_to_save``)
     parameters, at least one of them, require gradients."""
     model = _adapted(model)
-    allowed = set(adapter_state(model))
+    allowed = {id(tensor) for tensor in adapter_state(model, keep_vars=True).values()}
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
-    extra = [name for name in trainable if name not in allowed]
+    extra = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in allowed]
     if extra:
         raise ValueError(
             f"RankwiseCallback: parameters outside the rankwise adapter are trainable: {_limited(extra)}. "
