@@ -87,6 +87,7 @@ from ..core.config import (
     config_field,
 )
 from ..core.layer import Adapter
+from ..core.rank import RankComponents
 from ..core.registry import PeftFormat, register
 
 BASE_CHANGING_INITS = ("pissa", "olora")
@@ -151,8 +152,15 @@ class DoRAConfig(LoRAConfig):
             raise ValueError("DoRAConfig: lora_bias is not supported with DoRA (as in PEFT); set lora_bias=False")
 
 
-class LoRAAdapter(Adapter):
-    """ΔW = s·B·A, applied as two thin matmuls; the dense B·A is only built for merging."""
+class LoRAAdapter(RankComponents, Adapter):
+    """ΔW = s·B·A, applied as two thin matmuls; the dense B·A is only built for merging.
+
+    Rank components (for allocators, ``rankwise.core.rank``): row i of A with column i of B; masking
+    zeroes column i of B (A's row keeps its gradient, so the optimiser may revive it); new components
+    get A rows as at init and zero B columns. The scale s stays α/r of the rank the adapter was built with.
+    """
+
+    masked_tensor = "lora_B.weight"
 
     def __init__(self, base: nn.Module, config: LoRAConfig, layer_name: str = "") -> None:
         super().__init__(base, config, layer_name)
@@ -240,6 +248,19 @@ class LoRAAdapter(Adapter):
 
     def describe(self) -> str:
         return f"r={self.r}, s={self.scaling:g}" + (f", init={self.init}" if self.changes_base else "")
+
+    # -- rank components -------------------------------------------------------------------------
+
+    def rank_tensors(self) -> dict[str, tuple[nn.Parameter, int]]:
+        return {"lora_A.weight": (self.lora_A.weight, 0), "lora_B.weight": (self.lora_B.weight, 1)}
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        return self.lora_A.weight, self.lora_B.weight
+
+    def new_components(self, count: int) -> dict[str, Tensor]:
+        a = self.lora_A.weight.new_empty(count, self.in_features)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # U(-1/sqrt(n), 1/sqrt(n)), as the init's rows
+        return {"lora_A.weight": a, "lora_B.weight": self.lora_B.weight.new_zeros(self.out_features, count)}
 
 
 class DoRAAdapter(LoRAAdapter):

@@ -25,6 +25,7 @@ from .._version import __version__
 from .inject import adapt, adapted_layers, adapter_config, find_targets, saved_modules, unload
 from .layer import is_supported_layer, linear_shape
 from .quantised import FLOAT_DTYPES, check_not_quantised
+from .rank import load_allocator, save_allocator
 from .registry import get_method
 
 CONFIG_FILE = "adapter_config.json"
@@ -159,6 +160,7 @@ def save(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     directory = Path(directory)
     save_tensors(directory / WEIGHTS_FILE, adapter_state(model), metadata={"format": FORMAT, "method": config.method})
     save_json(directory / CONFIG_FILE, payload)
+    save_allocator(model, directory)
     return directory
 
 
@@ -177,7 +179,13 @@ def load(base_model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
     config = method.config_cls.from_dict(payload["config"])
     tensors = read_tensors(directory / WEIGHTS_FILE, "rankwise.load")
     check_layers_fit(base_model, payload.get("layers", {}), directory)
-    return load_state_into(base_model, config, tensors, source=str(directory))
+    model = load_state_into(base_model, config, tensors, source=str(directory))
+    try:
+        load_allocator(model, directory)
+    except BaseException:
+        unload(model, merge=False)
+        raise
+    return model
 
 
 def check_layers_fit(base_model: nn.Module, layers: dict[str, dict[str, int]], source: Any) -> None:

@@ -197,7 +197,8 @@ def run_one(prepared: Prepared, method: str, options: dict[str, Any], args: argp
     scores: dict[str, float] = {}
     try:
         for lr in rates:
-            model, config = adapted_classifier(prepared, method, config_options, parse_targets(args.targets), args.seed)
+            model, config = adapted_classifier(prepared, method, config_options, parse_targets(args.targets), args.seed,
+                                               settings.total_steps(len(prepared.train)))
             trained = train_and_test(model, prepared, dataclasses.replace(settings, lr=lr), method,
                                      validate=len(rates) > 1)
             score = trained.history.evaluations[-1][1].macro_f1 if trained.history.evaluations else 0.0

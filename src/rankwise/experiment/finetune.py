@@ -319,12 +319,21 @@ class Trained:
         return statistics.median(self.step_seconds) if self.step_seconds else self.train_seconds / max(1, self.steps)
 
 
+def with_run_length(method: str, options: dict[str, Any], steps: int) -> dict[str, Any]:
+    """``options`` with ``total_step=steps`` for a method whose schedule needs the run length (AdaLoRA), unless set."""
+    if "total_step" in option_names(method) and options.get("total_step") is None:
+        return {**options, "total_step": steps}
+    return options
+
+
 def adapted_classifier(
-    prepared: Prepared, method: str, options: dict[str, Any], targets: list[str] | str, seed: int
+    prepared: Prepared, method: str, options: dict[str, Any], targets: list[str] | str, seed: int, steps: int
 ) -> tuple[nn.Module, AdapterConfig]:
-    """A fresh classifier (head initialised from ``seed``) adapted with ``method``; its head is trained in full."""
+    """A fresh classifier (head initialised from ``seed``) adapted with ``method`` for a run of ``steps``
+    optimizer steps; its head is trained in full."""
     torch.manual_seed(seed)
     model = load_classifier(prepared.model_path, prepared.splits.train.label_names)
+    options = with_run_length(method, options, steps)
     config = make_config(method, targets=targets, modules_to_save=head_modules(model), **options)
     return adapt(model, config), config
 
@@ -380,9 +389,10 @@ def run(args: argparse.Namespace) -> int:
     labels = prepared.splits.train.label_names
     output = Path(args.output_dir or f"runs/finetune-{run_name(args)}-{args.method}")
 
-    model, config = adapted_classifier(prepared, args.method, options, targets, args.seed)
-    print(f"method {args.method}: {trainable_parameters(model):,} trainable parameters, targets {config.targets}")
     settings = settings_from(args, args.lr)
+    model, config = adapted_classifier(prepared, args.method, options, targets, args.seed,
+                                       settings.total_steps(len(prepared.train)))
+    print(f"method {args.method}: {trainable_parameters(model):,} trainable parameters, targets {config.targets}")
     adapted = train_and_test(model, prepared, settings, args.method)
     save(model, output)
 

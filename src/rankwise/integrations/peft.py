@@ -80,8 +80,11 @@ def export_peft(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     # What import_peft would refuse, PEFT would not reload as this model computes it (e.g. OLoRA on Conv1D).
     method.peft.from_peft_config(payload)
     to_peft = _peft_key_map(model, method)
+    state = adapter_state(model)
+    if method.peft.prepare_export is not None:
+        method.peft.prepare_export(model, payload, state)
     tensors = {}
-    for key, value in adapter_state(model).items():
+    for key, value in state.items():
         peft_key = to_peft(key)
         if peft_key is not None:
             tensors[peft_key] = value
