@@ -108,8 +108,7 @@ class AdaLoRAAdapter(RankComponents, Adapter):
         if config.init_r > limit:
             raise self.fail(f"init_r={config.init_r} exceeds min(out, in)={limit}",
                             f"Use init_r <= {limit} or exclude this layer from targets")
-        pattern = (config.rank_pattern or {}).get(layer_name)
-        self.r = sum(pattern) if pattern is not None else config.init_r
+        self.r = self._start_rank(config, layer_name)
         self.alpha = config.alpha
         self.init_r = config.init_r
         self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
@@ -119,6 +118,11 @@ class AdaLoRAAdapter(RankComponents, Adapter):
         self.lora_B = nn.Parameter(fresh["lora_B"])
         # PEFT's ranknum: float(init_r), not trained and not saved; a buffer so that it follows .to().
         self.register_buffer("ranknum", torch.tensor(float(config.init_r)), persistent=False)
+
+    def _start_rank(self, config: Any, layer_name: str) -> int:
+        """The rank the layer is built at: the kept components of its ``rank_pattern`` entry, else init_r."""
+        pattern = (config.rank_pattern or {}).get(layer_name)
+        return sum(pattern) if pattern is not None else config.init_r
 
     def _draw(self, count: int, init_weights: bool) -> dict[str, Tensor]:
         """A, E, B drawn from the global generator in PEFT's order (randn A, E, B, then one randn(1) for
