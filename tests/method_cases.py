@@ -90,4 +90,11 @@ CASES: dict[str, Case] = {
              {"orth_reg": "l1"}, {"alpha": 0}, {"dropout": 1.0}, {"rank_pattern": {"up": [True]}}],
         unfit=[{"init_r": 33, "target_r": 2}],
     ),
+    "elalora": Case(
+        kwargs={"init_r": 4, "total_step": 10, "alpha": 8},
+        bad=[{"init_r": 0}, {"init_r": 1}, {"b": 0}, {"k": 0}, {"scheduler": "yes"}, {"total_step": None},
+             {"tinit": 5, "tfinal": 5}, {"deltaT": 0}, {"beta1": 1.0}, {"orth_reg_weight": -1.0}, {"orth_reg": "l1"},
+             {"alpha": 0}, {"dropout": 1.0}, {"seed": -1}, {"rank_pattern": {"up": 0}}],
+        unfit=[{"init_r": 33}, {"rank_pattern": {"up": 40}}],
+    ),
 }

@@ -126,6 +126,11 @@ class RankComponents:
                 if isinstance(value, Tensor) and value.shape == parameter.shape:
                     state[key] = follow(value, dim)
             grad = None if parameter.grad is None else follow(parameter.grad, dim)
+            # torch keeps a leaf's gradient accumulator (with the old shape) while any graph built on it is
+            # alive, e.g. the previous step's loss, and drops it only when .data changes dtype or device: pass
+            # through another dtype so that the next backward pass accumulates at the new shape.
+            other = torch.float32 if parameter.dtype == torch.float64 else torch.float64
+            parameter.data = parameter.data.new_empty(0, dtype=other)
             parameter.data = values[name].contiguous()
             parameter.grad = grad  # after .data: a gradient must have the parameter's shape
         self.r = rank
