@@ -154,8 +154,11 @@ def test_scheduler_decays_b_cubically_and_rounds_fall_on_the_grid():
     assert [t for t in range(20) if allocator.is_round(t)] == [4, 6, 8, 10, 12, 14, 16]
     plain = rankwise.allocator(adapted(scheduler=False, b=2))
     assert [plain.moved(t) for t in (4, 16, 19)] == [2, 2, 2]
+    assert [plain.is_round(t) for t in (2, 16, 17, 18)] == [False, True, False, False]
     late = rankwise.allocator(adapted(b=1))  # round(1 - p^3) = 0 once p^3 > 0.5 (t >= 14)
     assert [t for t in range(20) if late.is_round(t)] == [4, 6, 8, 10, 12]
+    odd = rankwise.allocator(adapted(tinit=3, scheduler=False))  # the grid counts from t_init
+    assert [t for t in range(20) if odd.is_round(t)] == [5, 7, 9, 11, 13, 15]
 
 
 def test_ranks_move_only_in_the_adjustment_window_with_the_total_kept():
@@ -210,7 +213,7 @@ def at_round(**overrides):
 
 
 def test_pruned_components_are_the_lowest_offers_and_new_ones_add_nothing():
-    model, optimizer, allocator, used = at_round()
+    model, _, allocator, used = at_round()
     before = tensors(model)
     x = torch.randn(5, 16, generator=torch.Generator().manual_seed(7))
     allocator.step(4)
@@ -306,6 +309,9 @@ def test_new_components_are_orthonormal_even_when_the_old_ones_are_not():
     assert torch.allclose(a @ a.T, torch.eye(3, dtype=torch.float64), atol=1e-6)
     expected = torch.tensor(min(adapter.lora_E.abs().min().item(), 1e-13)).item()  # 1e-13 in float32
     assert fresh["lora_E"].view(-1).tolist() == [expected] * 3
+    with torch.no_grad():
+        adapter.lora_E[2] = 0.0  # a zero singular value: the new ones are min(min |E|, 1e-13) = 0
+    assert not adapter.new_components(2)["lora_E"].any()
 
 
 def test_resize_in_place_on_lora_moves_sgd_momentum_too():

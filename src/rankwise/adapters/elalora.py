@@ -50,7 +50,14 @@ from torch import Tensor
 
 from ..allocation.adalora import check_schedule
 from ..allocation.elalora import ElaLoRAAllocator
-from ..core.config import AdapterConfig, check_choice, check_dropout, check_positive_int, check_positive_number, config_field
+from ..core.config import (
+    AdapterConfig,
+    check_choice,
+    check_dropout,
+    check_positive_int,
+    check_positive_number,
+    config_field,
+)
 from ..core.registry import register
 from .adalora import AdaLoRAAdapter
 

@@ -217,10 +217,10 @@ class ElaLoRAAllocator(AdaLoRAAllocator):
                 keep[pruned[name]] = False
                 index = keep.nonzero().view(-1)
                 adapter.keep_components(keep, self.optimizer)
-                self._resize_statistics(name, adapter, lambda t, d: t.index_select(d, index.to(t.device)))
+                self._resize_statistics(name, adapter, lambda t, d, index=index: t.index_select(d, index.to(t.device)))
             if grown[name]:
                 adapter.grow_components(grown[name], self.optimizer)
-                self._resize_statistics(name, adapter, lambda t, d: zero_padded(t, d, grown[name]))
+                self._resize_statistics(name, adapter, lambda t, d, count=grown[name]: zero_padded(t, d, count))
         self.allocations += 1
         if self.config is not None:
             self.config.rank_pattern = self.ranks()

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -211,7 +211,7 @@ class Allocator(ABC):
         """A term to add to the training loss, or None when the method has none."""
         return None
 
-    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:  # noqa: B027 - optional hook, no-op by default
         """Tell the allocator which optimizer trains the adapter (an allocator that resizes tensors keeps that
         optimizer's state in step with them). ``RankwiseCallback`` and rankwise's own loop call it; the base
         allocator does not need it."""
