@@ -142,6 +142,31 @@ def test_b_beyond_the_pool_is_clipped_with_a_warning():
     assert pruned == {"a": [1, 0], "b": [1]} and grown == {"a": 2, "b": 1}
 
 
+def test_scores_are_sensitivity_times_uncertainty_with_means_over_the_vectors():
+    model = adapted(beta1=0.8, beta2=0.9)
+    optimizer = adamw(model)
+    allocator = rankwise.allocator(model)
+    allocator.attach_optimizer(optimizer)
+    ipt: dict[str, torch.Tensor] = {}
+    unc: dict[str, torch.Tensor] = {}
+    for step in range(4):  # no round before t = 4
+        backward(model, step)
+        optimizer.step()
+        for name, adapter in adapters(model).items():
+            for tensor in ("lora_A", "lora_E", "lora_B"):
+                p = getattr(adapter, tensor)
+                key = f"{name}.{tensor}"
+                now = (p * p.grad).abs().detach()
+                ipt[key] = 0.8 * ipt.get(key, torch.zeros_like(now)) + 0.2 * now
+                unc[key] = 0.9 * unc.get(key, torch.zeros_like(now)) + 0.1 * (now - ipt[key]).abs()
+        allocator.step(step)
+        optimizer.zero_grad()
+    for name, score in allocator.scores().items():
+        s = {t: ipt[f"{name}.{t}"] * unc[f"{name}.{t}"] for t in ("lora_A", "lora_E", "lora_B")}
+        expected = s["lora_E"].view(-1) + s["lora_A"].mean(dim=1) + s["lora_B"].mean(dim=0)
+        torch.testing.assert_close(score, expected, atol=0, rtol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------
 # The schedule
 # ----------------------------------------------------------------------------------------------

@@ -88,10 +88,9 @@ def plan(scores: dict[str, Tensor], caps: dict[str, int], moved: int,
         values = scores[name].tolist()
         offered = sorted(range(len(values)), key=lambda i: (values[i], i))[:min(k, len(values) - 1)]
         pool.extend((values[i], position, i) for i in offered)
-    if moved > len(pool):
+    if moved > len(pool):  # the slots below stop at the pool's end: this many are moved
         warnings.warn(f"ElaLoRA: b_t={moved} exceeds the {len(pool)} components the layers offer "
                       f"(k_l = min(k, r_l - 1)); moving {len(pool)}", stacklevel=3)
-        moved = len(pool)
     grown = dict.fromkeys(names, 0)
     placed = 0
     for _, position, _ in sorted(pool, key=lambda c: (-c[0], c[1], c[2])):
