@@ -464,3 +464,16 @@ def test_allocator_on_a_model_without_rank_components_is_refused():
     model = rankwise.adapt(base(), rankwise.config("c3a", targets=["proj"], block_size=8))
     with pytest.raises(ValueError, match="method 'c3a' has none; the supported methods are"):
         ElaLoRAAllocator(model, total_step=10)
+
+
+def test_finetune_options_of_a_method_that_needs_the_run_length_are_accepted():
+    """``rankwise finetune --method elalora|adalora``: the early option check does not ask for total_step."""
+    from rankwise import cli
+    from rankwise.experiment import finetune
+
+    for argv in (["--method", "elalora", "--init-r", "4", "--set", "deltaT=3"], ["--method", "adalora"]):
+        args = cli.build_parser().parse_args(["finetune", *argv])
+        assert "total_step" not in finetune.method_options(args)
+    args = cli.build_parser().parse_args(["finetune", "--method", "elalora", "--init-r", "1"])
+    with pytest.raises(ValueError, match="init_r must be >= 2"):
+        finetune.method_options(args)

@@ -83,7 +83,7 @@ class ElaLoRAConfig(AdapterConfig):
     alpha: float = config_field(16.0, "scaling numerator: ΔW = alpha / init_r · B (A ⊙ E)")
     dropout: float = config_field(0.0, "dropout probability on the adapter branch's input")
     init_weights: bool = config_field(True, "True: E = 0, A and B ~ N(0, 0.02^2); False: all N(0, 1)")
-    seed: int = config_field(0, "seed of the generator that draws the expanded components")
+    expansion_seed: int = config_field(0, "seed of the generator that draws the expanded components")
     rank_pattern: dict[str, int] | None = field(  # field(): ruff wants a visible default for a dict
         default=None, metadata={"help": "{layer: rank}: build the layers at those ranks (written by the allocator)"})
 
@@ -102,8 +102,8 @@ class ElaLoRAConfig(AdapterConfig):
         check_positive_number(owner, "alpha", self.alpha)
         check_dropout(owner, self.dropout)
         check_choice(owner, "init_weights", self.init_weights, [True, False])
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"{owner}: seed must be an integer >= 0, got {self.seed!r}")
+        if isinstance(self.expansion_seed, bool) or not isinstance(self.expansion_seed, int) or self.expansion_seed < 0:
+            raise ValueError(f"{owner}: expansion_seed must be an integer >= 0, got {self.expansion_seed!r}")
         for name, rank in (self.rank_pattern or {}).items():
             if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
                 raise ValueError(f"{owner}: rank_pattern['{name}'] must be a rank >= 1, got {rank!r}")

@@ -44,7 +44,7 @@ Where rankwise decides differently from the official code, on purpose:
       ids with integer state keys and never matches: every round resets all Adam moments, merges the
       parameter groups, and leaves the learning-rate schedule bound to the dead optimizer (constant
       peak lr after the first round). That is a bug of the code, not part of the method;
-    * the new components are drawn from the allocator's own generator (``seed``), not the global one,
+    * the new components are drawn from the allocator's own generator (``expansion_seed``), not the global one,
       so that training randomness is the same with and without ElaLoRA and a resume is exact;
     * layers at rank 1 offer nothing, so they can neither shrink nor grow (as in the official code).
 
@@ -154,7 +154,7 @@ class ElaLoRAAllocator(AdaLoRAAllocator):
         return cls(model, total_step=config.total_step, b=config.b, k=config.k, scheduler=config.scheduler,
                    tinit=config.tinit, tfinal=config.tfinal, deltaT=config.deltaT, beta1=config.beta1,
                    beta2=config.beta2, orth_reg_weight=config.orth_reg_weight, orth_reg=config.orth_reg,
-                   seed=config.seed, config=config)
+                   seed=config.expansion_seed, config=config)
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """The optimizer whose per-parameter state is resized with the adapter's tensors at every round."""

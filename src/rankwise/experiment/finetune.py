@@ -147,12 +147,14 @@ def parse_targets(text: str) -> list[str] | str:
 
 def check_options(method_name: str, values: dict[str, Any]) -> None:
     """Raise unless every key of ``values`` is a hyper-parameter of the method (not a shared field) and the
-    method's config accepts the values (``--r 0`` fails here, before any model or data is loaded)."""
+    method's config accepts the values (``--r 0`` fails here, before any model or data is loaded). A method
+    that needs the run length (``total_step``) is checked here with a long placeholder run, and again with
+    the real one by :func:`adapted_classifier`."""
     known = option_names(method_name) - COMMON_FIELDS
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"method {method_name!r} has no option(s) {unknown}; its options are {sorted(known)}")
-    make_config(method_name, **values)
+    make_config(method_name, **with_run_length(method_name, values, 10**9))
 
 
 def parse_assignment(item: str, form: str = "KEY=VALUE") -> tuple[str, Any]:
