@@ -58,16 +58,14 @@ from ..core.registry import PeftFormat, register
 
 
 @dataclass(kw_only=True)
-class AdaLoRAConfig(AdapterConfig):
-    """AdaLoRA hyper-parameters, named and defaulted as PEFT's ``AdaLoraConfig`` (``lora_alpha`` is ``alpha``)."""
-
-    method = "adalora"
+class SVDConfig(AdapterConfig):
+    """Fields of an SVD-shaped adapter whose rank an importance schedule allocates (AdaLoRA, ElaLoRA): one
+    name and meaning for both, with PEFT's AdaLoRA defaults (a subclass may redeclare a default)."""
 
     init_r: int = config_field(12, "initial rank of every adapted layer")
-    target_r: int = config_field(8, "average rank per layer at the end of the budget phase")
-    tinit: int = config_field(0, "warm-up steps before any masking")
-    tfinal: int = config_field(0, "final steps at the fixed target pattern")
-    deltaT: int = config_field(1, "steps between two allocations in the budget phase")
+    tinit: int = config_field(0, "warm-up steps before any rank allocation")
+    tfinal: int = config_field(0, "final steps with the rank pattern fixed")
+    deltaT: int = config_field(1, "steps between two rank allocations")
     beta1: float = config_field(0.85, "EMA factor of the sensitivity")
     beta2: float = config_field(0.85, "EMA factor of the uncertainty")
     orth_reg_weight: float = config_field(0.5, "weight of the orthogonal regulariser")
@@ -76,21 +74,41 @@ class AdaLoRAConfig(AdapterConfig):
     alpha: float = config_field(8.0, "scaling numerator: ΔW = alpha / init_r · B (A ⊙ E)")
     dropout: float = config_field(0.0, "dropout probability on the adapter branch's input")
     init_weights: bool = config_field(True, "True: E = 0, A and B ~ N(0, 0.02^2); False: all N(0, 1)")
-    rank_pattern: dict[str, list[bool]] | None = field(  # field(): ruff wants a visible default for a dict
-        default=None, metadata={"help": "{layer: kept components of init_r}: build the layers at those ranks"})
+
+    def final_rank(self) -> int:
+        """The average rank per layer at the end of the schedule."""
+        return self.init_r
 
     def validate(self) -> None:
         owner = type(self).__name__
         check_positive_int(owner, "init_r", self.init_r)
-        check_schedule(owner, total_step=self.total_step, target_r=self.target_r, tinit=self.tinit,
+        check_schedule(owner, total_step=self.total_step, target_r=self.final_rank(), tinit=self.tinit,
                        tfinal=self.tfinal, deltaT=self.deltaT, beta1=self.beta1, beta2=self.beta2,
                        orth_reg_weight=self.orth_reg_weight, orth_reg=self.orth_reg)
-        if self.target_r > self.init_r:
-            raise ValueError(f"{owner}: target_r ({self.target_r}) must not exceed init_r ({self.init_r}); "
-                             "AdaLoRA only removes rank")
         check_positive_number(owner, "alpha", self.alpha)
         check_dropout(owner, self.dropout)
         check_choice(owner, "init_weights", self.init_weights, [True, False])
+
+
+@dataclass(kw_only=True)
+class AdaLoRAConfig(SVDConfig):
+    """AdaLoRA hyper-parameters, named and defaulted as PEFT's ``AdaLoraConfig`` (``lora_alpha`` is ``alpha``)."""
+
+    method = "adalora"
+
+    target_r: int = config_field(8, "average rank per layer at the end of the budget phase")
+    rank_pattern: dict[str, list[bool]] | None = field(  # field(): ruff wants a visible default for a dict
+        default=None, metadata={"help": "{layer: kept components of init_r}: build the layers at those ranks"})
+
+    def final_rank(self) -> int:
+        return self.target_r
+
+    def validate(self) -> None:
+        super().validate()
+        owner = type(self).__name__
+        if self.target_r > self.init_r:
+            raise ValueError(f"{owner}: target_r ({self.target_r}) must not exceed init_r ({self.init_r}); "
+                             "AdaLoRA only removes rank")
         for name, pattern in (self.rank_pattern or {}).items():
             if not isinstance(pattern, list) or len(pattern) != self.init_r or not all(
                     isinstance(b, bool) for b in pattern):
@@ -238,4 +256,4 @@ register(
     allocator=AdaLoRAAllocator.from_config,
 )
 
-__all__ = ["AdaLoRAAdapter", "AdaLoRAAllocator", "AdaLoRAConfig"]
+__all__ = ["AdaLoRAAdapter", "AdaLoRAAllocator", "AdaLoRAConfig", "SVDConfig"]

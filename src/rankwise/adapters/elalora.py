@@ -48,60 +48,41 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..allocation.adalora import check_schedule
 from ..allocation.elalora import ElaLoRAAllocator
-from ..core.config import (
-    AdapterConfig,
-    check_choice,
-    check_dropout,
-    check_positive_int,
-    check_positive_number,
-    config_field,
-)
+from ..core.config import check_choice, check_positive_int, config_field
 from ..core.registry import register
-from .adalora import AdaLoRAAdapter
+from .adalora import AdaLoRAAdapter, SVDConfig
 
 
 @dataclass(kw_only=True)
-class ElaLoRAConfig(AdapterConfig):
-    """ElaLoRA hyper-parameters (module docstring: names, defaults and the official ones)."""
+class ElaLoRAConfig(SVDConfig):
+    """ElaLoRA hyper-parameters (module docstring: names, defaults and the official ones); the fields shared
+    with AdaLoRA are :class:`~rankwise.adapters.adalora.SVDConfig`'s, some with ElaLoRA's defaults."""
 
     method = "elalora"
 
     init_r: int = config_field(10, "initial rank of every adapted layer; the total rank stays L * init_r")
-    b: int = config_field(4, "components moved (pruned and added) per reallocation round")
-    k: int = config_field(2, "lowest-scored components each layer offers per round")
-    scheduler: bool = config_field(True, "decay b cubically to 0 at total_step - tfinal (official enable_scheduler)")
     tinit: int = config_field(1, "warm-up steps before any reallocation")
     tfinal: int = config_field(1, "final steps with frozen ranks")
     deltaT: int = config_field(10, "steps between two reallocation rounds")
-    beta1: float = config_field(0.85, "EMA factor of the sensitivity")
-    beta2: float = config_field(0.85, "EMA factor of the uncertainty")
     orth_reg_weight: float = config_field(0.1, "weight of the orthogonal regulariser")
-    orth_reg: str = config_field("peft", "'peft': mean of unsquared Frobenius norms (official code); 'paper': sum of squares")
-    total_step: int | None = config_field(None, "total number of optimizer steps of the run (required)")
     alpha: float = config_field(16.0, "scaling numerator: ΔW = alpha / init_r · B (A ⊙ E)")
-    dropout: float = config_field(0.0, "dropout probability on the adapter branch's input")
-    init_weights: bool = config_field(True, "True: E = 0, A and B ~ N(0, 0.02^2); False: all N(0, 1)")
+    b: int = config_field(4, "components moved (pruned and added) per reallocation round")
+    k: int = config_field(2, "lowest-scored components each layer offers per round")
+    scheduler: bool = config_field(True, "decay b cubically to 0 at total_step - tfinal (official enable_scheduler)")
     expansion_seed: int = config_field(0, "seed of the generator that draws the expanded components")
     rank_pattern: dict[str, int] | None = field(  # field(): ruff wants a visible default for a dict
         default=None, metadata={"help": "{layer: rank}: build the layers at those ranks (written by the allocator)"})
 
     def validate(self) -> None:
+        super().validate()  # the total rank stays L * init_r: the schedule's final rank is init_r
         owner = type(self).__name__
-        check_positive_int(owner, "init_r", self.init_r)
         if self.init_r < 2:
             raise ValueError(f"{owner}: init_r must be >= 2: a layer keeps at least one component, so at rank 1 "
                              "nothing can move; use init_r >= 2 (or LoRA for rank 1)")
         check_positive_int(owner, "b", self.b)
         check_positive_int(owner, "k", self.k)
         check_choice(owner, "scheduler", self.scheduler, [True, False])
-        check_schedule(owner, total_step=self.total_step, target_r=self.init_r, tinit=self.tinit, tfinal=self.tfinal,
-                       deltaT=self.deltaT, beta1=self.beta1, beta2=self.beta2, orth_reg_weight=self.orth_reg_weight,
-                       orth_reg=self.orth_reg)
-        check_positive_number(owner, "alpha", self.alpha)
-        check_dropout(owner, self.dropout)
-        check_choice(owner, "init_weights", self.init_weights, [True, False])
         if isinstance(self.expansion_seed, bool) or not isinstance(self.expansion_seed, int) or self.expansion_seed < 0:
             raise ValueError(f"{owner}: expansion_seed must be an integer >= 0, got {self.expansion_seed!r}")
         for name, rank in (self.rank_pattern or {}).items():
