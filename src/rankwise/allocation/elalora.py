@@ -27,7 +27,10 @@ b_t = b without it. A round (:func:`plan`):
 
 The new components (:meth:`rankwise.adapters.elalora.ElaLoRAAdapter.new_components`) are unit vectors
 orthogonal to the surviving ones with a singular value of min(min |E|, 1e-13), so ΔW does not change
-at the moment of growth (to ~1e-13); pruning removes the pruned components' share of ΔW.
+at the moment of growth (to ~1e-13); pruning removes the pruned components' share of ΔW. A new
+component starts with zero statistics and a near-zero E, so it is its layer's weakest offer until
+training has grown it: with a short ΔT the next round prunes it again and the ranks swing back (as in
+the official code; the official scripts use ΔT = 50 to 500).
 
 Where rankwise decides differently from the official code, on purpose:
 
