@@ -54,11 +54,11 @@ def two_factor_pairs(model: nn.Module) -> list[FactorPair]:
     others = [(name, layer.adapter) for name, layer in layers if not isinstance(layer.adapter, LoRAAdapter)]
     if not layers or others:
         found = sorted({_method_name(adapter) for _, adapter in others})
-        where = f"adapted methods found: {found} (e.g. layer '{others[0][0]}')" if others else "no adapted layer"
+        where = f"the adapted methods found are {found} (e.g. layer '{others[0][0]}')" if others else "it has no adapted layer"
         raise ValueError(
-            f"{type(model).__name__} has {where}; LoRA-Pro adjusts adapters with two factors (ΔW = s·B·A), "
-            f"i.e. the methods {supported}. Adapt the model with one of them, e.g. rankwise.adapt(model, "
-            "rankwise.LoRAConfig(...))"
+            f"LoRA-Pro cannot adjust {type(model).__name__}: {where}. It adjusts adapters with two factors "
+            f"(ΔW = s·B·A), i.e. the methods {supported}; adapt the model with one of them, e.g. "
+            "rankwise.adapt(model, rankwise.LoRAConfig(...))"
         )
     pairs = [FactorPair(layer.adapter.lora_A.weight, layer.adapter.lora_B.weight, layer.adapter.scaling, name)
              for name, layer in layers]
