@@ -93,22 +93,19 @@ def _check_finite(stacked: Tensor, names: Sequence[str], what: str) -> None:
 
 
 class _Geometry:
-    """The r×r part of the adjustment for a batch of factor pairs of one rank, dtype and device.
+    """The adjustment for a batch of factor pairs of one shape, dtype and device, as batched matmuls.
 
-    Holds the eigendecompositions of the damped Gram matrices BᵀB + δI = U·diag(λ)·Uᵀ and
-    AAᵀ + δI = V·diag(μ)·Vᵀ (float64, batched) and derives from them, per pair, the r×r operators
-    (1/s²)(BᵀB + δI)⁻¹ and (1/s²)(AAᵀ + δI)⁻¹.
+    Stacks the factors (A: N×r×n, B: N×m×r), eigendecomposes the damped Gram matrices
+    BᵀB + δI = U·diag(λ)·Uᵀ and AAᵀ + δI = V·diag(μ)·Vᵀ (float64) and derives the r×r operators
+    (1/s²)(BᵀB + δI)⁻¹ and (1/s²)(AAᵀ + δI)⁻¹ of every pair.
     """
 
     def __init__(self, pairs: Sequence[FactorPair], dampings: Sequence[float], dtype: torch.dtype) -> None:
         self.names = [pair.name for pair in pairs]
         self.dtype = dtype
-        self.A = [pair.A.detach().to(dtype) for pair in pairs]
-        self.B = [pair.B.detach().to(dtype) for pair in pairs]
-        grams = torch.stack([
-            torch.stack([torch.mm(A, A.T) for A in self.A]),
-            torch.stack([torch.mm(B.T, B) for B in self.B]),
-        ]).double()
+        self.A = torch.stack([pair.A.detach() for pair in pairs]).to(dtype)
+        self.B = torch.stack([pair.B.detach() for pair in pairs]).to(dtype)
+        grams = torch.stack([self.A @ self.A.mT, self.B.mT @ self.B]).double()
         _check_finite(grams, self.names, "factor (A or B)")
         eigenvalues, vectors = torch.linalg.eigh(grams)
         damping = torch.tensor(dampings, dtype=torch.float64, device=grams.device)[:, None]
@@ -118,32 +115,24 @@ class _Geometry:
         self.k = k[:, None, None]
         self.inv_A = (self.V / self.mu[:, None, :]) @ self.V.mT  # (AAᵀ + δI)⁻¹
         self.inv_B = (self.U / self.lam[:, None, :]) @ self.U.mT  # (BᵀB + δI)⁻¹
-        self.left = (self.k * self.inv_B).to(dtype).unbind(0)
-        self.right = (self.k * self.inv_A).to(dtype).unbind(0)
+        self.left = (self.k * self.inv_B).to(dtype)
+        self.right = (self.k * self.inv_A).to(dtype)
 
-    def adjust(
-        self, grads_A: Sequence[Tensor], grads_B: Sequence[Tensor], optimal_x: bool
-    ) -> tuple[list[Tensor], list[Tensor]]:
-        """(ĝ_A, ĝ_B) for every pair, with the Sylvester X (``optimal_x``) or X = 0."""
-        grads_A = [g.to(self.dtype) for g in grads_A]
-        grads_B = [g.to(self.dtype) for g in grads_B]
-        products = torch.stack([
-            torch.stack([torch.mm(g, A.T) for g, A in zip(grads_A, self.A)]),  # g_A·Aᵀ
-            torch.stack([torch.mm(B.T, g) for g, B in zip(grads_B, self.B)]),  # Bᵀ·g_B
-        ]).double()
+    def adjust(self, grads_A: Tensor, grads_B: Tensor, optimal_x: bool) -> tuple[Tensor, Tensor]:
+        """Stacked (ĝ_A, ĝ_B) from stacked (g_A, g_B), with the Sylvester X (``optimal_x``) or X = 0."""
+        grads_A, grads_B = grads_A.to(self.dtype), grads_B.to(self.dtype)
+        products = torch.stack([grads_A @ self.A.mT, self.B.mT @ grads_B]).double()  # g_A·Aᵀ, Bᵀ·g_B
         _check_finite(products, self.names, "gradient")
         gA_At, Bt_gB = products.unbind(0)
         # ĝ_B = (1/s²)·g_B·(AAᵀ)⁻¹ − B·T with T = (1/s²)·(BᵀB)⁻¹·Bᵀg_B·(AAᵀ)⁻¹ + X
-        X = self.sylvester(gA_At) if optimal_x else None
         T = self.k * self.inv_B @ Bt_gB @ self.inv_A
-        Ts = (T if X is None else T + X).to(self.dtype).unbind(0)
-        Xs = [None] * len(Ts) if X is None else X.to(self.dtype).unbind(0)
-        adjusted_A, adjusted_B = [], []
-        for gA, gB, A, B, left, right, T_i, X_i in zip(grads_A, grads_B, self.A, self.B, self.left, self.right, Ts, Xs):
-            hat_A = torch.mm(left, gA)
-            adjusted_A.append(hat_A if X_i is None else hat_A.addmm_(X_i, A))
-            adjusted_B.append(torch.mm(gB, right).addmm_(B, T_i, alpha=-1))
-        return adjusted_A, adjusted_B
+        hat_A = self.left @ grads_A
+        if optimal_x:
+            X = self.sylvester(gA_At)
+            T = T + X
+            hat_A = hat_A.baddbmm_(X.to(self.dtype), self.A)
+        hat_B = torch.baddbmm(grads_B @ self.right, self.B, T.to(self.dtype), alpha=-1)
+        return hat_A, hat_B
 
     def sylvester(self, gA_At: Tensor) -> Tensor:
         """X solving (BᵀB + δI)·X + X·(AAᵀ + δI) = C, C = −(1/s²)·(BᵀB + δI)⁻¹·g_A·Aᵀ (batched, float64).
@@ -164,8 +153,8 @@ def adjusted_gradients(
     A is (r, n), B is (m, r), the gradients have the factors' shapes; nothing m×n is formed.
     """
     geometry = _Geometry([FactorPair(A, B, scaling, "")], [damping], _work_dtype(A.dtype))
-    (hat_A,), (hat_B,) = geometry.adjust([grad_A], [grad_B], optimal_x)
-    return hat_A, hat_B
+    hat_A, hat_B = geometry.adjust(grad_A[None], grad_B[None], optimal_x)
+    return hat_A[0], hat_B[0]
 
 
 class LoRAPro(torch.optim.Optimizer):
@@ -235,31 +224,35 @@ class LoRAPro(torch.optim.Optimizer):
                                  "must take part in the backward pass")
             _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"], group["mode"],
                                    group["damping"])
-            key = (group["mode"], pair.A.shape[0], pair.A.device, _work_dtype(pair.A.dtype))
-            batches[key].append(i)
+            batches[group["mode"], pair.A.shape, pair.B.shape, pair.A.device, _work_dtype(pair.A.dtype)].append(i)
         # Every check (hyper-parameters, finiteness of factors and gradients) runs before any update.
         prepared = []
         for (mode, *_, dtype), indices in batches.items():
             pairs = [self.pairs[i] for i in indices]
             geometry = _Geometry(pairs, [pair_groups[i]["damping"] for i in indices], dtype)
-            grads = geometry.adjust([p.A.grad for p in pairs], [p.B.grad for p in pairs], optimal_x=mode == "efficient")
-            prepared.append((mode, indices, geometry, grads))
-        for mode, indices, geometry, (grads_A, grads_B) in prepared:
-            if mode == "efficient":
-                for i, hat_A, hat_B in zip(indices, grads_A, grads_B):
-                    pair = self.pairs[i]
-                    self._adamw(pair_groups[i], [pair.A, pair.B], [hat_A, hat_B])
-            else:
+            grads = [torch.stack([getattr(p, factor).grad for p in pairs]) for factor in "AB"]
+            prepared.append((mode, indices, geometry, *geometry.adjust(*grads, optimal_x=mode == "efficient")))
+        adamw: dict[tuple, tuple[dict, list[Tensor], list[Tensor]]] = {}
+        for mode, indices, geometry, hat_A, hat_B in prepared:
+            if mode == "full":
                 self._full_step([pair_groups[i] for i in indices], [self.pairs[i] for i in indices], geometry,
-                                grads_A, grads_B)
+                                hat_A, hat_B)
+                continue
+            for i, grad_A, grad_B in zip(indices, hat_A.unbind(0), hat_B.unbind(0)):
+                _add_update(adamw, pair_groups[i], [self.pairs[i].A, self.pairs[i].B], [grad_A, grad_B])
         for group in self.param_groups[len(self.pairs):]:
             params = [p for p in group["params"] if p.grad is not None]
             if params:
-                self._adamw(group, params, [p.grad for p in params])
+                _add_update(adamw, group, params, [p.grad for p in params])
+        for group, params, grads in adamw.values():
+            self._adamw(group, params, grads)
         return loss
 
     def _adamw(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
-        """torch's AdamW update (decoupled decay, bias-corrected moments) of ``params`` with ``grads``."""
+        """torch's AdamW update (decoupled decay, bias-corrected moments) of ``params`` with ``grads``.
+
+        ``group`` gives the hyper-parameters; every tensor keeps its own step count.
+        """
         lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         exp_avgs, exp_avg_sqs, steps = [], [], []
         for p in params:
@@ -282,10 +275,12 @@ class LoRAPro(torch.optim.Optimizer):
         torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / (1 - beta1**t) for t in steps])
 
     def _full_step(
-        self, groups: list[dict], pairs: list[FactorPair], geometry: _Geometry, grads_A: list[Tensor],
-        grads_B: list[Tensor],
+        self, groups: list[dict], pairs: list[FactorPair], geometry: _Geometry, grads_A: Tensor, grads_B: Tensor
     ) -> None:
-        """Full mode: Adam on G̃ = s(B·ĝ_A + ĝ_B·A) in W space, then SGD with the re-adjusted s·BᵀD, s·D·Aᵀ."""
+        """Full mode: Adam on G̃ = s(B·ĝ_A + ĝ_B·A) in W space, then SGD with the re-adjusted s·BᵀD, s·D·Aᵀ.
+
+        The m×n tensors (G̃, D) are built one layer at a time, so the transient memory is one layer's.
+        """
         weight_grads_A, weight_grads_B = [], []
         for group, pair, A, B, hat_A, hat_B in zip(groups, pairs, geometry.A, geometry.B, grads_A, grads_B):
             (beta1, beta2), s = group["betas"], pair.scaling
@@ -304,13 +299,24 @@ class LoRAPro(torch.optim.Optimizer):
             del denom
             weight_grads_A.append(torch.mm(B.T, scaled_direction))
             weight_grads_B.append(torch.mm(scaled_direction, A.T))
-        steps_A, steps_B = geometry.adjust(weight_grads_A, weight_grads_B, optimal_x=True)
+        steps_A, steps_B = geometry.adjust(torch.stack(weight_grads_A), torch.stack(weight_grads_B), optimal_x=True)
         for group, pair, step_A, step_B in zip(groups, pairs, steps_A, steps_B):
             lr, decay = group["lr"], group["weight_decay"]
             for factor, update in ((pair.A, step_A), (pair.B, step_B)):
                 if decay:
                     factor.mul_(math.sqrt(1 - lr * decay))
                 factor.add_(update.to(factor.dtype), alpha=-lr)
+
+
+def _add_update(
+    buckets: dict[tuple, tuple[dict, list[Tensor], list[Tensor]]], group: dict, params: list[Tensor],
+    grads: list[Tensor],
+) -> None:
+    """Queue an AdamW update, bucketed by hyper-parameters so that each bucket is one set of foreach calls."""
+    key = (group["lr"], tuple(group["betas"]), group["eps"], group["weight_decay"])
+    _, queued_params, queued_grads = buckets.setdefault(key, (group, [], []))
+    queued_params.extend(params)
+    queued_grads.extend(grads)
 
 
 def _check_hyperparameters(
