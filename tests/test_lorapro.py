@@ -304,9 +304,9 @@ def test_non_finite_gradient_raises_before_any_update() -> None:
     backward(model, 0)
     optimizer.step()  # B ≠ 0 from here on
     backward(model, 1)
-    two_factor_pairs(model)[1].A.grad[0, 0] = float("nan")
+    two_factor_pairs(model)[2].A.grad[0, 0] = float("nan")  # body3, second in the batch it shares with body2
     before = trainable(model)
-    with pytest.raises(ValueError, match="non-finite gradient in layer 'body2'"):
+    with pytest.raises(ValueError, match="non-finite gradient in layer 'body3'"):
         optimizer.step()
     for name, value in trainable(model).items():
         torch.testing.assert_close(value, before[name], rtol=0, atol=0)
