@@ -111,6 +111,13 @@ def backward(model: nn.Module, step: int) -> float:
     return loss.item()
 
 
+def train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: range) -> None:
+    for step in steps:
+        backward(model, step)
+        optimizer.step()
+        optimizer.zero_grad()
+
+
 def oracle_adjust(A: Tensor, B: Tensor, g_A: Tensor, g_B: Tensor, s: float, sylvester: bool) -> tuple[Tensor, Tensor]:
     """The spec's closed form with explicit m×m projections, pinv and scipy's Sylvester solver (δ-damped Grams)."""
     m, r = B.shape
@@ -237,18 +244,11 @@ def test_resume_is_exact(mode: str, method: str, tmp_path: Path) -> None:
     config = lora(method)
     total, split = 6, 3
     straight = toy(config)
-    optimizer = LoRAPro(straight, lr=0.05, weight_decay=0.1, mode=mode)
-    for step in range(total):
-        backward(straight, step)
-        optimizer.step()
-        optimizer.zero_grad()
+    train(straight, LoRAPro(straight, lr=0.05, weight_decay=0.1, mode=mode), range(total))
 
     first = toy(config)
     optimizer = LoRAPro(first, lr=0.05, weight_decay=0.1, mode=mode)
-    for step in range(split):
-        backward(first, step)
-        optimizer.step()
-        optimizer.zero_grad()
+    train(first, optimizer, range(split))
     rankwise.save(first, tmp_path)
     buffer = io.BytesIO()
     torch.save(optimizer.state_dict(), buffer)
@@ -258,10 +258,7 @@ def test_resume_is_exact(mode: str, method: str, tmp_path: Path) -> None:
     optimizer = LoRAPro(resumed, lr=1.0, weight_decay=0.0, mode=mode)  # hyper-parameters come back from the state
     buffer.seek(0)
     optimizer.load_state_dict(torch.load(buffer))
-    for step in range(split, total):
-        backward(resumed, step)
-        optimizer.step()
-        optimizer.zero_grad()
+    train(resumed, optimizer, range(split, total))
     expected, got = trainable(straight), trainable(resumed)
     assert got.keys() == expected.keys()
     for name in expected:
