@@ -288,6 +288,16 @@ def test_bad_hyperparameters_are_rejected(kwargs: dict, message: str) -> None:
         LoRAPro(toy(lora()), **kwargs)
 
 
+def test_state_of_another_model_is_rejected() -> None:
+    """body2 and body3 have the same shapes, so torch alone would load one's moments into the other."""
+    saved = toy(rankwise.LoRAConfig(r=2, targets=["body1", "body3"]))
+    optimizer = LoRAPro(saved)
+    train(saved, optimizer, range(1))
+    other = LoRAPro(toy(rankwise.LoRAConfig(r=2, targets=["body1", "body2"])))
+    with pytest.raises(ValueError, match=r"saved for the parameter groups \['body1', 'body3'\], this optimizer has"):
+        other.load_state_dict(optimizer.state_dict())
+
+
 def test_one_trainable_factor_is_rejected() -> None:
     model = toy(lora())
     two_factor_pairs(model)[1].B.requires_grad_(False)

@@ -20,7 +20,7 @@ from ..core.inject import adapted_layers
 from ..core.registry import registered
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class FactorPair:
     """The two factors of one adapted layer: ΔW = scaling · B · A.
 

@@ -207,6 +207,15 @@ class LoRAPro(torch.optim.Optimizer):
         super().__init__(groups, defaults)
         self.pairs = pairs
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's ``load_state_dict``, after checking that the saved groups are this model's layers, in order."""
+        saved = [group.get("name") for group in state_dict["param_groups"]]
+        ours = [group.get("name") for group in self.param_groups]
+        if saved != ours:
+            raise ValueError(f"LoRAPro.load_state_dict: the state was saved for the parameter groups {saved}, this "
+                             f"optimizer has {ours}; build the optimizer on a model adapted like the saved one")
+        super().load_state_dict(state_dict)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
         """One update of every parameter that has a gradient (a pair is skipped when neither factor has one)."""
