@@ -298,6 +298,12 @@ def test_state_of_another_model_is_rejected() -> None:
         other.load_state_dict(optimizer.state_dict())
 
 
+def test_frozen_adapters_are_rejected() -> None:
+    model = toy(lora()).requires_grad_(False)
+    with pytest.raises(ValueError, match="every two-factor adapter is frozen"):
+        LoRAPro(model)
+
+
 def test_one_trainable_factor_is_rejected() -> None:
     model = toy(lora())
     two_factor_pairs(model)[1].B.requires_grad_(False)

@@ -166,7 +166,13 @@ class LoRAPro(torch.optim.Optimizer):
     parameter group per adapted layer (``params = [A, B]``, ``name`` = the layer's path) and one last
     group ``"other trainable tensors"`` for everything else that requires grad (plain AdamW). Groups
     behave as in any torch optimizer: learning-rate schedulers set every group's ``lr``, a group's
-    hyper-parameters can be edited, and ``add_param_group`` adds plain-AdamW groups.
+    hyper-parameters can be edited, and ``add_param_group`` adds plain-AdamW groups. Everything the
+    optimizer keeps (moments, step counts, hyper-parameters) is in ``state_dict()``, so saving it with
+    the adapter (``rankwise.save``) and loading both back resumes training exactly::
+
+        model = rankwise.adapt(model, rankwise.LoRAConfig(r=8, alpha=16, targets="all-linear"))
+        optimizer = rankwise.LoRAPro(model, lr=2e-4)          # mode="full" for Adam in W space
+        loss.backward(); optimizer.step(); optimizer.zero_grad()
 
     Args:
         model: a model adapted with a two-factor method (``lora``, ``dora``, ``bora``, rsLoRA).
