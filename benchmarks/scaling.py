@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 import rankwise
+from rankwise.experiment.finetune import with_run_length
 
 
 def layer_step(model: nn.Module, tokens: int, width: int) -> common.Step:
@@ -41,7 +42,8 @@ def layer_step(model: nn.Module, tokens: int, width: int) -> common.Step:
 
 def adapted_linear(method: str, width: int) -> nn.Module:
     """One ``width``×``width`` Linear adapted by ``method`` with its default config."""
-    return rankwise.adapt(nn.Sequential(nn.Linear(width, width)), rankwise.config(method, targets=["0"]))
+    options = with_run_length(method, {}, 1)  # AdaLoRA's total_step; timing never allocates
+    return rankwise.adapt(nn.Sequential(nn.Linear(width, width)), rankwise.config(method, targets=["0"], **options))
 
 
 def run(args: argparse.Namespace) -> str:

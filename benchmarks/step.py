@@ -29,6 +29,8 @@ import common
 from torch import nn
 
 import rankwise
+from rankwise.core.registry import get_method
+from rankwise.experiment.finetune import with_run_length
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,9 @@ def candidates(selected: set[str] | None) -> dict[str, Candidate]:
     for method in rankwise.methods():
         if selected is None or method in selected:
             key = f"rankwise {method} default"
-            found[key] = Candidate(key, _rankwise_builder(method, {"targets": common.ALL_LINEAR}))
+            defaults = get_method(method).config_cls.comparison_defaults  # SURM: rectangular="native"
+            defaults = with_run_length(method, defaults, 1)  # AdaLoRA's total_step; timing never allocates
+            found[key] = Candidate(key, _rankwise_builder(method, {"targets": common.ALL_LINEAR, **defaults}))
     return found
 
 

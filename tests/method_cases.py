@@ -34,7 +34,7 @@ CASES: dict[str, Case] = {
         unfit=[{"r": 33}],
     ),
     "gralora": Case(
-        kwargs={"r": 4, "alpha": 8, "gralora_k": 2, "hybrid_r": 2},
+        kwargs={"r": 4, "alpha": 8, "gralora_k": 2, "hybrid_r": 2, "dropout": 0.1},
         random_init={"init_weights": False},
         bad=[{"r": 0}, {"gralora_k": 0}, {"r": 3}, {"hybrid_r": -1}, {"alpha": 0}, {"dropout": 1.0}],
         unfit=[{"r": 5, "gralora_k": 5}, {"hybrid_r": 40}],
@@ -46,10 +46,13 @@ CASES: dict[str, Case] = {
         unfit=[{"block_size": 5}, {"block_size": 64}],
     ),
     "surm": Case(
-        kwargs={"structure": "circulant"},
-        bad=[{"structure": "lowrank"}, {"alpha": 0}, {"block_size": 0}, {"displacement_rank": 0},
-             {"r": 0}, {"dropout": 1.0}, {"structure": "kronecker", "block_size": 8}],
-        unfit=[{"block_size": 5}, {"structure": "toeplitz", "block_size": 64}, {"structure": "kronecker", "r": 5}],
+        kwargs={"structure": "circulant", "rectangular": "native"},
+        bad=[{"structure": "lowrank"}, {"alpha": 0}, {"block_size": 0, "rectangular": "tile"}, {"displacement_rank": 0},
+             {"r": 0}, {"dropout": 1.0}, {"rectangular": "pad"}, {"block_size": 8},
+             {"structure": "kronecker", "rectangular": "error", "block_size": 8}, {"structure": "ldr"}],
+        unfit=[{"rectangular": "error"}, {"block_size": 5, "rectangular": "tile"},
+               {"structure": "toeplitz", "block_size": 64, "rectangular": "tile"},
+               {"structure": "kronecker", "r": 5, "rectangular": "error"}],
     ),
     "lora": Case(
         kwargs={"r": 4, "alpha": 8},
@@ -69,15 +72,22 @@ CASES: dict[str, Case] = {
         unfit=[{"r": 33}],
     ),
     "miss": Case(
-        kwargs={"r": 8},
+        kwargs={"r": 8, "dropout": 0.1},
         random_init={"init_weights": False},
-        bad=[{"r": 0}, {"mini_r": 0}, {"dropout": 1.0}, {"init_weights": "bone"}, {"init_weights": "bat", "dropout": 0.1}],
-        unfit=[{"r": 40}, {"init_weights": "bat", "r": 6}, {"init_weights": "mini", "mini_r": 5}],
+        bad=[{"r": 0}, {"mini_r": 0}, {"dropout": 1.0}, {"init_weights": "bone"}, {"init_weights": "bat"}],
+        unfit=[{"r": 40}, {"init_weights": "bat", "r": 6, "dropout": 0.0}, {"init_weights": "mini", "mini_r": 5}],
     ),
     "bora": Case(
         kwargs={"r": 4, "alpha": 8},
         random_init={"init_weights": False},
         bad=[{"r": 0}, {"alpha": 0}, {"dropout": 1.0}, {"order": "both"}, {"detach_norms": "yes"}, {"lora_bias": True}],
         unfit=[{"r": 40}],
+    ),
+    "adalora": Case(
+        kwargs={"init_r": 4, "target_r": 2, "total_step": 10, "alpha": 8},
+        bad=[{"init_r": 0}, {"target_r": 5}, {"total_step": None}, {"total_step": 0}, {"tinit": 5, "tfinal": 5},
+             {"tinit": -1}, {"deltaT": 0}, {"beta1": 1.0}, {"beta2": 0}, {"orth_reg_weight": -0.1},
+             {"orth_reg": "l1"}, {"alpha": 0}, {"dropout": 1.0}, {"rank_pattern": {"up": [True]}}],
+        unfit=[{"init_r": 33, "target_r": 2}],
     ),
 }

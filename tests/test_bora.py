@@ -12,26 +12,34 @@ import copy
 import pytest
 import torch
 from torch import nn
+from toy_models import forward_and_dropped_input
 
 import rankwise
 
 
-def dense_bora(W0, A, B, s, g_out, g_in, order, detach):
-    """W' straight from the definition, with explicit norms of the explicit matrices."""
+def dense_scales(W0, A, B, s, g_out, g_in, order, detach):
+    """(d_out, d_in) of W' = diag(d_out) V diag(d_in), from explicit norms of the explicit matrices."""
     V = W0 + s * B @ A
     norm = (lambda t: t.detach()) if detach else (lambda t: t)
     if order == "row_then_col":
-        H = g_out[:, None] * V / norm(V.norm(dim=1, keepdim=True))
-        return H / norm(H.norm(dim=0, keepdim=True)) * g_in[None, :]
-    H = V / norm(V.norm(dim=0, keepdim=True)) * g_in[None, :]
-    return g_out[:, None] * H / norm(H.norm(dim=1, keepdim=True))
+        d_out = g_out / norm(V.norm(dim=1))
+        return d_out, g_in / norm((d_out[:, None] * V).norm(dim=0))
+    d_in = g_in / norm(V.norm(dim=0))
+    return g_out / norm((V * d_in).norm(dim=1)), d_in
 
 
-def build(dtype, order="row_then_col", detach=True, shape=(40, 24)):
+def dense_bora(W0, A, B, s, g_out, g_in, order, detach):
+    """W' straight from the definition: H = diag(g_out) V / ‖V‖_row, W' = H / ‖H‖_col · diag(g_in)
+    (row_then_col; col_then_row mirrors it)."""
+    d_out, d_in = dense_scales(W0, A, B, s, g_out, g_in, order, detach)
+    return d_out[:, None] * (W0 + s * B @ A) * d_in
+
+
+def build(dtype, order="row_then_col", detach=True, shape=(40, 24), **extra):
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(shape[1], shape[0])).to(dtype)
     reference = copy.deepcopy(base)
-    model = rankwise.adapt(base, rankwise.config("bora", r=4, alpha=8, order=order, detach_norms=detach))
+    model = rankwise.adapt(base, rankwise.config("bora", r=4, alpha=8, order=order, detach_norms=detach, **extra))
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model[0].adapter.parameters():
@@ -68,6 +76,23 @@ def test_forward_and_gradients_match_dense_definition(dtype, tol, order, detach,
     for name, leaf in leaves.items():
         assert leaf.grad.abs().sum() > 0, name
         torch.testing.assert_close(ours[name], leaf.grad, atol=tol * 10, rtol=tol * 10, msg=name)
+
+
+@pytest.mark.parametrize("order", ["row_then_col", "col_then_row"])
+def test_dropout_acts_on_the_lora_branch_input_only(order):
+    """y = x (D_out W0 D_in)ᵀ + dropout(x) (D_out s·B·A D_in)ᵀ + b, the norms from the undropped
+    weights; the reference draws the same mask (one dropout call on x, same seed). Dropout removed,
+    or applied to the W0 path, fails here."""
+    base, model = build(torch.float64, order, dropout=0.5)
+    adapter = model[0].adapter
+    A, B, s = adapter.lora_A.weight.detach(), adapter.lora_B.weight.detach(), adapter.scaling
+    d_out, d_in = dense_scales(base.weight.detach(), A, B, s, adapter.bora_magnitude_out.detach(),
+                               adapter.bora_magnitude_in.detach(), order, True)
+    x = torch.randn(64, 24, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    out, dropped = forward_and_dropped_input(lambda: model.train()(x), x, 0.5)
+    frozen_part = d_out[:, None] * base.weight.detach() * d_in
+    low_rank_part = d_out[:, None] * (s * B @ A) * d_in
+    torch.testing.assert_close(out, x @ frozen_part.T + dropped @ low_rank_part.T + base.bias, atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.parametrize("order", ["row_then_col", "col_then_row"])

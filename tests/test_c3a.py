@@ -162,11 +162,44 @@ def test_zero_init_is_identity_and_default_config_fits_minilm_widths():
     assert rankwise.trainable_parameters(model) == (384 * 1536 * 2 + 384 * 384) // 64
 
 
-def test_init_ranges_follow_peft():
+@pytest.mark.parametrize("init", [True, False, "zeros", "gaussian", "kaiming_uniform", "xavier_uniform"])
+def test_seeded_init_equals_peft(init):
+    """Every init_weights value draws PEFT's kernel from the same seed ("zeros" is PEFT's True)."""
     base = make_base()
-    for init, bound in (("xavier_uniform", (6 / (32 + 48)) ** 0.5), ("kaiming_uniform", 1 / 32 ** 0.5)):
-        kernel = rankwise.adapt(copy.deepcopy(base), C3AConfig(block_size=16, init_weights=init)).lin1.adapter.c3a_kernel
-        assert kernel.abs().max() <= bound and kernel.abs().max() > 0.5 * bound
+    torch.manual_seed(3)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.C3AConfig(
+        block_size=16, target_modules=["lin1", "lin2"], init_weights=True if init == "zeros" else init))
+    torch.manual_seed(3)
+    ours = rankwise.adapt(copy.deepcopy(base), C3AConfig(block_size=16, init_weights=init))
+    for name in ("lin1", "lin2"):
+        kernel = getattr(ours, name).adapter.c3a_kernel
+        assert kernel.any() == (init not in (True, "zeros"))
+        torch.testing.assert_close(kernel, theirs.base_model.model.get_submodule(name).c3a_kernel["default"],
+                                   atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("init, bound", [
+    ("xavier_uniform", (6 / (1024 + 512)) ** 0.5),  # fan-in + fan-out of the layer, not of a block
+    (False, (6 / (1024 + 512)) ** 0.5),
+    ("kaiming_uniform", 1 / 1024**0.5),  # fan-in n = in_features (not out_features 512)
+])
+def test_uniform_init_bounds_and_std_are_pinned(init, bound):
+    """65,536 kernel entries of a 1024 -> 512 layer: U(±bound) to 1% at the extremes and 2% in std."""
+    torch.manual_seed(0)
+    kernel = C3AAdapter(nn.Linear(1024, 512), C3AConfig(block_size=8, init_weights=init)).c3a_kernel.detach()
+    assert kernel.shape == (64, 128, 8)
+    assert kernel.abs().max() <= bound and kernel.abs().max() > 0.99 * bound
+    assert abs(kernel.std().item() / (bound / 3**0.5) - 1) < 0.02
+    assert abs(kernel.mean().item()) < 0.01 * bound
+
+
+def test_gaussian_init_is_standard_normal():
+    """N(0, 1), whatever the layer's size: mean 0, std 1 (1%), and a normal's tails (not a uniform's)."""
+    torch.manual_seed(0)
+    kernel = C3AAdapter(nn.Linear(1024, 512), C3AConfig(block_size=8, init_weights="gaussian")).c3a_kernel.detach()
+    assert abs(kernel.mean().item()) < 0.01 and abs(kernel.std().item() - 1) < 0.01
+    assert abs((kernel.abs() < 1).float().mean().item() - 0.6827) < 0.01  # P(|N(0,1)| < 1)
+    assert kernel.abs().max() > 3.5
 
 
 def test_width_not_divisible_names_layer_and_fix():

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import rankwise
 from rankwise import cli
@@ -44,6 +45,16 @@ def test_method_selection_and_overrides() -> None:
         compare.per_method_options(["lora.lr=0.003"], ["lora"])
     with pytest.raises(ValueError, match="lora.lr must be a positive number"):
         compare.per_method_options(["lora.lr=-1"], ["lora"], training_keys=("lr",))
+
+
+def test_comparison_defaults_let_every_method_run_on_all_linear() -> None:
+    """SURM refuses rectangular layers by default; side by side it runs with the paper's m x n matrices."""
+    assert compare.per_method_options([], ["surm"]) == {"surm": {"rectangular": "native"}}
+    assert compare.per_method_options(["surm.rectangular=tile"], ["surm"]) == {"surm": {"rectangular": "tile"}}
+    options = compare.per_method_options([], ["surm"])["surm"]
+    with pytest.raises(ValueError, match="rectangular"):
+        rankwise.adapt(torch.nn.Sequential(torch.nn.Linear(12, 20)), rankwise.config("surm"))
+    rankwise.adapt(torch.nn.Sequential(torch.nn.Linear(12, 20)), rankwise.config("surm", **options))
 
 
 @pytest.mark.parametrize(

@@ -14,14 +14,17 @@ import torch
 from torch import nn
 
 from rankwise.compress import compress, compression_report
-from rankwise.compress.ranks import RankOptions, allocate
+from rankwise.compress.calibration import input_grams
+from rankwise.compress.ranks import RankOptions, allocate, exact_rank
 from rankwise.compress.sensitivity import (
     _interpolate,
     distortion,
     first_tensor,
     model_outputs,
+    sensitivity_gains,
     take_sequences,
 )
+from rankwise.compress.svd import regression_decomposition
 
 
 class LoudAndQuiet(nn.Module):
@@ -53,6 +56,74 @@ def test_sensitivity_spends_the_budget_on_the_layer_the_output_depends_on():
     assert ranks["quiet"] == 1 and ranks["loud"] == 7  # 7·32 + 1·32 = 256 = half of 2·16·16
     assert compression_report(model).params_after <= 0.5 * compression_report(model).params_before
     assert distortion(model, data, reference) < 0.8 * distortion(uniform, data, reference)
+
+
+def exactly_rank_three(kind: str) -> LoudAndQuiet:
+    """LoudAndQuiet whose loud layer has exact rank 3: 13 pruned rows, or a float32 product of rank-3 factors."""
+    model = LoudAndQuiet()
+    with torch.no_grad():
+        if kind == "pruned":
+            model.loud.weight[3:] = 0.0
+        else:
+            generator = torch.Generator().manual_seed(5)
+            model.loud.weight.copy_(torch.randn(16, 3, generator=generator) @ torch.randn(3, 16, generator=generator))
+    return model
+
+
+@pytest.mark.parametrize("method", ["whitened", "svd"])
+@pytest.mark.parametrize("kind", ["pruned", "product"])
+def test_an_exactly_low_rank_loud_layer_keeps_its_rank(kind, method):
+    """A 16 x 16 layer of exact rank 3 reaching the output x100: its tail at the probe rank 4 is zero, which
+    must not make every rank look free (it used to get rank 1 and distortion 0.22 against 1.3e-8 uniform)."""
+    data = batches()
+    reference = model_outputs(exactly_rank_three(kind), data)
+    model = compress(exactly_rank_three(kind), ratio=0.5, method=method, calibration=data, allocation="sensitivity")
+    uniform = compress(exactly_rank_three(kind), ratio=0.5, method=method, calibration=data)
+    ranks = {layer.name: layer.rank for layer in compression_report(model).layers}
+    assert ranks == {"loud": 3, "quiet": 5}  # 3·32 + 5·32 = 256 = half of 2·16·16
+    assert distortion(model, data, reference) < distortion(uniform, data, reference) < 1e-6
+
+
+def test_exact_rank_ignores_rounding_noise_of_the_weight_dtype():
+    product = exactly_rank_three("product").loud.weight.detach()
+    spectrum = torch.linalg.svdvals(product.double())
+    assert float(spectrum[3]) > 0  # the float32 product is full rank in float64 ...
+    assert exact_rank(spectrum, 16, 16, torch.float32) == 3  # ... and rank 3 to float32 precision
+    assert exact_rank(spectrum, 16, 16, torch.float64) == 16
+    assert exact_rank(torch.zeros(4, dtype=torch.float64), 4, 4, torch.float32) == 0
+
+
+class TwoBlocks(nn.Module):
+    """``y = [a · first(x), b · second(x)]`` without biases: truncating ``first`` alone at rank r gives
+    ``D = a² ‖X W1ᵀ‖² tail_1(r) / (a² ‖X W1ᵀ‖² + b² ‖X W2ᵀ‖²)`` (whitened tails are output errors)."""
+
+    def __init__(self, a: float, b: float) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.first, self.second = nn.Linear(12, 10, bias=False), nn.Linear(12, 10, bias=False)
+        self.a, self.b = a, b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.a * self.first(x), self.b * self.second(x)], dim=-1)
+
+
+def test_gain_is_the_output_distortion_per_unit_of_relative_tail():
+    model = TwoBlocks(a=3.0, b=0.5).double()
+    x = torch.randn(200, 12, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    data = [{"x": x[:100]}, {"x": x[100:]}]
+    names = ["first", "second"]
+    grams = input_grams(model, names, data)
+    factors = {}
+    for name in names:
+        d = regression_decomposition(model.get_submodule(name).weight, grams[name], name)
+        factors[name] = (d.left, d.right, d.spectrum)
+    gains = sensitivity_gains(model, factors, dict.fromkeys(names, (10, 12)), data, fractions=(0.3, 0.8))
+    energy = {n: float((x @ model.get_submodule(n).weight.detach().T).pow(2).sum()) for n in names}
+    total = 9.0 * energy["first"] + 0.25 * energy["second"]
+    torch.testing.assert_close(gains["first"], torch.full((10,), 9.0 * energy["first"] / total, dtype=torch.float64),
+                               rtol=1e-9, atol=0)
+    torch.testing.assert_close(gains["second"], torch.full((10,), 0.25 * energy["second"] / total, dtype=torch.float64),
+                               rtol=1e-9, atol=0)
 
 
 def test_allocate_picks_the_cheapest_loss_within_the_budget():

@@ -23,8 +23,9 @@ from rankwise.compress import (
     load_compressed,
     save_compressed,
 )
+from rankwise.compress.calibration import input_grams, paired_grams
 from rankwise.compress.ranks import energy_rank, global_allocation
-from rankwise.compress.svd import regression_decomposition
+from rankwise.compress.svd import cholesky_factor, plain_decomposition, regression_decomposition
 
 
 class Toy(nn.Module):
@@ -137,6 +138,63 @@ def test_sequential_final_output_error_is_not_above_parallel_whitening():
             errors[sequential] = float((model(x=x) - reference(x=x)).norm())
     assert errors[True] <= errors[False] * (1 + 1e-6)
     assert errors[True] < 0.99 * errors[False]
+
+
+class Padded(nn.Module):
+    """A sequence model over (batch, tokens, 32) inputs; the mask only tells calibration which tokens are real."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.second = nn.Linear(32, 16), nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.relu(self.first(x)))
+
+
+def test_calibration_drops_padding_tokens():
+    x = correlated_inputs(3 * 7).reshape(3, 7, 32).double()
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5])
+    x[mask == 0] = 1e3  # garbage at the padded positions
+    batches = [{"x": x, "attention_mask": mask}]
+    real = x[mask.bool()]  # (13, 32)
+    model = Padded().double()
+    grams = input_grams(model, ["first"], batches)
+    torch.testing.assert_close(grams["first"], real.T @ real, rtol=1e-12, atol=0)
+    gram, cross = paired_grams(model, "first", {}, batches)
+    torch.testing.assert_close(gram, real.T @ real, rtol=1e-12, atol=0)
+    torch.testing.assert_close(cross, real.T @ real, rtol=1e-12, atol=0)
+
+
+def test_singular_gram_gets_the_smallest_jitter_that_factorises():
+    """A dead input channel makes XᵀX singular (zero row and column): L Lᵀ = G + 1e-8 · mean(diag G) · I."""
+    x = correlated_inputs(256).double()
+    x[:, 5] = 0.0
+    gram = x.T @ x
+    assert int(torch.linalg.cholesky_ex(gram)[1]) != 0
+    lower = cholesky_factor(gram, "layer")
+    jitter = 1e-8 * float(gram.diagonal().mean())
+    torch.testing.assert_close(lower @ lower.T, gram + jitter * torch.eye(32, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    model = toy()
+    batches = [{"x": b["x"].index_fill(1, torch.tensor([5]), 0.0)} for b in calibration()]
+    reference = copy.deepcopy(model)
+    compress(model, method="whitened", calibration=batches, ranks={"first": 32}, force=True)
+    inputs = torch.cat([b["x"] for b in batches])
+    torch.testing.assert_close(model(x=inputs), reference(x=inputs), atol=1e-4, rtol=1e-4)
+
+
+def test_singular_values_are_split_evenly_between_the_factors():
+    """``left = Q Σ^½`` and ``right = Σ^½ Pᵀ L⁻¹``: leftᵀ left = Σ and right G rightᵀ = Σ (whitened; G = I for plain SVD)."""
+    weight = toy().first.weight.detach().double()
+    x = correlated_inputs(512).double()
+    for gram, decomposition in ((torch.eye(32, dtype=torch.float64), plain_decomposition(weight)),
+                                (x.T @ x, regression_decomposition(weight, x.T @ x, "first"))):
+        sigma = torch.diag(decomposition.spectrum)
+        torch.testing.assert_close(decomposition.left.T @ decomposition.left, sigma, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(decomposition.right @ gram @ decomposition.right.T, sigma, rtol=1e-9, atol=1e-9)
+    model = compress(toy(), ranks={"first": 6})
+    up = model.first.up.weight.detach().double()
+    torch.testing.assert_close(up.T @ up, torch.diag(torch.linalg.svdvals(weight)[:6]), rtol=1e-5, atol=1e-5)
 
 
 def test_conv1d_layer_is_factorised_with_its_transposed_layout():

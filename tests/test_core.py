@@ -62,8 +62,9 @@ def test_adapt_freezes_base_and_keeps_modules_to_save_trainable():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {
         *(f"bert.encoder.layer.{i}.attention.self.query.adapter.lora_{ab}.weight" for i in range(2) for ab in "AB"),
-        "classifier.weight", "classifier.bias",
+        "classifier.trained_module.weight", "classifier.trained_module.bias",
     }
+    assert not any(p.requires_grad for p in model.classifier.original_module.parameters())
     head = 16 * 3 + 3
     assert rankwise.trainable_parameters(model) == 2 * 2 * (16 + 16) + head
 
@@ -123,7 +124,7 @@ def test_registry_names_and_config_by_name():
         ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
         ({"dropout": -0.5}, r"dropout must be in \[0, 1\)"),
         ({"targets": []}, "targets must be"),
-        ({"init_weights": "pissa"}, "init_weights must be one of"),
+        ({"init_weights": "corda"}, "init_weights must be one of"),
     ],
 )
 def test_invalid_configs_raise_at_construction(kwargs, message):

@@ -99,6 +99,77 @@ def test_scaled_ranks_and_switch_preserve_function() -> None:
         cf.switch()
 
 
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 2))
+
+
+def _set_srank(layer: nn.Linear, rank: int) -> None:
+    """Make the weight [I_rank 0; 0 0]: its stable rank is exactly ``rank``."""
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.weight[:rank, :rank] = torch.eye(rank)
+
+
+def _observe(cf: Cuttlefish, model: nn.Sequential, script: dict[int, list[int]]) -> list[bool]:
+    """Set each layer's stable rank from ``script`` before every observation; return the decisions."""
+    decisions = []
+    for t in range(len(script[0])):
+        for index, ranks in script.items():
+            _set_srank(model[index], ranks[t])
+        decisions.append(cf.observe())
+    return decisions
+
+
+def test_tolerance_is_relaxed_by_the_number_of_unstable_layers() -> None:
+    """w = q = 2, α = 2/3. Layer 1: h = 10, 11, 11, ... gives EMA 10, 10.667, 10.889, 10.963 and mean |∇EMA|
+    over the last two points 0.333 at the third point, 0.111 at the fourth, 0.037 at the fifth. At the third
+    point two layers are unstable (τ·2.5 = 0.25: not yet); at the fourth only layer 1 is (τ·5 = 0.5: stable).
+    Without relaxation (τ = 0.1) it waits for the fifth."""
+    script = {0: [10] * 5, 1: [10] + [11] * 4}
+    model = _mlp()
+    relaxed = Cuttlefish(model, CuttlefishConfig(window=2, points=2, tolerance=0.1, dense_prefix=0))
+    assert _observe(relaxed, model, script) == [False, False, False, True, True]
+    model = _mlp()
+    strict = Cuttlefish(model, CuttlefishConfig(window=2, points=2, tolerance=0.1, dense_prefix=0, relaxation=()))
+    assert _observe(strict, model, script) == [False, False, False, False, True]
+
+
+def test_stable_flags_are_sticky() -> None:
+    """Layer 0 is stable at the third point and then jumps (its own criterion fails again); layer 1 settles at
+    the fifth point (see above), and the switch fires because layer 0 stays stable."""
+    model = _mlp()
+    cf = Cuttlefish(model, CuttlefishConfig(window=2, points=2, tolerance=0.1, dense_prefix=0, relaxation=()))
+    decisions = _observe(cf, model, {0: [10, 10, 10, 20, 20], 1: [10, 11, 11, 11, 11]})
+    assert not is_stable(cf.history["0"], 2, 2, 0.1)
+    assert decisions == [False, False, False, False, True]
+    assert cf.stable == {"0": True, "1": True}
+
+
+@pytest.mark.parametrize(("metric", "floor", "expected"), [("vanilla", 0.0, 5), ("vanilla", 0.5, 16), ("vanilla", 0.125, 5),
+                                                           ("scaled", 0.0, None), ("scaled", 1.0, 32)])
+def test_rank_metric_and_rank_floor(metric: str, floor: float, expected: int | None) -> None:
+    model = _mlp()
+    cf = Cuttlefish(model, CuttlefishConfig(rank_metric=metric, rank_floor=floor, dense_prefix=0))
+    xi = 32 / math.floor(stable_rank(model[0].weight.detach()))
+    assert xi > 1.5  # a random init is far from orthogonal, so the scaled rank differs from the vanilla one
+    _set_srank(model[0], 5)
+    assert cf.ranks()["0"] == (expected if expected is not None else math.ceil(xi * 5))
+
+
+def test_layers_point_at_the_modules_in_the_model_after_the_switch() -> None:
+    model = _cnn()
+    cf = Cuttlefish(model, CuttlefishConfig())
+    cf.ranks = lambda: {"2": 3, "5": 64}  # type: ignore[method-assign]
+    cf.switch()
+    assert cf.layers["2"] is model[2] and isinstance(model[2], FactorizedConv2d)
+    assert cf.layers["5"] is model[5] and isinstance(model[5], nn.Linear)  # rank 64: kept dense
+    del cf.ranks
+    for call in (cf.observe, cf.ranks, cf.switch):
+        with pytest.raises(ValueError, match="already factorised"):
+            call()
+
+
 def test_rank_at_or_above_break_even_stays_dense() -> None:
     model = _cnn()
     cf = Cuttlefish(model, CuttlefishConfig(rank_floor=1.0))  # floor = full rank: never worth it

@@ -18,6 +18,7 @@ from rankwise.compress import (
     khatri_rao_decomposition,
     kronecker_decomposition,
 )
+from rankwise.compress.decompositions import _solve_spd
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -132,6 +133,20 @@ def test_als_rank_deficient_data_warns_and_stays_finite() -> None:
         w, z, info = als_low_rank(torch.tensor(a), 3)
     assert torch.isfinite(w).all() and torch.isfinite(z).all() and info.jittered > 0
     assert np.linalg.norm((w @ z).numpy() - a) / np.linalg.norm(a) < 1e-6
+
+
+def test_singular_normal_equations_get_the_documented_jitter_and_regular_ones_none() -> None:
+    """A batch of two systems: the singular one (rank 2, K = 3) is solved with G + 1e-8·trace(G)/K·I, the
+    regular one exactly (numpy oracle); the count says one system was jittered."""
+    rng = np.random.default_rng(8)
+    b = rng.standard_normal((3, 2))
+    singular, regular = b @ b.T, np.eye(3) * 2.0 + 0.1
+    rhs = rng.standard_normal((2, 3, 4))
+    x, count = _solve_spd(torch.tensor(np.stack([singular, regular])), torch.tensor(rhs))
+    assert count == 1
+    jittered = singular + 1e-8 * np.trace(singular) / 3 * np.eye(3)
+    np.testing.assert_allclose(x[0].numpy(), np.linalg.solve(jittered, rhs[0]), rtol=1e-6)
+    np.testing.assert_allclose(x[1].numpy(), np.linalg.solve(regular, rhs[1]), rtol=1e-12)
 
 
 def test_als_bad_inputs() -> None:

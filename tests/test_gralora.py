@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import GraloraConfig, PeftModel, get_peft_model
 from torch import nn
-from toy_models import minilm_shaped_bert
+from toy_models import minilm_shaped_bert, seeded_train_outputs
 from transformers.pytorch_utils import Conv1D
 
 import rankwise
@@ -28,15 +28,16 @@ class Net(nn.Module):
         return self.out(torch.tanh(self.proj(x)))
 
 
-def pair(hybrid_r: int, conv1d: bool = False, dtype: torch.dtype = torch.float32, r: int = 4, k: int = 2):
+def pair(hybrid_r: int, conv1d: bool = False, dtype: torch.dtype = torch.float32, r: int = 4, k: int = 2,
+         dropout: float = 0.0):
     """PEFT's GraLoRA and ours on copies of one base model, ours holding PEFT's (random) weights."""
     torch.manual_seed(0)
     base = Net(conv1d, dtype)
     ours = rankwise.adapt(copy.deepcopy(base), rankwise.config(
-        "gralora", r=r, alpha=3.0, gralora_k=k, hybrid_r=hybrid_r, targets=["proj", "out"]))
+        "gralora", r=r, alpha=3.0, gralora_k=k, hybrid_r=hybrid_r, dropout=dropout, targets=["proj", "out"]))
     peft_model = get_peft_model(base, GraloraConfig(
         target_modules=["proj", "out"], r=r, alpha=3, gralora_k=k, hybrid_r=hybrid_r, init_weights=False,
-        fan_in_fan_out=conv1d))
+        fan_in_fan_out=conv1d, gralora_dropout=dropout))
     with torch.no_grad():
         for name, layer in rankwise.adapted_layers(ours):
             theirs = peft_model.base_model.model.get_submodule(name)
@@ -81,6 +82,68 @@ def test_outputs_gradients_and_merge_equal_peft(hybrid_r, conv1d, dtype):
             torch.testing.assert_close(layer.base_layer.weight,
                                        theirs.base_model.model.get_submodule(name).base_layer.weight, **tolerance(dtype))
         torch.testing.assert_close(ours(x), theirs(x), **tolerance(dtype))
+
+
+@pytest.mark.parametrize("hybrid_r", [0, 2])
+@pytest.mark.parametrize("shape", [(3, 5, 16), (7, 16)], ids=["3d", "2d"])
+def test_dropout_in_training_equals_peft_under_the_same_seed(hybrid_r, shape):
+    """Dropout acts on each adapter branch's input, never on the base path, with PEFT's masks: one per
+    branch (block, then hybrid), drawn from the global RNG, so seeding before both forwards gives
+    PEFT's output and gradients exactly."""
+    ours, theirs = pair(hybrid_r, dropout=0.5)
+    out_ours, out_theirs = seeded_train_outputs(ours, theirs, torch.randn(*shape, generator=torch.Generator().manual_seed(1)))
+    torch.testing.assert_close(out_ours, out_theirs, atol=1e-6, rtol=1e-6)
+    out_ours.square().sum().backward()
+    out_theirs.square().sum().backward()
+    names = ["gralora_A", "gralora_B"] + (["gralora_A_general", "gralora_B_general"] if hybrid_r else [])
+    for name, layer in rankwise.adapted_layers(ours):
+        peft_layer = theirs.base_model.model.get_submodule(name)
+        for tensor in names:
+            peft_param = getattr(peft_layer, tensor)["default"]
+            peft_grad = peft_param.weight.grad if tensor.endswith("general") else peft_param.grad
+            torch.testing.assert_close(getattr(layer.adapter, tensor).grad, peft_grad, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("init_weights", [True, False])
+def test_seeded_init_equals_peft(init_weights):
+    """Without the hybrid branch rankwise draws A (and random B) blocks exactly as PEFT does."""
+    torch.manual_seed(0)
+    base = Net()
+    torch.manual_seed(4)
+    theirs = get_peft_model(copy.deepcopy(base), GraloraConfig(
+        target_modules=["proj", "out"], r=4, alpha=3, gralora_k=2, init_weights=init_weights))
+    torch.manual_seed(4)
+    ours = rankwise.adapt(copy.deepcopy(base), rankwise.config(
+        "gralora", r=4, alpha=3.0, gralora_k=2, init_weights=init_weights, targets=["proj", "out"]))
+    for name, layer in rankwise.adapted_layers(ours):
+        peft_layer = theirs.base_model.model.get_submodule(name)
+        torch.testing.assert_close(layer.adapter.gralora_A, peft_layer.gralora_A["default"], atol=0, rtol=0)
+        torch.testing.assert_close(layer.adapter.gralora_B, peft_layer.gralora_B["default"], atol=0, rtol=0)
+
+
+def assert_uniform(tensor: torch.Tensor, bound: float) -> None:
+    """U(±bound), pinned: every value within the bound, the extremes near it and std = bound/√3 (3%)."""
+    assert tensor.abs().max() <= bound and tensor.abs().max() > 0.99 * bound
+    assert abs(tensor.std().item() / (bound / 3**0.5) - 1) < 0.03
+    assert abs(tensor.mean().item()) < 0.05 * bound
+
+
+@pytest.mark.parametrize("init_weights", [True, False])
+def test_init_bounds_pin_each_fan_in(init_weights):
+    """A blocks: fan-in n/k (not n, not r); hybrid A_g: fan-in n; random B: fan-in r; random B_g: fan-in h."""
+    n, m, k, r, h = 1024, 512, 4, 16, 8
+    torch.manual_seed(0)
+    adapter = GraLoRAAdapter(nn.Linear(n, m), rankwise.config(
+        "gralora", r=r, gralora_k=k, hybrid_r=h, init_weights=init_weights), "layer")
+    with torch.no_grad():
+        assert_uniform(adapter.gralora_A, (k / n) ** 0.5)
+        assert_uniform(adapter.gralora_A_general, 1 / n**0.5)
+        if init_weights:
+            assert not adapter.gralora_B.any() and not adapter.gralora_B_general.any()
+            assert not adapter.delta_weight().any()
+        else:
+            assert_uniform(adapter.gralora_B, 1 / r**0.5)
+            assert_uniform(adapter.gralora_B_general, 1 / h**0.5)
 
 
 def block_reference(adapter: GraLoRAAdapter) -> torch.Tensor:

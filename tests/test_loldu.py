@@ -78,6 +78,33 @@ def test_basis_is_the_first_r_lu_steps():
     assert sorted(adapter.loldu_perm.tolist()) == list(range(40))
 
 
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40)], ids=["tall", "wide"])
+def test_init_is_the_official_lu_init_and_an_exact_identity(shape):
+    """z₀ = D_r, the official ``init_method="lu"``: the first r pivots of torch.linalg.lu(W0) (exactly those
+    of the float64 factorisation; the official float32 one to 1e-5). The frozen factors are P L_r and
+    Ū_r = U_r / D_r of the same factorisation, only z is trained, σ = α/r, and the output is unchanged
+    bit for bit."""
+    r = 6
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(shape[1], shape[0]))
+    weight = base[0].weight.detach().clone()
+    model = rankwise.adapt(base, rankwise.config("loldu", r=r, alpha=3.0))
+    adapter = model[0].adapter
+    P, L, U = torch.linalg.lu(weight.double())
+    pivots = U.diagonal()[:r]
+    torch.testing.assert_close(adapter.loldu_z.detach(), pivots.float(), atol=0, rtol=0)
+    torch.testing.assert_close(adapter.loldu_z.detach(), torch.linalg.lu(weight)[2].diagonal()[:r], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(adapter.loldu_D, adapter.loldu_z.detach(), atol=0, rtol=0)
+    torch.testing.assert_close(adapter.permuted_lower(), (P @ L[:, :r]).float(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(adapter.loldu_U, (U[:r] / pivots[:, None]).float(), atol=1e-6, rtol=1e-6)
+    assert [n for n, p in adapter.named_parameters() if p.requires_grad] == ["loldu_z"]
+    assert adapter.scaling == 0.5
+    assert not adapter.delta_weight().any()
+    x = torch.randn(5, shape[1], generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), nn.functional.linear(x, weight, base[0].base_layer.bias), atol=0, rtol=0)
+
+
 def test_zero_pivot_raises_naming_the_layer():
     base = nn.Sequential(nn.Linear(24, 40))
     with torch.no_grad():

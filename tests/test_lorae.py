@@ -142,6 +142,17 @@ def test_shapes_encode_decode_and_plain_autoencoder() -> None:
     assert plain.loss(x)[0].shape == ()
 
 
+def test_latent_matrix_follows_the_model_device_and_dtype() -> None:
+    plain = mlp_autoencoder(12, 10, LoRAEConfig(latent_dim=6, latent_layers=0, lam=0.0))
+    torch.testing.assert_close(plain.latent.matrix(), torch.eye(6), rtol=0, atol=0)
+    assert plain.double().latent.matrix().dtype == torch.float64
+    assert plain.to("meta").latent.matrix().device.type == "meta"
+    assert "latent._anchor" not in plain.state_dict()  # nothing extra is saved
+    two = _model(0.1, layers=2)  # float64
+    m1, m2 = two.latent.layers[0].weight, two.latent.layers[1].weight
+    torch.testing.assert_close(two.latent.matrix(), m2 @ m1, rtol=0, atol=0)
+
+
 def test_gmm_sampler_and_generation() -> None:
     model = mlp_autoencoder(12, 10, LoRAEConfig(latent_dim=3))
     codes = model.encode(torch.rand(60, 12)).detach()

@@ -14,6 +14,7 @@ import torch
 from peft import MissConfig as PeftMissConfig
 from peft import PeftModel, get_peft_model
 from torch import nn
+from toy_models import seeded_train_outputs
 
 import rankwise
 
@@ -59,11 +60,18 @@ def x_in() -> torch.Tensor:
     return torch.randn(4, 6, 24, generator=torch.Generator().manual_seed(3))
 
 
-@pytest.mark.parametrize("kwargs", VARIANTS)
+@pytest.mark.parametrize("kwargs", VARIANTS + [
+    pytest.param({**v.values[0], "dropout": 0.5}, id=f"{v.id}-dropout") for v in VARIANTS
+    if v.values[0]["init_weights"] != "bat"  # bat takes no dropout
+])
 def test_forward_and_gradients_match_peft(kwargs):
+    """With dropout, in training mode: it acts on the zero-padded branch input only, with PEFT's mask,
+    so seeding the global RNG before both forwards gives PEFT's numbers."""
     peft_model, ours = pair(kwargs)
-    x = x_in()
-    out_peft, out_ours = peft_model(x), ours(x)
+    if kwargs.get("dropout"):
+        out_ours, out_peft = seeded_train_outputs(ours, peft_model, x_in())
+    else:
+        out_peft, out_ours = peft_model(x_in()), ours(x_in())
     torch.testing.assert_close(out_ours, out_peft, atol=1e-5, rtol=1e-5)
     target = torch.randn(out_peft.shape, generator=torch.Generator().manual_seed(9))
     ((out_peft - target) ** 2).sum().backward()
@@ -88,6 +96,57 @@ def test_merged_weights_match_peft_and_unmerge_restores(kwargs):
         rankwise.unmerge(ours)
         for name, layer in rankwise.adapted_layers(ours):
             torch.testing.assert_close(layer.base_layer.weight, original[name], atol=1e-5, rtol=1e-5)
+
+
+def test_random_init_is_peft_draw_with_fan_in_out_features():
+    """init_weights=False: Kaiming-uniform(a=√5) on the (r, m) block, U(±1/√m); a seed gives PEFT's block."""
+    theirs_base, our_base = base_net(), base_net()
+    torch.manual_seed(5)
+    peft_model = get_peft_model(theirs_base, PeftMissConfig(target_modules=["up", "down"], r=8, init_weights=False))
+    torch.manual_seed(5)
+    ours = rankwise.adapt(our_base, rankwise.config("miss", targets=["up", "down"], r=8, init_weights=False))
+    for name, layer in rankwise.adapted_layers(ours):
+        peft_block = peft_model.base_model.model.get_submodule(name).miss_block["default"]
+        torch.testing.assert_close(layer.adapter.miss_block, peft_block, atol=0, rtol=0)
+    block = rankwise.adapt(nn.Sequential(nn.Linear(128, 2048)),
+                           rankwise.config("miss", r=64, init_weights=False))[0].adapter.miss_block.detach()
+    bound = 1 / 2048**0.5
+    assert block.shape == (64, 2048)
+    assert block.abs().max() <= bound and block.abs().max() > 0.99 * bound
+    assert abs(block.std().item() / (bound / 3**0.5) - 1) < 0.02
+
+
+@pytest.mark.parametrize("kwargs, shape", [
+    ({"r": 8, "init_weights": True}, (8, 48)),
+    ({"r": 8, "init_weights": "mini", "mini_r": 4}, (8, 4)),
+    ({"r": 8, "init_weights": "bat"}, (6, 8, 8)),
+], ids=["default", "mini", "bat"])
+def test_zero_inits_have_peft_shapes_and_leave_the_model_unchanged(kwargs, shape):
+    peft_model = get_peft_model(base_net(), PeftMissConfig(target_modules=["up"], **kwargs))
+    ours = rankwise.adapt(base_net(), rankwise.config("miss", targets=["up"], **kwargs))
+    block = ours.up.adapter.miss_block
+    assert block.shape == shape == peft_model.base_model.model.up.miss_block["default"].shape
+    assert block.requires_grad and not block.any()
+    x = x_in()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), base_net()(x), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("singular", ["exact", "numerical"])
+def test_bat_unmerge_refuses_a_singular_block_and_leaves_the_weight_merged(singular):
+    """I + D_0 singular exactly (D_0 = −I) or only to working precision (rank one, where LU finds no
+    zero pivot and a plain solve returns garbage): unmerge raises and changes nothing."""
+    _, ours = pair({"r": 8, "init_weights": "bat"})
+    generator = torch.Generator().manual_seed(2)
+    u, v = torch.randn(8, 1, generator=generator), torch.randn(1, 8, generator=generator)
+    with torch.no_grad():
+        ours.up.adapter.miss_block[0] = -torch.eye(8) + (0 if singular == "exact" else u @ v)
+        rankwise.merge(ours)
+    merged = ours.up.base_layer.weight.clone()
+    with pytest.raises(ValueError, match=r"'up' \(out_features=48, in_features=24, r=8\): I \+ D_0 .*singular"):
+        rankwise.unmerge(ours)
+    torch.testing.assert_close(ours.up.base_layer.weight, merged, atol=0, rtol=0)
+    assert ours.up.merged
 
 
 def test_default_update_equals_the_index_formula():

@@ -11,7 +11,7 @@ import torch
 from peft_singlora import Linear as PeftSingLoRALinear
 from peft_singlora import SingLoRAConfig as PeftSingLoRAConfig
 from torch import nn
-from toy_models import minilm_shaped_bert
+from toy_models import forward_and_dropped_input, minilm_shaped_bert
 
 import rankwise
 from rankwise.adapters.singlora import SingLoRAAdapter
@@ -103,10 +103,10 @@ def test_clock_counts_optimizer_steps_not_forwards_and_survives_save_load(tmp_pa
     train(model, steps=3, accumulate=2)  # 6 forwards, 3 optimizer steps
     assert int(adapter.singlora_step) == 3
     assert not torch.equal(adapter.singlora_A, A0)  # step 1 already had a gradient (u(1) = 1/10)
-    model.eval()
-    assert float(adapter.ramp()) == pytest.approx(0.3)
-    model.train()
-    assert float(adapter.ramp()) == pytest.approx(0.4)  # the forward of step 4
+    for mode in (False, True):  # u(t) after 3 steps, whatever the mode; a training forward computes step 4
+        model.train(mode)
+        assert float(adapter.ramp()) == pytest.approx(0.3)
+        assert float(adapter.ramp(ahead=True)) == pytest.approx(0.4)
     with torch.no_grad():  # an eval-only forward or an optimizer without A moves nothing
         model.eval()(torch.randn(2, 10))
     torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1).step()
@@ -176,6 +176,55 @@ def test_merge_is_applied_once_and_unmerge_uses_the_recorded_ramp():
         merged = theirs(x)
         delta = x @ theirs._get_update_weight("default").T
     torch.testing.assert_close(merged, unmerged + delta)
+
+
+@pytest.mark.parametrize("in_f,out_f", SHAPES)
+def test_training_forward_with_dropout_equals_peft_singlora(in_f, out_f):
+    """Dropout on the adapter branch's input only, one mask drawn as peft-singlora draws it (base
+    first, then dropout(x)); a training forward uses u(t + 1), i.e. peft-singlora's counter at t + 1.
+    Dropout removed, or applied to the base path, fails here."""
+    base, ours = adapter_for(in_f, out_f, dropout=0.5)
+    theirs = PeftSingLoRALinear(copy.deepcopy(base), "default", r=3, lora_alpha=5.0, lora_dropout=0.5)
+    theirs.ramp_up_steps = 10
+    theirs.update_global_step(4 + 1)
+    with torch.no_grad():
+        theirs.lora_A["default"].copy_(ours.singlora_A)
+    ours.set_step(4)
+    ours.train()
+    theirs.train()
+    x = torch.randn(64, in_f, generator=torch.Generator().manual_seed(1))
+    expected, dropped = forward_and_dropped_input(lambda: theirs(x), x, 0.5)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        torch.testing.assert_close(ours(x, base(x)), expected, atol=1e-6, rtol=1e-6)
+        reference = paper_delta(ours.singlora_A, out_f, in_f, 5.0, 3, 5, 10)
+        torch.testing.assert_close(expected, base(x) + dropped @ reference.T, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("in_f,out_f", SHAPES)
+def test_merge_in_training_mode_mid_ramp_equals_the_unmerged_eval_forward(in_f, out_f):
+    """delta_weight and merge use u(t) in either mode, so the merged model computes exactly what the
+    unmerged model computes in eval mode at that moment (and what peft-singlora merges at step t)."""
+    base, ours = adapter_for(in_f, out_f)
+    model = rankwise.adapt(nn.Sequential(copy.deepcopy(base)),
+                           rankwise.config("singlora", r=3, alpha=5.0, ramp_up_steps=10))
+    adapter = model[0].adapter
+    with torch.no_grad():
+        adapter.singlora_A.copy_(ours.singlora_A)
+    adapter.set_step(4)
+    x = torch.randn(5, in_f, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        unmerged_eval = model.eval()(x)
+        model.train()
+        assert not torch.allclose(model(x), unmerged_eval)  # training forward: u(5) = 0.5, not u(4)
+        reference = paper_delta(adapter.singlora_A, out_f, in_f, 5.0, 3, 4, 10)
+        torch.testing.assert_close(adapter.delta_weight(), reference, atol=1e-6, rtol=1e-6)
+        with pytest.warns(UserWarning, match="u\\(t\\)=0.4"):
+            rankwise.merge(model)
+        torch.testing.assert_close(model(x), unmerged_eval, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(model[0].base_layer.weight, base.weight + reference, atol=1e-6, rtol=1e-6)
+        rankwise.unmerge(model)
+        torch.testing.assert_close(model[0].base_layer.weight, base.weight, atol=1e-6, rtol=1e-6)
 
 
 def test_init_scale_and_defaults_on_minilm_shapes():

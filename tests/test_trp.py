@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -82,6 +83,50 @@ def test_projection_sets_energy_rank_and_nuclear_gradient() -> None:
     weight.grad.zero_()
     trp.before_optimizer_step()
     assert weight.grad.abs().max() == 0
+
+
+@pytest.mark.parametrize(("dtype", "atol"), [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("scheme", ["channel", "spatial"])
+def test_projection_is_the_best_energy_rank_approximation_in_the_weight_precision(scheme: str, dtype, atol) -> None:
+    """W <- unmat(U_k Σ_k V_kᵀ) (numpy float64 oracle), computed at least in the weight's own precision."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 8, 3)).to(dtype)
+    weight = model[1].weight
+    matrix = matricize(weight.detach().double(), scheme).numpy()
+    u, sigma, vt = np.linalg.svd(matrix, full_matrices=False)
+    k = int(np.searchsorted(np.cumsum(sigma**2) / np.sum(sigma**2), 0.7)) + 1
+    expected = torch.from_numpy((u[:, :k] * sigma[:k]) @ vt[:k])
+    assert 1 < k < len(sigma)
+    TRP(model, TRPConfig(energy=0.7, scheme=scheme)).before_forward(step=0)
+    assert weight.dtype == dtype
+    torch.testing.assert_close(matricize(weight.detach(), scheme).double(), expected, atol=atol, rtol=0)
+
+
+def test_final_rank_follows_final_threshold_and_final_energy() -> None:
+    sigma = torch.tensor([3.0, 1.0, 0.5, 0.2, 0.04, 0.01], dtype=torch.float64)  # σ²: 9, 1, 0.25, 0.04, ...
+    model = nn.Sequential(nn.Linear(6, 8).double(), nn.Linear(8, 2).double())
+    with torch.no_grad():
+        model[0].weight.copy_(orthonormal(8, 6, 3) @ torch.diag(sigma) @ orthonormal(6, 6, 4).T)
+    expected = {0.3: 3, 0.05: 4, 0.0: 6, 0.9: 2, 10.0: 1}  # #{σ >= τ}, at least 1
+    for threshold, rank in expected.items():
+        assert TRP(model, TRPConfig(targets=["0"], final_threshold=threshold)).final_rank("0") == rank
+    # energy 9 / 10.2917 = 0.8745, (9 + 1) / 10.2917 = 0.9717: e = 0.9 keeps 2, e = 0.98 keeps 3
+    assert TRP(model, TRPConfig(targets=["0"], final_energy=0.9)).final_rank("0") == 2
+    assert TRP(model, TRPConfig(targets=["0"], final_energy=0.98)).final_rank("0") == 3
+
+
+def test_layers_point_at_the_modules_in_the_model_after_factorize() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3))
+    with torch.no_grad():
+        model[2].weight.copy_(torch.randn(12, 2) @ torch.randn(2, 16))
+    trp = TRP(model, TRPConfig(include_linear=True, final_threshold=1e-4))
+    trp.factorize()
+    assert trp.layers["2"] is model[2] and isinstance(model[2], FactorizedLinear)
+    assert trp.layers["0"] is model[0] and isinstance(model[0], nn.Linear)  # kept dense
+    for call in (lambda: trp.before_forward(0), trp.factorize, lambda: trp.final_rank("0")):
+        with pytest.raises(ValueError, match="already replaced"):
+            call()
 
 
 def test_factorize_replaces_layers_and_keeps_function_when_low_rank() -> None:

@@ -10,6 +10,8 @@ Public API (see DESIGN.md)::
     rankwise.save(model, "out/"); model = rankwise.load(base_model, "out/")
     rankwise.import_peft(base_model, "peft_dir/"); rankwise.export_peft(model, "peft_dir/")
     model = rankwise.compress(model, ratio=0.5)
+    alloc = rankwise.allocator(model); alloc.step(step)   # rank allocation (AdaLoRA); None for fixed-rank methods
+    rankwise.ranks(model)                                 # {layer name: current rank}
 
 Every method's config class (``C3AConfig``, ``GraLoRAConfig``, ...) is reachable as
 ``rankwise.<Name>Config`` once its module is registered.
@@ -33,6 +35,7 @@ from .core.inject import (
     unmerge,
 )
 from .core.io import load, save
+from .core.rank import allocator, ranks
 from .core.registry import config, methods, register
 from .integrations.peft import export_peft, import_peft
 
@@ -45,6 +48,7 @@ __all__ = [
     "adapt",
     "adapted_layers",
     "adapter_config",
+    "allocator",
     "compress",
     "config",
     "disable_adapters",
@@ -54,6 +58,7 @@ __all__ = [
     "load",
     "merge",
     "methods",
+    "ranks",
     "register",
     "save",
     "summary",

@@ -9,19 +9,31 @@ W ∈ R^{m×n} (out × in), y = x Wᵀ + b, r = shard size along the inputs (``r
 
     default ("miss", = Bone v4+):  D ∈ R^{r×m} (miss_block), zeros.
         ΔW[o, c] = D[c mod r, o],  i.e. ΔW = [Dᵀ Dᵀ … Dᵀ] (⌈n/r⌉ copies, the last cut to n mod r)
-        y = base(x) + x̄ D,   x̄ = Σ_k x[..., kr:(k+1)r]   (x zero-padded to a multiple of r)
+        y = base(x) + x̄ D,   x̄ = Σ_k x̃[..., kr:(k+1)r],   x̃ = dropout(x zero-padded to a multiple of r)
     mini:  d ∈ R^{r×mini_r}, zeros, tiled along the outputs: D = [d d … d], m % mini_r == 0.
         y = base(x) + tile(x̄ d)   (x̄ d is broadcast over the output tiles; d is never tiled)
     bat (Bone v1):  D ∈ R^{(m/r)×r×r}, zeros; for the r×r block W_ij (output block i, input block j)
-        W'_ij = W_ij + (W_ij + I) D_i,   n % r == 0 and m % r == 0.
+        W'_ij = W_ij + (W_ij + I) D_i = W_ij (I + D_i) + D_i,   y = x W'ᵀ + b,   n % r == 0 and m % r == 0.
+    init_weights=False (tests): the default (r, m) block drawn Kaiming-uniform(a=√5), i.e. U(±1/√m),
+        exactly PEFT's draw (the same seed gives PEFT's block).
 
 No α, no scaling (PEFT ignores scaling for MiSS). Trainable parameters per layer: r·m (default),
-r·mini_r (mini), (m/r)·r² = r·m (bat). Dropout acts on x before the shard sum (default, mini).
+r·mini_r (mini), (m/r)·r² = r·m (bat). Dropout acts on the branch input only, never on the base
+path, and on the padded x exactly as in PEFT, so one seed draws PEFT's mask (default, mini).
 
-Bat needs the dense m×n update every forward (it depends on W itself): the forward builds
-ΔW(W) = blocks(W) @ D + D (O(mnr)) and adds ``x ΔWᵀ`` to the base output; this is the method's
-own requirement. Unmerge solves ``X (I + D_i) = W'_ij − D_i`` per block, exact while every
-I + D_i is invertible (a singular one raises).
+Bat's update depends on W itself, so the forward cannot add a cheap term to the base output: it
+builds W' block by block (O(mnr)) and computes the whole output ``x W'ᵀ + b`` in one GEMM; the
+frozen ``base(x)`` is never computed (``uses_base_output = False``).
+
+Oracle: PEFT 0.21.2's ``miss`` (outputs, gradients, dropout masks under a shared seed, merged
+weights, adapter files both ways), plus the index formula for the default ΔW. Merge and unmerge
+of default and mini add and subtract ΔW: exact up to float rounding. Bat merge writes W' (it never
+refuses, except ``safe=True`` on non-finite results); bat unmerge solves X (I + D_i) = W'_ij − D_i
+per output block (PEFT multiplies by a float32 inverse instead). It refuses with a ValueError,
+leaving the merged weight untouched, exactly when some I + D_i has 2-norm condition number
+≥ 1/ε (ε: machine epsilon of the merge dtype, float32 for half-precision bases), i.e. is
+singular to working precision (this includes an exactly singular or non-finite I + D_i);
+otherwise it recovers W up to a relative error of order cond(I + D_i)·ε.
 
 Where we differ from PEFT, on purpose:
     * Default mode sums the shards of x with one reshape (no padded copy of x when n % r == 0)
@@ -113,11 +125,15 @@ class MissAdapter(Adapter):
     # -- default and mini --------------------------------------------------------------------
 
     def shard_sum(self, x: Tensor) -> Tensor:
-        """x̄ = Σ_k x[..., kr:(k+1)r], with a zero-padded last shard when r does not divide n."""
+        """x̄ = Σ_k x̃[..., kr:(k+1)r], x̃ = dropout(x zero-padded to a multiple of r).
+
+        Dropout acts on the padded input, as in PEFT, so one seed draws PEFT's mask (a padded entry
+        is zero whether it is dropped or not).
+        """
         pad = -self.in_features % self.r
         if pad:
             x = F.pad(x, (0, pad))
-        return x.reshape(*x.shape[:-1], -1, self.r).sum(dim=-2)
+        return self.miss_dropout(x).reshape(*x.shape[:-1], -1, self.r).sum(dim=-2)
 
     def shared_block(self) -> Tensor:
         """D ∈ R^{r×m}: the trained block, tiled along the outputs for mini."""
@@ -126,7 +142,7 @@ class MissAdapter(Adapter):
         return self.miss_block
 
     def _shared_forward(self, x: Tensor, base_out: Tensor) -> Tensor:
-        summed = self.shard_sum(self.miss_dropout(x)).reshape(-1, self.r)
+        summed = self.shard_sum(x).reshape(-1, self.r)
         flat_out = base_out.reshape(-1, self.out_features)
         if self.variant == "mini":
             mini_r = self.miss_block.shape[1]
@@ -147,7 +163,7 @@ class MissAdapter(Adapter):
         return blocks.transpose(1, 2).reshape(self.out_features, self.in_features)
 
     def bat_weight(self, weight: Tensor) -> Tensor:
-        """W + ΔW(W), block by block W_ij (I + D_i) + D_i (one batched matmul, no separate full-size add)."""
+        """W' = W + ΔW(W), block by block W'_ij = W_ij (I + D_i) + D_i: one batched matmul, ΔW never built alone."""
         block = self.miss_block.to(weight.dtype).unsqueeze(1)
         eye = torch.eye(self.r, dtype=weight.dtype, device=weight.device)
         return self._unblocks(self._blocks(weight) @ (eye + block) + block)
@@ -177,16 +193,20 @@ class MissAdapter(Adapter):
         if self.variant != "bat":
             return super().unmerged_weight(weight)
         block = self.miss_block.to(weight.dtype)
-        eye = torch.eye(self.r, dtype=weight.dtype, device=weight.device)
-        try:
-            # X (I + D_i) = W'_ij − D_i for every block (solve from the right).
-            blocks = torch.linalg.solve(eye + block.unsqueeze(1), self._blocks(weight) - block.unsqueeze(1), left=False)
-        except RuntimeError as error:  # torch.linalg.LinAlgError
+        system = torch.eye(self.r, dtype=weight.dtype, device=weight.device) + block
+        condition = torch.linalg.cond(system)  # 2-norm; inf (or NaN) for a singular (or non-finite) I + D_i
+        limit = 1.0 / torch.finfo(weight.dtype).eps
+        if not bool((condition < limit).all()):
+            worst = int(torch.nan_to_num(condition, nan=torch.inf).argmax())
             raise ValueError(
-                f"bat layer '{self.layer_name}': I + D_i is singular, so the merged weight cannot be unmerged "
-                f"({error}). Keep a copy of the base weights or unload with merge=False before merging."
-            ) from None
-        return self._unblocks(blocks)
+                f"bat layer '{self.layer_name}' (out_features={self.out_features}, in_features={self.in_features}, "
+                f"r={self.r}): I + D_{worst} has condition number {condition[worst].item():.3g} >= 1/eps = {limit:.3g} "
+                f"({weight.dtype}), i.e. it is singular to working precision, so the merged weight cannot be "
+                "unmerged (the merge lost information); the weight is left merged and unchanged. Reload the "
+                "original base weights to undo it."
+            )
+        # X (I + D_i) = W'_ij − D_i for every block (solved from the right).
+        return self._unblocks(torch.linalg.solve(system.unsqueeze(1), self._blocks(weight) - block.unsqueeze(1), left=False))
 
     @classmethod
     def expected_num_params(cls, out_features: int, in_features: int, config: MissConfig) -> int:

@@ -1,9 +1,11 @@
 """BoRA: LoRA directions with trainable magnitudes along both the output and the input features.
 
 Paper: "BoRA: Bi-dimensional Weight-Decomposed Low-Rank Adaptation", Wang, Fan, Bao, Jiang, Song,
-arXiv:2412.06441. No official code and no PEFT module exist; the formula below is the spec's
-reconstruction (abstract, Fig. 1 caption, summaries, one third-party implementation), and the
-oracle is a dense implementation of it written in tests/test_bora.py.
+arXiv:2412.06441. No official code and no PEFT module exist, and the paper's body could not be
+read; the formula below is rankwise's reconstruction from the abstract, the Fig. 1 caption,
+summaries and two independent third-party implementations (both normalise rows first, then
+columns, with both magnitudes initialised from W0's norms), and the oracle is a dense
+implementation of it written in tests/test_bora.py.
 
 W0 ∈ R^{m×n} (out × in), LoRA direction V = W0 + s·B·A (A ∈ R^{r×n}, B ∈ R^{m×r}, s = α/r)::
 
@@ -21,15 +23,20 @@ The norms are computed without forming V or H (O(mnr) flops, O(r(m + n)) extra m
 Σ_j w_j V_ij² = (W0² w)_i + 2s Σ_k B_ik (W0 diag(w) Aᵀ)_ik + s² Σ_kl B_ik B_il (A diag(w) Aᵀ)_kl,
 and the column version is the same formula on Vᵀ = W0ᵀ + s Aᵀ Bᵀ. The second normalisation
 weights the first step's scale (w = d²), so its first term multiplies W0 ⊙ W0 by a vector: a
-transient m×n square, kept for the backward only when ``detach_norms=False``. The forward has to
-apply W0 to the input-scaled x, so it costs one base-sized matmul beyond the base layer's own.
+transient m×n square, kept for the backward only when ``detach_norms=False``. The output is built
+from W0 itself (``uses_base_output = False``, so the wrapper skips the frozen layer's own matmul):
+per token one base-sized matmul, W0 applied to the input-scaled x, plus LoRA's r(m + n), i.e. the
+cost of a LoRA layer; the norms add O(mnr) per forward, independent of the number of tokens.
 
-Decisions (open in the spec, no paper body available; each is a config field):
-    * ``order="row_then_col"``: DoRA's step first, BoRA's new one second (the spec's reading).
-    * ``detach_norms=True``: both norms are constants for the gradient (DoRA's convention, and the
-      third-party implementation's); ``False`` differentiates through them.
-    * Dropout acts on the LoRA branch only (x̃ = dropout(x) in s((x̃ ⊙ d_in) Aᵀ) Bᵀ); with
-      dropout = 0 or in eval mode the forward is exactly x W'ᵀ + b.
+Decisions (open questions while the paper body is unavailable; the first two are config fields):
+    * ``order="row_then_col"``: DoRA's step first, BoRA's new one second (what both third-party
+      implementations do).
+    * ``detach_norms=True``: both norms are constants for the gradient (DoRA's convention, and one
+      third-party implementation's); ``False`` differentiates through them (the other one's).
+    * Dropout acts on the LoRA branch's input only (x̃ = dropout(x) in s((x̃ ⊙ d_in) Aᵀ) Bᵀ); the
+      norms and the W0 path see the undropped x and weights, so with dropout = 0 or in eval mode
+      the forward is exactly x W'ᵀ + b. (Of the third-party implementations, one refuses dropout,
+      the other drops A's input columns, i.e. inside ΔW and both norms.)
     * A zero row or column norm (a pruned unit) gets scale 1 instead of 0/0 = NaN.
     * Merging caches d_out and d_in of the unmerged weight, since unmerge cannot recompute them.
 """

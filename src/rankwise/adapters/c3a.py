@@ -1,4 +1,5 @@
-"""C3A: block-circular convolution adaptation, numerically equal to Hugging Face PEFT 0.21.2's C3A.
+"""C3A: block-circular convolution adaptation, equal to Hugging Face PEFT 0.21.2's C3A in outputs,
+merged weights and kernel gradients (and exact where PEFT's input gradient is not).
 
 Paper: "Parameter-Efficient Fine-Tuning via Circular Convolution", Chen, Cheng, Liu, Gao, Tsung,
 Li, Li, Findings of ACL 2025, arXiv:2407.19342. The authors' code is PEFT's ``tuners/c3a``.
@@ -7,7 +8,7 @@ Math (W ∈ R^{m×n}, y = x Wᵀ + b, block size b dividing m and n, p = m/b, q 
 
     K ∈ R^{p×q×b}                               (c3a_kernel, PEFT's shape and name)
     C(w)[t, s] = w[(s − t) mod b]               (circulant with first ROW w, PEFT's convention)
-    ΔW = C_blk(K) / n,   block (i, j) of C_blk(K) is C(K[i, j])
+    ΔW = C_blk(K) / n,   block (i, j) of C_blk(K) is C(K[i, j])   (the 1/n is PEFT's; the paper has none)
     y  = base(x) + x ΔWᵀ
 
 The forward never builds ΔW: x is cut into q blocks of length b and, per frequency f,
@@ -19,7 +20,13 @@ Trainable parameters per layer: m·n / b.
 
 Init (PEFT ``init_weights``): ``"xavier_uniform"`` (default, also ``False``) U(±√(6/(m+n))),
 ``"kaiming_uniform"`` U(±1/√n), ``"gaussian"`` N(0, 1), ``True`` or ``"zeros"`` all zeros (the
-only init that leaves the model unchanged at step 0).
+only init that leaves the model unchanged at step 0). m and n are the layer's widths, not a
+block's. Each is one draw on the (p, q, b) kernel, as in PEFT, so the same seed gives PEFT's kernel.
+
+Oracle: PEFT 0.21.2 (outputs, ΔW, merged weights, kernel gradients, seeded init for every
+``init_weights`` value, adapter files both ways) and a dense block-circulant built by explicit
+rolls; input gradients against that dense reference and ``gradcheck`` (PEFT's are wrong, below).
+Merge adds ΔW to W and unmerge subtracts it: W comes back up to float rounding, not bit for bit.
 
 Where we differ from PEFT, on purpose (c3a.md §2, §4, §7):
     * The input gradient is exact. PEFT's custom backward returns Σ_l g_l K[(t + l) mod b]
@@ -198,7 +205,7 @@ class C3AAdapter(Adapter):
 
 def _to_peft(config: C3AConfig) -> dict[str, Any]:
     init = True if config.init_weights == "zeros" else config.init_weights
-    return {"block_size": config.block_size, "block_size_pattern": {}, "init_weights": init}
+    return {"block_size": config.block_size, "init_weights": init}
 
 
 def _from_peft(peft_config: dict[str, Any]) -> dict[str, Any]:

@@ -12,23 +12,29 @@ Formula (W ∈ R^{m×n}, y = x Wᵀ + b; k = ``gralora_k``, ρ = r/k, h = ``hybr
     ΔW   += s · B_g A_g      (hybrid: A_g = gralora_A_general (h × n), B_g = gralora_B_general (m × h))
 
 Storage is PEFT's: ``gralora_A`` (k, n/k, r), ``gralora_B`` (k, r, m/k), so PEFT checkpoints map
-one to one (``rankwise.import_peft`` / ``export_peft``). Forward, for any number of leading
-dimensions (flattened to N tokens): Z_j = x_j · gralora_A[j] (one batched matmul, N × r per chunk); the
-"information exchange" regroups Z from (N, k_in, k_out, ρ) to (N, k_out, k_in·ρ); out_i = Z'_i ·
-gralora_B[i]; then the hybrid term. Cost (n + m)(r + h) MACs per token, like LoRA at rank r + h;
-nothing m×n is built. Trainable parameters per layer: (r + h)(m + n), whatever k is.
+one to one (``rankwise.import_peft`` / ``export_peft``). In training, with dropout p > 0, the two
+branches see independent masks, as in PEFT: y = base(x) + ΔW_blk·drop₁(x) + s·B_g A_g·drop₂(x).
+Forward, for any number of leading dimensions (flattened to N tokens), with x̃ = drop₁(x):
+Z_j = x̃_j · gralora_A[j] (one batched matmul, N × r per chunk); the "information exchange" regroups
+Z from (N, k_in, k_out, ρ) to (N, k_out, k_in·ρ); out_i = Z'_i · gralora_B[i]; then the hybrid term.
+Cost (n + m)(r + h) MACs per token, like LoRA at rank r + h; nothing m×n is built. Trainable
+parameters per layer: (r + h)(m + n), whatever k is.
 
 Init (PEFT's ``init_weights=True``): every A slice Kaiming-uniform(a=√5) on its (r, n/k) view, i.e.
-U(±1/√(n/k)); B = 0; hybrid A_g ~ U(±1/√n), B_g = 0. ``init_weights=False`` draws B (and B_g) from
-Kaiming-uniform as well (tests only).
+U(±1/√(n/k)) (fan-in n/k, not n); B = 0; hybrid A_g ~ U(±1/√n), B_g = 0. ``init_weights=False`` draws
+B from U(±1/√r) and B_g from U(±1/√h) as well (tests only). Without the hybrid branch the draws are
+PEFT's, in PEFT's order, so the same seed gives PEFT's tensors exactly (PEFT's hybrid branch also
+spends draws on the default init of two ``nn.Linear`` it overwrites; rankwise does not).
+
+Oracle: PEFT 0.21.2 (outputs, gradients, ΔW, merged weights, dropout masks under a shared seed),
+plus the block formula above computed independently. Merge adds s·ΔW to W and unmerge subtracts it,
+so merge→unmerge restores W up to float rounding, not bit for bit.
 
 Decisions and differences from PEFT 0.21.2:
     * ``r`` is PEFT's (GraLoRA rank without the hybrid part; the official fork's ``r`` is r + h).
       Defaults are PEFT's: r = 32, α = 64, k = 2, h = 0 (k = 2 suits r ≤ 32, k = 4 suits r ≥ 64;
       the paper recommends hybrid_r > 0 for small r).
     * Inputs of any rank work (PEFT fails on 4-D input and special-cases 2-D).
-    * One dropout mask is shared by the block and hybrid branches (PEFT draws two); the same in
-      distribution, and identical without dropout.
     * Divisibility problems raise a ValueError naming the layer; k·r > min(m, n) warns, because the
       rank of ΔW cannot exceed min(m, n) and the extra parameters are wasted (PEFT is silent).
 """
@@ -59,7 +65,7 @@ class GraLoRAConfig(AdapterConfig):
     alpha: float = config_field(64.0, "scaling numerator: s = alpha / (r + hybrid_r)")
     gralora_k: int = config_field(2, "blocks per side: 2 for r <= 32, 4 for r >= 64 (paper)")
     hybrid_r: int = config_field(0, "rank of an extra dense LoRA branch (hybrid GraLoRA); 0 = none")
-    dropout: float = config_field(0.0, "dropout probability on the adapter branch's input")
+    dropout: float = config_field(0.0, "dropout probability on each adapter branch's input (block, hybrid: own masks)")
     init_weights: bool = config_field(True, "True: zero B (start at the base model); False: random B (tests)")
 
     def validate(self) -> None:
@@ -106,28 +112,34 @@ class GraLoRAAdapter(Adapter):
         self.k, self.r, self.hybrid_r = k, config.r, config.hybrid_r
         self.scaling = config.scaling
         self.gralora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.gralora_A = nn.Parameter(_kaiming(k, n // k, self.r, fan_in=n // k))
-        self.gralora_B = nn.Parameter(
-            torch.zeros(k, self.r, m // k) if config.init_weights else _kaiming(k, self.r, m // k, fan_in=self.r)
-        )
+        # Input chunk j: A_j (r × n/k, fan-in n/k), then, when random, B_j (m/k × r, fan-in r), drawn in
+        # PEFT's order and layout, so a seeded init equals PEFT's; stored transposed as (k, n/k, r), (k, r, m/k).
+        blocks_a, blocks_b = [], []
+        for _ in range(k):
+            blocks_a.append(_kaiming(self.r, n // k).T)
+            blocks_b.append(torch.zeros(self.r, m // k) if config.init_weights else _kaiming(m // k, self.r).T)
+        self.gralora_A = nn.Parameter(torch.stack(blocks_a).contiguous())
+        self.gralora_B = nn.Parameter(torch.stack(blocks_b).contiguous())
         if self.hybrid_r:
             h = self.hybrid_r
-            self.gralora_A_general = nn.Parameter(_kaiming(h, n, fan_in=n))
-            self.gralora_B_general = nn.Parameter(torch.zeros(m, h) if config.init_weights else _kaiming(m, h, fan_in=h))
+            self.gralora_A_general = nn.Parameter(_kaiming(h, n))
+            self.gralora_B_general = nn.Parameter(torch.zeros(m, h) if config.init_weights else _kaiming(m, h))
 
     def forward(self, x: Tensor, base_out: Tensor) -> Tensor:
-        k, r, m = self.k, self.r, self.out_features
-        x = self.gralora_dropout(x).reshape(-1, self.in_features)
-        tokens = x.shape[0]
+        k, r, m, n = self.k, self.r, self.out_features, self.in_features
+        # Each branch draws its own dropout mask, block branch first (PEFT's order: same seed, same masks).
+        dropped = self.gralora_dropout(x).reshape(-1, n)
+        tokens = dropped.shape[0]
         # (1, N, k_in, r): input chunk j through gralora_A[j]. einsum returns a permuted view here; an
         # elementwise op on it (scaling z) keeps that layout and made the bmms below 2x slower on CPU,
         # so the scale is applied to the output together with the base add.
-        z = torch.einsum("blni,nir->blnr", x.view(1, tokens, k, -1), self.gralora_A)
+        z = torch.einsum("blni,nir->blnr", dropped.view(1, tokens, k, -1), self.gralora_A)
         # Information exchange: (N, k_in, k_out, ρ) -> (N, k_out, k_in·ρ).
         z = z.view(1, tokens, k, k, r // k).transpose(2, 3).reshape(1, tokens, k, r)
         out = torch.einsum("bljr,jro->bljo", z, self.gralora_B).reshape(tokens, m)
         if self.hybrid_r:  # the scale is applied once below, to both branches
-            out = torch.addmm(out, F.linear(x, self.gralora_A_general), self.gralora_B_general.T)
+            hybrid_in = self.gralora_dropout(x).reshape(-1, n)
+            out = torch.addmm(out, F.linear(hybrid_in, self.gralora_A_general), self.gralora_B_general.T)
         # Into base_out itself, not into a reshaped view of it (autograd's CopySlices would copy it back).
         return add_into_output(base_out, out.view(base_out.shape), alpha=self.scaling)
 
@@ -150,10 +162,9 @@ class GraLoRAAdapter(Adapter):
         return f"r={self.r}, k={self.k}{hybrid}, s={self.scaling:g}"
 
 
-def _kaiming(*shape: int, fan_in: int) -> Tensor:
-    """Kaiming-uniform(a=√5) as torch applies it to a weight with this fan-in: U(±1/√fan_in)."""
-    bound = 1.0 / math.sqrt(fan_in)
-    return torch.empty(*shape).uniform_(-bound, bound)
+def _kaiming(rows: int, cols: int) -> Tensor:
+    """A (rows × cols) weight drawn as PEFT draws it: Kaiming-uniform(a=√5), fan-in ``cols``, U(±1/√cols)."""
+    return nn.init.kaiming_uniform_(torch.empty(rows, cols), a=math.sqrt(5))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,8 +180,6 @@ def _to_peft(config: GraLoRAConfig) -> dict[str, Any]:
         "hybrid_r": config.hybrid_r,
         "gralora_dropout": config.dropout,
         "init_weights": config.init_weights,
-        "layers_to_transform": None,
-        "layers_pattern": None,
     }
 
 

@@ -17,10 +17,15 @@ layer: r. Frozen buffers: L_r (m×r), Ū_r (r×n), D_r (r) and the permutation a
 re-factorising. The forward gathers the r-wide rows of L_r by the permutation (O(mr)) and costs
 O(batch·r·(m+n)); nothing m×n is built outside merging.
 
+Oracle: the official parametrisation (SKDDJ/LoLDU, ``init_method="lu"``) written densely from
+``torch.linalg.lu`` in the tests, W_res + σ P L_r diag(z) Ū_r: outputs, z gradients, merged
+weights and the init (z₀ = D_r, the exact identity ΔW = 0). Merge adds ΔW to W0 and unmerge
+subtracts it, so merge→unmerge restores W0 up to float rounding, not bit for bit.
+
 Decisions (official code → rankwise, and why):
-    * σ = α/r with α = r by default (σ = 1, the paper's tables); the official ``from_linear``
-      defaults to α = 1. σ is frozen, as in the official training recipe (the paper's caption
-      counts it as trained; its released code does not train it).
+    * σ = α/r. The defaults r = α = 32 give σ = 1, the paper's tables (α = r); keep α = r when
+      changing r to stay there. The official ``from_linear`` defaults to α = 1. σ is frozen, as in
+      the official training recipe (the paper's caption counts it as trained; its code does not).
     * z init: only ``"lu"`` (z₀ = D_r), the one init that keeps W = W0 at step 0; the official
       alternatives ('uniform', 'normal', ...) change the model before training and are omitted.
     * The LU runs once in float64 (the official code uses float32): pivots and factors are then

@@ -14,7 +14,28 @@ LoRA (W ∈ R^{m×n}, y = x Wᵀ + b)::
 Init (PEFT ``init_lora_weights``): ``True`` gives A ~ kaiming_uniform(a=√5) = U(−1/√n, 1/√n) and
 B = 0, so ΔW = 0 at step 0; ``"gaussian"`` gives A ~ N(0, 1/r²), B = 0; ``False`` leaves B random
 (for tests only). With ``lora_bias`` B also has a bias b_B (zero init) and the merge adds s·b_B to
-the layer's bias. Trainable parameters per layer: r(m + n) (+ m with ``lora_bias``).
+the layer's bias (unmerge subtracts it). Trainable parameters per layer: r(m + n) (+ m with
+``lora_bias``).
+
+Two inits start from the base weight itself and move their initial update out of it, so the
+adapted model still computes W at step 0 (W_res + s·B₀A₀ = W), exactly as PEFT 0.21.2 does:
+
+    * ``"pissa"`` ("PiSSA: Principal Singular Values and Singular Vectors Adaptation of Large
+      Language Models", Meng et al., arXiv:2404.02948): the exact SVD W = U S Vᵀ, then
+      A₀ = diag(√(S_r/s)) V_rᵀ, B₀ = U_r diag(√(S_r/s)) and W_res = W − s·B₀A₀ (the base keeps the
+      minor singular components).
+    * ``"olora"`` ("OLoRA: Orthonormal Low-Rank Adaptation of Large Language Models", Büyükakyüz,
+      arXiv:2406.01775): the QR decomposition W = QR, then A₀ = R_r (first r rows), B₀ = Q_r (first
+      r columns) and W_res = W − s·B₀A₀.
+
+Both are computed in float32 (float64 for a float64 base) and W_res is cast back to the base dtype,
+as PEFT does. The base change happens in :meth:`LoRAAdapter.attach`, once every layer has been
+validated; ``unmerge`` and ``unload(merge=False)`` leave the *residual* W_res in the model (as PEFT's
+``unload``), and ``unload(merge=True)`` gives W_res + s·BA. An adapter trained this way only makes
+sense on the base it was initialised from: ``load`` / ``import_peft`` recompute W_res from the
+original base, which is how PEFT reloads such adapters (saved without conversion). With
+``allow_excess_rank`` and r > min(m, n) the factors have min(m, n) columns (the SVD / QR has no
+more), while s still uses r, as in PEFT.
 
 DoRA (PEFT ``use_dora=True``)::
 
@@ -30,9 +51,21 @@ r(m + n) + m.
 Where we differ from PEFT, on purpose:
     * c is computed without the m×n matrix W + sBA:
       c_i² = ‖W_i‖² + 2s ⟨(W Aᵀ)_i, B_i⟩ + s² B_i (A Aᵀ) B_iᵀ, O(mnr) flops and O(mr) memory.
+    * c and the initial g are always computed in float32 (float64 for a float64 base), also on a
+      float16 / bfloat16 base, so g/c = 1 exactly at init. PEFT takes the initial g in the base dtype
+      (g/c − 1 up to ~4e-3 on bfloat16) and c in float32 in the forward.
     * A zero row (c_i = 0, e.g. a pruned output unit) gets g/c = 1 instead of PEFT's 0/0 = NaN;
       the row of W' is zero either way, so nothing else changes.
-    * ``r > min(m, n)`` is an error (PEFT silently accepts it and wastes the extra parameters).
+    * ``r > min(m, n)`` is an error for a fresh adapter (rank(BA) <= min(m, n), so the extra
+      parameters are wasted); PEFT silently accepts it. ``allow_excess_rank=True`` accepts it, and
+      ``import_peft`` sets it, so every adapter file PEFT loads imports.
+    * PiSSA / OLoRA on a half-precision base keep B₀, A₀ in float32 (PEFT rounds them through the
+      base dtype before its float32 autocast, so its W_res + s·B₀A₀ is off W by that rounding).
+      They also work on a float64 base (PEFT raises).
+    * OLoRA factorises the (m, n) weight also on a transformers ``Conv1D`` layer; PEFT's OLoRA
+      factorises the stored (n, m) matrix there (a shape error at the forward, or on a square layer
+      an init that changes the model), so such PEFT files are refused by ``import_peft`` and such
+      rankwise adapters by ``export_peft``.
 """
 
 from __future__ import annotations
@@ -54,7 +87,10 @@ from ..core.config import (
     config_field,
 )
 from ..core.layer import Adapter
+from ..core.rank import RankComponents
 from ..core.registry import PeftFormat, register
+
+BASE_CHANGING_INITS = ("pissa", "olora")
 
 
 @dataclass(kw_only=True)
@@ -67,15 +103,37 @@ class LoRAConfig(AdapterConfig):
     alpha: float = config_field(8.0, "scaling numerator: s = alpha / r (alpha / sqrt(r) with use_rslora)")
     dropout: float = config_field(0.0, "dropout probability on the adapter branch's input")
     use_rslora: bool = config_field(False, "rank-stabilised scaling s = alpha / sqrt(r)")
-    init_weights: bool | str = config_field(True, "True: kaiming A, zero B; 'gaussian': N(0, 1/r^2) A, zero B; False: random B")
+    init_weights: bool | str = config_field(
+        True,
+        "True: kaiming A, zero B; 'gaussian': N(0, 1/r^2) A, zero B; 'pissa': SVD (PiSSA); 'olora': QR (OLoRA), "
+        "both subtract their initial update from the base weight; False: random B",
+    )
     lora_bias: bool = config_field(False, "train a bias on B as well (merged into the layer's bias)")
+    allow_excess_rank: bool = config_field(
+        False, "accept r > min(out, in) (PEFT does; the extra rank is wasted). import_peft sets it"
+    )
 
     def validate(self) -> None:
         owner = type(self).__name__
         check_positive_int(owner, "r", self.r)
         check_positive_number(owner, "alpha", self.alpha)
         check_dropout(owner, self.dropout)
-        check_choice(owner, "init_weights", self.init_weights, [True, False, "gaussian"])
+        check_choice(owner, "init_weights", self.init_weights, [True, False, "gaussian", *BASE_CHANGING_INITS])
+        if self.lora_bias and self.init_weights not in (True, False):
+            raise ValueError(
+                f"{owner}: lora_bias=True works with init_weights=True or False only (as in PEFT, which refuses to "
+                f"load anything else), got init_weights={self.init_weights!r}"
+            )
+
+    def factor_width(self, out_features: int, in_features: int) -> int:
+        """Columns of B (rows of A): r, or at most min(out, in) for the SVD / QR inits, which have no more."""
+        if self.init_weights in BASE_CHANGING_INITS:
+            return min(self.r, out_features, in_features)
+        return self.r
+
+    @property
+    def changes_base_weights(self) -> bool:
+        return self.init_weights in BASE_CHANGING_INITS
 
     @property
     def scaling(self) -> float:
@@ -94,26 +152,38 @@ class DoRAConfig(LoRAConfig):
             raise ValueError("DoRAConfig: lora_bias is not supported with DoRA (as in PEFT); set lora_bias=False")
 
 
-class LoRAAdapter(Adapter):
-    """ΔW = s·B·A, applied as two thin matmuls; the dense B·A is only built for merging."""
+class LoRAAdapter(RankComponents, Adapter):
+    """ΔW = s·B·A, applied as two thin matmuls; the dense B·A is only built for merging.
+
+    Rank components (for allocators, ``rankwise.core.rank``): row i of A with column i of B; masking
+    zeroes column i of B (A's row keeps its gradient, so the optimiser may revive it); new components
+    get A rows as at init and zero B columns. The scale s stays α/r of the rank the adapter was built with.
+    """
+
+    masked_tensor = "lora_B.weight"
 
     def __init__(self, base: nn.Module, config: LoRAConfig, layer_name: str = "") -> None:
         super().__init__(base, config, layer_name)
-        if config.r > min(self.out_features, self.in_features):
+        smallest = min(self.out_features, self.in_features)
+        if config.r > smallest and not config.allow_excess_rank:
             raise self.fail(
-                f"rank r={config.r} exceeds min(out, in)={min(self.out_features, self.in_features)}",
-                f"Use r <= {min(self.out_features, self.in_features)} or exclude this layer from targets",
+                f"rank r={config.r} exceeds min(out, in)={smallest}",
+                f"Use r <= {smallest}, exclude this layer from targets, or set allow_excess_rank=True "
+                "(as PEFT does; the extra rank is wasted)",
             )
         self.r = config.r
         self.scaling = config.scaling
+        self.init = config.init_weights
+        width = config.factor_width(self.out_features, self.in_features)
         self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.lora_A = nn.Linear(self.in_features, self.r, bias=False)
-        self.lora_B = nn.Linear(self.r, self.out_features, bias=config.lora_bias)
+        self.lora_A = nn.Linear(self.in_features, width, bias=False)
+        self.lora_B = nn.Linear(width, self.out_features, bias=config.lora_bias)
         self._init_factors(config.init_weights)
 
     @torch.no_grad()
     def _init_factors(self, init: bool | str) -> None:
-        if init is False:
+        """The inits that do not read the base (PiSSA and OLoRA are done by :meth:`attach`)."""
+        if init is False or init in BASE_CHANGING_INITS:
             return
         if init == "gaussian":
             nn.init.normal_(self.lora_A.weight, std=1.0 / self.r)
@@ -123,11 +193,36 @@ class LoRAAdapter(Adapter):
         if self.lora_B.bias is not None:
             nn.init.zeros_(self.lora_B.bias)
 
+    @property
+    def changes_base(self) -> bool:
+        """True for the inits (PiSSA, OLoRA) that move their initial update out of the base weight."""
+        return self.init in BASE_CHANGING_INITS
+
+    @torch.no_grad()
+    def attach(self) -> None:
+        """PiSSA / OLoRA: set B₀, A₀ from the base weight and replace W by W_res = W − s·B₀A₀."""
+        if not self.changes_base:
+            return
+        weight = self.base_weight()
+        work = weight.to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
+        width = self.lora_A.weight.shape[0]
+        if self.init == "pissa":
+            U, S, Vh = torch.linalg.svd(work, full_matrices=False)
+            root = (S[:width] / self.scaling).sqrt()
+            A, B = root[:, None] * Vh[:width], U[:, :width] * root
+        else:
+            Q, R = torch.linalg.qr(work)
+            A, B = R[:width], Q[:, :width]
+        self.lora_A.weight.copy_(A)
+        self.lora_B.weight.copy_(B)
+        # (s·B₀)A₀ in this order, as PEFT computes it, so the residual matches PEFT's bit for bit.
+        weight.copy_(work - (self.scaling * B) @ A)
+
     def low_rank_output(self, x: Tensor, base_out: Tensor) -> Tensor:
         """base_out + s·B·A·x, with the scale applied to the r-wide intermediate and one fused addmm."""
         hidden = F.linear(x, self.lora_A.weight) * self.scaling
         out = torch.addmm(
-            base_out.reshape(-1, self.out_features), hidden.reshape(-1, self.r), self.lora_B.weight.T
+            base_out.reshape(-1, self.out_features), hidden.reshape(-1, hidden.shape[-1]), self.lora_B.weight.T
         ).view(base_out.shape)
         if self.lora_B.bias is not None:
             out = out + self.scaling * self.lora_B.bias
@@ -148,10 +243,24 @@ class LoRAAdapter(Adapter):
 
     @classmethod
     def expected_num_params(cls, out_features: int, in_features: int, config: LoRAConfig) -> int:
-        return config.r * (out_features + in_features) + (out_features if config.lora_bias else 0)
+        width = config.factor_width(out_features, in_features)
+        return width * (out_features + in_features) + (out_features if config.lora_bias else 0)
 
     def describe(self) -> str:
-        return f"r={self.r}, s={self.scaling:g}"
+        return f"r={self.r}, s={self.scaling:g}" + (f", init={self.init}" if self.changes_base else "")
+
+    # -- rank components -------------------------------------------------------------------------
+
+    def rank_tensors(self) -> dict[str, tuple[nn.Parameter, int]]:
+        return {"lora_A.weight": (self.lora_A.weight, 0), "lora_B.weight": (self.lora_B.weight, 1)}
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        return self.lora_A.weight, self.lora_B.weight
+
+    def new_components(self, count: int) -> dict[str, Tensor]:
+        a = self.lora_A.weight.new_empty(count, self.in_features)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # U(-1/sqrt(n), 1/sqrt(n)), as the init's rows
+        return {"lora_A.weight": a, "lora_B.weight": self.lora_B.weight.new_zeros(self.out_features, count)}
 
 
 class DoRAAdapter(LoRAAdapter):
@@ -159,17 +268,27 @@ class DoRAAdapter(LoRAAdapter):
 
     def __init__(self, base: nn.Module, config: DoRAConfig, layer_name: str = "") -> None:
         super().__init__(base, config, layer_name)
-        with torch.no_grad():
-            norm = self.weight_norm(self.base_weight().to(self.lora_A.weight.dtype))
-        self.lora_magnitude_vector = nn.Parameter(norm.clone())
+        self.lora_magnitude_vector = nn.Parameter(self.weight_norm(self.base_weight()))
         self._merge_norm: Tensor | None = None
 
     @torch.no_grad()
+    def attach(self) -> None:
+        """g = c again, now in the adapter's final dtype (float64 for a float64 base) and, after PiSSA /
+        OLoRA changed the base, from W_res + s·B₀A₀ (as in PEFT)."""
+        super().attach()
+        self.lora_magnitude_vector.copy_(self.weight_norm(self.base_weight()))
+
+    @torch.no_grad()
     def weight_norm(self, weight: Tensor) -> Tensor:
-        """c_i = ‖W_i + s(BA)_i‖₂ for every row, without building the m×n sum (no gradient)."""
+        """c_i = ‖W_i + s(BA)_i‖₂ for every row, without building the m×n sum (no gradient).
+
+        Computed in the adapter's dtype (float32 for a half-precision base): a bfloat16 norm would be
+        off by ~4e-3, and g/c − 1 with it.
+        """
         A, B, s = self.lora_A.weight, self.lora_B.weight, self.scaling
+        weight = weight.to(A.dtype)
         base_sq = torch.linalg.vector_norm(weight, dim=1).square()
-        cross = ((weight.to(A.dtype) @ A.T) * B).sum(dim=1)
+        cross = ((weight @ A.T) * B).sum(dim=1)
         low_rank_sq = ((B @ (A @ A.T)) * B).sum(dim=1)
         return (base_sq + 2 * s * cross + s * s * low_rank_sq).clamp_min(0).sqrt()
 
@@ -236,16 +355,37 @@ def _to_peft(config: LoRAConfig) -> dict[str, Any]:
 
 
 def _from_peft(peft_config: dict[str, Any]) -> dict[str, Any]:
-    if peft_config.get("use_qalora"):
-        raise ValueError("PEFT LoRA option use_qalora=True is not supported by rankwise import_peft")
     init = peft_config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower() in ("gaussian", "olora"):
+        init = init.lower()  # PEFT compares these two case-insensitively
+    if init not in (True, False, "gaussian", *BASE_CHANGING_INITS):
+        # pissa_niter_K (randomised SVD), corda, loftq and lora_ga change the base in ways the base alone does
+        # not determine; eva, orthogonal and mica are other training setups (mica also freezes lora_B).
+        fix = (
+            "PEFT's reload of this init leaves the base untouched, so if you only need the trained adapter, set "
+            "init_lora_weights to true in adapter_config.json"
+            if init in ("eva", "orthogonal")
+            else "Convert the adapter to a plain LoRA with PEFT (save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...)) or merge it with merge_and_unload"
+        )
+        raise ValueError(
+            f"PEFT LoRA field init_lora_weights={init!r} is not reproduced by rankwise (it imports True, False, "
+            f"'gaussian', 'pissa' and 'olora'). {fix}"
+        )
+    if init == "olora" and peft_config.get("fan_in_fan_out"):
+        raise ValueError(
+            "PEFT LoRA fields init_lora_weights='olora' with fan_in_fan_out=True: PEFT's OLoRA factorises the "
+            "transposed Conv1D weight (a shape error, or on a square layer an init that changes the model), so "
+            "the adapter cannot be reproduced. Use init_lora_weights='pissa' or True on Conv1D layers"
+        )
     return {
         "r": peft_config["r"],
         "alpha": float(peft_config.get("lora_alpha", 8)),
         "dropout": float(peft_config.get("lora_dropout", 0.0)),
         "use_rslora": bool(peft_config.get("use_rslora", False)),
-        "init_weights": init if init in (True, False, "gaussian") else True,
+        "init_weights": init,
         "lora_bias": bool(peft_config.get("lora_bias", False)),
+        "allow_excess_rank": True,  # PEFT accepts r > min(out, in), so a file it loads must import
     }
 
 

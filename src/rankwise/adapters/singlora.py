@@ -6,7 +6,7 @@ Kimmel, arXiv:2507.05566 (no official code; community reference: the ``peft-sing
 Formula (W ∈ R^{m×n}, y = x Wᵀ + b, d = max(m, n), A ∈ R^{d×r} = ``singlora_A``)::
 
     ΔW(t) = (α/r) · u(t) · A[:m] A[:n]ᵀ,      u(t) = min(t / T, 1)   (T = ramp_up_steps)
-    y     = base(x) + (α/r) · u(t) · (dropout(x) A[:n]) A[:m]ᵀ
+    y     = base(x) + (α/r) · u · (dropout(x) A[:n]) A[:m]ᵀ    (u = u(t + 1) in training, u(t) in eval)
 
 For a square layer this is the paper's Eq. (8), (α/r)·u(t)·A Aᵀ. For m ≠ n it is the paper's §4.4
 rule (A sized by the larger side, the smaller side uses its first rows), with α/r and u(t) applied as
@@ -28,16 +28,20 @@ The ramp-up clock (the question every implementation gets wrong):
       :meth:`SingLoRAAdapter.set_step` from the training loop there.
     * Which t a forward uses: a training-mode forward computes the gradient of optimizer step
       ``singlora_step + 1`` (1-based, so the very first step already has a non-zero gradient; with
-      t = 0 it would be exactly zero, a wasted step the paper does not discuss). An eval-mode forward,
-      ``delta_weight`` and ``merge`` describe the model after ``singlora_step`` updates, i.e. the same
-      u as the last training forward; at step 0 the model is exactly the base model.
-    * The ramp is a device tensor (no ``.item()``), so there is no host sync and no graph break.
+      t = 0 it would be exactly zero, a wasted step the paper does not discuss), i.e. it uses
+      u(t + 1) with t = ``singlora_step``. An eval-mode forward, :meth:`~SingLoRAAdapter.ramp`,
+      ``delta_weight`` and ``merge`` use u(t), in either mode: they describe the model after
+      ``singlora_step`` updates, the same u as the last training forward; at step 0 the model is
+      exactly the base model. So a merged model computes what the unmerged model computes in eval
+      mode at that moment (as in peft-singlora, whose forward and merge read one counter).
+    * The forward's ramp is a device tensor (no ``.item()``), so there is no host sync and no graph
+      break; only merge reads it on the host, for its warning.
 
 Merge bakes in u at merge time and records it; unmerge subtracts exactly what merge added, even if
 the clock moved in between. A merged layer never adds its update again (peft-singlora 0.2.0 does).
 Merging while u < 1 warns, because the merged weight then holds a partial update.
 
-Decisions and differences from peft-singlora 0.2.0 (all listed in /work/shared/methods/singlora.md):
+Decisions and differences from peft-singlora 0.2.0 (each checked against its source):
     * Init ``"paper"`` (default): A ~ U(−1/√d, 1/√d), Kaiming-uniform(a=√5) with fan-in d, the
       Θ(d^{-1/2}) entry scale the paper's width analysis requires (§3.2, §4.2). ``"peft_singlora"``
       reproduces the community scale (fan-in r, bound 1/√r, ≈√(d/r) times larger entries).
@@ -141,19 +145,20 @@ class SingLoRAAdapter(Adapter):
             raise ValueError(f"SingLoRA layer '{self.layer_name}': the step must be >= 0, got {step}")
         self.singlora_step.fill_(step)
 
-    def ramp(self) -> Tensor:
-        """u(t) as a 0-dim tensor; t = steps taken (+1 in training mode, the step being computed)."""
+    def ramp(self, ahead: bool = False) -> Tensor:
+        """u(t) = min(t / T, 1) as a 0-dim tensor, t = steps taken; ``ahead``: u(t + 1), the step
+        a training forward computes the gradient of."""
         dtype = self.singlora_A.dtype
         if self.ramp_up_steps == 0:
             return torch.ones((), dtype=dtype, device=self.singlora_A.device)
-        t = self.singlora_step.to(dtype) + (1 if self.training else 0)
+        t = self.singlora_step.to(dtype) + (1 if ahead else 0)
         return (t / self.ramp_up_steps).clamp(max=1.0)
 
     # -- the math ------------------------------------------------------------------------------
 
     def forward(self, x: Tensor, base_out: Tensor) -> Tensor:
         A = self.singlora_A
-        hidden = F.linear(self.singlora_dropout(x), A[: self.in_features].T) * (self.scaling * self.ramp())
+        hidden = F.linear(self.singlora_dropout(x), A[: self.in_features].T) * (self.scaling * self.ramp(self.training))
         return torch.addmm(
             base_out.reshape(-1, self.out_features), hidden.reshape(-1, self.r), A[: self.out_features].T
         ).view(base_out.shape)

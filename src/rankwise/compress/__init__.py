@@ -1,7 +1,14 @@
-"""Compression: low-rank factorisation of trained Linear layers into :class:`FactorizedLinear`.
+"""Compression and low-rank training: layers become two thin factors.
 
-``rankwise.compress(model, ratio=0.5, method="svd" | "whitened", calibration=...)`` (see
-:mod:`rankwise.compress.svd`); ``save_compressed`` / ``load_compressed`` / ``decompress``.
+* One-shot compression of trained Linear layers into :class:`FactorizedLinear`:
+  ``rankwise.compress(model, ratio=0.5, method="svd" | "whitened", calibration=...)`` (LoRD and
+  SVD-LLM whitening, see :mod:`rankwise.compress.svd`); ``save_compressed`` / ``load_compressed`` /
+  ``decompress``.
+* Low-rank training of Linear and Conv2d layers: :class:`TRP` (Trained Rank Pruning) and
+  :class:`Cuttlefish`, which end in :class:`FactorizedLinear` / :class:`FactorizedConv2d` pairs.
+* The matrix decompositions of "Low-Rank Approximation, Adaptation, and Other Tales"
+  (:mod:`rankwise.compress.decompositions`).
+
 The package module itself is callable (``rankwise.compress(...)``) so that the package and the
 function of the same name are interchangeable wherever ``rankwise.compress`` resolves to either.
 """

@@ -9,7 +9,7 @@ Sequential calibration runs the model in *stages*: a stage is a run of consecuti
 execution order) that read the very same input tensor (Q, K and V of one attention block). For a
 stage, each batch is run twice and stopped at the stage: once through the original model (the
 already-compressed layers temporarily swapped back) and once through the partly compressed model,
-giving ``G = X_cᵀX_c`` and ``C = X_cᵀX_o`` (see :func:`rankwise.compress.svd.regression_factors`).
+giving ``G = X_cᵀX_c`` and ``C = X_cᵀX_o`` (see :func:`rankwise.compress.svd.regression_decomposition`).
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--exclude", default="pooler.dense",
                         help="layers left alone (same forms as --targets; the pooler is unused by mean pooling); '' for none")
     parser.add_argument("--force", action="store_true", help="factorise layers even past the break-even rank")
-    parser.add_argument("--calibration", type=int, default=256, help="calibration tweets (whitened)")
+    parser.add_argument("--calibration", type=int, default=256, help="calibration tweets (whitened SVD, sensitivity allocation)")
     parser.add_argument("--held-out", type=int, default=512, help="held-out tweets for fidelity and the probe test")
     parser.add_argument("--probe-train", type=int, default=1500, help="tweets to fit the linear probe")
     parser.add_argument("--seed", type=int, default=0)

@@ -66,7 +66,7 @@ class CuttlefishConfig:
     points: int = field(default=11, metadata={"help": "q: trailing EMA-gradient points averaged"})
     tolerance: float = field(default=0.1, metadata={"help": "τ: stable when mean |∇EMA| <= τ"})
     relaxation: tuple[tuple[int, float], ...] = field(
-        default=((1, 5.0), (2, 2.5)), metadata={"help": "(max #unstable layers, τ multiplier), first match wins"}
+        default=((1, 5.0), (2, 2.5)), metadata={"help": "(max #unstable layers, τ multiplier); the smallest bound that covers wins"}
     )
     rank_metric: str = field(default="scaled", metadata={"help": "'scaled' (ξ·srank) or 'vanilla' (srank)"})
     rank_floor: float = field(default=0.0, metadata={"help": "ρ: rank >= ⌊ρ·min(m, n)⌋ (ImageNet 1/5, DeiT 1/2)"})
@@ -158,8 +158,17 @@ class Cuttlefish:
     def _srank(self, name: str) -> int:
         return floored_stable_rank(matricize(self.layers[name].weight.detach()), f"layer '{name}'")
 
+    def _check_dense(self, what: str) -> None:
+        if self.switched:
+            raise ValueError(f"Cuttlefish.{what}: switch() has already factorised the model (Cuttlefish.layers now holds "
+                             "the factorised pairs); stable ranks are tracked on the dense layers before the switch")
+
     def observe(self) -> bool:
-        """Record every tracked layer's ⌊srank⌋, update the sticky stable flags; True once all are stable."""
+        """Record every tracked layer's ⌊srank⌋, update the sticky stable flags; True once all are stable.
+
+        τ is relaxed by the number of layers still unstable *before* this point's update, as in the code.
+        """
+        self._check_dense("observe")
         for name in self.layers:
             self.history[name].append(self._srank(name))
         unstable = sum(not flag for flag in self.stable.values())
@@ -181,6 +190,7 @@ class Cuttlefish:
 
     def ranks(self) -> dict[str, int]:
         """r_l = clip(⌈ξ_l·⌊srank⌋⌉ (or ⌊srank⌋ for 'vanilla'), ⌊ρ·r_full⌋, r_full) from the current weights."""
+        self._check_dense("ranks")
         out = {}
         for name in self.layers:
             full = self.full_ranks[name]
@@ -192,10 +202,10 @@ class Cuttlefish:
     def switch(self) -> dict[str, dict[str, object]]:
         """Factorise every tracked layer below break-even at :meth:`ranks`, in place (once).
 
-        Returns ``{name: {"rank": r, "factorized": bool}}``. Build a fresh optimizer afterwards.
+        Returns ``{name: {"rank": r, "factorized": bool}}``. Afterwards :attr:`layers` maps each tracked
+        layer to the module now in the model (the pair, or the dense layer kept). Build a fresh optimizer.
         """
-        if self.switched:
-            raise ValueError("Cuttlefish.switch: the model has already been factorised")
+        self._check_dense("switch")
         report: dict[str, dict[str, object]] = {}
         for name, rank in self.ranks().items():
             layer = self.layers[name]
@@ -203,6 +213,7 @@ class Cuttlefish:
             if worth:
                 pair = factorize_layer(name, layer, rank)
                 set_submodule(self.model, name, pair)
+                self.layers[name] = pair
                 self.factorized.append(pair)
             report[name] = {"rank": rank, "factorized": worth}
         self.switched = True

@@ -31,6 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ..core.quantised import check_not_quantised
 from . import ranks
 from .factorized import FactorizedLinear, break_even_rank
 
@@ -52,7 +53,8 @@ def check_scheme(scheme: str, what: str) -> None:
 
 
 def check_layer(name: str, module: nn.Module) -> None:
-    """Only Linear and ungrouped Conv2d can be matricised; raise a ValueError naming the layer otherwise."""
+    """Only float Linear and ungrouped Conv2d can be matricised; raise a ValueError naming the layer otherwise."""
+    check_not_quantised(name, module)
     if isinstance(module, nn.Conv2d):
         if module.groups != 1:
             raise ValueError(

@@ -63,6 +63,19 @@ def relative_tail(spectrum: Tensor) -> Tensor:
     return (power.sum() - torch.cumsum(power, 0)) / (float(power.sum()) or 1.0)
 
 
+def exact_rank(spectrum: Tensor, out_features: int, in_features: int, dtype: torch.dtype) -> int:
+    """The numerical rank of a layer from its (descending) spectrum: ``#{i : σ_i > σ_1 · max(m, n) · eps}``.
+
+    ``eps`` is the machine epsilon of the weight's ``dtype`` (the tolerance of ``numpy.linalg.matrix_rank``):
+    a float32 product of rank-3 factors is rank 3 to that precision even though its float64 SVD shows a
+    tail of rounding noise. 0 for an all-zero spectrum.
+    """
+    if len(spectrum) == 0 or float(spectrum[0]) <= 0.0:
+        return 0
+    tolerance = float(spectrum[0]) * max(out_features, in_features) * torch.finfo(dtype).eps
+    return int((spectrum > tolerance).sum())
+
+
 def max_useful_rank(spectrum: Tensor, out_features: int, in_features: int) -> int:
     """The largest rank below break-even (and within the spectrum)."""
     return max(1, min(len(spectrum), math.ceil(break_even_rank(out_features, in_features)) - 1))

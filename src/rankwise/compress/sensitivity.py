@@ -9,14 +9,24 @@ that table. We keep the measurement and make it model-agnostic and cheaper:
 
 * distortion of the model output: ``D = Σ ‖y - ŷ‖² / Σ ‖y‖²`` over the calibration tokens (padding
   dropped), where ``y`` is the model's first output tensor (``last_hidden_state``, ``logits``, ...);
-* each layer is truncated alone at a few ranks (``fractions`` of its break-even rank) and the *gain*
+* each layer is truncated alone at the probe ranks ``round(f · r_max)`` for ``f`` in ``fractions``
+  (``r_max``: its largest rank below break-even; by default one probe, ``f = 0.5``) and the *gain*
   ``g = D / relative_tail(r)`` is recorded;
 * between the measured ranks the gain is interpolated linearly (constant outside), so every rank
   gets the loss ``g(r) · relative_tail(r)``: the measured end-to-end sensitivity, with the exact
   shape of the layer's own spectrum. :func:`rankwise.compress.ranks.allocate` then minimises the
   summed loss within the weight budget (first-order additivity of small per-layer distortions).
 
-Cost: ``len(fractions)`` forward passes over the calibration batches per targeted layer.
+Exactly low-rank layers (pruned, small, or trained to low rank): at a probe rank at or above the
+layer's numerical rank k (:func:`~rankwise.compress.ranks.exact_rank`) the tail is zero (or rounding
+noise), so ``D / tail`` is 0/0 and says nothing about the ranks below k, where truncation does hurt.
+Such probes are moved down to rank ``k - 1``, the largest rank whose tail is real; the gain measured
+there prices every rank, and the ranks >= k keep their (zero) tail. A layer of numerical rank <= 1
+loses nothing at any rank, so it needs no probe (gain 0). Treating a zero tail as "no gain" instead
+would make every rank of such a layer look free, and the allocator would cut it to rank 1.
+
+Cost: one forward pass over the calibration batches per probe rank (``len(fractions)``, 1 by
+default) per targeted layer.
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ from torch import Tensor, nn
 
 from .calibration import Batch, _eval_no_grad, _on_device, swapped, token_rows
 from .factorized import FactorizedLinear
-from .ranks import max_useful_rank, relative_tail
+from .ranks import exact_rank, max_useful_rank, relative_tail
 
 DEFAULT_FRACTIONS = (0.5,)
 DEFAULT_SEQUENCES = 64
@@ -95,20 +105,21 @@ def sensitivity_gains(
     batches: list[Batch],
     fractions: tuple[float, ...] = DEFAULT_FRACTIONS,
 ) -> dict[str, Tensor]:
-    """Per layer, the gain ``g(r)`` for ranks 1..len(spectrum).
+    """Per layer, the gain ``g(r)`` for ranks 1..len(spectrum) (see the module docstring).
 
-    ``factors[name] = (left, right, spectrum)`` with ``W_r = left[:, :r] @ right[:r]``.
+    ``factors[name] = (left, right, spectrum)`` with ``W_r = left[:, :r] @ right[:r]``; probes sit at
+    ``round(f · r_max)`` for ``f`` in ``fractions``, moved below the layer's numerical rank.
     """
     references = model_outputs(model, batches)
     gains: dict[str, Tensor] = {}
     for name, (left, right, spectrum) in factors.items():
         dense = model.get_submodule(name)
         r_max = max_useful_rank(spectrum, *shapes[name])
+        probe_max = min(r_max, exact_rank(spectrum, *shapes[name], dense.weight.dtype) - 1)
         tail = relative_tail(spectrum)
+        probes = sorted({max(1, min(probe_max, round(f * r_max))) for f in fractions}) if probe_max >= 1 else []
         points: list[tuple[int, float]] = []
-        for rank in sorted({max(1, min(r_max, round(f * r_max))) for f in fractions}):
-            if float(tail[rank - 1]) <= 0.0:
-                continue
+        for rank in probes:
             with swapped(model, {name: FactorizedLinear.replacing(dense, left[:, :rank], right[:rank])}):
                 points.append((rank, distortion(model, batches, references) / float(tail[rank - 1])))
         gains[name] = _interpolate(points, len(spectrum)) if points else torch.zeros(len(spectrum), dtype=torch.float64)

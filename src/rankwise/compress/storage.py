@@ -14,8 +14,9 @@ base model, the idea of ASVD's per-module ``truncation_ranks`` (STYLE.md Sec. 7)
 
 :func:`load_compressed` reads both files whole and checks every entry against the base model (the kind
 is known, the layer exists with the recorded type and shape/signature) before it changes anything; it
-then swaps the skeleton in, checks that the tensor keys and shapes fit it exactly before copying a single
-weight, and loads the *whole* state dict strictly, so weights changed after compression
+then swaps the skeleton in, checks that the tensor keys, shapes and dtypes fit it exactly and that no
+tensor holds NaN/Inf (:func:`rankwise.core.io.check_loadable`) before copying a single weight, and loads
+the *whole* state dict strictly, so weights changed after compression
 (``--then-adapt`` merged into the model, any fine-tuning, Cuttlefish's post-switch training) come back
 too. On any failure the swapped modules are put back, so the base model is left as it was. Tensors that
 share storage (tied embeddings) are written once and listed as aliases.
@@ -32,7 +33,7 @@ from torch import Tensor, nn
 
 from .._version import __version__
 from ..core.inject import _set_child
-from ..core.io import read_json, read_tensors, save_json, save_tensors
+from ..core.io import check_loadable, read_json, read_tensors, save_json, save_tensors
 from ..core.layer import is_supported_layer, linear_shape
 from .factorized import FactorizedLinear
 from .lowrank_conv import SCHEMES, FactorizedConv2d, conv_signature, rank_cap
@@ -142,7 +143,7 @@ def _skeleton(name: str, spec: Any, modules: dict[str, nn.Module], source: Path)
 
 
 def _check_state(model: nn.Module, state: dict[str, Tensor], source: Path) -> None:
-    """Raise unless ``state`` has exactly the model's keys with the model's shapes."""
+    """Raise unless ``state`` has exactly the model's keys with the model's shapes, fitting dtypes and no NaN/Inf."""
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -152,6 +153,7 @@ def _check_state(model: nn.Module, state: dict[str, Tensor], source: Path) -> No
         if tuple(expected[key].shape) != tuple(value.shape):
             raise ValueError(f"load_compressed: tensor '{key}' in {source} has shape {tuple(value.shape)}, the model "
                              f"expects {tuple(expected[key].shape)}; {FIX}")
+        check_loadable(key, value, expected[key], str(source))
 
 
 def load_compressed(base_model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:

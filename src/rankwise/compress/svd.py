@@ -79,7 +79,7 @@ _REPORT_ATTR = "_rankwise_compression"
 
 @dataclass
 class Decomposition:
-    """``Ŵ = left[:, :r] @ right[:r]`` for any r; ``spectrum`` holds the σ that truncation drops."""
+    """``Ŵ = left[:, :r] @ right[:r]`` for any r; ``spectrum`` holds every σ (rank r drops ``spectrum[r:]``)."""
 
     left: Tensor  # (m, k): Q Σ^½
     right: Tensor  # (k, n): Σ^½ Pᵀ L⁻¹  (or Σ^½ Vᵀ)
@@ -257,7 +257,7 @@ def compress(
         sequential: calibrate each layer on the inputs of the already compressed model
             (reduced-rank regression to the original outputs); ``method="whitened"`` only.
         sensitivity_sequences: calibration sequences used to measure the sensitivity (one forward
-            pass over them per targeted layer).
+            pass over them per probe rank, one by default, and targeted layer).
         force: factorise even where the rank reaches break-even ``m n / (m + n)``.
     """
     if method not in METHODS:

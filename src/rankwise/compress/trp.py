@@ -32,6 +32,8 @@ Decisions (source: the official code unless stated):
   code hard-codes stride 1 / padding 1 and therefore skipped strided convs.
 * A layer whose final rank is at or above the break-even rank stays dense (listed in the report).
 * Momentum buffers are not projected (as in the code): they keep the discarded directions.
+* The projection's SVD runs in float32, or in float64 for float64 weights, under ``no_grad``; half
+  and bfloat16 weights are projected in float32 and written back in their own dtype.
 """
 
 from __future__ import annotations
@@ -125,20 +127,30 @@ class TRP:
         self.layers = resolve_targets(model, config.targets, default_targets(model, config.include_linear), "TRP")
         self._subgradients: dict[str, Tensor] = {}
         self.last_ranks: dict[str, int] = {}
+        self.factorized = False
 
     @property
     def scheme(self) -> Scheme:
         return self.config.scheme  # type: ignore[return-value]
 
+    def _check_dense(self, what: str) -> None:
+        if self.factorized:
+            raise ValueError(f"TRP.{what}: factorize() has already replaced the target layers by their factorised pairs "
+                             "(TRP.layers now holds those); TRP acts on the dense weights, so train with it before factorize()")
+
     @torch.no_grad()
     def before_forward(self, step: int) -> bool:
-        """On TRP iterations (step % m == 0) project each weight to its energy-rank TSVD; return whether it did."""
+        """On TRP iterations (step % m == 0) project each weight to its energy-rank TSVD; return whether it did.
+
+        The SVD runs in float32, or in float64 for float64 weights (never below the weight's precision).
+        """
+        self._check_dense("before_forward")
         self._subgradients = {}
         if step % self.config.period:
             return False
         for name, layer in self.layers.items():
             weight = layer.weight
-            matrix = matricize(weight.detach().float(), self.scheme)
+            matrix = matricize(weight.detach().to(torch.promote_types(weight.dtype, torch.float32)), self.scheme)
             u, s, vh = truncate(matrix, self.config.energy)
             self.last_ranks[name] = s.numel()
             if self.config.project:
@@ -159,6 +171,7 @@ class TRP:
 
     def final_rank(self, name: str) -> int:
         """The rank layer ``name`` gets at the end: #{σ >= τ}, or the energy rank if ``final_energy`` is set."""
+        self._check_dense("final_rank")
         matrix = matricize(self.layers[name].weight.detach().double(), self.scheme)
         sigma = torch.linalg.svdvals(matrix)
         if self.config.final_energy is not None:
@@ -169,12 +182,17 @@ class TRP:
         """Replace each target by its two-layer factorisation at :meth:`final_rank`, in place.
 
         Returns ``{name: {"rank": r, "factorized": bool}}``; a layer at or above break-even stays dense.
+        Afterwards :attr:`layers` maps each target to the module now in the model (the pair, or the
+        dense layer kept), and the training hooks refuse to run.
         """
+        self._check_dense("factorize")
         report: dict[str, dict[str, object]] = {}
-        for name, layer in self.layers.items():
+        for name, layer in list(self.layers.items()):
             rank = self.final_rank(name)
             worth = rank < layer_break_even(layer.weight.shape, self.scheme)
             if worth:
-                set_submodule(self.model, name, factorize_layer(name, layer, rank, self.scheme))
+                self.layers[name] = factorize_layer(name, layer, rank, self.scheme)
+                set_submodule(self.model, name, self.layers[name])
             report[name] = {"rank": rank, "factorized": worth}
+        self.factorized = True
         return report

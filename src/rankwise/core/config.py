@@ -34,6 +34,10 @@ class AdapterConfig:
     """
 
     method: ClassVar[str] = ""
+    # Options a side-by-side run (``rankwise compare`` / ``bench``, benchmarks/) applies unless the user sets
+    # them: a method whose safe default refuses some layers names here the explicit choice that lets it run
+    # on every layer the others adapt (SURM: rectangular layers).
+    comparison_defaults: ClassVar[dict[str, Any]] = {}
 
     targets: Targets = "all-linear"
     exclude: Targets = None
@@ -60,6 +64,12 @@ class AdapterConfig:
 
     def validate(self) -> None:
         """Check the method's own hyper-parameters; raise ``ValueError`` naming the fix."""
+
+    @property
+    def changes_base_weights(self) -> bool:
+        """True when adapting rewrites the targeted base weights (LoRA's PiSSA / OLoRA inits): loaders keep a
+        copy of those weights and put it back if the load fails."""
+        return False
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready fields of this config (the method name is stored beside it)."""

@@ -3,6 +3,8 @@
 ``adapt`` is transactional: every adapter is built (and validated against its layer) before the
 model is touched, so a config that does not fit some layer raises without leaving the model half
 adapted. ``unload`` gives back the plain model with the original ``requires_grad`` flags.
+``modules_to_save`` modules train as a copy beside the untouched original (:class:`SavedModule`).
+Quantised layers are refused, never wrapped as float layers (:mod:`rankwise.core.quantised`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig
-from .layer import AdaptedLayer, is_supported_layer, linear_shape
+from .layer import AdaptedLayer, SavedModule, is_supported_layer, linear_shape
+from .quantised import check_not_quantised, is_quantised_linear
 from .registry import get_method
 
 ALL_LINEAR = "all-linear"
@@ -57,24 +60,36 @@ def output_head_names(model: nn.Module) -> set[str]:
 
 
 def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
-    """Names of the layers ``config`` selects, in model order; ``ValueError`` if the selection is bad."""
+    """Names of the layers ``config`` selects, in model order; ``ValueError`` if the selection is bad.
+
+    Modules in ``config.modules_to_save`` (and everything inside them) are never targets. A quantised
+    layer that the selection reaches (bitsandbytes, torchao, GPTQ, ...: see :mod:`rankwise.core.quantised`)
+    is refused with a ``ValueError`` rather than wrapped as if it were a float ``nn.Linear``, or skipped.
+    """
     modules = dict(model.named_modules())
     supported = [name for name, m in modules.items() if name and is_supported_layer(m)]
-    saved = set(config.modules_to_save or [])
+    saved = list(_modules_to_save(model, config))
 
     def excluded(name: str) -> bool:
-        if any(name == s or name.startswith(s + ".") or name.endswith("." + s) for s in saved):
+        if any(name == s or name.startswith(s + ".") for s in saved):
             return True
         return config.exclude is not None and _matches(name, config.exclude)
 
     if config.targets == ALL_LINEAR:
         heads = output_head_names(model)
-        names = [n for n in supported if n not in heads and not excluded(n)]
+        names = [n for n, m in modules.items()
+                 if n and (is_supported_layer(m) or is_quantised_linear(m)) and n not in heads and not excluded(n)]
+        for name in names:  # "all-linear" never skips a quantised linear layer in silence
+            check_not_quantised(name, modules[name])
     else:
-        names = []
+        names, named = [], []  # named: every layer a target names, excluded ones too (PEFT accepts those)
         for name, module in modules.items():
-            if not name or not _matches(name, config.targets) or excluded(name):
+            if not name or not _matches(name, config.targets):
                 continue
+            named.append(name)
+            if excluded(name):
+                continue
+            check_not_quantised(name, module)
             if not is_supported_layer(module):
                 raise ValueError(
                     f"target {config.targets!r} matches '{name}', a {type(module).__name__}, but rankwise "
@@ -83,7 +98,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
                 )
             names.append(name)
         if isinstance(config.targets, list):
-            unmatched = [t for t in config.targets if not any(n == t or n.endswith("." + t) for n in names)]
+            unmatched = [t for t in config.targets if not any(n == t or n.endswith("." + t) for n in named)]
             if unmatched and names:
                 raise ValueError(
                     f"target name(s) {unmatched} match no Linear/Conv1D layer of {type(model).__name__}; "
@@ -124,6 +139,13 @@ def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
             yield name, module
 
 
+def saved_modules(model: nn.Module) -> Iterator[tuple[str, SavedModule]]:
+    """(name, wrapper) for every ``modules_to_save`` module; the name is the original module's path."""
+    for name, module in model.named_modules():
+        if isinstance(module, SavedModule):
+            yield name, module
+
+
 def adapter_config(model: nn.Module) -> AdapterConfig:
     """The config the model was adapted with; ``ValueError`` if it carries no rankwise adapter."""
     config = getattr(model, _CONFIG_ATTR, None)
@@ -151,7 +173,8 @@ def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
 def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
     """Freeze every base parameter and wrap each targeted layer with the config's adapter.
 
-    The model is changed in place and returned. Modules in ``config.modules_to_save`` stay trainable.
+    The model is changed in place and returned. Each module in ``config.modules_to_save`` is wrapped
+    in a :class:`SavedModule`: the forward runs a trainable copy, the original stays frozen and as it was.
     """
     if not isinstance(config, AdapterConfig):
         raise ValueError(f"adapt expects a rankwise config (e.g. rankwise.LoRAConfig), got {type(config).__name__}")
@@ -162,8 +185,8 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
         )
     method = get_method(config.method)
     names = find_targets(model, config)
-    saved_modules = _modules_to_save(model, config)
     adapters = {name: method.adapter_cls(model.get_submodule(name), config, name) for name in names}
+    saved = {name: SavedModule(model.get_submodule(name)) for name in _modules_to_save(model, config)}
 
     setattr(model, _FLAGS_ATTR, {n: p.requires_grad for n, p in model.named_parameters()})
     for parameter in model.parameters():
@@ -172,24 +195,26 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
         base = model.get_submodule(name)
         adapter.to(device=base.weight.device, dtype=adapter_dtype(base.weight.dtype))
         adapter.train(base.training)  # a model adapted in eval mode stays in eval mode
+        adapter.attach()
         _set_child(model, name, AdaptedLayer(base, adapter))
-    for module in saved_modules.values():
-        module.requires_grad_(True)
+    for name, module in saved.items():
+        _set_child(model, name, module)
     setattr(model, _CONFIG_ATTR, config)
     return model
 
 
-def _modules_to_save(model: nn.Module, config: AdapterConfig) -> dict[str, nn.Module]:
-    found: dict[str, nn.Module] = {}
+def _modules_to_save(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """Paths of the modules ``config.modules_to_save`` names (by name or suffix), outermost only, in model order."""
+    found: list[str] = []
     for wanted in config.modules_to_save or []:
-        hits = {n: m for n, m in model.named_modules() if n == wanted or n.endswith("." + wanted)}
+        hits = [n for n, _ in model.named_modules() if n == wanted or n.endswith("." + wanted)]
         if not hits:
             raise ValueError(
                 f"modules_to_save entry {wanted!r} matches no module of {type(model).__name__}; "
                 f"top-level modules are {[n for n, _ in model.named_children()]}"
             )
-        found.update(hits)
-    return found
+        found += [n for n in hits if n not in found]
+    return [n for n in found if not any(n.startswith(outer + ".") for outer in found)]
 
 
 def merge(model: nn.Module, safe: bool = False) -> nn.Module:
@@ -207,9 +232,16 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
-    """Remove every adapter, merging it first when ``merge``; restore the original trainable flags."""
-    for name, layer in list(adapted_layers(model)):
-        _set_child(model, name, layer.unload(merge=merge))
+    """Remove every adapter, merging it first when ``merge``; restore the original trainable flags.
+
+    ``modules_to_save``: with ``merge`` the trained copy takes the original's place (PEFT's
+    ``merge_and_unload`` keeps it too); without, the original module comes back and the model is the
+    one that was adapted. (PEFT's ``unload()`` keeps the trained copy either way; rankwise's
+    ``unload(merge=False)`` means "discard what was trained".)
+    """
+    wrappers: list[tuple[str, AdaptedLayer | SavedModule]] = [*adapted_layers(model), *saved_modules(model)]
+    for name, wrapper in wrappers:
+        _set_child(model, name, wrapper.unload(merge=merge))
     flags: dict[str, bool] = getattr(model, _FLAGS_ATTR, {})
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(flags.get(name, parameter.requires_grad))
@@ -221,15 +253,21 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the base model alone inside the block (merged adapters are taken out and put back)."""
+    """Run the base model alone inside the block: no adapter (merged adapters are taken out and put back)
+    and the original ``modules_to_save`` modules instead of their trained copies."""
     layers = [layer for _, layer in adapted_layers(model)]
+    saved = [module for _, module in saved_modules(model)]
     merged = [layer.merged for layer in layers]
     try:
         for layer in layers:
             layer.unmerge()
             layer.disabled = True
+        for module in saved:
+            module.disabled = True
         yield model
     finally:
+        for module in saved:
+            module.disabled = False
         for layer, was_merged in zip(layers, merged):
             layer.disabled = False
             if was_merged:
@@ -242,7 +280,12 @@ def trainable_parameters(model: nn.Module) -> int:
 
 
 def summary(model: nn.Module) -> str:
-    """A per-layer table (method, shape, trainable count) and PEFT's one-line total."""
+    """A per-layer table (method, shape, trainable count) and PEFT's one-line total.
+
+    As in PEFT's ``print_trainable_parameters``, "all params" counts every parameter the model holds (a
+    ``modules_to_save`` module's frozen original and its trained copy both) and "trainable params" the
+    parameters that require gradients (the copy, once).
+    """
     rows: list[tuple[str, ...]] = [("layer", "method", "shape (out x in)", "adapter", "trainable")]
     config: Any = getattr(model, _CONFIG_ATTR, None)
     method = config.method if config else "?"
@@ -250,11 +293,9 @@ def summary(model: nn.Module) -> str:
         out_f, in_f = linear_shape(layer.base_layer)
         count = sum(p.numel() for p in layer.adapter.parameters() if p.requires_grad)
         rows.append((name, method, f"{out_f} x {in_f}", layer.adapter.describe(), f"{count:,}"))
-    for wanted in (config.modules_to_save or []) if config else []:
-        for name, module in _modules_to_save(model, config).items():
-            if name == wanted or name.endswith("." + wanted):
-                count = sum(p.numel() for p in module.parameters())
-                rows.append((name, "full", type(module).__name__, "modules_to_save", f"{count:,}"))
+    for name, module in saved_modules(model):
+        count = sum(p.numel() for p in module.trained_module.parameters() if p.requires_grad)
+        rows.append((name, "full", type(module.trained_module).__name__, "modules_to_save", f"{count:,}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

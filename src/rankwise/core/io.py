@@ -2,8 +2,9 @@
 
 ``save`` writes each file to a temporary name in the target directory and renames it into place,
 so a crash never leaves a half-written file under the real name. ``load`` reads and checks
-everything (config, method, tensor file, layer names and shapes against the base model) before it
-changes the model, and takes the adapters back out if anything still fails; tensors are read with
+everything (config, method, tensor file, layer names and shapes against the base model, no quantised
+layer) before it changes the model, then adapts it and checks every tensor (key, shape, dtype, NaN/Inf)
+before copying the first one, and takes the adapters back out if anything fails; tensors are read with
 safetensors only, never with pickle.
 """
 
@@ -21,8 +22,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .._version import __version__
-from .inject import _modules_to_save, adapt, adapted_layers, adapter_config, unload
+from .inject import adapt, adapted_layers, adapter_config, find_targets, saved_modules, unload
 from .layer import is_supported_layer, linear_shape
+from .quantised import FLOAT_DTYPES, check_not_quantised
+from .rank import load_allocator, save_allocator
 from .registry import get_method
 
 CONFIG_FILE = "adapter_config.json"
@@ -30,14 +33,20 @@ WEIGHTS_FILE = "adapter.safetensors"
 FORMAT = "rankwise-adapter"
 
 
-def adapter_state(model: nn.Module) -> dict[str, Tensor]:
-    """Every adapter tensor and every ``modules_to_save`` tensor, keyed by its path in the model."""
+def adapter_state(model: nn.Module, keep_vars: bool = False) -> dict[str, Tensor]:
+    """Every adapter tensor and every ``modules_to_save`` tensor, keyed by its path in the model.
+
+    A ``modules_to_save`` tensor is the trained copy's, keyed by the original module's path
+    (``classifier.weight``), as before the copy existed and as PEFT names it on disk. ``keep_vars``
+    gives the parameters themselves (as ``state_dict(keep_vars=True)``) instead of detached tensors.
+    """
+    adapter_config(model)  # a model without a rankwise adapter raises its own clear error
     state: dict[str, Tensor] = {}
     for name, layer in adapted_layers(model):
-        for key, value in layer.adapter.state_dict().items():
+        for key, value in layer.adapter.state_dict(keep_vars=keep_vars).items():
             state[f"{name}.adapter.{key}"] = value
-    for name, module in _modules_to_save(model, adapter_config(model)).items():
-        for key, value in module.state_dict().items():
+    for name, module in saved_modules(model):
+        for key, value in module.trained_module.state_dict(keep_vars=keep_vars).items():
             state[f"{name}.{key}"] = value
     return state
 
@@ -100,6 +109,40 @@ def read_tensors(path: Path, what: str) -> dict[str, Tensor]:
         ) from None
 
 
+def _dtype_kind(dtype: torch.dtype) -> str:
+    """bool, integer, complex, floating (the four dtypes rankwise trains in) or the dtype itself (float8, ...)."""
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    if dtype in FLOAT_DTYPES:
+        return "floating"
+    return str(dtype) if dtype.is_floating_point else "integer"
+
+
+def check_loadable(name: str, value: Tensor, target: Tensor, source: str) -> None:
+    """``ValueError`` naming tensor ``name`` of ``source`` unless it may be copied into the model's ``target``.
+
+    The dtypes must be of one kind: a float16 / bfloat16 file for a float32 tensor is cast (a
+    half-precision save is legitimate), but an integer, bool or complex tensor for a floating one (or
+    the reverse) is a wrong file. NaN / Inf values are refused, except in a tensor whose model
+    counterpart holds some itself (an attention mask of -inf).
+    """
+    if _dtype_kind(value.dtype) != _dtype_kind(target.dtype):
+        raise ValueError(
+            f"tensor '{name}' in {source} has dtype {value.dtype}, but the model's tensor is {target.dtype}; only "
+            "floating-point precisions convert into each other. The file is corrupted or belongs to another model"
+        )
+    numeric = value.is_floating_point() or value.is_complex()
+    if numeric and not bool(torch.isfinite(value).all()) and bool(torch.isfinite(target).all()):
+        bad = int((~torch.isfinite(value)).sum())
+        raise ValueError(
+            f"tensor '{name}' in {source} holds {bad} NaN/Inf value(s) (of {value.numel()}), which would make "
+            "the model's outputs NaN; the file is corrupted or was saved after training diverged. Save it again "
+            "from a good checkpoint"
+        )
+
+
 def save(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     """Write the model's adapter to ``directory`` (created if needed) and return the directory."""
     config = adapter_config(model)
@@ -117,6 +160,7 @@ def save(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     directory = Path(directory)
     save_tensors(directory / WEIGHTS_FILE, adapter_state(model), metadata={"format": FORMAT, "method": config.method})
     save_json(directory / CONFIG_FILE, payload)
+    save_allocator(model, directory)
     return directory
 
 
@@ -135,14 +179,22 @@ def load(base_model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
     config = method.config_cls.from_dict(payload["config"])
     tensors = read_tensors(directory / WEIGHTS_FILE, "rankwise.load")
     check_layers_fit(base_model, payload.get("layers", {}), directory)
-    return load_state_into(base_model, config, tensors, source=str(directory))
+    model = load_state_into(base_model, config, tensors, source=str(directory))
+    try:
+        load_allocator(model, directory)
+    except BaseException:
+        unload(model, merge=False)
+        raise
+    return model
 
 
 def check_layers_fit(base_model: nn.Module, layers: dict[str, dict[str, int]], source: Any) -> None:
-    """Every saved layer exists in ``base_model`` with the same (out, in) shape."""
+    """Every saved layer exists in ``base_model``, is not quantised, and has the same (out, in) shape."""
     modules = dict(base_model.named_modules())
     for name, shape in layers.items():
         module = modules.get(name)
+        if module is not None:
+            check_not_quantised(name, module)
         if module is None or not is_supported_layer(module):
             raise ValueError(
                 f"the adapter in {source} was trained on a base model with a layer '{name}', which "
@@ -166,9 +218,18 @@ def load_state_into(
 ) -> nn.Module:
     """Adapt ``base_model`` with ``config`` and copy ``tensors`` in; on any failure the model is restored.
 
+    Every tensor is checked (names, shapes, dtypes and NaN/Inf: :func:`check_loadable`) before the first
+    one is copied.
+
     ``key_map`` turns each of the model's adapter-state keys into the key it has in ``tensors``
     (identity by default); a key mapped to None keeps its freshly initialised value.
+    A config that rewrites the base weights (``config.changes_base_weights``: PiSSA / OLoRA) gets them back
+    bit for bit on failure; the clean-up's ``unload(merge=False)`` alone would leave the residual, as PEFT's
+    ``unload`` does.
     """
+    kept = {}
+    if config.changes_base_weights:
+        kept = {name: base_model.get_submodule(name).weight.detach().clone() for name in find_targets(base_model, config)}
     model = adapt(base_model, config)
     try:
         expected = adapter_state(model)
@@ -188,10 +249,14 @@ def load_state_into(
                     f"tensor '{name}' in {source} has shape {tuple(value.shape)}, the model expects "
                     f"{tuple(target.shape)}; the adapter and the base model do not match"
                 )
+            check_loadable(name, value, target, source)
         with torch.no_grad():
             for target, value, _ in pairs:
                 target.copy_(value)
     except BaseException:
         unload(model, merge=False)
+        with torch.no_grad():
+            for name, weight in kept.items():
+                model.get_submodule(name).weight.copy_(weight)
         raise
     return model

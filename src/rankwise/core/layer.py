@@ -3,7 +3,9 @@
 Every method implements :class:`Adapter`. rankwise wraps each targeted layer as
 ``AdaptedLayer(base_layer, adapter)``: the base module is kept as it is (same class, same
 parameters, frozen) under ``base_layer``, so its state-dict keys read ``<path>.base_layer.weight``
-like PEFT's, and the adapter's tensors read ``<path>.adapter.<name>``.
+like PEFT's, and the adapter's tensors read ``<path>.adapter.<name>``. A ``modules_to_save`` module is
+wrapped as ``SavedModule(original)``: the forward runs a trainable copy, the original stays frozen and
+unchanged, so disabling or unloading the adapter gives the base model back.
 
 Adapters see every supported base layer as a linear map ``y = x Wᵀ + b`` with ``W`` of shape
 ``(out_features, in_features)``: :func:`weight_matrix` hides the transposed storage of
@@ -13,6 +15,7 @@ works on ``Conv1D`` without a line of its own.
 
 from __future__ import annotations
 
+import copy
 import functools
 from typing import Any
 
@@ -70,7 +73,7 @@ class Adapter(nn.Module):
     Contract:
         * ``__init__(base, config, layer_name)`` builds and initialises the trainable tensors from
           the base layer's shape and raises ``ValueError`` (via :meth:`fail`) when the config does
-          not fit the layer.
+          not fit the layer; it never changes the base layer (that is :meth:`attach`'s job).
         * ``forward(x, base_out)`` returns the adapted output, given the frozen layer's output.
           A method that computes the whole output from the weight itself (BoRA, MiSS "bat") sets
           the class attribute ``uses_base_output = False``; the wrapper then skips the frozen
@@ -110,6 +113,14 @@ class Adapter(nn.Module):
 
     def forward(self, x: Tensor, base_out: Tensor | None) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def attach(self) -> None:
+        """Called by ``adapt`` once every adapter of the model is built, validated and moved to its device.
+
+        An init that changes the frozen base (LoRA's PiSSA and OLoRA subtract their initial update from
+        ``W``) does it here, so a config that does not fit a later layer never leaves a base changed.
+        The default does nothing.
+        """
 
     def delta_weight(self) -> Tensor:  # pragma: no cover - abstract
         """Dense ΔW of shape (out_features, in_features) such that the merged weight is W + ΔW."""
@@ -229,3 +240,43 @@ class AdaptedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"merged={self.merged}"
+
+
+class SavedModule(nn.Module):
+    """A ``modules_to_save`` module: the user's original, frozen and kept as it was, and a trainable copy.
+
+    As PEFT's ``ModulesToSaveWrapper``: the forward runs the copy (``trained_module``), or the original
+    (``original_module``) while ``disabled`` (``rankwise.disable_adapters``). Training therefore never
+    touches the original, so the base model stays recoverable. Attributes the wrapper does not have
+    (``weight``, ``out_proj``, ...) are read from the module that runs, so code that reads
+    ``model.classifier.weight`` keeps working.
+    """
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original
+        self.trained_module = copy.deepcopy(original).requires_grad_(True)
+        self.disabled = False
+
+    @property
+    def active_module(self) -> nn.Module:
+        """The module the forward runs."""
+        return self.original_module if self.disabled else self.trained_module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.active_module(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("original_module", "trained_module"):
+                raise
+            return getattr(self.active_module, name)
+
+    def unload(self, merge: bool) -> nn.Module:
+        """The trained copy when ``merge`` (as PEFT's ``merge_and_unload``), else the original."""
+        return self.trained_module if merge else self.original_module
+
+    def extra_repr(self) -> str:
+        return f"disabled={self.disabled}"

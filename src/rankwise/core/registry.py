@@ -1,4 +1,4 @@
-"""The method registry: name -> (config class, adapter class, optional PEFT format).
+"""The method registry: name -> (config class, adapter class, optional PEFT format, optional allocator).
 
 A method module ends with one ``register(...)`` line. Names are lower snake case and unique;
 registering a name twice is an error, so two modules can never silently shadow each other.
@@ -14,8 +14,11 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from torch import Tensor, nn
+
     from .config import AdapterConfig
     from .layer import Adapter
+    from .rank import Allocator
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*[a-z0-9]$")
 
@@ -31,6 +34,9 @@ class PeftFormat:
         to_peft_config: rankwise config -> the method-specific PEFT config fields.
         from_peft_config: PEFT config dict -> keyword arguments of the rankwise config.
         tensor_names: rankwise adapter tensor name -> PEFT's on-disk local name (identity when absent).
+        prepare_export: ``(model, payload, tensors)`` -> None, called by ``export_peft`` to adjust the
+            config payload and the adapter tensors (keyed as in ``rankwise.save``) in place, for
+            methods whose PEFT file depends on training state (AdaLoRA's rank pattern).
     """
 
     peft_type: str
@@ -38,16 +44,18 @@ class PeftFormat:
     to_peft_config: Callable[[AdapterConfig], dict[str, Any]]
     from_peft_config: Callable[[dict[str, Any]], dict[str, Any]]
     tensor_names: dict[str, str]
+    prepare_export: Callable[[nn.Module, dict[str, Any], dict[str, Tensor]], None] | None = None
 
 
 @dataclass(frozen=True)
 class Method:
-    """One registered method."""
+    """One registered method. ``allocator(model, config)`` builds the rank allocator of an allocating method."""
 
     name: str
     config_cls: type[AdapterConfig]
     adapter_cls: type[Adapter]
     peft: PeftFormat | None = None
+    allocator: Callable[[nn.Module, AdapterConfig], Allocator] | None = None
 
 
 _METHODS: dict[str, Method] = {}
@@ -58,6 +66,7 @@ def register(
     config_cls: type[AdapterConfig],
     adapter_cls: type[Adapter],
     peft: PeftFormat | None = None,
+    allocator: Callable[[nn.Module, AdapterConfig], Allocator] | None = None,
 ) -> None:
     """Add a method; ``config_cls.method`` must equal ``name``."""
     if not _NAME.match(name):
@@ -66,7 +75,7 @@ def register(
         raise ValueError(f"method {name!r} is already registered (by {_METHODS[name].adapter_cls.__module__})")
     if config_cls.method != name:
         raise ValueError(f"{config_cls.__name__}.method is {config_cls.method!r}, expected {name!r}")
-    _METHODS[name] = Method(name, config_cls, adapter_cls, peft)
+    _METHODS[name] = Method(name, config_cls, adapter_cls, peft, allocator)
 
 
 def get_method(name: str) -> Method:

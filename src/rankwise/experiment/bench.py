@@ -23,7 +23,7 @@ from torch import nn
 from ..core.inject import adapt, merge, trainable_parameters
 from ..core.registry import config as make_config
 from .compare import per_method_options, selected_methods
-from .finetune import SHIPPED_MODEL, model_path, parse_targets
+from .finetune import SHIPPED_MODEL, model_path, parse_targets, with_run_length
 from .report import markdown_table
 from .timing import floor_step, inference_step, interleaved_times, medians, random_batch, training_step
 
@@ -96,7 +96,9 @@ def run(args: argparse.Namespace) -> int:
     names = selected_methods(args.methods)
     options = per_method_options(args.overrides, names)
     targets = parse_targets(args.targets)
-    configs = {name: make_config(name, **{"targets": targets, **options[name]}) for name in names}
+    steps = args.rounds + args.warmup  # the timed run's length, for a schedule that needs it (AdaLoRA)
+    configs = {name: make_config(name, **{"targets": targets, **with_run_length(name, options[name], steps)})
+               for name in names}
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows, _ = benchmark(load_base(args.model), configs, args.batch, args.seq, args.rounds, args.warmup)

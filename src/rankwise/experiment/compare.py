@@ -3,7 +3,8 @@
 Every method gets the same split, examples, seed, classifier-head initialisation, epochs or steps,
 batch size, learning-rate schedule and target layers (``--targets``, default ``all-linear``: the
 default of every method's own config, so no method is judged on layers it was not designed for);
-its hyper-parameters are its registry defaults unless ``--set METHOD.KEY=VALUE`` changes them
+its hyper-parameters are its registry defaults (with the method's ``comparison_defaults``, e.g. SURM's
+``rectangular="native"``, so that it runs on rectangular layers) unless ``--set METHOD.KEY=VALUE`` changes them
 (``--set METHOD.lr=...`` gives one method its own peak learning rate). The
 table gives each method's key hyper-parameters, trainable parameters (adapter + head), test accuracy,
 macro-F1, the training loss over the last tenth of the steps, the wall time of its training loop and
@@ -117,11 +118,12 @@ def selected_methods(text: str | None) -> list[str]:
 
 def per_method_options(items: list[str], names: list[str],
                        training_keys: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
-    """``--set METHOD.KEY=VALUE`` items as {method: {key: value}}, each key checked against that method's config.
+    """``--set METHOD.KEY=VALUE`` items as {method: {key: value}}, each key checked against that method's config,
+    over the method's ``comparison_defaults`` (SURM: ``rectangular="native"``, so it runs on all-linear).
 
     Keys in ``training_keys`` (``lr`` for ``compare``) are training settings, not config fields.
     """
-    options: dict[str, dict[str, Any]] = {name: {} for name in names}
+    options = {name: dict(get_method(name).config_cls.comparison_defaults) for name in names}
     for item in items:
         target, value = parse_assignment(item, form="METHOD.KEY=VALUE")
         method, dot, key = target.partition(".")
@@ -195,7 +197,8 @@ def run_one(prepared: Prepared, method: str, options: dict[str, Any], args: argp
     scores: dict[str, float] = {}
     try:
         for lr in rates:
-            model, config = adapted_classifier(prepared, method, config_options, parse_targets(args.targets), args.seed)
+            model, config = adapted_classifier(prepared, method, config_options, parse_targets(args.targets), args.seed,
+                                               settings.total_steps(len(prepared.train)))
             trained = train_and_test(model, prepared, dataclasses.replace(settings, lr=lr), method,
                                      validate=len(rates) > 1)
             score = trained.history.evaluations[-1][1].macro_f1 if trained.history.evaluations else 0.0

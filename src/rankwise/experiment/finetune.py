@@ -146,11 +146,13 @@ def parse_targets(text: str) -> list[str] | str:
 
 
 def check_options(method_name: str, values: dict[str, Any]) -> None:
-    """Raise unless every key of ``values`` is a hyper-parameter of the method (not a shared field)."""
+    """Raise unless every key of ``values`` is a hyper-parameter of the method (not a shared field) and the
+    method's config accepts the values (``--r 0`` fails here, before any model or data is loaded)."""
     known = option_names(method_name) - COMMON_FIELDS
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"method {method_name!r} has no option(s) {unknown}; its options are {sorted(known)}")
+    make_config(method_name, **values)
 
 
 def parse_assignment(item: str, form: str = "KEY=VALUE") -> tuple[str, Any]:
@@ -317,12 +319,21 @@ class Trained:
         return statistics.median(self.step_seconds) if self.step_seconds else self.train_seconds / max(1, self.steps)
 
 
+def with_run_length(method: str, options: dict[str, Any], steps: int) -> dict[str, Any]:
+    """``options`` with ``total_step=steps`` for a method whose schedule needs the run length (AdaLoRA), unless set."""
+    if "total_step" in option_names(method) and options.get("total_step") is None:
+        return {**options, "total_step": steps}
+    return options
+
+
 def adapted_classifier(
-    prepared: Prepared, method: str, options: dict[str, Any], targets: list[str] | str, seed: int
+    prepared: Prepared, method: str, options: dict[str, Any], targets: list[str] | str, seed: int, steps: int
 ) -> tuple[nn.Module, AdapterConfig]:
-    """A fresh classifier (head initialised from ``seed``) adapted with ``method``; its head is trained in full."""
+    """A fresh classifier (head initialised from ``seed``) adapted with ``method`` for a run of ``steps``
+    optimizer steps; its head is trained in full."""
     torch.manual_seed(seed)
     model = load_classifier(prepared.model_path, prepared.splits.train.label_names)
+    options = with_run_length(method, options, steps)
     config = make_config(method, targets=targets, modules_to_save=head_modules(model), **options)
     return adapt(model, config), config
 
@@ -378,9 +389,10 @@ def run(args: argparse.Namespace) -> int:
     labels = prepared.splits.train.label_names
     output = Path(args.output_dir or f"runs/finetune-{run_name(args)}-{args.method}")
 
-    model, config = adapted_classifier(prepared, args.method, options, targets, args.seed)
-    print(f"method {args.method}: {trainable_parameters(model):,} trainable parameters, targets {config.targets}")
     settings = settings_from(args, args.lr)
+    model, config = adapted_classifier(prepared, args.method, options, targets, args.seed,
+                                       settings.total_steps(len(prepared.train)))
+    print(f"method {args.method}: {trainable_parameters(model):,} trainable parameters, targets {config.targets}")
     adapted = train_and_test(model, prepared, settings, args.method)
     save(model, output)
 

@@ -18,7 +18,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..core.inject import is_adapted
 from ..core.io import load, save
+from ..core.rank import allocator as model_allocator
 
 logger = logging.getLogger(__name__)
 
@@ -196,6 +198,7 @@ def train(
     if start_step == 0:
         torch.manual_seed(settings.seed)
     model.train()
+    allocator = model_allocator(model) if is_adapted(model) else None  # AdaLoRA: stepped in PEFT's order below
     progress = tqdm(range(start_step, stop), desc=description, unit="step", leave=False)
     for step in progress:
         epoch, offset = divmod(step, per_epoch)
@@ -204,9 +207,13 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = settings.lr * (1.0 - step / total)
         loss = model(**batch).loss
+        if allocator is not None and (term := allocator.regularizer()) is not None:
+            loss = loss + term
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if allocator is not None:
+            allocator.step(step)
         history.losses.append(loss.item())
         progress.set_postfix(loss=f"{history.losses[-1]:.4f}")
         if validation is not None and ((step + 1) % per_epoch == 0 or step + 1 == total):

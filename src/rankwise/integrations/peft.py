@@ -5,6 +5,12 @@ PEFT stores a tensor of layer ``<path>`` as ``base_model.model.<path>.<name>`` (
 ``default`` is stripped on disk) and a ``modules_to_save`` tensor as ``base_model.model.<path>.<name>``.
 rankwise keeps the same tensor names wherever it can, so the mapping is a prefix change plus the
 method's ``tensor_names`` table. PEFT itself is not needed to read or write these files.
+
+Every field of PEFT's config is accounted for on import (:func:`audit_peft_config`): it is metadata,
+or a field rankwise reproduces exactly (the shared ones below, and every field the method's
+``to_peft_config`` writes), or it must be at its PEFT default, else ``import_peft`` raises a
+``ValueError`` naming it. A field is never silently ignored, so a PEFT release that adds one fails
+``tests/test_peft_audit.py`` until someone decides what it means for rankwise.
 """
 
 from __future__ import annotations
@@ -43,7 +49,13 @@ def _peft_key_map(model: nn.Module, method: Method):
 
 
 def export_peft(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
-    """Write the model's adapter as a PEFT adapter directory that ``PeftModel.from_pretrained`` loads."""
+    """Write the model's adapter as a PEFT adapter directory that ``PeftModel.from_pretrained`` loads.
+
+    The written config is checked with the method's import reader first, so a model PEFT would not
+    reload as rankwise computes it (e.g. OLoRA on a Conv1D layer) raises ``ValueError`` and nothing is
+    written. A PiSSA / OLoRA adapter is written without conversion (``init_lora_weights`` kept): PEFT
+    reloads it onto the *original* base, recomputing the residual, as it does for its own files.
+    """
     config = adapter_config(model)
     method = next(m for m in registered() if m.name == config.method)
     if method.peft is None:
@@ -65,9 +77,14 @@ def export_peft(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     # Not every PEFT config class knows fan_in_fan_out (C3A, MiSS do not): write it only when it matters.
     if any(is_fan_in_fan_out(layer.base_layer) for _, layer in layers):
         payload["fan_in_fan_out"] = True
+    # What import_peft would refuse, PEFT would not reload as this model computes it (e.g. OLoRA on Conv1D).
+    method.peft.from_peft_config(payload)
     to_peft = _peft_key_map(model, method)
+    state = adapter_state(model)
+    if method.peft.prepare_export is not None:
+        method.peft.prepare_export(model, payload, state)
     tensors = {}
-    for key, value in adapter_state(model).items():
+    for key, value in state.items():
         peft_key = to_peft(key)
         if peft_key is not None:
             tensors[peft_key] = value
@@ -75,6 +92,64 @@ def export_peft(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     save_tensors(directory / PEFT_WEIGHTS, tensors, metadata={"format": "pt"})
     save_json(directory / PEFT_CONFIG, payload)
     return directory
+
+
+# Fields that describe the file, not the adapter's function.
+METADATA_FIELDS = frozenset(
+    {"peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode"}
+)
+# Fields every method reproduces: the layer selection (PEFT's list / regex semantics are rankwise's),
+# modules_to_save (resolved with PEFT's suffix rule by :func:`peft_modules_to_save`) and
+# fan_in_fan_out (rankwise detects Conv1D layers itself, which is what PEFT's auto-correction of the
+# flag amounts to).
+SHARED_FIELDS = frozenset({"target_modules", "exclude_modules", "modules_to_save", "fan_in_fan_out"})
+# Fields that change nothing on their own: PEFT drops ``runtime_config`` when it reads a config, and
+# the others only qualify a field that is refused when set (layers_to_transform, megatron_config,
+# use_qalora).
+INERT_FIELDS = frozenset({"runtime_config", "layers_pattern", "megatron_core", "qalora_group_size"})
+# PEFT defaults that are not empty / None / False.
+_NON_EMPTY_DEFAULTS = {"bias": "none"}
+
+
+def _is_default(key: str, value: Any) -> bool:
+    return value in (None, False, "", [], {}) or _NON_EMPTY_DEFAULTS.get(key) == value
+
+
+def reproduced_fields(method: Method, config: Any) -> frozenset[str]:
+    """The PEFT config fields import_peft reproduces for ``method``: the shared ones plus those its exporter writes."""
+    return SHARED_FIELDS | frozenset(method.peft.to_peft_config(config))
+
+
+def audit_peft_config(peft_config: dict[str, Any], method: Method, config: Any, source: Path) -> None:
+    """Refuse every PEFT field that is set to a non-default value and that rankwise does not reproduce.
+
+    Per-module overrides (``rank_pattern``, ``alpha_pattern``, ``block_size_pattern``), layer subsets
+    (``layers_to_transform``), trained biases (``bias`` other than ``"none"``), QALoRA, layer
+    replication, Megatron, trainable tokens, target parameters, the LoRA variants' option blocks
+    (LoRA-GA, Arrow, aLoRA, VeLoRA, ...) and any field a later PEFT adds all land here.
+    """
+    allowed = METADATA_FIELDS | INERT_FIELDS | reproduced_fields(method, config)
+    problems = [
+        f"{key}={value!r}" for key, value in sorted(peft_config.items())
+        if key not in allowed and not _is_default(key, value)
+    ]
+    if problems:
+        raise ValueError(
+            f"{source}: PEFT {peft_config.get('peft_type')} option(s) {', '.join(problems)} have no rankwise "
+            "equivalent, so import_peft cannot reproduce this adapter and refuses it rather than ignore them. "
+            "Re-train without them, or merge the adapter into the base with PEFT's merge_and_unload"
+        )
+
+
+def peft_modules_to_save(model: nn.Module, names: list[str] | None) -> list[str] | None:
+    """The full names of the modules PEFT wraps for ``modules_to_save``: PEFT selects every module whose
+    name ends with an entry, with no dot boundary (``"head"`` also selects ``lm_head``), and wraps the
+    outermost of nested hits."""
+    if not names:
+        return None
+    hits = [key for key, _ in model.named_modules() if key and any(key.endswith(name) for name in names)]
+    outermost = [key for key in hits if not any(key.startswith(other + ".") for other in hits)]
+    return outermost or list(names)
 
 
 def _method_for(peft_config: dict[str, Any], source: Path) -> Method:
@@ -86,25 +161,16 @@ def _method_for(peft_config: dict[str, Any], source: Path) -> Method:
     raise ValueError(f"{source}: PEFT adapter type {peft_type!r} is not supported; rankwise imports {supported}")
 
 
-def _reject_per_layer_options(peft_config: dict[str, Any], source: Path) -> None:
-    """PEFT options that rankwise has no equivalent for, shared by every PEFT method: per-module
-    overrides (``rank_pattern``, ``alpha_pattern``, ``block_size_pattern``, ...), a layer subset
-    (``layers_to_transform``) and trained biases (``bias`` other than ``"none"``)."""
-    problems = [
-        f"{key}={value!r}" for key, value in sorted(peft_config.items())
-        if (key.endswith("_pattern") and key != "layers_pattern" and value)
-        or (key == "layers_to_transform" and value not in (None, [], ""))
-        or (key == "bias" and value not in (None, "none"))
-    ]
-    if problems:
-        raise ValueError(
-            f"{source}: PEFT option(s) {', '.join(problems)} have no rankwise equivalent, so import_peft cannot "
-            "reproduce this adapter; re-train it without them (one rank / block size for every layer, bias='none')"
-        )
-
-
 def import_peft(base_model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
-    """Adapt ``base_model`` with an adapter saved by PEFT's ``save_pretrained`` and load its tensors."""
+    """Adapt ``base_model`` with an adapter saved by PEFT's ``save_pretrained`` and load its tensors.
+
+    The result computes what ``PeftModel.from_pretrained(base_model, directory)`` computes. Every PEFT
+    config field is audited first (:func:`audit_peft_config`); an adapter with a field rankwise cannot
+    reproduce is refused before the model changes. Ranks above min(out, in), which PEFT accepts, are
+    imported (the config gets ``allow_excess_rank=True``). LoRA adapters initialised with PiSSA or
+    OLoRA and saved without conversion change the base weight exactly as PEFT's reload does (see
+    :mod:`rankwise.adapters.lora`), so ``base_model`` must be the original base they were trained on.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"PEFT adapter directory {directory} does not exist")
@@ -114,7 +180,6 @@ def import_peft(base_model: nn.Module, directory: str | os.PathLike[str]) -> nn.
             f"{directory} holds only adapter_model.bin (a pickle); rankwise never unpickles. Re-save it with "
             "PEFT's save_pretrained(safe_serialization=True)"
         )
-    _reject_per_layer_options(peft_config, directory)
     method = _method_for(peft_config, directory)
     targets = peft_config.get("target_modules")
     if isinstance(targets, (list, tuple, set)):
@@ -124,9 +189,10 @@ def import_peft(base_model: nn.Module, directory: str | os.PathLike[str]) -> nn.
     config = method.config_cls(
         targets=targets,
         exclude=peft_config.get("exclude_modules") or None,
-        modules_to_save=peft_config.get("modules_to_save") or None,
+        modules_to_save=peft_modules_to_save(base_model, peft_config.get("modules_to_save")),
         **method.peft.from_peft_config(peft_config),
     )
+    audit_peft_config(peft_config, method, config, directory)
     tensors = read_tensors(directory / PEFT_WEIGHTS, "rankwise.import_peft")
     # The key map reads the adapted layers, which exist only once load_state_into has adapted the
     # model (in place), so it is built on first use.

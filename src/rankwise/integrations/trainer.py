@@ -43,6 +43,17 @@ bit-identical on CPU). SingLoRA's ramp-up clock counts calls of ``torch.optim.Op
 the optimizer that holds its A; Trainer's accelerate wrapper (``AcceleratedOptimizer``) does not
 count a second time, so the clock equals ``state.global_step``, including under gradient accumulation.
 
+Rank allocation (AdaLoRA): for a method with an allocator (``rankwise.allocator(model)``) the callback
+calls ``allocator.step(state.global_step)`` at every optimizer step, after ``optimizer.step()`` and before
+the gradients are zeroed (Trainer's ``on_optimizer_step``; the step index counts from 0, so set the
+config's ``total_step`` to ``max_steps``). It adds ``allocator.regularizer()`` to ``outputs.loss`` with a
+forward hook on the model in training mode, as PEFT's ``AdaLoraModel.forward`` does (PEFT also adds it to
+the evaluation loss; we leave that one the task's loss). A loss computed outside the model, e.g. by a
+label smoother, gets no regulariser, as in PEFT. The allocator's state
+is saved with every checkpoint's adapter and restored on resume. A run that ends without the allocator
+ever having allocated (``max_steps`` too short for ``tinit``/``deltaT``) raises ``ValueError`` once the
+final adapter is written: it trained a fixed-rank adapter, which is what PEFT does silently.
+
 The callback writes files on the process with ``args.should_save`` only. Under hyper-parameter
 search checkpoints live in ``<output_dir>/run-<id>/``; the callback finds ``checkpoint-<step>`` there.
 """
@@ -75,6 +86,7 @@ from ..core.io import (
     read_tensors,
     save,
 )
+from ..core.rank import Allocator, allocator, load_allocator
 
 ADAPTER_SUBDIR = "adapter"
 
@@ -120,12 +132,15 @@ class RankwiseCallback(TrainerCallback):
         self.save_final = save_final
         self.checks = checks
         self._gradient_checked = False
+        self._allocator: Allocator | None = None
+        self._regularizer_hook: Any = None
 
     # -- events ---------------------------------------------------------------------------------
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: nn.Module | None = None, optimizer: Any = None, **kwargs: Any) -> None:
         self._gradient_checked = not self.checks or _sharded(args)
+        self._start_allocation(args, state, _adapted(model))
         if not self.checks:
             return
         check_trainable(model)
@@ -142,6 +157,11 @@ class RankwiseCallback(TrainerCallback):
             return
         self._gradient_checked = True
         check_gradients(model)
+
+    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                          **kwargs: Any) -> None:
+        if self._allocator is not None:
+            self._allocator.step(state.global_step)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                 model: nn.Module | None = None, **kwargs: Any) -> None:
@@ -162,8 +182,41 @@ class RankwiseCallback(TrainerCallback):
         model = _adapted(model)
         if self.save_final and args.should_save:
             save(model, Path(args.output_dir) / ADAPTER_SUBDIR)
+        held, self._allocator = self._allocator, None
+        if self._regularizer_hook is not None:
+            self._regularizer_hook.remove()
+            self._regularizer_hook = None
+        if held is not None and held.allocations == 0:
+            raise ValueError(
+                f"RankwiseCallback: training ended after {state.global_step} steps but the "
+                f"{adapter_config(model).method} allocator never allocated, so the adapter kept its initial rank "
+                "everywhere. Set the config's total_step to max_steps and tinit / tfinal / deltaT so that the budget "
+                "phase falls inside the run"
+            )
         if self.merge_at_end:
             unload(model, merge=True)
+
+    # -- rank allocation -------------------------------------------------------------------------
+
+    def _start_allocation(self, args: TrainingArguments, state: TrainerState, model: nn.Module) -> None:
+        """Take the model's allocator (restoring its state on resume) and hook its regulariser into the loss."""
+        self._allocator = allocator(model)
+        if self._allocator is None:
+            return
+        if state.global_step > 0:
+            checkpoint = _checkpoint_dir(args, state)
+            if checkpoint is not None:
+                load_allocator(model, checkpoint / ADAPTER_SUBDIR)
+        held = self._allocator
+
+        def add_regularizer(module: nn.Module, inputs: Any, outputs: Any) -> Any:
+            term = held.regularizer()
+            if term is not None and module.training and isinstance(getattr(outputs, "loss", None), torch.Tensor):
+                outputs.loss = outputs.loss + term  # ModelOutput keeps its "loss" key in step
+            return outputs
+
+        if self._regularizer_hook is None:
+            self._regularizer_hook = model.register_forward_hook(add_regularizer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,9 +243,9 @@ def check_trainable(model: nn.Module | None) -> None:
     """``ValueError`` unless the model is adapted and exactly its adapter (and ``modules_to_save``)
     parameters, at least one of them, require gradients."""
     model = _adapted(model)
-    allowed = set(adapter_state(model))
+    allowed = {id(tensor) for tensor in adapter_state(model, keep_vars=True).values()}
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
-    extra = [name for name in trainable if name not in allowed]
+    extra = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in allowed]
     if extra:
         raise ValueError(
             f"RankwiseCallback: parameters outside the rankwise adapter are trainable: {_limited(extra)}. "

@@ -109,6 +109,8 @@ class LatentBlock(nn.Module):
         super().__init__()
         self.latent_dim = latent_dim
         self.layers = nn.ModuleList(nn.Linear(latent_dim, latent_dim, bias=False) for _ in range(num_layers))
+        # an empty, unsaved buffer that follows .to() / .double(): the device and dtype of a block without layers
+        self.register_buffer("_anchor", torch.empty(0), persistent=False)
 
     def forward(self, z: Tensor) -> Tensor:
         for layer in self.layers:
@@ -116,9 +118,9 @@ class LatentBlock(nn.Module):
         return z
 
     def matrix(self) -> Tensor:
-        """The end-to-end n×n map M_l ⋯ M_1 (the identity when there are no layers)."""
+        """The end-to-end n×n map M_l ⋯ M_1 (the identity, on the block's device and dtype, when there are no layers)."""
         if not self.layers:
-            return torch.eye(self.latent_dim)
+            return torch.eye(self.latent_dim, device=self._anchor.device, dtype=self._anchor.dtype)
         product = self.layers[0].weight
         for layer in self.layers[1:]:
             product = layer.weight @ product

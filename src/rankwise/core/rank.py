@@ -1,0 +1,210 @@
+"""Rank components: the interface through which allocators and optimisers work on adapters.
+
+An adapter whose update is a sum of rank-one components, ΔW = Σ_i (component i), implements
+:class:`RankComponents`. It names the tensors that hold the components and the dimension that
+indexes them (LoRA: ``lora_A`` ∈ R^{r×n} along dim 0, ``lora_B`` ∈ R^{m×r} along dim 1; AdaLoRA
+adds ``lora_E`` ∈ R^{r×1} along dim 0), its two factors (for optimisers such as LoRA-Pro), and how
+a new component is initialised. From that the mixin provides, for every such method alike:
+
+    * ``mask_components(drop)``: zero the dropped components in place (they may be revived by the
+      optimiser, as AdaLoRA's masking allows);
+    * ``keep_components(keep)``: shrink the tensors to the kept components;
+    * ``grow_components(count)``: append ``count`` fresh components that add nothing to ΔW.
+
+An :class:`Allocator` moves rank between the layers of one model; ``rankwise.allocator(model)``
+gives the adapted model's allocator (built from the config by the method's registered factory, and
+kept with the model), or None for fixed-rank methods. ``rankwise.ranks(model)`` gives every layer's
+current rank. Core imports no method: the allocator factories come through the registry.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .inject import adapted_layers, adapter_config
+from .registry import get_method, registered
+
+ALLOCATOR_FILE = "allocator.safetensors"
+_ALLOCATOR_ATTR = "_rankwise_allocator"
+
+
+class RankComponents:
+    """Mixin for :class:`~rankwise.core.layer.Adapter` subclasses whose update is a sum of components.
+
+    Subclasses implement :meth:`rank_tensors`, :meth:`factors` and :meth:`new_components`, set
+    ``masked_tensor`` (the tensor whose slices :meth:`mask_components` zeroes) and keep their rank in
+    ``self.r``; every tensor named by :meth:`rank_tensors` has ``self.r`` slices along its rank dim.
+    The scale of the update is fixed when the adapter is built and does not follow later changes of
+    ``r`` (AdaLoRA's ``ranknum``).
+    """
+
+    r: int
+    masked_tensor: str = ""
+
+    def rank_tensors(self) -> dict[str, tuple[nn.Parameter, int]]:  # pragma: no cover - abstract
+        """``{name: (parameter, rank dim)}`` for every trainable tensor indexed by component, in a fixed order."""
+        raise NotImplementedError
+
+    def factors(self) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
+        """``(A, B)``: the right factor A ∈ R^{r×n} and the left factor B ∈ R^{m×r} of the update."""
+        raise NotImplementedError
+
+    def new_components(self, count: int) -> dict[str, Tensor]:  # pragma: no cover - abstract
+        """Initial values of ``count`` new components, ``{name: tensor}`` shaped like :meth:`rank_tensors`
+        with ``count`` slices along the rank dim; together they must add nothing to ΔW."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def mask_components(self, drop: Tensor) -> None:
+        """Zero, in place, the slices of ``masked_tensor`` of the components where ``drop`` (bool, (r,)) holds."""
+        parameter, dim = self.rank_tensors()[self.masked_tensor]
+        self._check_selector(drop, "mask_components")
+        shape = [1] * parameter.dim()
+        shape[dim] = self.r
+        parameter.masked_fill_(drop.to(parameter.device).view(shape), 0.0)
+
+    @torch.no_grad()
+    def keep_components(self, keep: Tensor) -> None:
+        """Shrink every rank tensor to the components where ``keep`` (bool, (r,)) holds.
+
+        The tensors are replaced by new parameters: build the optimiser after resizing.
+        """
+        self._check_selector(keep, "keep_components")
+        index = keep.nonzero().view(-1)
+        self._replace({name: p.index_select(dim, index.to(p.device)) for name, (p, dim) in self.rank_tensors().items()},
+                      int(index.numel()))
+
+    @torch.no_grad()
+    def grow_components(self, count: int) -> None:
+        """Append ``count`` components initialised by :meth:`new_components` (ΔW unchanged).
+
+        The tensors are replaced by new parameters: build the optimiser after resizing.
+        """
+        if count < 0:
+            raise ValueError(f"grow_components: count must be >= 0, got {count}")
+        fresh = self.new_components(count)
+        tensors = self.rank_tensors()
+        self._replace({name: torch.cat([p, fresh[name].to(p)], dim=dim) for name, (p, dim) in tensors.items()},
+                      self.r + count)
+
+    def _replace(self, values: dict[str, Tensor], rank: int) -> None:
+        module: Any = self
+        for name, value in values.items():
+            owner_name, _, attr = name.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            old = getattr(owner, attr)
+            setattr(owner, attr, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
+        self.r = rank
+
+    def _check_selector(self, selector: Tensor, what: str) -> None:
+        if selector.dtype != torch.bool or tuple(selector.shape) != (self.r,):
+            raise ValueError(
+                f"{what}: expected a bool tensor of shape ({self.r},) for layer "
+                f"'{getattr(self, 'layer_name', '')}', got {selector.dtype} {tuple(selector.shape)}"
+            )
+
+
+def supported_methods() -> list[str]:
+    """Registered methods whose adapters expose rank components."""
+    return sorted(m.name for m in registered() if issubclass(m.adapter_cls, RankComponents))
+
+
+def rank_layers(model: nn.Module, user: str) -> dict[str, RankComponents]:
+    """``{layer name: adapter}`` for every adapted layer; ``ValueError`` unless all expose rank components."""
+    method = adapter_config(model).method
+    layers = {name: layer.adapter for name, layer in adapted_layers(model)}
+    if not all(isinstance(adapter, RankComponents) for adapter in layers.values()):
+        raise ValueError(
+            f"{user} needs adapters made of rank components, but method {method!r} has none; "
+            f"the supported methods are {supported_methods()}"
+        )
+    return layers  # type: ignore[return-value]
+
+
+class Allocator(ABC):
+    """Moves rank between the adapted layers of one model during training.
+
+    Call :meth:`step` once per optimiser step, after ``optimizer.step()`` and before
+    ``optimizer.zero_grad()`` (PEFT's order), with the index of that step.
+    """
+
+    #: number of times the allocator has set a rank budget (masked or resized components)
+    allocations: int = 0
+
+    @abstractmethod
+    def step(self, global_step: int) -> None:
+        """Update the importance statistics and reallocate the rank as the schedule says."""
+
+    @abstractmethod
+    def ranks(self) -> dict[str, int]:
+        """``{layer name: current rank}``."""
+
+    def regularizer(self) -> Tensor | None:
+        """A term to add to the training loss, or None when the method has none."""
+        return None
+
+    @abstractmethod
+    def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """``(tensors, json-able scalars)``: everything needed to resume exactly."""
+
+    @abstractmethod
+    def load_state_dict(self, tensors: dict[str, Tensor], values: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output; ``ValueError`` if it does not fit this model."""
+
+
+def allocator(model: nn.Module) -> Allocator | None:
+    """The adapted model's allocator (built on first use and kept with the model), None for fixed-rank methods."""
+    config = adapter_config(model)
+    factory = get_method(config.method).allocator
+    if factory is None:
+        return None
+    held = model.__dict__.get(_ALLOCATOR_ATTR)
+    if held is None or held[0] is not config:  # none yet, or left from an adapter since unloaded
+        held = (config, factory(model, config))
+        model.__dict__[_ALLOCATOR_ATTR] = held
+    return held[1]
+
+
+def ranks(model: nn.Module) -> dict[str, int]:
+    """``{layer name: current rank}``: the allocator's ranks, or each adapter's rank for fixed-rank methods."""
+    held = allocator(model)
+    if held is not None:
+        return held.ranks()
+    return {name: adapter.r for name, adapter in rank_layers(model, "rankwise.ranks").items()}
+
+
+def save_allocator(model: nn.Module, directory: Path) -> None:
+    """Write the allocator's state beside the adapter (nothing for fixed-rank methods or an unused allocator)."""
+    from .io import save_tensors  # io saves the allocator through this module
+
+    held = model.__dict__.get(_ALLOCATOR_ATTR)
+    if held is None or held[0] is not adapter_config(model):
+        (directory / ALLOCATOR_FILE).unlink(missing_ok=True)  # a state left by an earlier save is not this one's
+        return
+    tensors, values = held[1].state_dict()
+    save_tensors(directory / ALLOCATOR_FILE, tensors, metadata={"state": json.dumps(values, sort_keys=True)})
+
+
+def load_allocator(model: nn.Module, directory: Path) -> None:
+    """Restore the allocator state saved by :func:`save_allocator`, if ``directory`` holds one."""
+    path = directory / ALLOCATOR_FILE
+    if not path.is_file():
+        return
+    from safetensors import safe_open
+
+    from .io import read_tensors  # io loads the allocator through this module
+
+    held = allocator(model)
+    if held is None:
+        raise ValueError(f"{path} holds an allocator state, but method {adapter_config(model).method!r} has no "
+                         "allocator; the adapter directory is inconsistent")
+    tensors = read_tensors(path, "rankwise.load")
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    held.load_state_dict(tensors, json.loads(metadata.get("state", "{}")))

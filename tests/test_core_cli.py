@@ -1,0 +1,37 @@
+"""``rankwise finetune`` / ``compare`` / ``bench`` check the method's config values before loading any data,
+tokeniser or model, so ``--r 0`` fails at once with the config's own message."""
+
+from __future__ import annotations
+
+import pytest
+
+from rankwise import cli
+from rankwise.experiment import bench, compare, data, finetune
+
+
+class Loaded(Exception):
+    """Raised by the patched loaders: something was loaded before the config was checked."""
+
+
+@pytest.fixture
+def nothing_may_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args, **kwargs):
+        raise Loaded("data, tokeniser or model loaded before the config was checked")
+
+    for module, name in ((finetune, "prepare"), (compare, "prepare"), (finetune, "load_classifier"),
+                         (data, "load_task"), (data, "load_file"), (finetune, "model_path"), (bench, "model_path")):
+        monkeypatch.setattr(module, name, refuse)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["finetune", "--r", "0"], "r must be a positive integer"),
+        (["finetune", "--method", "dora", "--set", "r=-2"], "r must be a positive integer"),
+        (["compare", "--methods", "lora,dora", "--set", "dora.r=0"], "r must be a positive integer"),
+        (["bench", "--methods", "lora", "--set", "lora.r=0"], "r must be a positive integer"),
+    ],
+)
+def test_bad_config_values_fail_before_anything_loads(argv, message, nothing_may_load, capsys):
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
