@@ -96,10 +96,13 @@ def toy(config: rankwise.AdapterConfig | None = None) -> nn.Module:
 
 
 def lora(method: str = "lora") -> rankwise.AdapterConfig:
-    """r = 2, α = 3 on the hidden layers, the head trained in full; ``method`` is lora, rslora or dora."""
+    """r = 2, α = 3 on the hidden layers, the head trained in full; ``method`` is lora, rslora, pissa or dora.
+
+    PiSSA starts with B ≠ 0, so its first step is the general adjustment, not the B = 0 special case.
+    """
     config_cls = rankwise.DoRAConfig if method == "dora" else rankwise.LoRAConfig
-    return config_cls(r=2, alpha=3.0, use_rslora=method == "rslora", targets=["body1", "body2", "body3"],
-                      modules_to_save=["head"])
+    return config_cls(r=2, alpha=3.0, use_rslora=method == "rslora", init_weights="pissa" if method == "pissa" else True,
+                      targets=["body1", "body2", "body3"], modules_to_save=["head"])
 
 
 def backward(model: nn.Module, step: int) -> float:
@@ -183,7 +186,7 @@ def trainable(model: nn.Module) -> dict[str, Tensor]:
 
 
 @pytest.mark.parametrize("mode", ["efficient", "full"])
-@pytest.mark.parametrize("method", ["lora", "rslora", "dora"])
+@pytest.mark.parametrize("method", ["lora", "rslora", "pissa", "dora"])
 def test_two_steps_match_the_hand_written_oracle(mode: str, method: str) -> None:
     model = toy(lora(method))
     lr, decay = 0.05, 0.1
@@ -301,6 +304,12 @@ def test_state_of_another_model_is_rejected() -> None:
 def test_frozen_adapters_are_rejected() -> None:
     model = toy(lora()).requires_grad_(False)
     with pytest.raises(ValueError, match="every two-factor adapter is frozen"):
+        LoRAPro(model)
+
+
+def test_rank_above_the_layer_size_is_rejected() -> None:
+    model = toy(rankwise.LoRAConfig(r=6, allow_excess_rank=True, targets=["body2"]))
+    with pytest.raises(ValueError, match=r"layer 'body2' \(A 6×5, B 5×6\): LoRA-Pro needs .* r <= min\(m, n\)"):
         LoRAPro(model)
 
 

@@ -5,8 +5,12 @@ product ``s·B·A`` (A ∈ R^{r×n}, B ∈ R^{m×r}, a scalar scaling s). By the
 gradients are then ``g_A = s·Bᵀ·G`` and ``g_B = s·G·Aᵀ`` for one m×n matrix G, the gradient with
 respect to the matrix the product is added to: the base weight for LoRA and rsLoRA, the direction
 ``V = W₀ + s·B·A`` for DoRA and BoRA (whatever the magnitudes do downstream). That is all LoRA-Pro
-needs. Today these are the LoRA-family adapters (:class:`~rankwise.adapters.lora.LoRAAdapter` and
-its subclasses), read through ``lora_A.weight``, ``lora_B.weight`` and ``scaling``.
+needs. These are the LoRA-family adapters (:class:`~rankwise.adapters.lora.LoRAAdapter` and its
+subclasses: LoRA, rsLoRA, DoRA, BoRA, with any init, PiSSA and OLoRA included). Their factors are
+read through core's rank interface (:meth:`~rankwise.core.rank.RankComponents.factors`) and their
+scale from ``scaling``. Being a ``RankComponents`` is not enough on its own: the interface carries
+no scale, and AdaLoRA's ``factors()`` (A, B) hold its singular values E between them
+(ΔW ∝ B·(E ⊙ A)), so LoRA-Pro's closed form does not apply to that pair.
 """
 
 from __future__ import annotations
@@ -25,8 +29,8 @@ class FactorPair:
     """The two factors of one adapted layer: ΔW = scaling · B · A.
 
     Attributes:
-        A: the (r, n) factor (``lora_A.weight``).
-        B: the (m, r) factor (``lora_B.weight``).
+        A: the (r, n) factor (LoRA's ``lora_A.weight``).
+        B: the (m, r) factor (LoRA's ``lora_B.weight``).
         scaling: s.
         name: the adapted layer's path in the model.
     """
@@ -60,8 +64,7 @@ def two_factor_pairs(model: nn.Module) -> list[FactorPair]:
             f"(ΔW = s·B·A), i.e. the methods {supported}; adapt the model with one of them, e.g. "
             "rankwise.adapt(model, rankwise.LoRAConfig(...))"
         )
-    pairs = [FactorPair(layer.adapter.lora_A.weight, layer.adapter.lora_B.weight, layer.adapter.scaling, name)
-             for name, layer in layers]
+    pairs = [FactorPair(*layer.adapter.factors(), layer.adapter.scaling, name) for name, layer in layers]
     for pair in pairs:
         _check_pair(pair)
     return pairs
