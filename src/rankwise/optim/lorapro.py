@@ -20,10 +20,10 @@ matrices and factor-sized products (P_B·g_B = B·((BᵀB)⁻¹·(Bᵀg_B))), so
 
 Every Gram matrix is damped by δ (``damping``, 1e-8 as in the official code): BᵀB + δI and AAᵀ + δI,
 in the inverses and in the Sylvester equation alike. This keeps the first step defined when B = 0
-(standard LoRA init); otherwise it moves the result by O(δ/λ_min). The r×r work runs in float64,
-batched over all layers of one rank; factor-sized products run in the factors' dtype (float32 for
-half-precision factors). A non-finite Gram matrix or gradient raises ``ValueError`` before anything
-is updated.
+(standard LoRA init); otherwise it moves the result by O(δ/λ_min). Layers of one shape are adjusted
+together: the r×r work runs batched in float64, the factor-sized products as batched matmuls in the
+factors' dtype (float32 for half-precision factors). A non-finite Gram matrix or gradient raises
+``ValueError`` before anything is updated.
 
 Two modes (both in the official ``peta/optim.py``; the spec is /work/shared/methods/lorapro.md):
 
