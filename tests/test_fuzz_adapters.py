@@ -1,0 +1,319 @@
+"""Property-based fuzzing of every registered method over configs × layer shapes (hypothesis).
+
+For each drawn (config, layer) the outcome must be either a ``ValueError`` (from the config, or from
+``adapt``, which must then leave the model untouched) or a working adapter that keeps the method
+suite's contract (tests/test_method_suite.py): output shape and dtype, finite outputs for finite
+inputs, the base model at init where the method starts at zero, merge == unmerged forward, unmerge
+restores the base weight, gradients reach only adapter tensors and are finite, the trainable count
+equals ``expected_num_params``, save -> load reproduces the outputs exactly. Any other exception
+type fails the test.
+
+Layers: 1×1 up to 24×24, m ≠ n, coprime widths, widths not divisible by the block sizes, ranks up
+to (and past) min(m, n), zero rows / columns / an all-zero weight, float32 / float64 / bfloat16
+bases, ``nn.Linear`` and transformers ``Conv1D``, with and without bias, dropout on.
+
+The profile ``rankwise-fuzz`` (tests/conftest.py) is derandomised with a fixed number of examples;
+``RANKWISE_FUZZ_EXAMPLES=500`` runs a larger search.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import rankwise
+from rankwise.core.layer import AdaptedLayer, linear_shape, weight_matrix
+from rankwise.core.registry import get_method
+
+FUZZ = settings.get_profile("rankwise-fuzz")
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+WIDTH = st.integers(1, 24)
+SMALL = st.integers(1, 8)
+ALPHA = st.sampled_from([0.5, 1.0, 3.0, 16.0])
+DROPOUT = st.sampled_from([0.0, 0.0, 0.25])
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs: a mix of valid and invalid values for every option of every method
+# ----------------------------------------------------------------------------------------------
+
+def _lora_options(**extra: st.SearchStrategy) -> st.SearchStrategy[dict[str, Any]]:
+    return st.fixed_dictionaries({
+        "r": SMALL, "alpha": ALPHA, "dropout": DROPOUT, "use_rslora": st.booleans(),
+        "init_weights": st.sampled_from([True, False, "gaussian"]), **extra,
+    })
+
+
+OPTIONS: dict[str, st.SearchStrategy[dict[str, Any]]] = {
+    "lora": _lora_options(lora_bias=st.booleans()),
+    "dora": _lora_options(),
+    "bora": _lora_options(order=st.sampled_from(["row_then_col", "col_then_row"]), detach_norms=st.booleans()),
+    "c3a": st.fixed_dictionaries({
+        "block_size": SMALL,
+        "init_weights": st.sampled_from([True, False, "zeros", "gaussian", "kaiming_uniform", "xavier_uniform"]),
+    }),
+    "surm": st.fixed_dictionaries({
+        "structure": st.sampled_from(["circulant", "toeplitz", "kronecker", "ldr"]),
+        "alpha": ALPHA, "block_size": st.none() | SMALL, "use_prod": st.booleans(),
+        "displacement_rank": st.integers(1, 3), "r": SMALL, "dropout": DROPOUT,
+    }),
+    "singlora": st.fixed_dictionaries({
+        "r": SMALL, "alpha": st.sampled_from([-2.0, 1.0, 8.0]), "dropout": DROPOUT,
+        "ramp_up_steps": st.sampled_from([0, 1, 10]), "init_weights": st.sampled_from(["paper", "peft_singlora"]),
+    }),
+    "gralora": st.fixed_dictionaries({
+        "r": SMALL, "alpha": ALPHA, "gralora_k": st.integers(1, 4), "hybrid_r": st.integers(0, 4),
+        "dropout": DROPOUT, "init_weights": st.booleans(),
+    }),
+    "miss": st.fixed_dictionaries({
+        "r": SMALL, "dropout": DROPOUT, "init_weights": st.sampled_from([True, False, "bat", "mini"]),
+        "mini_r": st.integers(1, 4),
+    }),
+    "loldu": st.fixed_dictionaries({"r": SMALL, "alpha": ALPHA}),
+}
+
+
+def starts_at_zero(name: str, options: dict[str, Any]) -> bool:
+    """Does this config leave the model unchanged at init (in eval mode)?"""
+    init = options.get("init_weights")
+    if name == "c3a":
+        return init in (True, "zeros")
+    if name == "singlora":
+        return options["ramp_up_steps"] > 0  # u(0) = 0 in eval mode; 0 switches the ramp off
+    if name in ("lora", "dora", "bora", "gralora", "miss"):
+        return init is not False
+    return True  # surm, loldu
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LayerSpec:
+    out_features: int
+    in_features: int
+    conv1d: bool
+    bias: bool
+    dtype: str
+    zeros: str  # "none", "rows", "cols" or "all"
+    seed: int
+
+
+LAYERS = st.builds(
+    LayerSpec,
+    out_features=WIDTH,
+    in_features=WIDTH,
+    conv1d=st.booleans(),
+    bias=st.booleans(),
+    dtype=st.sampled_from(list(DTYPES)),
+    zeros=st.sampled_from(["none", "none", "rows", "cols", "all"]),
+    seed=st.integers(0, 2**16),
+)
+
+
+class Host(nn.Module):
+    """One adaptable layer."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+def make_host(spec: LayerSpec) -> Host:
+    """The layer of ``spec``, seeded, with the zero pattern applied; eval mode."""
+    m, n = spec.out_features, spec.in_features
+    generator = torch.Generator().manual_seed(spec.seed)
+    weight = torch.randn(m, n, generator=generator, dtype=torch.float64) / n**0.5
+    if spec.zeros == "rows":
+        weight[torch.randperm(m, generator=generator)[: max(1, m // 2)]] = 0
+    elif spec.zeros == "cols":
+        weight[:, torch.randperm(n, generator=generator)[: max(1, n // 2)]] = 0
+    elif spec.zeros == "all":
+        weight.zero_()
+    layer = Conv1D(m, n) if spec.conv1d else nn.Linear(n, m, bias=spec.bias)
+    with torch.no_grad():
+        layer.weight.copy_(weight.T if spec.conv1d else weight)
+        if spec.bias:  # transformers' Conv1D always has a bias (its forward is addmm); "no bias" is a zero one
+            layer.bias.copy_(torch.randn(m, generator=generator, dtype=torch.float64))
+        elif spec.conv1d:
+            layer.bias.zero_()
+    return Host(layer).to(DTYPES[spec.dtype]).eval()
+
+
+def inputs(spec: LayerSpec) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(spec.seed + 1)
+    return torch.randn(2, 3, spec.in_features, generator=generator, dtype=torch.float64).to(DTYPES[spec.dtype])
+
+
+EPS = {"float32": 1e-6, "float64": 1e-13, "bfloat16": 2e-2}
+
+
+def tolerance(spec: LayerSpec, *outputs: torch.Tensor) -> float:
+    """Absolute tolerance for two computations of the same tensor: dtype epsilon × magnitude × width."""
+    scale = 1.0 + max(float(o.detach().abs().max()) for o in outputs)
+    return EPS[spec.dtype] * scale * (spec.in_features + spec.out_features) ** 0.5 * 4
+
+
+def assert_same_output(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor],
+                       spec: LayerSpec) -> None:
+    """|a − b| within the forward error bound: eps · √(m + n) · (|x| Σ|W|ᵀ + |a| + 1), elementwise.
+
+    The bound follows the size of the products, not of the (possibly cancelling) outputs, so an
+    ill-conditioned but correct layer (a BoRA column scale of 10³) is not flagged.
+    """
+    size = x.double().abs() @ sum(w.detach().double().abs() for w in weights).T + a.double().abs() + 1
+    bound = EPS[spec.dtype] * (spec.in_features + spec.out_features) ** 0.5 * 4 * size
+    excess = ((a.double() - b.double()).abs() / bound).max()
+    assert excess <= 1, f"outputs differ by {float(excess):.3g} times the error bound"
+
+
+@torch.no_grad()
+def perturb(layer: AdaptedLayer, seed: int) -> None:
+    """Move every trainable adapter tensor away from its init: multiplicatively where it is non-zero
+    (magnitudes stay of their scale), additively where it is zero (B factors, kernels)."""
+    generator = torch.Generator().manual_seed(seed)
+    for parameter in layer.adapter.parameters():
+        if not (parameter.requires_grad and parameter.is_floating_point()):
+            continue
+        noise = 0.1 * torch.randn(parameter.shape, generator=generator, dtype=torch.float64).to(parameter.dtype)
+        parameter.copy_(torch.where(parameter == 0, noise, parameter * (1 + noise)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The property
+# ----------------------------------------------------------------------------------------------
+
+
+def outcome(label: str) -> None:
+    """Count the outcome in ``--hypothesis-show-statistics`` (a no-op when a case is replayed by hand)."""
+    if currently_in_test_context():
+        event(label)
+
+
+def adapt_or_refuse(name: str, options: dict[str, Any], spec: LayerSpec) -> tuple[nn.Module, nn.Module] | None:
+    """(reference, adapted) or None when the config or the layer was refused with a ValueError."""
+    try:
+        config = rankwise.config(name, **options)
+    except ValueError:
+        outcome("refused by the config")
+        return None
+    model = make_host(spec)
+    reference = copy.deepcopy(model)
+    torch.manual_seed(spec.seed)
+    try:
+        rankwise.adapt(model, config)
+    except ValueError as error:
+        assert "'layer'" in str(error), f"the message must name the layer: {error}"
+        assert not any(isinstance(m, AdaptedLayer) for m in model.modules())
+        assert all(p.requires_grad for p in model.parameters())
+        for key, value in reference.state_dict().items():
+            torch.testing.assert_close(model.state_dict()[key], value, atol=0, rtol=0)
+        outcome("refused by adapt")
+        return None
+    outcome("adapted")
+    return reference, model
+
+
+def check_adapter(name: str, options: dict[str, Any], spec: LayerSpec) -> None:
+    built = adapt_or_refuse(name, options, spec)
+    if built is None:
+        return
+    reference, model = built
+    layer = model.layer
+    assert isinstance(layer, AdaptedLayer)
+    config = rankwise.adapter_config(model)
+    expected = get_method(name).adapter_cls.expected_num_params(*linear_shape(layer.base_layer), config)
+    assert rankwise.trainable_parameters(model) == expected
+
+    x = inputs(spec)
+    dtype = DTYPES[spec.dtype]
+    with torch.no_grad():
+        out = model(x)
+        base = reference(x)
+    assert out.shape == (*x.shape[:-1], spec.out_features) and out.dtype == dtype
+    assert torch.isfinite(out).all()
+    if starts_at_zero(name, options):
+        torch.testing.assert_close(out, base, atol=tolerance(spec, base), rtol=0)
+
+    perturb(layer, spec.seed + 2)
+    check_save_load(model, spec, x)
+    check_merge(model, reference, spec, x)
+    check_gradients(model, x)
+
+
+def check_save_load(model: nn.Module, spec: LayerSpec, x: torch.Tensor) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        rankwise.save(model, directory)
+        restored = rankwise.load(make_host(spec), directory).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), model(x), atol=0, rtol=0)
+
+
+def check_merge(model: nn.Module, reference: nn.Module, spec: LayerSpec, x: torch.Tensor) -> None:
+    layer = model.layer
+    original = weight_matrix(reference.layer).detach().clone()
+    bias = None if layer.base_layer.bias is None else layer.base_layer.bias.detach().clone()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # SingLoRA warns when merged mid-ramp
+        unmerged = model(x)
+        if layer.adapter.delta_bias() is not None and bias is None:
+            with pytest.raises(ValueError, match="no bias"):  # LoRA's lora_bias on a bias-free layer, as PEFT
+                rankwise.merge(model)
+            assert not layer.merged
+            torch.testing.assert_close(weight_matrix(layer.base_layer), original, atol=0, rtol=0)
+            return
+        rankwise.merge(model)
+        merged = model(x)
+        assert torch.isfinite(merged).all()
+        assert_same_output(merged, unmerged, x, [original, weight_matrix(layer.base_layer)], spec)
+        rankwise.unmerge(model)
+        restored = weight_matrix(layer.base_layer)
+        assert torch.isfinite(restored).all()
+        scale = tolerance(spec, original, merged) * (1 + float(original.abs().max()))
+        torch.testing.assert_close(restored, original, atol=scale, rtol=0)
+        # With W (and b) put back bit-exactly, the forward is the one before merging: unmerge left no
+        # state behind. (DoRA/BoRA/bat can amplify the rounding of W' -> W by 1/‖row‖; not compared.)
+        restored.copy_(original)
+        if bias is not None:
+            torch.testing.assert_close(layer.base_layer.bias, bias, atol=scale, rtol=0)
+            layer.base_layer.bias.copy_(bias)
+        torch.testing.assert_close(model(x), unmerged, atol=0, rtol=0)
+
+
+def check_gradients(model: nn.Module, x: torch.Tensor) -> None:
+    model.train()
+    model(x).float().square().mean().backward()
+    adapter = {id(p) for p in model.layer.adapter.parameters() if p.requires_grad}
+    for pname, parameter in model.named_parameters():
+        if id(parameter) in adapter:
+            assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), pname
+        else:
+            assert parameter.grad is None, f"frozen parameter {pname} received a gradient"
+
+
+@pytest.mark.parametrize("name", rankwise.methods())
+@FUZZ
+@given(data=st.data(), spec=LAYERS)
+def test_fuzz_adapter(name: str, data: st.DataObject, spec: LayerSpec) -> None:
+    options = data.draw(OPTIONS[name], label="options")
+    check_adapter(name, options, spec)
+
+
+def test_every_method_is_fuzzed() -> None:
+    assert set(rankwise.methods()) <= set(OPTIONS), f"add options for {set(rankwise.methods()) - set(OPTIONS)}"
+
