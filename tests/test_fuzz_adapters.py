@@ -337,6 +337,14 @@ REGRESSIONS = [
     # model was off the base model by ~3e-8 relative at step 0.
     ("dora", {"r": 1, "alpha": 0.5, "dropout": 0.0, "use_rslora": False, "init_weights": True},
      LayerSpec(1, 2, conv1d=False, bias=False, dtype="float64", zeros="none", seed=0)),
+    # An empty batch (zero tokens) raised RuntimeError: MKL's FFT refuses empty tensors (C3A, SURM),
+    # reshape(..., -1) is ambiguous with zero elements (GraLoRA, MiSS).
+    ("c3a", {"block_size": 1, "init_weights": True}, LayerSpec(1, 1, False, False, "float32", "none", 0, lead=(0,))),
+    ("surm", {"structure": "toeplitz"}, LayerSpec(3, 6, False, True, "float64", "none", 0, lead=(2, 0))),
+    ("surm", {"structure": "ldr"}, LayerSpec(4, 4, True, True, "float32", "none", 0, lead=(0,))),
+    ("gralora", {"r": 2, "gralora_k": 2, "hybrid_r": 1, "init_weights": False},
+     LayerSpec(4, 6, False, False, "float32", "none", 0, lead=(0,))),
+    ("miss", {"r": 2, "init_weights": "mini", "mini_r": 1}, LayerSpec(3, 5, False, True, "bfloat16", "none", 0, lead=(0,))),
 ]
 
 
