@@ -37,7 +37,7 @@ from rankwise.core.layer import AdaptedLayer, linear_shape, weight_matrix
 from rankwise.core.registry import get_method
 
 FUZZ = settings.get_profile("rankwise-fuzz")
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WIDTH = st.integers(1, 24)
 SMALL = st.integers(1, 8)
 ALPHA = st.sampled_from([0.5, 1.0, 3.0, 16.0])
@@ -111,6 +111,7 @@ class LayerSpec:
     seed: int
     lead: tuple[int, ...] = (2, 3)  # leading dimensions of the input (batch, tokens), possibly empty
     strided: bool = False  # a non-contiguous input (Linear only: transformers' Conv1D needs a contiguous x)
+    untouched: float = 0.0  # fraction of adapter entries the perturbation leaves at their init (a frozen g = 0)
 
 
 LAYERS = st.builds(
@@ -124,6 +125,7 @@ LAYERS = st.builds(
     seed=st.integers(0, 2**16),
     lead=st.sampled_from([(2, 3), (2, 3), (5,), (), (0,), (2, 0)]),
     strided=st.booleans(),
+    untouched=st.sampled_from([0.0, 0.5]),
 )
 
 
@@ -166,7 +168,7 @@ def inputs(spec: LayerSpec) -> torch.Tensor:
     return x[..., ::2].to(DTYPES[spec.dtype]) if strided else x.to(DTYPES[spec.dtype])
 
 
-EPS = {"float32": 1e-6, "float64": 1e-13, "bfloat16": 2e-2}
+EPS = {"float32": 1e-6, "float64": 1e-13, "bfloat16": 2e-2, "float16": 3e-3}
 
 
 def tolerance(spec: LayerSpec, *outputs: torch.Tensor) -> float:
@@ -189,15 +191,17 @@ def assert_same_output(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor, weight
 
 
 @torch.no_grad()
-def perturb(layer: AdaptedLayer, seed: int) -> None:
-    """Move every trainable adapter tensor away from its init: multiplicatively where it is non-zero
-    (magnitudes stay of their scale), additively where it is zero (B factors, kernels)."""
+def perturb(layer: AdaptedLayer, seed: int, untouched: float = 0.0) -> None:
+    """Move the trainable adapter tensors away from their init: multiplicatively where an entry is
+    non-zero (magnitudes stay of their scale), additively where it is zero (B factors, kernels); a
+    random ``untouched`` fraction of the entries keeps its init."""
     generator = torch.Generator().manual_seed(seed)
     for parameter in layer.adapter.parameters():
         if not (parameter.requires_grad and parameter.is_floating_point()):
             continue
         noise = 0.1 * torch.randn(parameter.shape, generator=generator, dtype=torch.float64).to(parameter.dtype)
-        parameter.copy_(torch.where(parameter == 0, noise, parameter * (1 + noise)))
+        moved = torch.rand(parameter.shape, generator=generator) >= untouched
+        parameter.copy_(torch.where(moved, torch.where(parameter == 0, noise, parameter * (1 + noise)), parameter))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,7 +260,7 @@ def check_adapter(name: str, options: dict[str, Any], spec: LayerSpec) -> None:
     if starts_at_zero(name, options):
         torch.testing.assert_close(out, base, atol=tolerance(spec, base), rtol=0)
 
-    perturb(layer, spec.seed + 2)
+    perturb(layer, spec.seed + 2, spec.untouched)
     check_save_load(model, spec, x)
     check_merge(model, reference, spec, x)
     check_gradients(model, x)
