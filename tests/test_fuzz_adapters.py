@@ -349,6 +349,10 @@ REGRESSIONS = [
     ("gralora", {"r": 2, "gralora_k": 2, "hybrid_r": 1, "init_weights": False},
      LayerSpec(4, 6, False, False, "float32", "none", 0, lead=(0,))),
     ("miss", {"r": 2, "init_weights": "mini", "mini_r": 1}, LayerSpec(3, 5, False, True, "bfloat16", "none", 0, lead=(0,))),
+    # A zero row of W with its magnitude still 0 but B trained: the row merges to zero and unmerge
+    # divided by g/c = 0, giving NaN weights.
+    ("dora", {"r": 1, "alpha": 0.5, "init_weights": True},
+     LayerSpec(1, 3, False, False, "float32", "rows", 2, untouched=0.5)),
 ]
 
 

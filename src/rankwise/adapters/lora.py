@@ -56,6 +56,8 @@ Where we differ from PEFT, on purpose:
       (g/c − 1 up to ~4e-3 on bfloat16) and c in float32 in the forward.
     * A zero row (c_i = 0, e.g. a pruned output unit) gets g/c = 1 instead of PEFT's 0/0 = NaN;
       the row of W' is zero either way, so nothing else changes.
+    * A row with g_i = 0 (and c_i > 0) merges to zero, which cannot be divided back out; merge keeps
+      those rows of W and unmerge puts them back (PEFT's unmerge returns NaN there).
     * ``r > min(m, n)`` is an error for a fresh adapter (rank(BA) <= min(m, n), so the extra
       parameters are wasted); PEFT silently accepts it. ``allow_excess_rank=True`` accepts it, and
       ``import_peft`` sets it, so every adapter file PEFT loads imports.
@@ -270,6 +272,7 @@ class DoRAAdapter(LoRAAdapter):
         super().__init__(base, config, layer_name)
         self.lora_magnitude_vector = nn.Parameter(self.weight_norm(self.base_weight()))
         self._merge_norm: Tensor | None = None
+        self._merge_lost_rows: Tensor | None = None
 
     @torch.no_grad()
     def attach(self) -> None:
@@ -314,17 +317,22 @@ class DoRAAdapter(LoRAAdapter):
         return torch.addcmul(base_out - plain, self.low_rank_output(x, plain), scale)
 
     def merged_weight(self, weight: Tensor) -> Tensor:
-        # c comes from the unmerged weight and is kept, because unmerge cannot recompute it.
+        # c comes from the unmerged weight and is kept, because unmerge cannot recompute it; so are
+        # the rows that g/c = 0 sends to zero, because unmerge cannot divide them back out.
         self._merge_norm = self.weight_norm(weight)
         scale = self.magnitude_scale(self._merge_norm).to(weight.dtype)
+        self._merge_lost_rows = weight[scale == 0].clone()
         return scale[:, None] * (weight + self.low_rank_weight().to(weight.dtype))
 
     def unmerged_weight(self, weight: Tensor) -> Tensor:
         if self._merge_norm is None:
             raise ValueError(f"DoRA layer '{self.layer_name}' was not merged by rankwise, so it cannot be unmerged")
         scale = self.magnitude_scale(self._merge_norm).to(weight.dtype)
-        self._merge_norm = None
-        return weight / scale[:, None] - self.low_rank_weight().to(weight.dtype)
+        lost = scale == 0
+        restored = weight / torch.where(lost, 1.0, scale)[:, None] - self.low_rank_weight().to(weight.dtype)
+        restored[lost] = self._merge_lost_rows
+        self._merge_norm = self._merge_lost_rows = None
+        return restored
 
     def delta_weight(self) -> Tensor:
         """W' − W (full rank in general; merging uses :meth:`merged_weight`)."""
