@@ -353,6 +353,10 @@ REGRESSIONS = [
     # divided by g/c = 0, giving NaN weights.
     ("dora", {"r": 1, "alpha": 0.5, "init_weights": True},
      LayerSpec(1, 3, False, False, "float32", "rows", 2, untouched=0.5)),
+    ("bora", {"r": 1, "alpha": 0.5, "init_weights": True, "detach_norms": False},
+     LayerSpec(1, 1, False, False, "float32", "rows", 1, untouched=0.5)),
+    ("bora", {"r": 2, "init_weights": True, "order": "col_then_row"},
+     LayerSpec(5, 4, True, True, "float64", "cols", 3, untouched=0.5)),
 ]
 
 
