@@ -19,6 +19,8 @@ The profile ``rankwise-fuzz`` (tests/conftest.py) is derandomised with a fixed n
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -326,6 +328,30 @@ def check_gradients(model: nn.Module, x: torch.Tensor) -> None:
 def test_fuzz_adapter(name: str, data: st.DataObject, spec: LayerSpec) -> None:
     options = data.draw(OPTIONS[name], label="options")
     check_adapter(name, options, spec)
+
+
+ODD_VALUES = [None, "x", "false", 1.5, -1, 0, 1, 2, True, False, [], [1], float("nan"), float("inf"), -0.5]
+
+
+@pytest.mark.parametrize("name", rankwise.methods())
+def test_every_option_refuses_odd_values_with_value_error(name: str) -> None:
+    """Every option against odd values (wrong types, NaN, inf, 0, negatives): ValueError or a config
+    whose declared-bool fields hold True/False (or 0/1) and whose JSON round trip is exact. All
+    combinations, so no sampling."""
+    fields = [f for f in dataclasses.fields(get_method(name).config_cls)
+              if f.init and f.name not in ("targets", "exclude", "modules_to_save")]
+    problems = []
+    for field in fields:
+        for value in ODD_VALUES:
+            try:
+                config = rankwise.config(name, **{field.name: value})
+            except ValueError:
+                continue
+            if field.type == "bool" and getattr(config, field.name) not in (True, False):
+                problems.append(f"{field.name}={value!r} accepted for a bool option")
+            elif type(config).from_dict(json.loads(json.dumps(config.to_dict()))) != config:
+                problems.append(f"{field.name}={value!r} does not survive the JSON round trip")
+    assert not problems, problems
 
 
 def test_every_method_is_fuzzed() -> None:
