@@ -40,8 +40,8 @@ from rankwise.core.registry import get_method
 
 FUZZ = settings.get_profile("rankwise-fuzz")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
-WIDTH = st.integers(1, 24)
-SMALL = st.integers(1, 8)
+WIDTH = st.integers(1, 24) | st.sampled_from([32, 48, 60, 64, 96])  # small, coprime, and model-like widths
+SMALL = st.integers(1, 8) | st.sampled_from([12, 16, 32])  # ranks, block sizes
 ALPHA = st.sampled_from([0.5, 1.0, 3.0, 16.0])
 DROPOUT = st.sampled_from([0.0, 0.0, 0.25])
 
