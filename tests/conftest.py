@@ -29,7 +29,7 @@ else:
         derandomize=True,  # the same cases on every run: no flaky CI
         database=None,
         deadline=None,  # no wall-clock limits on a shared, loaded machine
-        max_examples=int(os.environ.get("RANKWISE_FUZZ_EXAMPLES", "12")),
+        max_examples=int(os.environ.get("RANKWISE_FUZZ_EXAMPLES", "50")),
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
         print_blob=True,
     )

@@ -22,7 +22,6 @@ import copy
 import dataclasses
 import json
 import tempfile
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +38,12 @@ from rankwise.core.layer import AdaptedLayer, linear_shape, weight_matrix
 from rankwise.core.registry import get_method
 
 FUZZ = settings.get_profile("rankwise-fuzz")
+# The methods' advice, which the fuzzed configs trigger on purpose.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:C3AConfig. block_size=1:UserWarning"),
+    pytest.mark.filterwarnings("ignore:GraLoRA layer .* exceeds min:UserWarning"),
+    pytest.mark.filterwarnings("ignore:SingLoRA layer .* is merged at:UserWarning"),
+]
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WIDTH = st.integers(1, 24) | st.sampled_from([32, 48, 60, 64, 96])  # small, coprime, and model-like widths
 SMALL = st.integers(1, 8) | st.sampled_from([12, 16, 32])  # ranks, block sizes
@@ -280,8 +285,7 @@ def check_merge(model: nn.Module, reference: nn.Module, spec: LayerSpec, x: torc
     layer = model.layer
     original = weight_matrix(reference.layer).detach().clone()
     bias = None if layer.base_layer.bias is None else layer.base_layer.bias.detach().clone()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # SingLoRA warns when merged mid-ramp
+    with torch.no_grad():
         unmerged = model(x)
         if layer.adapter.delta_bias() is not None and bias is None:
             with pytest.raises(ValueError, match="no bias"):  # LoRA's lora_bias on a bias-free layer, as PEFT

@@ -387,7 +387,8 @@ def test_fuzz_factorize_layer(spec: tuple | ConvSpec, scheme: str, data: st.Data
         out, approx = layer(x), pair(x)
     assert approx.shape == out.shape and torch.isfinite(approx).all()
     dense = matricize(layer.weight.detach(), scheme)  # type: ignore[arg-type]
-    got = pair.dense_weight() if isinstance(pair, FactorizedLinear) else matricize(pair.dense_weight(), scheme)  # type: ignore[arg-type]
+    with torch.no_grad():
+        got = pair.dense_weight() if isinstance(pair, FactorizedLinear) else matricize(pair.dense_weight(), scheme)  # type: ignore[arg-type]
     error = float((got.double() - dense.double()).square().sum())
     eps = 1e-5 if layer.weight.dtype == torch.float32 else 1e-12
     assert abs(error - tail_error(dense, rank)) <= eps * (1 + float(dense.double().square().sum()))
