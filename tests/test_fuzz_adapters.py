@@ -274,11 +274,26 @@ def check_adapter(name: str, options: dict[str, Any], spec: LayerSpec) -> None:
 
 
 def check_save_load(model: nn.Module, spec: LayerSpec, x: torch.Tensor) -> None:
+    """rankwise.save -> load, and export_peft -> import_peft for methods with a PEFT format, reproduce
+    the outputs exactly (an export PEFT cannot express may raise ValueError)."""
+    with torch.no_grad():
+        out = model(x)
     with tempfile.TemporaryDirectory() as directory:
         rankwise.save(model, directory)
         restored = rankwise.load(make_host(spec), directory).eval()
     with torch.no_grad():
-        torch.testing.assert_close(restored(x), model(x), atol=0, rtol=0)
+        torch.testing.assert_close(restored(x), out, atol=0, rtol=0)
+    if get_method(rankwise.adapter_config(model).method).peft is None:
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        try:
+            rankwise.export_peft(model, directory)
+        except ValueError:
+            outcome("PEFT export refused")
+            return
+        imported = rankwise.import_peft(make_host(spec), directory).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(imported(x), out, atol=0, rtol=0)
 
 
 def check_merge(model: nn.Module, reference: nn.Module, spec: LayerSpec, x: torch.Tensor) -> None:
