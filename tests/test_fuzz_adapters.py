@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 import tempfile
 from dataclasses import dataclass
 from typing import Any
@@ -236,6 +237,7 @@ def adapt_or_refuse(name: str, options: dict[str, Any], spec: LayerSpec) -> tupl
         rankwise.adapt(model, config)
     except ValueError as error:
         assert "'layer'" in str(error), f"the message must name the layer: {error}"
+        assert not re.search(r"<= 0\b", str(error)), f"the suggested fix is impossible: {error}"
         assert not any(isinstance(m, AdaptedLayer) for m in model.modules())
         assert all(p.requires_grad for p in model.parameters())
         for key, value in reference.state_dict().items():
