@@ -404,6 +404,8 @@ REGRESSIONS = [
      LayerSpec(1, 1, False, False, "float32", "rows", 1, untouched=0.5)),
     ("bora", {"r": 2, "init_weights": True, "order": "col_then_row"},
      LayerSpec(5, 4, True, True, "float64", "cols", 3, untouched=0.5)),
+    # A zero first LU pivot: LoLDU's refusal advised "Use r <= 0".
+    ("loldu", {"r": 1}, LayerSpec(3, 4, False, True, "float32", "all", 0)),
 ]
 
 
