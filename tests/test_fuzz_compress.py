@@ -14,6 +14,7 @@ Profile ``rankwise-fuzz`` (tests/conftest.py); ``RANKWISE_FUZZ_EXAMPLES=500`` fo
 from __future__ import annotations
 
 import copy
+import re
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -69,8 +70,8 @@ def matrix(m: int, n: int, zeros: str, seed: int, dtype: torch.dtype = torch.flo
 
 
 def refusal(error: ValueError) -> str:
-    """The statistics label of a refused case: the start of its message, numbers dropped."""
-    return "refused: " + "".join(c for c in str(error)[:50] if not c.isdigit())
+    """The statistics label of a refused case: its message up to the first number or list."""
+    return "refused: " + re.split(r"[\d\[(]", str(error))[0][:60]
 
 
 def tail_error(weight: torch.Tensor, rank: int) -> float:
