@@ -59,7 +59,8 @@ DROPOUT = st.sampled_from([0.0, 0.0, 0.25])
 def _lora_options(**extra: st.SearchStrategy) -> st.SearchStrategy[dict[str, Any]]:
     return st.fixed_dictionaries({
         "r": SMALL, "alpha": ALPHA, "dropout": DROPOUT, "use_rslora": st.booleans(),
-        "init_weights": st.sampled_from([True, False, "gaussian"]), **extra,
+        "init_weights": st.sampled_from([True, False, "gaussian", "pissa", "olora"]),
+        "allow_excess_rank": st.sampled_from([False, False, True]), **extra,
     })
 
 
@@ -73,6 +74,7 @@ OPTIONS: dict[str, st.SearchStrategy[dict[str, Any]]] = {
     }),
     "surm": st.fixed_dictionaries({
         "structure": st.sampled_from(["circulant", "toeplitz", "kronecker", "ldr"]),
+        "rectangular": st.sampled_from(["error", "native", "tile"]),
         "alpha": ALPHA, "block_size": st.none() | SMALL, "use_prod": st.booleans(),
         "displacement_rank": st.integers(1, 3), "r": SMALL, "dropout": DROPOUT,
     }),
@@ -89,6 +91,13 @@ OPTIONS: dict[str, st.SearchStrategy[dict[str, Any]]] = {
         "mini_r": st.integers(1, 4),
     }),
     "loldu": st.fixed_dictionaries({"r": SMALL, "alpha": ALPHA}),
+    "adalora": st.fixed_dictionaries({
+        "init_r": SMALL, "target_r": st.integers(0, 8), "total_step": st.sampled_from([10, 100, None]),
+        "tinit": st.integers(0, 3), "tfinal": st.integers(0, 3), "deltaT": st.integers(1, 3),
+        "beta1": st.sampled_from([0.85, 0.0]), "beta2": st.sampled_from([0.85, 0.5]),
+        "orth_reg_weight": st.sampled_from([0.5, 0.0]), "orth_reg": st.sampled_from(["peft", "paper"]),
+        "alpha": ALPHA, "dropout": DROPOUT, "init_weights": st.booleans(),
+    }),
 }
 
 
@@ -99,8 +108,8 @@ def starts_at_zero(name: str, options: dict[str, Any]) -> bool:
         return init in (True, "zeros")
     if name == "singlora":
         return options["ramp_up_steps"] > 0  # u(0) = 0 in eval mode; 0 switches the ramp off
-    if name in ("lora", "dora", "bora", "gralora", "miss"):
-        return init is not False
+    if name in ("lora", "dora", "bora", "gralora", "miss", "adalora"):
+        return init is not False  # PiSSA / OLoRA move their initial update out of the base weight
     return True  # surm, loldu
 
 
@@ -201,15 +210,17 @@ def assert_same_output(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor, weight
 @torch.no_grad()
 def perturb(layer: AdaptedLayer, seed: int, untouched: float = 0.0) -> None:
     """Move the trainable adapter tensors away from their init: multiplicatively where an entry is
-    non-zero (magnitudes stay of their scale), additively where it is zero (B factors, kernels); a
-    random ``untouched`` fraction of the entries keeps its init."""
+    non-zero (magnitudes stay of their scale), additively where it is zero or rounding-level small
+    (B factors, kernels, PiSSA's factor rows of a pruned unit); a random ``untouched`` fraction of the
+    entries keeps its init."""
     generator = torch.Generator().manual_seed(seed)
     for parameter in layer.adapter.parameters():
         if not (parameter.requires_grad and parameter.is_floating_point()):
             continue
         noise = 0.1 * torch.randn(parameter.shape, generator=generator, dtype=torch.float64).to(parameter.dtype)
         moved = torch.rand(parameter.shape, generator=generator) >= untouched
-        parameter.copy_(torch.where(moved, torch.where(parameter == 0, noise, parameter * (1 + noise)), parameter))
+        tiny = parameter.abs() <= 1e-6 * parameter.abs().amax()
+        parameter.copy_(torch.where(moved, torch.where(tiny, noise, parameter * (1 + noise)), parameter))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,7 +282,7 @@ def check_adapter(name: str, options: dict[str, Any], spec: LayerSpec) -> None:
 
     perturb(layer, spec.seed + 2, spec.untouched)
     check_save_load(model, spec, x)
-    check_merge(model, reference, spec, x)
+    check_merge(model, spec, x)
     check_gradients(model, x)
 
 
@@ -298,9 +309,9 @@ def check_save_load(model: nn.Module, spec: LayerSpec, x: torch.Tensor) -> None:
         torch.testing.assert_close(imported(x), out, atol=0, rtol=0)
 
 
-def check_merge(model: nn.Module, reference: nn.Module, spec: LayerSpec, x: torch.Tensor) -> None:
+def check_merge(model: nn.Module, spec: LayerSpec, x: torch.Tensor) -> None:
     layer = model.layer
-    original = weight_matrix(reference.layer).detach().clone()
+    original = weight_matrix(layer.base_layer).detach().clone()  # PiSSA / OLoRA's residual, not the reference
     bias = None if layer.base_layer.bias is None else layer.base_layer.bias.detach().clone()
     with torch.no_grad():
         unmerged = model(x)
