@@ -415,6 +415,9 @@ REGRESSIONS = [
      LayerSpec(1, 1, False, False, "float32", "rows", 1, untouched=0.5)),
     ("bora", {"r": 2, "init_weights": True, "order": "col_then_row"},
      LayerSpec(5, 4, True, True, "float64", "cols", 3, untouched=0.5)),
+    # PiSSA / OLoRA with allow_excess_rank build min(r, m, n) factor columns; DoRA's closed form used r.
+    ("dora", {"r": 12, "init_weights": "pissa", "allow_excess_rank": True}, LayerSpec(1, 1, False, False, "float32", "none", 0)),
+    ("dora", {"r": 5, "init_weights": "olora", "allow_excess_rank": True}, LayerSpec(3, 4, True, True, "float64", "none", 0)),
     # A zero first LU pivot: LoLDU's refusal advised "Use r <= 0".
     ("loldu", {"r": 1}, LayerSpec(3, 4, False, True, "float32", "all", 0)),
 ]

@@ -344,7 +344,7 @@ class DoRAAdapter(LoRAAdapter):
 
     @classmethod
     def expected_num_params(cls, out_features: int, in_features: int, config: DoRAConfig) -> int:
-        return config.r * (out_features + in_features) + out_features
+        return super().expected_num_params(out_features, in_features, config) + out_features
 
 
 # ----------------------------------------------------------------------------------------------
