@@ -418,6 +418,7 @@ REGRESSIONS = [
     # PiSSA / OLoRA with allow_excess_rank build min(r, m, n) factor columns; DoRA's closed form used r.
     ("dora", {"r": 12, "init_weights": "pissa", "allow_excess_rank": True}, LayerSpec(1, 1, False, False, "float32", "none", 0)),
     ("dora", {"r": 5, "init_weights": "olora", "allow_excess_rank": True}, LayerSpec(3, 4, True, True, "float64", "none", 0)),
+    ("bora", {"r": 8, "init_weights": "pissa", "allow_excess_rank": True}, LayerSpec(2, 6, False, True, "float32", "none", 0)),
     # A zero first LU pivot: LoLDU's refusal advised "Use r <= 0".
     ("loldu", {"r": 1}, LayerSpec(3, 4, False, True, "float32", "all", 0)),
 ]

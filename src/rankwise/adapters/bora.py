@@ -170,7 +170,7 @@ class BoRAAdapter(LoRAAdapter):
 
     @classmethod
     def expected_num_params(cls, out_features: int, in_features: int, config: BoRAConfig) -> int:
-        return config.r * (out_features + in_features) + out_features + in_features
+        return super().expected_num_params(out_features, in_features, config) + out_features + in_features
 
     def describe(self) -> str:
         return f"{super().describe()}, {self.order}"
