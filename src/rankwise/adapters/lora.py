@@ -123,6 +123,7 @@ class LoRAConfig(AdapterConfig):
         check_choice(owner, "use_rslora", self.use_rslora, [True, False])
         check_choice(owner, "init_weights", self.init_weights, [True, False, "gaussian", *BASE_CHANGING_INITS])
         check_choice(owner, "lora_bias", self.lora_bias, [True, False])
+        check_choice(owner, "allow_excess_rank", self.allow_excess_rank, [True, False])
         if self.lora_bias and self.init_weights not in (True, False):
             raise ValueError(
                 f"{owner}: lora_bias=True works with init_weights=True or False only (as in PEFT, which refuses to "
