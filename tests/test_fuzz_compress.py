@@ -456,12 +456,14 @@ def test_fuzz_cuttlefish(model: Stack, targets: list[str] | None, floor: float, 
             warnings.simplefilter("ignore", UserWarning)  # the forced switch
             while not cuttlefish.observe():
                 pass
+        caps = {name: min(layer.weight.shape) for name, layer in cuttlefish.layers.items()}
         report = cuttlefish.switch()
     except ValueError as error:
         event(refusal(error))
         return
     for name, row in report.items():
-        assert 1 <= row["rank"] <= min(cuttlefish.layers[name].weight.shape)
+        assert 1 <= row["rank"] <= caps[name]
+        assert isinstance(model.get_submodule(name), FactorizedLinear) == row["factorized"]
     x = torch.randn(4, model.a.in_features, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.isfinite(model(x)).all()
