@@ -44,6 +44,8 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:C3AConfig. block_size=1:UserWarning"),
     pytest.mark.filterwarnings("ignore:GraLoRA layer .* exceeds min:UserWarning"),
     pytest.mark.filterwarnings("ignore:SingLoRA layer .* is merged at:UserWarning"),
+    pytest.mark.filterwarnings("ignore:SURM layer .* trainable parameters, more than:UserWarning"),
+    pytest.mark.filterwarnings("ignore:PEFT's AdaLoRA knows only its own orthogonal regulariser:UserWarning"),
 ]
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WIDTH = st.integers(1, 24) | st.sampled_from([32, 48, 60, 64, 96])  # small, coprime, and model-like widths
