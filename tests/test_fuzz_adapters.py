@@ -93,13 +93,14 @@ OPTIONS: dict[str, st.SearchStrategy[dict[str, Any]]] = {
         "mini_r": st.integers(1, 4),
     }),
     "loldu": st.fixed_dictionaries({"r": SMALL, "alpha": ALPHA}),
-    "adalora": st.fixed_dictionaries({
-        "init_r": SMALL, "target_r": st.integers(0, 8), "total_step": st.sampled_from([10, 100, None]),
+    "adalora": SMALL.flatmap(lambda init_r: st.fixed_dictionaries({
+        "init_r": st.just(init_r), "target_r": st.sampled_from([*range(1, init_r + 1)] * 2 + [0, init_r + 1]),
+        "total_step": st.sampled_from([100, 100, 100, 10, None]),
         "tinit": st.integers(0, 3), "tfinal": st.integers(0, 3), "deltaT": st.integers(1, 3),
-        "beta1": st.sampled_from([0.85, 0.0]), "beta2": st.sampled_from([0.85, 0.5]),
+        "beta1": st.sampled_from([0.85, 0.5]), "beta2": st.sampled_from([0.85, 0.5]),
         "orth_reg_weight": st.sampled_from([0.5, 0.0]), "orth_reg": st.sampled_from(["peft", "paper"]),
         "alpha": ALPHA, "dropout": DROPOUT, "init_weights": st.booleans(),
-    }),
+    })),
 }
 
 
