@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -219,9 +218,12 @@ class ARDLoRAAdapter(Adapter):
         return [int(r) for r in ranks]
 
     @classmethod
-    def expected_num_params(cls, out_features: int, in_features: int, config: ARDLoRAConfig) -> int:
-        """H·c·(d_u + n_u) + H during training; with one unit (no heads) c·(m + n) + 1."""
-        return config.capacity * (out_features + in_features) + 1
+    def expected_num_params(cls, out_features: int, in_features: int, config: ARDLoRAConfig,
+                            layer_name: str = "") -> int:
+        """H·c·(d_u + n_u) + H during training, H from ``layer_name`` (one unit, c·(m + n) + 1, without it)."""
+        heads, split_input = config.head_split(layer_name)
+        rows, cols = (out_features, in_features // heads) if split_input else (out_features // heads, in_features)
+        return heads * (config.capacity * (rows + cols) + 1)
 
     def describe(self) -> str:
         ranks = self.unit_ranks().tolist()

@@ -33,6 +33,7 @@ is None and ``step`` only counts (the ranks are fixed).
 
 from __future__ import annotations
 
+import itertools
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -56,7 +57,7 @@ def depth_neighbours(names: list[str]) -> list[tuple[str, str]]:
     pairs = []
     for members in groups.values():
         ordered = [name for _, name in sorted(members)]
-        pairs.extend(zip(ordered, ordered[1:], strict=False))
+        pairs.extend(itertools.pairwise(ordered))
     return pairs
 
 
