@@ -125,6 +125,23 @@ def test_forward_is_the_hard_gated_per_head_update():
                                    rtol=0)
 
 
+def test_a_unit_at_alpha_one_is_peft_lora_at_rank_r0():
+    """The spec's oracle: α = 1 gives rank r₀, and the layer equals PEFT 0.21.2's LoRA of rank r₀ and the same alpha
+    holding the first r₀ components (the other r_max − r₀ are gated off, however large)."""
+    peft = pytest.importorskip("peft")
+    model = adapted(depth=1).double()
+    randomise(model)
+    ours = adapters(model)["blocks.0.f"]
+    theirs = peft.get_peft_model(base(depth=1).double(), peft.LoraConfig(r=R0, lora_alpha=OPTIONS["alpha"],
+                                                                         target_modules=["f"]))
+    layer = theirs.base_model.model.blocks[0].f
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(ours.lora_A[0, :R0])
+        layer.lora_B["default"].weight.copy_(ours.lora_B[0, :, :R0])
+    x = inputs().double()
+    torch.testing.assert_close(model.blocks[0].f(x), layer(x), atol=1e-12, rtol=0)
+
+
 def test_effective_ranks_follow_the_rule():
     """r = max(1, ⌊r₀α⌉) capped at c, rounding half up; rankwise.ranks sums a layer's units."""
     model = adapted(depth=1)

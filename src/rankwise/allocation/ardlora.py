@@ -16,8 +16,12 @@ the depth: layers whose names agree once every numeric path part is replaced by 
 same number of units. ``regularizer()`` returns R(α); rankwise's training loop and
 ``RankwiseCallback`` add it to the loss, as for AdaLoRA.
 
-Optimisation (rankwise): α is trained jointly with A and B by the same optimizer (not bilevel); a
-separate learning rate for α comes from :meth:`ARDLoRAAllocator.param_groups` (``scale_lr``).
+Optimisation (rankwise): α is trained jointly with A and B by the same optimizer (not bilevel). A
+separate learning rate for α (``scale_lr``, and no weight decay on α) comes from
+:meth:`ARDLoRAAllocator.param_groups`, for an optimizer you build yourself; rankwise's loop and
+``transformers.Trainer`` build one optimizer over all trainable parameters, α included, at the run's lr.
+Under DDP α is a parameter like A and B, so its gradient is all-reduced and every process reads
+the same ranks from the same α.
 ``step(t)``, after ``optimizer.step()``, projects every α onto [0, c / r₀] (c = ``r_max``; beyond
 that the rank is at its cap) and counts the rank read-out; the ranks r = clamp(⌊r₀ α⌉, 1, c) are
 read from α at any time (``ranks()``, ``rankwise.ranks(model)``: the sum over a layer's units).
