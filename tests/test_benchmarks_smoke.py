@@ -46,3 +46,10 @@ def test_scaling_benchmark_quick() -> None:
                                "--methods", "lora,dora", "--out", ""])
     text = scaling.run(args)
     assert "| lora |" in text and "| n = 64 |" in text
+
+
+def test_lorapro_benchmark_quick() -> None:
+    import lorapro
+
+    text = lorapro.run(lorapro.parse_args(["--quick", "--rounds", "1", "--warmup", "0", "--out", ""]))
+    assert "| LoRA-Pro efficient |" in text and "| LoRA-Pro full |" in text and "| AdamW |" in text
