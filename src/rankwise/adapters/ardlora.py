@@ -230,6 +230,6 @@ class ARDLoRAAdapter(Adapter):
         return f"ranks={ranks} of c={self.capacity}, heads={self.heads}" + (", fixed" if self.fixed else "")
 
 
-register("ardlora", ARDLoRAConfig, ARDLoRAAdapter, allocator=ARDLoRAAllocator.from_config)
+register("ardlora", ARDLoRAConfig, ARDLoRAAdapter, allocator=ARDLoRAAllocator)
 
 __all__ = ["ARDLoRAAdapter", "ARDLoRAConfig"]

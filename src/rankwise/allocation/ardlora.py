@@ -84,10 +84,6 @@ class ARDLoRAAllocator(Allocator):
         self.pairs = [(a, b) for a, b in depth_neighbours(list(layers)) if layers[a].heads == layers[b].heads]
         self.last_step: int | None = None
 
-    @classmethod
-    def from_config(cls, model: nn.Module, config: Any) -> ARDLoRAAllocator:
-        return cls(model, config)
-
     def _scales(self) -> dict[str, Tensor]:
         return {name: adapter.ard_scale for name, adapter in self.layers.items() if not adapter.fixed}
 
