@@ -380,6 +380,31 @@ def test_the_trainer_callback_finalizes_before_the_final_save(tmp_path):
     torch.testing.assert_close(logits(saved), logits(model), atol=1e-6, rtol=0)
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_the_trainer_resumes_exactly_from_a_checkpoint(tmp_path):
+    from test_trainer import tiny_bert, train
+
+    from rankwise.core.io import adapter_state
+
+    def bert() -> nn.Module:
+        model = tiny_bert()
+        torch.manual_seed(1)
+        return rankwise.adapt(model, rankwise.config("ardlora", r=2, targets=["query", "value"], l1_weight=0.5,
+                                                     heads={"query": 2, "value": 2}))
+
+    straight = bert()
+    train(straight, tmp_path / "straight", max_steps=4)
+    train(bert(), tmp_path / "split", max_steps=4, stop_at=2)
+    resumed = bert()
+    train(resumed, tmp_path / "split", max_steps=4, resume=str(tmp_path / "split" / "checkpoint-2"))
+    assert rankwise.allocator(resumed).allocations == rankwise.allocator(straight).allocations == 4
+    assert rankwise.adapter_config(resumed).rank_pattern == rankwise.adapter_config(straight).rank_pattern
+    want = adapter_state(straight)
+    assert set(adapter_state(resumed)) == set(want)
+    for key, value in adapter_state(resumed).items():
+        torch.testing.assert_close(value, want[key], atol=1e-6, rtol=0, msg=key)
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad input
 # ----------------------------------------------------------------------------------------------
