@@ -5,5 +5,6 @@ exposes rank components. ``rankwise.allocator(model)`` gives the allocator of an
 """
 
 from .adalora import AdaLoRAAllocator
+from .ardlora import ARDLoRAAllocator
 
-__all__ = ["AdaLoRAAllocator"]
+__all__ = ["ARDLoRAAllocator", "AdaLoRAAllocator"]

@@ -221,6 +221,8 @@ def train(
             history.evaluations.append((step + 1, metrics))
             logger.info("step %d: validation accuracy %.4f, macro-F1 %.4f", step + 1, metrics.accuracy, metrics.macro_f1)
     progress.close()
+    if allocator is not None and stop == total:
+        allocator.finalize()  # ARD-LoRA shrinks its adapters to their final ranks; the optimizer is done with them
     return history, optimizer
 
 
