@@ -197,7 +197,7 @@ def test_final_ranks_only_for_allocating_methods():
 
 def test_own_loop_refuses_a_run_whose_schedule_never_ran(tmp_path):
     """The schedule starts after the run ends (tinit 5 in a 4-step run): an error at the last step, not before."""
-    from test_trainer import tiny_bert
+    from transformers import BertConfig, BertForSequenceClassification
 
     from rankwise.experiment.train import Encoded, TrainSettings
     from rankwise.experiment.train import train as engine_train
@@ -207,7 +207,10 @@ def test_own_loop_refuses_a_run_whose_schedule_never_ran(tmp_path):
                    labels=torch.randint(0, 2, (16,), generator=generator).tolist())
     settings = TrainSettings(steps=4, batch_size=4, lr=1e-2)
     config = rankwise.config("adalora", targets=["query", "value"], init_r=4, target_r=2, tinit=5, total_step=10)
-    model = rankwise.adapt(tiny_bert(), config)
+    torch.manual_seed(0)
+    bert = BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=32, max_position_embeddings=8))
+    model = rankwise.adapt(bert, config)
     history, optimizer = engine_train(model, data, settings, pad_id=0, stop_step=3)  # not the end yet: no error
     assert len(history.losses) == 3
     with pytest.raises(ValueError, match=r"after 4 steps .*adalora allocator never allocated.*total_step"):
