@@ -9,7 +9,9 @@ process, interleaved round by round after warm-up, reduced to the median (see
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -81,6 +83,17 @@ def peak_rss_growth_mib(step: Step, calls: int = 3) -> float:
     for _ in range(calls):
         step()
     return (_status_kib("VmHWM") - before) / 1024
+
+
+def memory_in_subprocess(script: str, argv: list[str], key: str) -> float | None:
+    """Run ``script --memory-of key argv`` in a fresh interpreter and return the ``peak_rss_growth_mib``
+    of the JSON line it prints last; None (with the error printed) on failure."""
+    command = [sys.executable, script, "--memory-of", key, *argv]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        print(f"memory of {key!r} failed:\n{result.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_growth_mib"]
 
 
 def ratio(value: float | None, reference: float | None) -> str:

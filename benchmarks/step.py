@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -141,13 +140,8 @@ def measure_memory(key: str, args: argparse.Namespace) -> float:
 
 def memory_in_subprocess(key: str, args: argparse.Namespace) -> float | None:
     """Run :func:`measure_memory` in a fresh interpreter; None (with the error printed) on failure."""
-    command = [sys.executable, __file__, "--memory-of", key, "--batch", str(args.batch), "--seq", str(args.seq),
-               "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        print(f"memory of {key!r} failed:\n{result.stderr[-2000:]}", file=sys.stderr)
-        return None
-    return json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_growth_mib"]
+    argv = ["--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads)]
+    return common.memory_in_subprocess(__file__, argv + (["--quick"] if args.quick else []), key)
 
 
 def run(args: argparse.Namespace) -> str:
