@@ -195,6 +195,20 @@ def test_final_ranks_only_for_allocating_methods():
     assert final_ranks(rankwise.adapt(Net(), rankwise.config("lora", r=2, targets=["proj"]))) is None
 
 
+def test_options_of_a_method_that_needs_the_run_length_are_checked_before_it_is_known():
+    """finetune / compare check the options before loading data: AdaLoRA's total_step comes later."""
+    from rankwise.experiment.compare import per_method_options
+    from rankwise.experiment.finetune import check_options
+
+    check_options("adalora", {})
+    check_options("adalora", {"init_r": 4, "target_r": 2, "tinit": 10})
+    assert per_method_options(["adalora.target_r=2"], ["adalora", "lora"]) == {"adalora": {"target_r": 2}, "lora": {}}
+    with pytest.raises(ValueError, match="tinit .* must be < total_step"):
+        check_options("adalora", {"tinit": 5, "tfinal": 5, "total_step": 8})
+    with pytest.raises(ValueError, match="target_r must be"):
+        check_options("adalora", {"target_r": 0})
+
+
 def test_own_loop_refuses_a_run_whose_schedule_never_ran(tmp_path):
     """The schedule starts after the run ends (tinit 5 in a 4-step run): an error at the last step, not before."""
     from transformers import BertConfig, BertForSequenceClassification
