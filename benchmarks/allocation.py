@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -141,9 +140,7 @@ def run(args: argparse.Namespace) -> str:
     step_s = common.medians(common.interleaved_times({key: t.step for key, t in timed.items()}, args.rounds, args.warmup))
     allocator_s = {key: common.medians({key: t.allocator_seconds[args.warmup:]})[key]
                    for key, t in timed.items() if t.allocator_seconds}
-    argv = ["--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads)]
-    argv += ["--quick"] if args.quick else []
-    memory = {key: common.memory_in_subprocess(__file__, argv, key) for key in KEYS} if args.memory else {}
+    memory = {key: common.memory_in_subprocess(__file__, args, key) for key in KEYS} if args.memory else {}
     return report(args, models, step_s, allocator_s, memory)
 
 
@@ -197,29 +194,13 @@ def report(args: argparse.Namespace, models: dict[str, nn.Module], step_s: dict[
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=9, help="timed rounds (each runs every candidate once)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
-    parser.add_argument("--batch", type=int, default=None, help="batch size (32; 2 with --quick)")
-    parser.add_argument("--seq", type=int, default=None, help="sequence length (64; 8 with --quick)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="tiny random BERT, for smoke tests")
-    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the RSS subprocesses")
+    parser = common.step_parser(__doc__, rounds=9, out="allocation.md")
     parser.add_argument("--note", default="", help="a line printed in bold under the set-up (e.g. a shared machine)")
-    parser.add_argument("--out", default="allocation.md", help="file name under benchmarks/results/ ('' to not write)")
-    parser.add_argument("--memory-of", default="", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    args.batch = args.batch or (2 if args.quick else 32)
-    args.seq = args.seq or (8 if args.quick else 64)
-    return args
+    return common.parse_step_args(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    if args.memory_of:
-        print(json.dumps({"peak_rss_growth_mib": measure_memory(args.memory_of, args)}))
-        return
-    common.publish(run(args), args.out)
+    common.step_main(parse_args(argv), measure_memory, run)
 
 
 if __name__ == "__main__":
