@@ -5,6 +5,7 @@ exposes rank components. ``rankwise.allocator(model)`` gives the allocator of an
 """
 
 from .adalora import AdaLoRAAllocator
+from .ardlora import ARDLoRAAllocator
 from .elalora import ElaLoRAAllocator
 
-__all__ = ["AdaLoRAAllocator", "ElaLoRAAllocator"]
+__all__ = ["ARDLoRAAllocator", "AdaLoRAAllocator", "ElaLoRAAllocator"]

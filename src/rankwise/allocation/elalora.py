@@ -51,6 +51,12 @@ Where rankwise decides differently from the official code, on purpose:
       so that training randomness is the same with and without ElaLoRA and a resume is exact;
     * layers at rank 1 offer nothing, so they can neither shrink nor grow (as in the official code).
 
+Under ``torch.distributed`` the scores are averaged over the processes before each round (as for
+AdaLoRA) and the new components come from identically seeded generators, so every process makes the
+same surgery; but the tensors change shape, so a ``DistributedDataParallel`` wrapper (whose buckets
+hold the old shapes) must be rebuilt after each round: rankwise does not do that for you, and ElaLoRA
+under DDP is not tested.
+
 The allocator must know the optimizer: ``allocator.attach_optimizer(optimizer)`` before the first
 round; ``RankwiseCallback`` and rankwise's own training loop do it. A plain loop::
 
@@ -212,7 +218,7 @@ class ElaLoRAAllocator(AdaLoRAAllocator):
         for name, adapter in self.layers.items():
             a, b = adapter.factors()
             caps[name] = min(a.shape[1], b.shape[0])
-        pruned, grown = plan(self.scores(), caps, moved, self.k)
+        pruned, grown = plan(self.agreed_scores(), caps, moved, self.k)
         for name, adapter in self.layers.items():
             if pruned[name]:
                 keep = torch.ones(adapter.r, dtype=torch.bool)

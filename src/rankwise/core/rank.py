@@ -216,6 +216,11 @@ class Allocator(ABC):
         optimizer's state in step with them). ``RankwiseCallback`` and rankwise's own loop call it; the base
         allocator does not need it."""
 
+    def finalize(self) -> object:
+        """Called once at the end of training (rankwise's loop, ``RankwiseCallback``) before the adapter is
+        saved: a method that shrinks its adapters to their final ranks does it here (ARD-LoRA). Default: nothing."""
+        return None
+
     @abstractmethod
     def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """``(tensors, json-able scalars)``: everything needed to resume exactly."""

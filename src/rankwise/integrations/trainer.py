@@ -53,7 +53,8 @@ label smoother, gets no regulariser, as in PEFT. The allocator's state
 is saved with every checkpoint's adapter and restored on resume. The callback gives the allocator the
 Trainer's optimizer (``allocator.attach_optimizer``): ElaLoRA resizes its state with the adapter's
 tensors (resume ElaLoRA on a model built by ``rankwise.load`` from the checkpoint's adapter, whose
-layers have that step's ranks). A run that ends without the allocator
+layers have that step's ranks). At the end of training the callback
+calls ``allocator.finalize()`` before the final save (ARD-LoRA shrinks its adapters there). A run that ends without the allocator
 ever having allocated (``max_steps`` too short for ``tinit``/``deltaT``) raises ``ValueError`` once the
 final adapter is written: it trained a fixed-rank adapter, which is what PEFT does silently.
 
@@ -183,6 +184,8 @@ class RankwiseCallback(TrainerCallback):
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      model: nn.Module | None = None, **kwargs: Any) -> None:
         model = _adapted(model)
+        if self._allocator is not None:
+            self._allocator.finalize()  # before the final save: ARD-LoRA shrinks to its final ranks here
         if self.save_final and args.should_save:
             save(model, Path(args.output_dir) / ADAPTER_SUBDIR)
         held, self._allocator = self._allocator, None
