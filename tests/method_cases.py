@@ -102,7 +102,8 @@ CASES: dict[str, Case] = {
         kwargs={"init_r": 4, "total_step": 10, "alpha": 8},
         bad=[{"init_r": 0}, {"init_r": 1}, {"b": 0}, {"k": 0}, {"scheduler": "yes"}, {"total_step": None},
              {"tinit": 5, "tfinal": 5}, {"deltaT": 0}, {"beta1": 1.0}, {"orth_reg_weight": -1.0}, {"orth_reg": "l1"},
-             {"alpha": 0}, {"dropout": 1.0}, {"expansion_seed": -1}, {"rank_pattern": {"up": 0}}],
+             {"alpha": 0}, {"dropout": 1.0}, {"expansion_seed": -1}, {"rank_pattern": {"up": 0}},
+             {"rank_pattern": ["up"]}],
         unfit=[{"init_r": 33}, {"rank_pattern": {"up": 40}}],
     ),
 }

@@ -85,6 +85,8 @@ class ElaLoRAConfig(SVDConfig):
         check_choice(owner, "scheduler", self.scheduler, [True, False])
         if isinstance(self.expansion_seed, bool) or not isinstance(self.expansion_seed, int) or self.expansion_seed < 0:
             raise ValueError(f"{owner}: expansion_seed must be an integer >= 0, got {self.expansion_seed!r}")
+        if self.rank_pattern is not None and not isinstance(self.rank_pattern, dict):
+            raise ValueError(f"{owner}: rank_pattern must be a {{layer name: rank}} dict, got {self.rank_pattern!r}")
         for name, rank in (self.rank_pattern or {}).items():
             if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
                 raise ValueError(f"{owner}: rank_pattern['{name}'] must be a rank >= 1, got {rank!r}")
