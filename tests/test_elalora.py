@@ -9,11 +9,9 @@ optimizer's moments follow the components they belong to.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from test_adalora import Net as AdaLoRANet
 from torch import nn
 from transformers import TrainerControl, TrainerState, TrainingArguments
@@ -385,39 +383,6 @@ def test_resumed_run_of_the_training_loop_reproduces_the_uninterrupted_one(tmp_p
     torch.testing.assert_close(torch.tensor(rest.losses), torch.tensor(history.losses), atol=1e-6, rtol=0)
     ours, theirs = tensors(resumed), tensors(straight)
     assert all(torch.allclose(ours[k], theirs[k], atol=1e-6, rtol=0) for k in theirs)
-
-
-def _unsynchronised_worker(rank: int, directory: str) -> None:
-    """One of two gloo processes training on different data (no DDP): the rank history, saved to a file."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{directory}/store", rank=rank, world_size=2)
-    try:
-        model = adapted()
-        optimizer = adamw(model)
-        allocator = rankwise.allocator(model)
-        allocator.attach_optimizer(optimizer)
-        history = []
-        for step in range(17):
-            x, y = batch(step)
-            x, y = (3 * x + 1, (y + 1) % 3) if rank else (x, y)
-            (model(x, labels=y).loss + allocator.regularizer()).backward()
-            optimizer.step()
-            allocator.step(step)
-            optimizer.zero_grad()
-            history.append(rankwise.ranks(model))
-        torch.save({"history": history, "A": adapters(model)["mid"].lora_A.detach()}, Path(directory) / f"{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def test_processes_that_score_differently_make_the_same_surgery(tmp_path):
-    """Scores are averaged over the processes before each round, and the new components come from the
-    same seeded generator, so two processes on different data move the same ranks."""
-    torch.multiprocessing.spawn(_unsynchronised_worker, args=(str(tmp_path),), nprocs=2, join=True)
-    first, second = (torch.load(tmp_path / f"{rank}.pt") for rank in range(2))
-    assert first["history"] == second["history"]
-    assert any(h != first["history"][0] for h in first["history"])
-    assert first["A"].shape == second["A"].shape
 
 
 def test_callback_gives_the_allocator_the_trainers_optimizer(tmp_path):
