@@ -5,5 +5,6 @@ exposes rank components. ``rankwise.allocator(model)`` gives the allocator of an
 """
 
 from .adalora import AdaLoRAAllocator
+from .gora import GoRAAllocator
 
-__all__ = ["AdaLoRAAllocator"]
+__all__ = ["AdaLoRAAllocator", "GoRAAllocator"]
