@@ -3,7 +3,6 @@ untouched base, save / load / PEFT round trip, bad input."""
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import warnings
