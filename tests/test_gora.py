@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -194,6 +195,30 @@ def test_gamma_zero_is_a_plain_start():
     initialize(model, batches(), loss_fn)
     x = batches()[0][0]
     torch.testing.assert_close(model(x), reference(x))
+
+
+def _ddp_worker(rank: int, world: int, directory: Path) -> None:
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world,
+                                         init_method=f"file://{directory / 'rendezvous'}")
+    try:
+        model = gora()
+        initialize(model, batches(4)[2 * rank:2 * rank + 2], loss_fn)
+        torch.save({n: l.adapter.state_dict() for n, l in rankwise.adapted_layers(model)}, directory / f"{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_processes_take_the_same_ranks_and_init_as_one_on_all_batches(tmp_path):
+    """Under DDP (gloo, 2 CPU processes, 2 different batches each) Ḡ is all-reduced: both processes get the
+    ranks and B₀ of a single process that sees all 4 batches."""
+    torch.multiprocessing.start_processes(_ddp_worker, args=(2, tmp_path), nprocs=2, start_method="fork")
+    single = gora()
+    initialize(single, batches(4), loss_fn)
+    for rank in range(2):
+        state = torch.load(tmp_path / f"{rank}.pt")
+        for name, layer in rankwise.adapted_layers(single):
+            for key, value in layer.adapter.state_dict().items():
+                torch.testing.assert_close(state[name][key], value, atol=1e-6, rtol=1e-5, msg=f"{rank} {name} {key}")
 
 
 # ----------------------------------------------------------------------------------------------

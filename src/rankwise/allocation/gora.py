@@ -55,6 +55,9 @@ Where the code differs, and what rankwise does:
     * Gradients are accumulated on the model's device in float32 (float64 for a float64 base), all
       layers at once (the code moves them to the CPU layer by layer); the model runs in the mode it is
       in (train mode: dropout on, as in the paper's training-loop accumulation).
+    * Under torch.distributed the gradient sums and batch counts are all-reduced, so Ḡ is the mean over
+      every process's batches and all processes take the same ranks; A is drawn from each process's
+      global RNG, so seed them alike (as DDP needs for any init).
 
 After :func:`initialize` the model is a plain LoRA with ``rank_pattern`` (exact layer names, anchored:
 ``^<escaped name>$``) and rsLoRA scaling: train it like any adapter. Its allocator
@@ -176,6 +179,7 @@ def accumulate_gradients(model: nn.Module, layers: dict[str, AdaptedLayer], batc
     finally:
         for parameter, flag in flags:
             parameter.requires_grad_(flag)
+    count = _all_reduce_sums(sums, seen, count)
     if count == 0:
         raise ValueError(f"GoRA: no batches were given, so there are no gradients; {INIT_HELP} with N >= 1 batches")
     unused = sorted(name for name, hit in seen.items() if not hit)
@@ -183,6 +187,21 @@ def accumulate_gradients(model: nn.Module, layers: dict[str, AdaptedLayer], batc
         raise ValueError(f"GoRA: layer(s) {unused} received no gradient over the {count} batches (unused by the "
                          "forward?); exclude them from targets")
     return {name: total / count for name, total in sums.items()}
+
+
+def _all_reduce_sums(sums: dict[str, Tensor], seen: dict[str, bool], count: int) -> int:
+    """Under torch.distributed, sum the gradient sums, the batch counts and the seen flags over all processes
+    (in place), so every process gets the same Ḡ and so the same ranks and B₀; returns the total count."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return count
+    device = next(iter(sums.values())).device
+    totals = torch.tensor([float(count), *(float(hit) for hit in seen.values())], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(totals)
+    for name, hit in zip(seen, totals[1:].tolist()):
+        seen[name] = hit > 0
+    for total in sums.values():
+        torch.distributed.all_reduce(total)
+    return int(totals[0])
 
 
 def initialize(model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.Module, Any], Tensor]) -> Allocation:
