@@ -159,7 +159,7 @@ def test_init_equals_the_low_rank_step_of_minus_gamma_g(rslora):
         r, n = A.shape
         assert layer.adapter.scaling == pytest.approx(8.0 / math.sqrt(r) if rslora else 8.0 / r)
         reference = -gamma * math.sqrt(n / r) * G[name].double() @ (torch.linalg.pinv(A) @ A)
-        got = layer.adapter.delta_weight().double()
+        got = layer.adapter.delta_weight().detach().double()
         torch.testing.assert_close(got, reference, atol=1e-7, rtol=1e-5)
         # a descent direction: <Ḡ, ΔW> < 0
         assert float((G[name].double() * got).sum()) < 0
