@@ -14,6 +14,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import rankwise
+from rankwise.adapters.lora import LoRAAdapter
 from rankwise.allocation.gora import allocate_ranks, compressed_b, initialize
 
 
@@ -140,6 +141,9 @@ def test_split_follows_importance_on_a_model():
     assert rankwise.ranks(model) == allocation.ranks
     assert len(set(allocation.ranks.values())) > 1  # the split is not uniform here
     assert rankwise.trainable_parameters(model) == sum(allocation.ranks[k] * sum(SHAPES[k]) for k in SHAPES)
+    config = rankwise.adapter_config(model)  # the closed form (rankwise inspect) sees each layer's rank
+    assert rankwise.trainable_parameters(model) == sum(
+        LoRAAdapter.expected_num_params(*SHAPES[k], config.for_layer(k)) for k in SHAPES)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -75,6 +75,7 @@ Where we differ from PEFT, on purpose:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -161,6 +162,13 @@ class LoRAConfig(AdapterConfig):
         """s of layer ``layer_name``: alpha / r, or alpha / sqrt(r) with ``use_rslora``, from its pattern entries."""
         r, alpha = self.rank_of(layer_name), self.alpha_of(layer_name)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def for_layer(self, layer_name: str) -> LoRAConfig:
+        """This config with the layer's pattern entries as its ``r`` and ``alpha`` and no patterns."""
+        if not self.rank_pattern and not self.alpha_pattern:
+            return self
+        return dataclasses.replace(self, r=self.rank_of(layer_name), alpha=self.alpha_of(layer_name),
+                                   rank_pattern=None, alpha_pattern=None)
 
     def factor_width(self, out_features: int, in_features: int, layer_name: str = "") -> int:
         """Columns of B (rows of A): the layer's rank, or at most min(out, in) for the SVD / QR inits, which
