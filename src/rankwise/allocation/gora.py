@@ -26,13 +26,15 @@ One call before training, :func:`initialize` ``(model, batches, loss_fn)``, on a
    ``round`` is Python's (half to even). Rounding rules, so what the budget guarantees when no clamp
    acts: |Σ_l f_l r_l − b| ≤ Σ_l f_l / 2 for "sqrt", and b − Σ_l f_l − L/2 < Σ_l f_l r_l ≤ b + L/2 for
    "linear" (L layers). With "linear", Σ_l f_l r_l is the trainable-parameter count Σ r_l (m_l + n_l)
-   and b that of rank-r₀ LoRA, so the split is LoRA-equal up to that rounding. The clamps can move the total further either way; nothing
-   redistributes (neither does the paper or the code). b above Σ_l f_l r_max_l is a ``ValueError``.
+   and b that of rank-r₀ LoRA, so the split is LoRA-equal up to that rounding. The clamps can move the
+   total further either way; nothing redistributes (neither does the paper or the code). b above
+   Σ_l f_l r_max_l is a ``ValueError``.
 
 4. Initialisation. A_l ∈ R^{r_l×n} is drawn as LoRA's (kaiming-uniform a = √5, the global RNG, layers in
    model order), and B_l is the least-squares solution that makes the update a step of size γ down
-   the gradient, scaled as the paper's ξ = γ√n/α (§9 of the spec: the code's scale-by-lr with
-   rank-stabilised scaling is the same)::
+   the gradient. With rsLoRA scaling the factor γ√(n/r_l)/s_l is the paper's ξ = γ√m/α (the paper's m
+   is the input dimension, our n), and the official code's scale-by-lr with rank-stabilised scaling
+   gives the same::
 
        B_l = −(γ √(n/r_l) / s_l) · Ḡ_l A_lᵀ (A_l A_lᵀ)⁻¹,   s_l = α/√r_l (rsLoRA; α/r_l without)
        ΔW_l = s_l B_l A_l = −γ √(n/r_l) · Ḡ_l P_A,   P_A = A_l⁺ A_l
@@ -55,6 +57,8 @@ Where the code differs, and what rankwise does:
     * Gradients are accumulated on the model's device in float32 (float64 for a float64 base), all
       layers at once (the code moves them to the CPU layer by layer); the model runs in the mode it is
       in (train mode: dropout on, as in the paper's training-loop accumulation).
+    * The official scripts also train B with LoRA+ (B's learning rate × 16); that is an optimiser choice
+      left to the user here, not part of GoRA's adapter.
     * Under torch.distributed the gradient sums and batch counts are all-reduced, so Ḡ is the mean over
       every process's batches and all processes take the same ranks; A is drawn from each process's
       global RNG, so seed them alike (as DDP needs for any init).
