@@ -215,7 +215,7 @@ def _ddp_worker(rank: int, world: int, directory: Path) -> None:
 def test_two_processes_take_the_same_ranks_and_init_as_one_on_all_batches(tmp_path):
     """Under DDP (gloo, 2 CPU processes, 2 different batches each) Ḡ is all-reduced: both processes get the
     ranks and B₀ of a single process that sees all 4 batches."""
-    torch.multiprocessing.start_processes(_ddp_worker, args=(2, tmp_path), nprocs=2, start_method="fork")
+    torch.multiprocessing.start_processes(_ddp_worker, args=(2, tmp_path), nprocs=2, start_method="spawn")
     single = gora()
     initialize(single, batches(4), loss_fn)
     for rank in range(2):
