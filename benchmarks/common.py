@@ -9,9 +9,13 @@ process, interleaved round by round after warm-up, reduced to the median (see
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -81,6 +85,51 @@ def peak_rss_growth_mib(step: Step, calls: int = 3) -> float:
     for _ in range(calls):
         step()
     return (_status_kib("VmHWM") - before) / 1024
+
+
+def step_parser(doc: str | None, rounds: int, out: str) -> argparse.ArgumentParser:
+    """The options every training-step benchmark shares (``step.py``, ``allocation.py``)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=rounds, help="timed rounds (each runs every candidate once)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (32; 2 with --quick)")
+    parser.add_argument("--seq", type=int, default=None, help="sequence length (64; 8 with --quick)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="tiny random BERT, for smoke tests")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the RSS subprocesses")
+    parser.add_argument("--out", default=out, help="file name under benchmarks/results/ ('' to not write)")
+    parser.add_argument("--memory-of", default="", help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_step_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv`` with a :func:`step_parser`; batch 32 and seq 64 unless given (2 and 8 with ``--quick``)."""
+    args = parser.parse_args(argv)
+    args.batch = args.batch or (2 if args.quick else 32)
+    args.seq = args.seq or (8 if args.quick else 64)
+    return args
+
+
+def step_main(args: argparse.Namespace, measure_memory: Callable[[str, argparse.Namespace], float],
+              run: Callable[[argparse.Namespace], str]) -> None:
+    """A step benchmark's entry point: one candidate's memory (``--memory-of``, as JSON), or the whole report."""
+    if args.memory_of:
+        print(json.dumps({"peak_rss_growth_mib": measure_memory(args.memory_of, args)}))
+        return
+    publish(run(args), args.out)
+
+
+def memory_in_subprocess(script: str, args: argparse.Namespace, key: str) -> float | None:
+    """Run ``script --memory-of key`` with the batch, seq, threads and ``--quick`` of ``args`` in a fresh
+    interpreter and return the ``peak_rss_growth_mib`` of the JSON line it prints last; None (with the
+    error printed) on failure."""
+    command = [sys.executable, script, "--memory-of", key, "--batch", str(args.batch), "--seq", str(args.seq),
+               "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        print(f"memory of {key!r} failed:\n{result.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_growth_mib"]
 
 
 def ratio(value: float | None, reference: float | None) -> str:

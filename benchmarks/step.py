@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -141,13 +139,7 @@ def measure_memory(key: str, args: argparse.Namespace) -> float:
 
 def memory_in_subprocess(key: str, args: argparse.Namespace) -> float | None:
     """Run :func:`measure_memory` in a fresh interpreter; None (with the error printed) on failure."""
-    command = [sys.executable, __file__, "--memory-of", key, "--batch", str(args.batch), "--seq", str(args.seq),
-               "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        print(f"memory of {key!r} failed:\n{result.stderr[-2000:]}", file=sys.stderr)
-        return None
-    return json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_growth_mib"]
+    return common.memory_in_subprocess(__file__, args, key)
 
 
 def run(args: argparse.Namespace) -> str:
@@ -249,29 +241,13 @@ def report(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=7, help="timed rounds (each runs every candidate once)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    parser = common.step_parser(__doc__, rounds=7, out="step.md")
     parser.add_argument("--methods", default="", help="comma-separated rankwise method names (default: all registered)")
-    parser.add_argument("--batch", type=int, default=None, help="batch size (32; 2 with --quick)")
-    parser.add_argument("--seq", type=int, default=None, help="sequence length (64; 8 with --quick)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="tiny random BERT, for smoke tests")
-    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the RSS subprocesses")
-    parser.add_argument("--out", default="step.md", help="file name under benchmarks/results/ ('' to not write)")
-    parser.add_argument("--memory-of", default="", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    args.batch = args.batch or (2 if args.quick else 32)
-    args.seq = args.seq or (8 if args.quick else 64)
-    return args
+    return common.parse_step_args(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    if args.memory_of:
-        print(json.dumps({"peak_rss_growth_mib": measure_memory(args.memory_of, args)}))
-        return
-    common.publish(run(args), args.out)
+    common.step_main(parse_args(argv), measure_memory, run)
 
 
 if __name__ == "__main__":

@@ -16,3 +16,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# Property-based fuzzing (tests/test_fuzz_*.py): deterministic in CI, larger on request.
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # hypothesis is a test-only dependency
+    pass
+else:
+    settings.register_profile(
+        "rankwise-fuzz",
+        derandomize=True,  # the same cases on every run: no flaky CI
+        database=None,
+        deadline=None,  # no wall-clock limits on a shared, loaded machine
+        max_examples=int(os.environ.get("RANKWISE_FUZZ_EXAMPLES", "50")),
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        print_blob=True,
+    )

@@ -96,4 +96,12 @@ CASES: dict[str, Case] = {
              {"orth_reg": "l1"}, {"alpha": 0}, {"dropout": 1.0}, {"rank_pattern": {"up": [True]}}],
         unfit=[{"init_r": 33, "target_r": 2}],
     ),
+    "ardlora": Case(
+        kwargs={"r": 2, "alpha": 4},  # per-head layers: tests/test_ardlora.py
+        bad=[{"r": 0}, {"r": 2, "r_max": 1}, {"alpha": 0}, {"dropout": 1.0}, {"temperature": 0},
+             {"l1_weight": -1.0}, {"tv_weight": float("nan")}, {"scale_lr": 0}, {"heads": {"up": 0}},
+             {"heads": {"up": 2}, "input_heads": {"up": 2}}, {"rank_pattern": {"up": [0]}}],
+        unfit=[{"r": 20}, {"heads": {"mid": 5}}, {"input_heads": {"mid": 5}}, {"heads": {"up": 32}},
+               {"rank_pattern": {"up": [2, 2]}}],
+    ),
 }

@@ -9,6 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import allocation
 import common
 import scaling
 import step
@@ -46,3 +47,19 @@ def test_scaling_benchmark_quick() -> None:
                                "--methods", "lora,dora", "--out", ""])
     text = scaling.run(args)
     assert "| lora |" in text and "| n = 64 |" in text
+
+
+def test_lorapro_benchmark_quick() -> None:
+    import lorapro
+
+    text = lorapro.run(lorapro.parse_args(["--quick", "--rounds", "1", "--warmup", "0", "--out", ""]))
+    assert "| LoRA-Pro efficient |" in text and "| LoRA-Pro full |" in text and "| AdamW |" in text
+
+
+def test_allocation_benchmark_quick() -> None:
+    pytest.importorskip("peft")
+    args = allocation.parse_args(["--quick", "--rounds", "1", "--warmup", "0", "--no-memory", "--out", "",
+                                  "--note", "shared machine"])
+    text = allocation.run(args)
+    assert "| rankwise AdaLoRA |" in text and "| PEFT AdaLoRA |" in text and "**shared machine**" in text
+    assert "rankwise / PEFT: step time **" in text

@@ -43,6 +43,7 @@ __all__ = [
     "AdapterConfig",
     "DoRAConfig",
     "LoRAConfig",
+    "LoRAPro",
     "__version__",
     "adapt",
     "adapted_layers",
@@ -68,13 +69,17 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    """Lazy access to ``compress`` and to every registered method's config class."""
+    """Lazy access to ``compress``, ``LoRAPro`` and every registered method's config class."""
     if name == "compress":
         # The package rankwise.compress is itself callable as compress(model, ratio=...), so the
         # name means the same thing before and after the subpackage is imported.
         import importlib
 
         return importlib.import_module(".compress", __name__)
+    if name == "LoRAPro":
+        from .optim import LoRAPro
+
+        return LoRAPro
     if name.endswith("Config"):
         from .core.registry import registered
 

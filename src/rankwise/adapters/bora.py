@@ -38,7 +38,9 @@ Decisions (open questions while the paper body is unavailable; the first two are
       the forward is exactly x W'ᵀ + b. (Of the third-party implementations, one refuses dropout,
       the other drops A's input columns, i.e. inside ΔW and both norms.)
     * A zero row or column norm (a pruned unit) gets scale 1 instead of 0/0 = NaN.
-    * Merging caches d_out and d_in of the unmerged weight, since unmerge cannot recompute them.
+    * Merging caches d_out and d_in of the unmerged weight, since unmerge cannot recompute them, and
+      the entries of W0 in rows with d_out = 0 or columns with d_in = 0 (a zero magnitude), which
+      merge to zero and cannot be divided back out.
 """
 
 from __future__ import annotations
@@ -108,6 +110,7 @@ class BoRAAdapter(LoRAAdapter):
             self.bora_magnitude_out = nn.Parameter(torch.linalg.vector_norm(weight, dim=1))
             self.bora_magnitude_in = nn.Parameter(torch.linalg.vector_norm(weight, dim=0))
         self._merge_scales: tuple[Tensor, Tensor] | None = None
+        self._merge_lost: Tensor | None = None
 
     def scales(self, weight: Tensor) -> tuple[Tensor, Tensor]:
         """(d_out, d_in): the per-output and per-input factors of W' = diag(d_out) V diag(d_in)."""
@@ -146,14 +149,19 @@ class BoRAAdapter(LoRAAdapter):
     def merged_weight(self, weight: Tensor) -> Tensor:
         d_out, d_in = (d.to(weight.dtype) for d in self.scales(weight))
         self._merge_scales = (d_out, d_in)
+        self._merge_lost = weight[(d_out[:, None] == 0) | (d_in == 0)].clone()
         return self.dense_weight(weight, d_out, d_in)
 
     def unmerged_weight(self, weight: Tensor) -> Tensor:
         if self._merge_scales is None:
             raise ValueError(f"BoRA layer '{self.layer_name}' was not merged by rankwise, so it cannot be unmerged")
         d_out, d_in = self._merge_scales
-        self._merge_scales = None
-        return weight / d_out[:, None] / d_in - self.low_rank_weight().to(weight.dtype)
+        lost = (d_out[:, None] == 0) | (d_in == 0)
+        restored = weight / torch.where(d_out == 0, 1.0, d_out)[:, None] / torch.where(d_in == 0, 1.0, d_in)
+        restored = restored - self.low_rank_weight().to(weight.dtype)
+        restored[lost] = self._merge_lost
+        self._merge_scales = self._merge_lost = None
+        return restored
 
     def delta_weight(self) -> Tensor:
         """W' − W0 (full rank in general; merging uses :meth:`merged_weight`)."""
@@ -162,7 +170,7 @@ class BoRAAdapter(LoRAAdapter):
 
     @classmethod
     def expected_num_params(cls, out_features: int, in_features: int, config: BoRAConfig) -> int:
-        return config.r * (out_features + in_features) + out_features + in_features
+        return super().expected_num_params(out_features, in_features, config) + out_features + in_features
 
     def describe(self) -> str:
         return f"{super().describe()}, {self.order}"

@@ -113,7 +113,7 @@ class LoLDUAdapter(Adapter):
             raise self.fail(
                 f"LU pivot {first} of the base weight is (near) zero, so the LDU basis is undefined "
                 "(a rank-deficient, zero or pruned weight)",
-                f"Use r <= {first} or exclude this layer from targets",
+                f"Use r <= {first} or exclude this layer from targets" if first else "Exclude this layer from targets",
             )
         perm = lu_permutation(pivots.cpu(), self.out_features)
         return lower, diagonal, upper / diagonal[:, None], torch.argsort(perm).to(weight.device)

@@ -61,6 +61,8 @@ Where we differ from PEFT, on purpose:
       (g/c − 1 up to ~4e-3 on bfloat16) and c in float32 in the forward.
     * A zero row (c_i = 0, e.g. a pruned output unit) gets g/c = 1 instead of PEFT's 0/0 = NaN;
       the row of W' is zero either way, so nothing else changes.
+    * A row with g_i = 0 (and c_i > 0) merges to zero, which cannot be divided back out; merge keeps
+      those rows of W and unmerge puts them back (PEFT's unmerge returns NaN there).
     * ``r > min(m, n)`` is an error for a fresh adapter (rank(BA) <= min(m, n), so the extra
       parameters are wasted); PEFT silently accepts it. ``allow_excess_rank=True`` accepts it, and
       ``import_peft`` sets it, so every adapter file PEFT loads imports.
@@ -141,7 +143,10 @@ class LoRAConfig(AdapterConfig):
                     raise ValueError(f"{owner}: {name} key {key!r} is not a valid regular expression ({error})") from None
                 check(owner, f"{name}[{key!r}]", value)
         check_dropout(owner, self.dropout)
+        check_choice(owner, "use_rslora", self.use_rslora, [True, False])
         check_choice(owner, "init_weights", self.init_weights, [True, False, "gaussian", *BASE_CHANGING_INITS])
+        check_choice(owner, "lora_bias", self.lora_bias, [True, False])
+        check_choice(owner, "allow_excess_rank", self.allow_excess_rank, [True, False])
         if self.lora_bias and self.init_weights not in (True, False):
             raise ValueError(
                 f"{owner}: lora_bias=True works with init_weights=True or False only (as in PEFT, which refuses to "
@@ -333,6 +338,7 @@ class DoRAAdapter(LoRAAdapter):
         super().__init__(base, config, layer_name)
         self.lora_magnitude_vector = nn.Parameter(self.weight_norm(self.base_weight()))
         self._merge_norm: Tensor | None = None
+        self._merge_lost_rows: Tensor | None = None
 
     @torch.no_grad()
     def attach(self) -> None:
@@ -377,17 +383,22 @@ class DoRAAdapter(LoRAAdapter):
         return torch.addcmul(base_out - plain, self.low_rank_output(x, plain), scale)
 
     def merged_weight(self, weight: Tensor) -> Tensor:
-        # c comes from the unmerged weight and is kept, because unmerge cannot recompute it.
+        # c comes from the unmerged weight and is kept, because unmerge cannot recompute it; so are
+        # the rows that g/c = 0 sends to zero, because unmerge cannot divide them back out.
         self._merge_norm = self.weight_norm(weight)
         scale = self.magnitude_scale(self._merge_norm).to(weight.dtype)
+        self._merge_lost_rows = weight[scale == 0].clone()
         return scale[:, None] * (weight + self.low_rank_weight().to(weight.dtype))
 
     def unmerged_weight(self, weight: Tensor) -> Tensor:
         if self._merge_norm is None:
             raise ValueError(f"DoRA layer '{self.layer_name}' was not merged by rankwise, so it cannot be unmerged")
         scale = self.magnitude_scale(self._merge_norm).to(weight.dtype)
-        self._merge_norm = None
-        return weight / scale[:, None] - self.low_rank_weight().to(weight.dtype)
+        lost = scale == 0
+        restored = weight / torch.where(lost, 1.0, scale)[:, None] - self.low_rank_weight().to(weight.dtype)
+        restored[lost] = self._merge_lost_rows
+        self._merge_norm = self._merge_lost_rows = None
+        return restored
 
     def delta_weight(self) -> Tensor:
         """W' − W (full rank in general; merging uses :meth:`merged_weight`)."""
@@ -397,7 +408,7 @@ class DoRAAdapter(LoRAAdapter):
 
     @classmethod
     def expected_num_params(cls, out_features: int, in_features: int, config: DoRAConfig) -> int:
-        return config.r * (out_features + in_features) + out_features
+        return super().expected_num_params(out_features, in_features, config) + out_features
 
 
 # ----------------------------------------------------------------------------------------------

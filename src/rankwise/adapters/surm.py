@@ -254,6 +254,7 @@ class SURMConfig(AdapterConfig):
         check_choice(owner, "structure", self.structure, STRUCTURES)
         check_choice(owner, "rectangular", self.rectangular, RECTANGULAR)
         check_positive_number(owner, "alpha", self.alpha)
+        check_choice(owner, "use_prod", self.use_prod, [True, False])
         check_positive_int(owner, "displacement_rank", self.displacement_rank)
         check_positive_int(owner, "r", self.r)
         check_dropout(owner, self.dropout)

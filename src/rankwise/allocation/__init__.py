@@ -5,6 +5,7 @@ exposes rank components. ``rankwise.allocator(model)`` gives the allocator of an
 """
 
 from .adalora import AdaLoRAAllocator
+from .ardlora import ARDLoRAAllocator
 from .gora import GoRAAllocator
 
-__all__ = ["AdaLoRAAllocator", "GoRAAllocator"]
+__all__ = ["ARDLoRAAllocator", "AdaLoRAAllocator", "GoRAAllocator"]

@@ -27,6 +27,10 @@ typo; the official code and PEFT use the continuous form above, and so do we.
     * t = T − t_final: mask to b_T with the statistics as they are, fix that pattern and reset Ī, Ū;
     * t > T − t_final: re-apply the fixed pattern.
 
+Under ``torch.distributed`` the scores are averaged over the processes right before each masking
+(:func:`rankwise.allocation.distributed.all_reduce_mean`), so every process takes the same decision;
+outside a distributed run nothing changes.
+
 Masking zeroes λ_i (for LoRA, column i of B) in place and keeps the tensors at full size; the
 optimiser may revive a masked component until the next masking, exactly as in PEFT. Where we differ
 from PEFT, on purpose: k counts the components actually present (PEFT uses b₀, which is wrong for an
@@ -52,6 +56,7 @@ from torch import Tensor, nn
 
 from ..core.config import check_choice, check_positive_int
 from ..core.rank import Allocator, RankComponents, rank_layers
+from .distributed import all_reduce_mean
 
 ORTH_REG_FORMS = ("peft", "paper")
 
@@ -220,7 +225,8 @@ class AdaLoRAAllocator(Allocator):
         if k <= 0:
             self.masks = {name: torch.ones(adapter.r, dtype=torch.bool) for name, adapter in self.layers.items()}
             return
-        scores = self.scores()
+        local = self.scores()
+        scores = dict(zip(local, all_reduce_mean(list(local.values()))))  # the same decision on every process
         threshold = torch.kthvalue(torch.cat(list(scores.values())), k).values.item()
         for name, adapter in self.layers.items():
             drop = scores[name] <= threshold

@@ -85,6 +85,7 @@ from ..core.inject import adapted_layers, adapter_config, adapter_dtype, disable
 from ..core.layer import AdaptedLayer, is_fan_in_fan_out, linear_shape
 from ..core.rank import Allocator
 from ..core.registry import get_method
+from .distributed import world_size
 
 BUDGET_FEATURES = ("sqrt", "linear")
 INIT_HELP = "call rankwise.allocation.gora.initialize(model, batches, loss_fn) before training (rankwise finetune does)"
@@ -196,7 +197,7 @@ def accumulate_gradients(model: nn.Module, layers: dict[str, AdaptedLayer], batc
 def _all_reduce_sums(sums: dict[str, Tensor], seen: dict[str, bool], count: int) -> int:
     """Under torch.distributed, sum the gradient sums, the batch counts and the seen flags over all processes
     (in place), so every process gets the same Ḡ and so the same ranks and B₀; returns the total count."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if world_size() == 1:
         return count
     device = next(iter(sums.values())).device
     totals = torch.tensor([float(count), *(float(hit) for hit in seen.values())], dtype=torch.float64, device=device)

@@ -162,7 +162,11 @@ class Adapter(nn.Module):
 
 
 class AdaptedLayer(nn.Module):
-    """A frozen layer plus one adapter. ``forward`` = ``adapter(x, base_layer(x))`` unless merged."""
+    """A frozen layer plus one adapter. ``forward`` = ``adapter(x, base_layer(x))`` unless merged.
+
+    An empty input (a zero-size batch) goes through the base layer alone: the adapters' FFTs and
+    reshapes need at least one token, and there is nothing to add to an empty output.
+    """
 
     def __init__(self, base_layer: nn.Module, adapter: Adapter) -> None:
         super().__init__()
@@ -172,7 +176,7 @@ class AdaptedLayer(nn.Module):
         self.disabled = False
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        if self.merged or self.disabled:
+        if self.merged or self.disabled or x.numel() == 0:  # an empty batch: nothing for the adapter to add
             return self.base_layer(x, *args, **kwargs)
         base_out = self.base_layer(x, *args, **kwargs) if self.adapter.uses_base_output else None
         out_dtype = x.dtype if base_out is None else base_out.dtype

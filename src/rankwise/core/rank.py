@@ -149,6 +149,11 @@ class Allocator(ABC):
         """A term to add to the training loss, or None when the method has none."""
         return None
 
+    def finalize(self) -> object:
+        """Called once at the end of training (rankwise's loop, ``RankwiseCallback``) before the adapter is
+        saved: a method that shrinks its adapters to their final ranks does it here (ARD-LoRA). Default: nothing."""
+        return None
+
     @abstractmethod
     def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """``(tensors, json-able scalars)``: everything needed to resume exactly."""

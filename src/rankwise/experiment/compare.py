@@ -8,7 +8,9 @@ its hyper-parameters are its registry defaults (with the method's ``comparison_d
 (``--set METHOD.lr=...`` gives one method its own peak learning rate). The
 table gives each method's key hyper-parameters, trainable parameters (adapter + head), test accuracy,
 macro-F1, the training loss over the last tenth of the steps, the wall time of its training loop and
-its median step time, beside the majority-class and linear-probe baselines.
+its median step time, beside the majority-class and linear-probe baselines. A method that allocates
+rank (AdaLoRA) runs like the others (its schedule fitted to the run's length) and its row in
+``comparison.json`` also holds its final per-layer ``ranks``.
 A method that fails (say a config that does not fit the model) becomes an error row; the others still
 run, and the exit status is 1. ``comparison.json`` and ``comparison.md`` go to ``--output-dir``.
 
@@ -40,6 +42,7 @@ from .finetune import (
     add_targets_option,
     add_training_options,
     check_options,
+    final_ranks,
     linear_probe,
     parse_assignment,
     parse_targets,
@@ -212,7 +215,10 @@ def run_one(prepared: Prepared, method: str, options: dict[str, Any], args: argp
             shown_lr = f" lr={lr:g} (best of {len(rates)})"
         if args.save_adapters:
             save(model, output / method)
-        extra = {"validation_macro_f1_by_lr": scores} if len(rates) > 1 else {}
+        extra: dict[str, Any] = {"validation_macro_f1_by_lr": scores} if len(rates) > 1 else {}
+        ranks = final_ranks(model)
+        if ranks is not None:
+            extra["ranks"] = ranks
         return trained_row(method, "method", trained, config_summary(config.to_dict(), options) + shown_lr,
                            method_config=config.to_dict(), overrides=options, lr=lr, **extra)
     except Exception as error:  # one method failing must not end the comparison of the others

@@ -3,7 +3,9 @@
 It trains the adapter on a fixed split, then prints its test accuracy and macro-F1 beside two
 baselines: the majority class and a frozen-encoder linear probe (only the classification head
 trained, on the same examples, epochs and batch size). The adapter, ``metrics.json`` and a
-training-curve PNG go to ``--output-dir``.
+training-curve PNG go to ``--output-dir``; for a method that allocates rank (AdaLoRA), metrics.json
+also holds the final rank of every layer (``ranks``), drawn as a heat map of rank per layer index
+and module type (``rank_heatmap.png``).
 
 ``rankwise compare`` (compare.py) reuses this module: the shared option groups (``add_data_options``,
 ``add_targets_option``, ``add_training_options``) and the run of one method (``prepare``,
@@ -30,6 +32,8 @@ from torch import nn
 from ..core.config import AdapterConfig
 from ..core.inject import adapt, adapter_config, trainable_parameters
 from ..core.io import save
+from ..core.rank import allocator as model_allocator
+from ..core.rank import ranks as model_ranks
 from ..core.registry import config as make_config
 from ..core.registry import get_method, option_names, registered
 from . import data as datasets
@@ -148,14 +152,22 @@ def parse_targets(text: str) -> list[str] | str:
     return text
 
 
+#: The run length assumed by :func:`check_options` for a method whose schedule needs one (AdaLoRA's
+#: ``total_step``): the real length is known only once the data is loaded, and is checked then.
+LONG_RUN = 10**9
+
+
 def check_options(method_name: str, values: dict[str, Any]) -> None:
     """Raise unless every key of ``values`` is a hyper-parameter of the method (not a shared field) and the
-    method's config accepts the values (``--r 0`` fails here, before any model or data is loaded)."""
+    method's config accepts the values (``--r 0`` fails here, before any model or data is loaded).
+
+    A schedule that needs the run length is checked against :data:`LONG_RUN` steps unless ``total_step``
+    is given; :func:`adapted_classifier` checks it again against the run's real length."""
     known = option_names(method_name) - COMMON_FIELDS
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"method {method_name!r} has no option(s) {unknown}; its options are {sorted(known)}")
-    make_config(method_name, **values)
+    make_config(method_name, **with_run_length(method_name, values, LONG_RUN))
 
 
 def parse_assignment(item: str, form: str = "KEY=VALUE") -> tuple[str, Any]:
@@ -357,6 +369,11 @@ def gora_initialize(model: nn.Module, prepared: Prepared, batch_size: int, seed:
     initialize(model, batches, lambda m, batch: m(**batch).loss)
 
 
+def final_ranks(model: nn.Module) -> dict[str, int] | None:
+    """``{layer: rank}`` after training for a method that allocates rank, None for a fixed-rank method."""
+    return model_ranks(model) if model_allocator(model) is not None else None
+
+
 def probe_classifier(prepared: Prepared, seed: int) -> nn.Module:
     """A fresh classifier (head initialised from ``seed``) with only its head trainable: the linear probe."""
     torch.manual_seed(seed)
@@ -436,9 +453,18 @@ def run(args: argparse.Namespace) -> int:
         "history": report.history_dict(adapted.history),
         "wall_seconds": round(elapsed, 1),
     }
+    files = [report.METRICS_FILE, report.CURVE_FILE]
+    ranks = final_ranks(model)
+    if ranks is not None:
+        payload["ranks"] = ranks
+        report.plot_rank_heatmap(ranks, output / report.RANKS_FILE, f"{args.method} final ranks on {payload['task']}")
+        files.append(report.RANKS_FILE)
     report.write_metrics(output, payload)
     report.plot_curve(adapted.history, output / report.CURVE_FILE, f"{args.method} on {payload['task']}")
     print(report.results_table(rows))
+    if ranks is not None:
+        print(f"final ranks: {sum(ranks.values())} components over {len(ranks)} layers, "
+              f"{min(ranks.values())} to {max(ranks.values())} per layer")
     print(f"test accuracy {adapted.test.accuracy:.4f}, macro-F1 {adapted.test.macro_f1:.4f}; "
-          f"wrote {output} ({report.METRICS_FILE}, {report.CURVE_FILE}, adapter) in {elapsed:.0f} s")
+          f"wrote {output} ({', '.join(files)}, adapter) in {elapsed:.0f} s")
     return 0

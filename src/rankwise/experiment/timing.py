@@ -31,12 +31,18 @@ def scalar_loss(hidden: Tensor) -> Tensor:
     return hidden.float().square().mean()
 
 
-def training_step(model: nn.Module, batch: Batch, lr: float = 1e-4) -> Step:
-    """One optimiser step of ``model``'s trainable parameters: forward, loss, backward, AdamW, zero_grad."""
+def training_step(
+    model: nn.Module, batch: Batch, lr: float = 1e-4, optimizer: torch.optim.Optimizer | None = None
+) -> Step:
+    """One optimiser step of ``model``'s trainable parameters: forward, loss, backward, step, zero_grad.
+
+    The optimiser is AdamW(lr) over the trainable parameters unless ``optimizer`` is given.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"{type(model).__name__} has no trainable parameters to step")
-    optimizer = torch.optim.AdamW(params, lr=lr)
+    if optimizer is None:
+        optimizer = torch.optim.AdamW(params, lr=lr)
 
     def step() -> None:
         scalar_loss(model(**batch).last_hidden_state).backward()

@@ -5,6 +5,10 @@ from ``seed + e``, the learning rate is a pure function of the step (linear deca
 checkpoint holds the adapter (``rankwise.save``), the optimizer state and the RNG state. So a run
 saved at step ``k`` and resumed on a fresh base model continues with the same numbers as a run that
 never stopped.
+
+An allocating method (``rankwise.allocator(model)``, e.g. AdaLoRA) is stepped after every optimizer
+step; a run that reaches its last step without the allocator ever having allocated raises
+``ValueError``, as ``RankwiseCallback`` does under ``transformers.Trainer``.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..core.inject import is_adapted
+from ..core.inject import adapter_config, is_adapted
 from ..core.io import load, save
 from ..core.rank import allocator as model_allocator
 
@@ -186,7 +190,8 @@ def train(
     """Train from ``start_step`` to ``stop_step`` (default: the last step); evaluate on ``validation`` at epoch ends.
 
     Pass the ``optimizer`` and ``start_step`` of a checkpoint (see :func:`load_checkpoint`) to resume.
-    A fresh run (``start_step == 0``) seeds torch with ``settings.seed``.
+    A fresh run (``start_step == 0``) seeds torch with ``settings.seed``. ``ValueError`` when the last
+    step is reached and the model's allocator (if it has one) never allocated.
     """
     if len(train_data) == 0:
         raise ValueError("the training set is empty")
@@ -221,6 +226,15 @@ def train(
             history.evaluations.append((step + 1, metrics))
             logger.info("step %d: validation accuracy %.4f, macro-F1 %.4f", step + 1, metrics.accuracy, metrics.macro_f1)
     progress.close()
+    if allocator is not None and stop == total:
+        if allocator.allocations == 0:
+            raise ValueError(
+                f"training ended after {total} steps but the {adapter_config(model).method} allocator never "
+                "allocated, so the adapter kept its initial rank everywhere (a fixed-rank adapter, which PEFT trains "
+                "silently). Set the config's total_step to the run's steps and tinit / tfinal / deltaT so that the "
+                "budget phase falls inside the run"
+            )
+        allocator.finalize()  # ARD-LoRA shrinks its adapters to their final ranks; the optimizer is done with them
     return history, optimizer
 
 

@@ -50,7 +50,8 @@ config's ``total_step`` to ``max_steps``). It adds ``allocator.regularizer()`` t
 forward hook on the model in training mode, as PEFT's ``AdaLoraModel.forward`` does (PEFT also adds it to
 the evaluation loss; we leave that one the task's loss). A loss computed outside the model, e.g. by a
 label smoother, gets no regulariser, as in PEFT. The allocator's state
-is saved with every checkpoint's adapter and restored on resume. A run that ends without the allocator
+is saved with every checkpoint's adapter and restored on resume. At the end of training the callback
+calls ``allocator.finalize()`` before the final save (ARD-LoRA shrinks its adapters there). A run that ends without the allocator
 ever having allocated (``max_steps`` too short for ``tinit``/``deltaT``) raises ``ValueError`` once the
 final adapter is written: it trained a fixed-rank adapter, which is what PEFT does silently.
 
@@ -180,6 +181,8 @@ class RankwiseCallback(TrainerCallback):
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      model: nn.Module | None = None, **kwargs: Any) -> None:
         model = _adapted(model)
+        if self._allocator is not None:
+            self._allocator.finalize()  # before the final save: ARD-LoRA shrinks to its final ranks here
         if self.save_final and args.should_save:
             save(model, Path(args.output_dir) / ADAPTER_SUBDIR)
         held, self._allocator = self._allocator, None
