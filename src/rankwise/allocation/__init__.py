@@ -6,5 +6,6 @@ exposes rank components. ``rankwise.allocator(model)`` gives the allocator of an
 
 from .adalora import AdaLoRAAllocator
 from .ardlora import ARDLoRAAllocator
+from .gora import GoRAAllocator
 
-__all__ = ["ARDLoRAAllocator", "AdaLoRAAllocator"]
+__all__ = ["ARDLoRAAllocator", "AdaLoRAAllocator", "GoRAAllocator"]
