@@ -83,6 +83,12 @@ CASES: dict[str, Case] = {
         bad=[{"r": 0}, {"alpha": 0}, {"dropout": 1.0}, {"order": "both"}, {"detach_norms": "yes"}, {"lora_bias": True}],
         unfit=[{"r": 40}],
     ),
+    "gora": Case(  # adapt builds the rank-r placeholder; initialize (tests/test_gora.py) allocates
+        kwargs={"r": 4, "alpha": 8, "r_min": 1, "r_max": 16},
+        bad=[{"r": 0}, {"r_min": 0}, {"r_min": 5, "r_max": 4}, {"gamma": -1.0}, {"budget_features": "log"},
+             {"init_weights": "pissa"}, {"rank_pattern": {"up": 0}}],
+        unfit=[{"r": 33}],
+    ),
     "adalora": Case(
         kwargs={"init_r": 4, "target_r": 2, "total_step": 10, "alpha": 8},
         bad=[{"init_r": 0}, {"target_r": 5}, {"total_step": None}, {"total_step": 0}, {"tinit": 5, "tfinal": 5},

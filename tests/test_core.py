@@ -292,7 +292,7 @@ def test_export_requires_an_adapted_model(tmp_path):
 
 @pytest.mark.parametrize(
     "option",
-    [{"rank_pattern": {"query": 4}}, {"block_size_pattern": {"x": 8}}, {"layers_to_transform": [0]}, {"bias": "all"}],
+    [{"layer_replication": [[0, 1]]}, {"block_size_pattern": {"x": 8}}, {"layers_to_transform": [0]}, {"bias": "all"}],
 )
 def test_import_peft_refuses_options_without_an_equivalent(tmp_path, option):
     (tmp_path / "p").mkdir()

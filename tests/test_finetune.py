@@ -114,3 +114,16 @@ def test_resume_from_checkpoint_gives_the_same_numbers(tmp_path: Path) -> None:
     expected = evaluate(straight, encoded, tokenizer.pad_token_id, 2)
     got = evaluate(resumed, encoded, tokenizer.pad_token_id, 2)
     assert got.loss == pytest.approx(expected.loss, abs=1e-6) and got.accuracy == expected.accuracy
+
+
+def test_finetune_gora_initialises_before_training(tmp_path: Path) -> None:
+    """``--method gora`` runs GoRA's gradient init (rank_pattern written, ranks from gradients) before training."""
+    out = tmp_path / "gora"
+    argv = ["finetune", "--method", "gora", "--max-examples", "32", "--steps", "1", "--batch-size", "16",
+            "--max-length", "16", "--r", "2", "--r-min", "1", "--gradient-batches", "2", "--no-probe",
+            "--output-dir", str(out)]
+    assert cli.main(argv) == 0
+    config = json.loads((out / "adapter_config.json").read_text())["config"]
+    pattern = config["rank_pattern"]
+    assert len(pattern) == 12 and all(key.startswith("^bert") for key in pattern)
+    assert len(set(pattern.values())) > 1

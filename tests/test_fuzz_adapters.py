@@ -93,6 +93,10 @@ OPTIONS: dict[str, st.SearchStrategy[dict[str, Any]]] = {
         "mini_r": st.integers(1, 4),
     }),
     "loldu": st.fixed_dictionaries({"r": SMALL, "alpha": ALPHA}),
+    "gora": st.fixed_dictionaries({  # adapt builds GoRA's placeholder (rank r, B = 0); initialize is tested apart
+        "r": SMALL, "alpha": ALPHA, "dropout": DROPOUT, "use_rslora": st.booleans(), "r_min": st.integers(0, 3),
+        "r_max": SMALL, "gamma": st.sampled_from([0.0, 0.05, -1.0]), "budget_features": st.sampled_from(["sqrt", "linear"]),
+    }),
     "adalora": SMALL.flatmap(lambda init_r: st.fixed_dictionaries({
         "init_r": st.just(init_r), "target_r": st.sampled_from([*range(1, init_r + 1)] * 2 + [0, init_r + 1]),
         "total_step": st.sampled_from([100, 100, 100, 10, None]),

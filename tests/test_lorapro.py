@@ -274,10 +274,10 @@ def test_resume_is_exact(mode: str, method: str, tmp_path: Path) -> None:
 
 
 def test_model_without_two_factor_adapters_is_rejected() -> None:
-    with pytest.raises(ValueError, match=r"it has no adapted layer.*\['bora', 'dora', 'lora'\]"):
+    with pytest.raises(ValueError, match=r"it has no adapted layer.*\['bora', 'dora', 'gora', 'lora'\]"):
         LoRAPro(toy())
     model = toy(rankwise.config("loldu", r=2, targets=["body1"]))
-    with pytest.raises(ValueError, match=r"the adapted methods found are \['loldu'\].*body1.*\['bora', 'dora', 'lora'\]"):
+    with pytest.raises(ValueError, match=r"the adapted methods found are \['loldu'\].*body1.*\['bora', 'dora', 'gora', 'lora'\]"):
         LoRAPro(model)
 
 

@@ -27,7 +27,8 @@ from rankwise.integrations.peft import INERT_FIELDS, METADATA_FIELDS, reproduced
 SHARED = {"target_modules", "exclude_modules", "modules_to_save", "fan_in_fan_out"}
 # The decisions, written out: what rankwise reproduces per PEFT config class (the oracle tests prove these).
 REPRODUCED = {
-    "lora": SHARED | {"r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "init_lora_weights", "lora_bias"},
+    "lora": SHARED | {"r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "init_lora_weights", "lora_bias",
+                      "rank_pattern", "alpha_pattern"},
     "c3a": SHARED | {"block_size", "init_weights"},
     "gralora": SHARED | {"r", "alpha", "gralora_k", "hybrid_r", "gralora_dropout", "init_weights"},
     "miss": SHARED | {"r", "miss_dropout", "mini_r", "init_weights"},
@@ -140,7 +141,7 @@ def test_every_peft_field_is_reproduced_inert_or_refused(method, tmp_path):
     assert "bias" in refused and "layers_to_transform" in refused
     if method == "lora":
         assert {"use_qalora", "layer_replication", "target_parameters", "trainable_token_indices", "megatron_config",
-                "rank_pattern", "alpha_pattern", "lora_ga_config", "arrow_config", "alora_invocation_tokens",
+                "lora_ga_config", "arrow_config", "alora_invocation_tokens",
                 "loftq_config", "eva_config", "corda_config", "ensure_weight_tying"} <= set(refused)
 
 
@@ -220,3 +221,46 @@ def test_sequence_classification_adapter_imports(tmp_path):
     ours = rankwise.import_peft(copy.deepcopy(base), tmp_path).eval()
     ids = torch.tensor([[1, 2, 3, 4]])
     torch.testing.assert_close(ours(ids).logits, theirs.eval()(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["0", "2", "1.0", "a.0", "encoder.layer.10.query", "encoder.layer.0.query", "query"])
+def test_pattern_key_is_peft_get_pattern_key(name):
+    from peft.utils.other import get_pattern_key
+
+    from rankwise.adapters.lora import pattern_key
+
+    for keys in (["0"], ["query", "layer.0.query"], ["layer.0.query", "query"], ["^0$", "0"], ["r.1.*"], ["a\\.0"],
+                 ["encoder.layer.1.*", "ery"]):
+        theirs = get_pattern_key(keys, name)
+        assert pattern_key(dict.fromkeys(keys, 1), name) == (None if theirs == name and name not in keys else theirs)
+
+
+@pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
+@pytest.mark.parametrize("use_dora", [False, True], ids=["plain", "dora"])
+def test_rank_and_alpha_patterns_round_trip_with_peft(rslora, use_dora, tmp_path):
+    """Per-layer ranks and alphas: a PEFT file imports at PEFT's ranks and scales, and exports back to the same."""
+    base = base_model()
+    theirs = peft_lora(base, r=2, lora_alpha=4, target_modules=["0", "2"], use_rslora=rslora, use_dora=use_dora,
+                       rank_pattern={"^2$": 5, "0": 3}, alpha_pattern={"0": 7})
+    x = torch.randn(3, 16)
+    ours = imported_like_peft(base, theirs, tmp_path / "peft", x)
+    assert rankwise.ranks(ours) == {"0": 3, "2": 5}
+    scales = {name: layer.adapter.scaling for name, layer in rankwise.adapted_layers(ours)}
+    assert scales == ({"0": 7 / 3**0.5, "2": 4 / 5**0.5} if rslora else {"0": 7 / 3, "2": 4 / 5})
+    rankwise.export_peft(ours, tmp_path / "back")
+    written = json.loads((tmp_path / "back" / "adapter_config.json").read_text())
+    assert written["rank_pattern"] == {"^2$": 5, "0": 3} and written["alpha_pattern"] == {"0": 7}
+    again = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "back").eval()
+    torch.testing.assert_close(again(x), theirs.eval()(x), atol=1e-5, rtol=1e-5)
+    rankwise.save(ours, tmp_path / "rw")
+    torch.testing.assert_close(rankwise.load(copy.deepcopy(base), tmp_path / "rw").eval()(x), theirs(x),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_bad_patterns_raise():
+    with pytest.raises(ValueError, match=r"rank_pattern\['0'\] must be a positive integer"):
+        rankwise.LoRAConfig(rank_pattern={"0": 0})
+    with pytest.raises(ValueError, match=r"alpha_pattern key '\(' is not a valid regular expression"):
+        rankwise.LoRAConfig(alpha_pattern={"(": 2.0})
+    with pytest.raises(ValueError, match=r"layer '2'.*r=9 exceeds min\(out, in\)=8.*rank_pattern"):
+        rankwise.adapt(base_model(), rankwise.LoRAConfig(r=2, targets=["0", "2"], rank_pattern={"2": 9}))

@@ -142,7 +142,7 @@ def describe_adapter(directory: Path) -> dict[str, Any]:
         claimed.update(prefix + key for key in own)
         out_features, in_features = shape["out_features"], shape["in_features"]
         try:
-            closed = method.adapter_cls.expected_num_params(out_features, in_features, config)
+            closed = method.adapter_cls.expected_num_params(out_features, in_features, config.for_layer(name))
         except NotImplementedError:
             closed = None
         rows.append({"layer": name, "out_features": out_features, "in_features": in_features,

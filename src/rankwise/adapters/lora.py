@@ -17,6 +17,11 @@ B = 0, so ΔW = 0 at step 0; ``"gaussian"`` gives A ~ N(0, 1/r²), B = 0; ``Fals
 the layer's bias (unmerge subtracts it). Trainable parameters per layer: r(m + n) (+ m with
 ``lora_bias``).
 
+Per-layer rank and alpha (PEFT ``rank_pattern`` / ``alpha_pattern``): layer ℓ gets r_ℓ and α_ℓ from the
+first pattern key that matches its name by PEFT's rule (:func:`pattern_key`), else ``r`` and ``alpha``;
+s_ℓ = α_ℓ/r_ℓ (α_ℓ/√r_ℓ with rsLoRA). ``import_peft`` / ``export_peft`` carry both dicts unchanged.
+GoRA (:mod:`rankwise.allocation.gora`) stores its allocated ranks this way.
+
 Two inits start from the base weight itself and move their initial update out of it, so the
 adapted model still computes W at step 0 (W_res + s·B₀A₀ = W), exactly as PEFT 0.21.2 does:
 
@@ -72,8 +77,10 @@ Where we differ from PEFT, on purpose:
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -114,11 +121,27 @@ class LoRAConfig(AdapterConfig):
     allow_excess_rank: bool = config_field(
         False, "accept r > min(out, in) (PEFT does; the extra rank is wasted). import_peft sets it"
     )
+    rank_pattern: dict[str, int] | None = field(  # field(): ruff wants a visible default for a dict
+        default=None, metadata={"help": "{layer name or regex: r} overriding r per layer, matched as in PEFT"})
+    alpha_pattern: dict[str, float] | None = field(
+        default=None, metadata={"help": "{layer name or regex: alpha} overriding alpha per layer, matched as in PEFT"})
 
     def validate(self) -> None:
         owner = type(self).__name__
         check_positive_int(owner, "r", self.r)
         check_positive_number(owner, "alpha", self.alpha)
+        for name, check in (("rank_pattern", check_positive_int), ("alpha_pattern", check_positive_number)):
+            pattern = getattr(self, name)
+            if pattern is None:
+                continue
+            if not isinstance(pattern, dict):
+                raise ValueError(f"{owner}: {name} must be a dict {{layer name or regex: value}}, got {pattern!r}")
+            for key, value in pattern.items():
+                try:
+                    re.compile(key)
+                except (re.error, TypeError) as error:
+                    raise ValueError(f"{owner}: {name} key {key!r} is not a valid regular expression ({error})") from None
+                check(owner, f"{name}[{key!r}]", value)
         check_dropout(owner, self.dropout)
         check_choice(owner, "use_rslora", self.use_rslora, [True, False])
         check_choice(owner, "init_weights", self.init_weights, [True, False, "gaussian", *BASE_CHANGING_INITS])
@@ -130,11 +153,35 @@ class LoRAConfig(AdapterConfig):
                 f"load anything else), got init_weights={self.init_weights!r}"
             )
 
-    def factor_width(self, out_features: int, in_features: int) -> int:
-        """Columns of B (rows of A): r, or at most min(out, in) for the SVD / QR inits, which have no more."""
+    def rank_of(self, layer_name: str) -> int:
+        """The rank of layer ``layer_name``: its ``rank_pattern`` entry, else ``r`` (PEFT's rule, :func:`pattern_key`)."""
+        key = pattern_key(self.rank_pattern, layer_name)
+        return self.r if key is None else self.rank_pattern[key]  # type: ignore[index]
+
+    def alpha_of(self, layer_name: str) -> float:
+        """The alpha of layer ``layer_name``: its ``alpha_pattern`` entry, else ``alpha``."""
+        key = pattern_key(self.alpha_pattern, layer_name)
+        return self.alpha if key is None else float(self.alpha_pattern[key])  # type: ignore[index]
+
+    def scaling_of(self, layer_name: str) -> float:
+        """s of layer ``layer_name``: alpha / r, or alpha / sqrt(r) with ``use_rslora``, from its pattern entries."""
+        r, alpha = self.rank_of(layer_name), self.alpha_of(layer_name)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def for_layer(self, layer_name: str) -> LoRAConfig:
+        """This config with the layer's pattern entries as its ``r`` and ``alpha`` and no patterns."""
+        if not self.rank_pattern and not self.alpha_pattern:
+            return self
+        return dataclasses.replace(self, r=self.rank_of(layer_name), alpha=self.alpha_of(layer_name),
+                                   rank_pattern=None, alpha_pattern=None)
+
+    def factor_width(self, out_features: int, in_features: int, layer_name: str = "") -> int:
+        """Columns of B (rows of A): the layer's rank, or at most min(out, in) for the SVD / QR inits, which
+        have no more."""
+        r = self.rank_of(layer_name)
         if self.init_weights in BASE_CHANGING_INITS:
-            return min(self.r, out_features, in_features)
-        return self.r
+            return min(r, out_features, in_features)
+        return r
 
     @property
     def changes_base_weights(self) -> bool:
@@ -142,7 +189,22 @@ class LoRAConfig(AdapterConfig):
 
     @property
     def scaling(self) -> float:
+        """s of a layer without pattern entries."""
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+
+def pattern_key(pattern: dict[str, Any] | None, layer_name: str) -> str | None:
+    """The first key of ``pattern`` that matches ``layer_name``, or None: PEFT 0.21.2's ``get_pattern_key``.
+
+    A key is a regular expression that must match the end of the name at a dot boundary:
+    ``re.match(rf"(.*\\.)?({key})$", layer_name)``. So ``"query"`` matches ``encoder.layer.0.query`` (and every
+    other layer ending in ``.query``), ``"layer.0.query"`` matches that one layer, and ``"^up$"`` only a
+    top-level ``up``. The first matching key in the dict's order wins, as in PEFT.
+    """
+    for key in pattern or {}:
+        if re.match(rf"(.*\.)?({key})$", layer_name):
+            return key
+    return None
 
 
 @dataclass(kw_only=True)
@@ -170,16 +232,17 @@ class LoRAAdapter(RankComponents, Adapter):
     def __init__(self, base: nn.Module, config: LoRAConfig, layer_name: str = "") -> None:
         super().__init__(base, config, layer_name)
         smallest = min(self.out_features, self.in_features)
-        if config.r > smallest and not config.allow_excess_rank:
+        rank = config.rank_of(layer_name)
+        if rank > smallest and not config.allow_excess_rank:
             raise self.fail(
-                f"rank r={config.r} exceeds min(out, in)={smallest}",
-                f"Use r <= {smallest}, exclude this layer from targets, or set allow_excess_rank=True "
-                "(as PEFT does; the extra rank is wasted)",
+                f"rank r={rank} exceeds min(out, in)={smallest}",
+                f"Use r <= {smallest} (in rank_pattern too), exclude this layer from targets, or set "
+                "allow_excess_rank=True (as PEFT does; the extra rank is wasted)",
             )
-        self.r = config.r
-        self.scaling = config.scaling
+        self.r = rank
+        self.scaling = config.scaling_of(layer_name)
         self.init = config.init_weights
-        width = config.factor_width(self.out_features, self.in_features)
+        width = config.factor_width(self.out_features, self.in_features, layer_name)
         self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(self.in_features, width, bias=False)
         self.lora_B = nn.Linear(width, self.out_features, bias=config.lora_bias)
@@ -362,6 +425,8 @@ def _to_peft(config: LoRAConfig) -> dict[str, Any]:
         "use_dora": config.method == "dora",
         "init_lora_weights": config.init_weights,
         "lora_bias": config.lora_bias,
+        "rank_pattern": dict(config.rank_pattern or {}),
+        "alpha_pattern": dict(config.alpha_pattern or {}),
     }
 
 
@@ -397,6 +462,8 @@ def _from_peft(peft_config: dict[str, Any]) -> dict[str, Any]:
         "init_weights": init,
         "lora_bias": bool(peft_config.get("lora_bias", False)),
         "allow_excess_rank": True,  # PEFT accepts r > min(out, in), so a file it loads must import
+        "rank_pattern": dict(peft_config.get("rank_pattern") or {}) or None,
+        "alpha_pattern": dict(peft_config.get("alpha_pattern") or {}) or None,
     }
 
 

@@ -7,5 +7,6 @@ exposes rank components. ``rankwise.allocator(model)`` gives the allocator of an
 from .adalora import AdaLoRAAllocator
 from .ardlora import ARDLoRAAllocator
 from .elalora import ElaLoRAAllocator
+from .gora import GoRAAllocator
 
-__all__ = ["ARDLoRAAllocator", "AdaLoRAAllocator", "ElaLoRAAllocator"]
+__all__ = ["ARDLoRAAllocator", "AdaLoRAAllocator", "ElaLoRAAllocator", "GoRAAllocator"]

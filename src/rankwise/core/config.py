@@ -65,6 +65,11 @@ class AdapterConfig:
     def validate(self) -> None:
         """Check the method's own hyper-parameters; raise ``ValueError`` naming the fix."""
 
+    def for_layer(self, layer_name: str) -> AdapterConfig:
+        """The config as layer ``layer_name`` sees it, for closed forms such as ``expected_num_params``:
+        ``self``, except for configs with per-layer overrides (LoRA's ``rank_pattern`` / ``alpha_pattern``)."""
+        return self
+
     @property
     def changes_base_weights(self) -> bool:
         """True when adapting rewrites the targeted base weights (LoRA's PiSSA / OLoRA inits): loaders keep a

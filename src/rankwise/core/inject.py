@@ -154,6 +154,15 @@ def adapter_config(model: nn.Module) -> AdapterConfig:
     return config
 
 
+def replace_adapter_config(model: nn.Module, config: AdapterConfig) -> None:
+    """Record ``config`` as the adapted model's config, for a method that rebuilt its adapters to fit it (GoRA
+    writes the ranks it allocated into ``rank_pattern``); the method must stay the same."""
+    if adapter_config(model).method != config.method:
+        raise ValueError(f"replace_adapter_config: the model is adapted with {adapter_config(model).method!r}, "
+                         f"not {config.method!r}")
+    setattr(model, _CONFIG_ATTR, config)
+
+
 def is_adapted(model: nn.Module) -> bool:
     return getattr(model, _CONFIG_ATTR, None) is not None or any(True for _ in adapted_layers(model))
 

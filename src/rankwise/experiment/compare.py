@@ -201,7 +201,7 @@ def run_one(prepared: Prepared, method: str, options: dict[str, Any], args: argp
     try:
         for lr in rates:
             model, config = adapted_classifier(prepared, method, config_options, parse_targets(args.targets), args.seed,
-                                               settings.total_steps(len(prepared.train)))
+                                               settings.total_steps(len(prepared.train)), settings.batch_size)
             trained = train_and_test(model, prepared, dataclasses.replace(settings, lr=lr), method,
                                      validate=len(rates) > 1)
             score = trained.history.evaluations[-1][1].macro_f1 if trained.history.evaluations else 0.0

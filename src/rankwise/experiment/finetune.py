@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 import statistics
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from ..core.config import AdapterConfig
-from ..core.inject import adapt, trainable_parameters
+from ..core.inject import adapt, adapter_config, trainable_parameters
 from ..core.io import save
 from ..core.rank import allocator as model_allocator
 from ..core.rank import ranks as model_ranks
@@ -42,6 +43,8 @@ from .train import (
     History,
     Metrics,
     TrainSettings,
+    collate,
+    epoch_order,
     evaluate,
     majority_metrics,
     train,
@@ -339,15 +342,31 @@ def with_run_length(method: str, options: dict[str, Any], steps: int) -> dict[st
 
 
 def adapted_classifier(
-    prepared: Prepared, method: str, options: dict[str, Any], targets: list[str] | str, seed: int, steps: int
+    prepared: Prepared, method: str, options: dict[str, Any], targets: list[str] | str, seed: int, steps: int,
+    batch_size: int,
 ) -> tuple[nn.Module, AdapterConfig]:
     """A fresh classifier (head initialised from ``seed``) adapted with ``method`` for a run of ``steps``
-    optimizer steps; its head is trained in full."""
+    optimizer steps of ``batch_size`` examples; its head is trained in full. GoRA gets its gradient init."""
     torch.manual_seed(seed)
     model = load_classifier(prepared.model_path, prepared.splits.train.label_names)
     options = with_run_length(method, options, steps)
     config = make_config(method, targets=targets, modules_to_save=head_modules(model), **options)
-    return adapt(model, config), config
+    model = adapt(model, config)
+    if method == "gora":
+        gora_initialize(model, prepared, batch_size, seed)
+    return model, adapter_config(model)
+
+
+def gora_initialize(model: nn.Module, prepared: Prepared, batch_size: int, seed: int) -> None:
+    """GoRA's init (``rankwise.allocation.gora.initialize``) from the first ``gradient_batches`` training batches of
+    epoch 0, the batches training starts with, in train mode (as the paper accumulates them)."""
+    from ..allocation.gora import initialize
+
+    count = min(adapter_config(model).gradient_batches, math.ceil(len(prepared.train) / batch_size))
+    order = epoch_order(len(prepared.train), seed, 0)
+    batches = (collate(prepared.train, order[i * batch_size:(i + 1) * batch_size], prepared.pad_id) for i in range(count))
+    model.train()
+    initialize(model, batches, lambda m, batch: m(**batch).loss)
 
 
 def final_ranks(model: nn.Module) -> dict[str, int] | None:
@@ -408,7 +427,7 @@ def run(args: argparse.Namespace) -> int:
 
     settings = settings_from(args, args.lr)
     model, config = adapted_classifier(prepared, args.method, options, targets, args.seed,
-                                       settings.total_steps(len(prepared.train)))
+                                       settings.total_steps(len(prepared.train)), settings.batch_size)
     print(f"method {args.method}: {trainable_parameters(model):,} trainable parameters, targets {config.targets}")
     adapted = train_and_test(model, prepared, settings, args.method)
     save(model, output)
