@@ -459,3 +459,10 @@ def test_layers_that_do_not_fit_are_refused_before_anything_changes(overrides, w
 def test_bad_configs_name_the_field(overrides, words):
     with pytest.raises(ValueError, match=words):
         rankwise.config("ardlora", **{**OPTIONS, **overrides})
+
+
+@pytest.mark.parametrize("field", ["heads", "input_heads", "rank_pattern"])
+def test_tables_of_the_wrong_type_are_value_errors(field):
+    """Found by the fuzzer: a string for a table raised AttributeError."""
+    with pytest.raises(ValueError, match=f"{field} must be a dict"):
+        rankwise.config("ardlora", **{field: "query"})

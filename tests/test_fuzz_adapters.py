@@ -97,6 +97,11 @@ OPTIONS: dict[str, st.SearchStrategy[dict[str, Any]]] = {
         "r": SMALL, "alpha": ALPHA, "dropout": DROPOUT, "use_rslora": st.booleans(), "r_min": st.integers(0, 3),
         "r_max": SMALL, "gamma": st.sampled_from([0.0, 0.05, -1.0]), "budget_features": st.sampled_from(["sqrt", "linear"]),
     }),
+    "ardlora": st.fixed_dictionaries({  # per-head factors are fuzzed in tests/test_ardlora.py (they need named heads)
+        "r": SMALL, "r_max": st.none() | SMALL, "alpha": ALPHA, "dropout": DROPOUT,
+        "l1_weight": st.sampled_from([0.0, 1e-3, -1.0]), "tv_weight": st.sampled_from([0.0, 1e-3]),
+        "temperature": st.sampled_from([0.5, 0.0, 2.0]),
+    }),
     "adalora": SMALL.flatmap(lambda init_r: st.fixed_dictionaries({
         "init_r": st.just(init_r), "target_r": st.sampled_from([*range(1, init_r + 1)] * 2 + [0, init_r + 1]),
         "total_step": st.sampled_from([100, 100, 100, 10, None]),

@@ -97,6 +97,10 @@ class ARDLoRAConfig(AdapterConfig):
                 raise ValueError(f"{owner}: {name} must be a finite number >= 0, got {value!r}")
         if self.scale_lr is not None:
             check_positive_number(owner, "scale_lr", self.scale_lr)
+        for field_name in ("heads", "input_heads", "rank_pattern"):
+            table = getattr(self, field_name)
+            if table is not None and not (isinstance(table, dict) and all(isinstance(k, str) and k for k in table)):
+                raise ValueError(f"{owner}: {field_name} must be a dict keyed by module-name suffixes, got {table!r}")
         for field_name in ("heads", "input_heads"):
             for key, count in (getattr(self, field_name) or {}).items():
                 check_positive_int(owner, f"{field_name}[{key!r}]", count)
