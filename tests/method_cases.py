@@ -93,7 +93,8 @@ CASES: dict[str, Case] = {
         kwargs={"init_r": 4, "target_r": 2, "total_step": 10, "alpha": 8},
         bad=[{"init_r": 0}, {"target_r": 5}, {"total_step": None}, {"total_step": 0}, {"tinit": 5, "tfinal": 5},
              {"tinit": -1}, {"deltaT": 0}, {"beta1": 1.0}, {"beta2": 0}, {"orth_reg_weight": -0.1},
-             {"orth_reg": "l1"}, {"alpha": 0}, {"dropout": 1.0}, {"rank_pattern": {"up": [True]}}],
+             {"orth_reg": "l1"}, {"alpha": 0}, {"dropout": 1.0}, {"rank_pattern": {"up": [True]}},
+             {"rank_pattern": "up"}],
         unfit=[{"init_r": 33, "target_r": 2}],
     ),
     "ardlora": Case(

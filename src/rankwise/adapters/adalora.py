@@ -109,6 +109,8 @@ class AdaLoRAConfig(SVDConfig):
         if self.target_r > self.init_r:
             raise ValueError(f"{owner}: target_r ({self.target_r}) must not exceed init_r ({self.init_r}); "
                              "AdaLoRA only removes rank")
+        if self.rank_pattern is not None and not isinstance(self.rank_pattern, dict):
+            raise ValueError(f"{owner}: rank_pattern must be a {{layer name: [bool] * init_r}} dict, got {self.rank_pattern!r}")
         for name, pattern in (self.rank_pattern or {}).items():
             if not isinstance(pattern, list) or len(pattern) != self.init_r or not all(
                     isinstance(b, bool) for b in pattern):
