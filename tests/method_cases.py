@@ -93,7 +93,8 @@ CASES: dict[str, Case] = {
         kwargs={"init_r": 4, "target_r": 2, "total_step": 10, "alpha": 8},
         bad=[{"init_r": 0}, {"target_r": 5}, {"total_step": None}, {"total_step": 0}, {"tinit": 5, "tfinal": 5},
              {"tinit": -1}, {"deltaT": 0}, {"beta1": 1.0}, {"beta2": 0}, {"orth_reg_weight": -0.1},
-             {"orth_reg": "l1"}, {"alpha": 0}, {"dropout": 1.0}, {"rank_pattern": {"up": [True]}}],
+             {"orth_reg": "l1"}, {"alpha": 0}, {"dropout": 1.0}, {"rank_pattern": {"up": [True]}},
+             {"rank_pattern": "up"}],
         unfit=[{"init_r": 33, "target_r": 2}],
     ),
     "ardlora": Case(
@@ -103,5 +104,13 @@ CASES: dict[str, Case] = {
              {"heads": {"up": 2}, "input_heads": {"up": 2}}, {"rank_pattern": {"up": [0]}}],
         unfit=[{"r": 20}, {"heads": {"mid": 5}}, {"input_heads": {"mid": 5}}, {"heads": {"up": 32}},
                {"rank_pattern": {"up": [2, 2]}}],
+    ),
+    "elalora": Case(
+        kwargs={"init_r": 4, "total_step": 10, "alpha": 8},
+        bad=[{"init_r": 0}, {"init_r": 1}, {"b": 0}, {"k": 0}, {"scheduler": "yes"}, {"total_step": None},
+             {"tinit": 5, "tfinal": 5}, {"deltaT": 0}, {"beta1": 1.0}, {"orth_reg_weight": -1.0}, {"orth_reg": "l1"},
+             {"alpha": 0}, {"dropout": 1.0}, {"expansion_seed": -1}, {"rank_pattern": {"up": 0}},
+             {"rank_pattern": ["up"]}],
+        unfit=[{"init_r": 33}, {"rank_pattern": {"up": 40}}],
     ),
 }

@@ -314,7 +314,7 @@ def test_target_budget_above_the_layers_is_refused():
 
 def test_allocator_on_an_adapter_without_rank_components_names_the_supported_methods():
     model = rankwise.adapt(base(), rankwise.config("c3a", targets=["proj"], block_size=8))
-    with pytest.raises(ValueError, match=r"'c3a' has none; the supported methods are \['adalora', 'bora', 'dora', 'gora', 'lora'\]"):
+    with pytest.raises(ValueError, match=r"'c3a' has none; the supported methods are \['adalora', 'bora', 'dora', 'elalora', 'gora', 'lora'\]"):
         AdaLoRAAllocator(model, total_step=10, target_r=1)
     with pytest.raises(ValueError, match="'c3a' has none"):
         rankwise.ranks(model)

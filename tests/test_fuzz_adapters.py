@@ -110,6 +110,14 @@ OPTIONS: dict[str, st.SearchStrategy[dict[str, Any]]] = {
         "orth_reg_weight": st.sampled_from([0.5, 0.0]), "orth_reg": st.sampled_from(["peft", "paper"]),
         "alpha": ALPHA, "dropout": DROPOUT, "init_weights": st.booleans(),
     })),
+    "elalora": st.fixed_dictionaries({
+        "init_r": SMALL, "b": st.sampled_from([1, 2, 4, 0]), "k": st.sampled_from([1, 2, 0]),
+        "scheduler": st.booleans(), "total_step": st.sampled_from([100, 100, 100, 10, None]),
+        "tinit": st.integers(0, 3), "tfinal": st.integers(0, 3), "deltaT": st.integers(1, 3),
+        "beta1": st.sampled_from([0.85, 0.5]), "orth_reg_weight": st.sampled_from([0.1, 0.0]),
+        "orth_reg": st.sampled_from(["peft", "paper"]), "alpha": ALPHA, "dropout": DROPOUT,
+        "init_weights": st.booleans(), "expansion_seed": st.sampled_from([0, 1, -1]),
+    }),
 }
 
 
@@ -120,7 +128,7 @@ def starts_at_zero(name: str, options: dict[str, Any]) -> bool:
         return init in (True, "zeros")
     if name == "singlora":
         return options["ramp_up_steps"] > 0  # u(0) = 0 in eval mode; 0 switches the ramp off
-    if name in ("lora", "dora", "bora", "gralora", "miss", "adalora"):
+    if name in ("lora", "dora", "bora", "gralora", "miss", "adalora", "elalora"):
         return init is not False  # PiSSA / OLoRA move their initial update out of the base weight
     return True  # surm, loldu
 

@@ -58,16 +58,14 @@ from ..core.registry import PeftFormat, register
 
 
 @dataclass(kw_only=True)
-class AdaLoRAConfig(AdapterConfig):
-    """AdaLoRA hyper-parameters, named and defaulted as PEFT's ``AdaLoraConfig`` (``lora_alpha`` is ``alpha``)."""
-
-    method = "adalora"
+class SVDConfig(AdapterConfig):
+    """Fields of an SVD-shaped adapter whose rank an importance schedule allocates (AdaLoRA, ElaLoRA): one
+    name and meaning for both, with PEFT's AdaLoRA defaults (a subclass may redeclare a default)."""
 
     init_r: int = config_field(12, "initial rank of every adapted layer")
-    target_r: int = config_field(8, "average rank per layer at the end of the budget phase")
-    tinit: int = config_field(0, "warm-up steps before any masking")
-    tfinal: int = config_field(0, "final steps at the fixed target pattern")
-    deltaT: int = config_field(1, "steps between two allocations in the budget phase")
+    tinit: int = config_field(0, "warm-up steps before any rank allocation")
+    tfinal: int = config_field(0, "final steps with the rank pattern fixed")
+    deltaT: int = config_field(1, "steps between two rank allocations")
     beta1: float = config_field(0.85, "EMA factor of the sensitivity")
     beta2: float = config_field(0.85, "EMA factor of the uncertainty")
     orth_reg_weight: float = config_field(0.5, "weight of the orthogonal regulariser")
@@ -76,21 +74,43 @@ class AdaLoRAConfig(AdapterConfig):
     alpha: float = config_field(8.0, "scaling numerator: ΔW = alpha / init_r · B (A ⊙ E)")
     dropout: float = config_field(0.0, "dropout probability on the adapter branch's input")
     init_weights: bool = config_field(True, "True: E = 0, A and B ~ N(0, 0.02^2); False: all N(0, 1)")
-    rank_pattern: dict[str, list[bool]] | None = field(  # field(): ruff wants a visible default for a dict
-        default=None, metadata={"help": "{layer: kept components of init_r}: build the layers at those ranks"})
+
+    def final_rank(self) -> int:
+        """The average rank per layer at the end of the schedule."""
+        return self.init_r
 
     def validate(self) -> None:
         owner = type(self).__name__
         check_positive_int(owner, "init_r", self.init_r)
-        check_schedule(owner, total_step=self.total_step, target_r=self.target_r, tinit=self.tinit,
+        check_schedule(owner, total_step=self.total_step, target_r=self.final_rank(), tinit=self.tinit,
                        tfinal=self.tfinal, deltaT=self.deltaT, beta1=self.beta1, beta2=self.beta2,
                        orth_reg_weight=self.orth_reg_weight, orth_reg=self.orth_reg)
-        if self.target_r > self.init_r:
-            raise ValueError(f"{owner}: target_r ({self.target_r}) must not exceed init_r ({self.init_r}); "
-                             "AdaLoRA only removes rank")
         check_positive_number(owner, "alpha", self.alpha)
         check_dropout(owner, self.dropout)
         check_choice(owner, "init_weights", self.init_weights, [True, False])
+
+
+@dataclass(kw_only=True)
+class AdaLoRAConfig(SVDConfig):
+    """AdaLoRA hyper-parameters, named and defaulted as PEFT's ``AdaLoraConfig`` (``lora_alpha`` is ``alpha``)."""
+
+    method = "adalora"
+
+    target_r: int = config_field(8, "average rank per layer at the end of the budget phase")
+    rank_pattern: dict[str, list[bool]] | None = field(  # field(): ruff wants a visible default for a dict
+        default=None, metadata={"help": "{layer: kept components of init_r}: build the layers at those ranks"})
+
+    def final_rank(self) -> int:
+        return self.target_r
+
+    def validate(self) -> None:
+        super().validate()
+        owner = type(self).__name__
+        if self.target_r > self.init_r:
+            raise ValueError(f"{owner}: target_r ({self.target_r}) must not exceed init_r ({self.init_r}); "
+                             "AdaLoRA only removes rank")
+        if self.rank_pattern is not None and not isinstance(self.rank_pattern, dict):
+            raise ValueError(f"{owner}: rank_pattern must be a {{layer name: [bool] * init_r}} dict, got {self.rank_pattern!r}")
         for name, pattern in (self.rank_pattern or {}).items():
             if not isinstance(pattern, list) or len(pattern) != self.init_r or not all(
                     isinstance(b, bool) for b in pattern):
@@ -108,8 +128,7 @@ class AdaLoRAAdapter(RankComponents, Adapter):
         if config.init_r > limit:
             raise self.fail(f"init_r={config.init_r} exceeds min(out, in)={limit}",
                             f"Use init_r <= {limit} or exclude this layer from targets")
-        pattern = (config.rank_pattern or {}).get(layer_name)
-        self.r = sum(pattern) if pattern is not None else config.init_r
+        self.r = self._start_rank(config, layer_name)
         self.alpha = config.alpha
         self.init_r = config.init_r
         self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
@@ -119,6 +138,11 @@ class AdaLoRAAdapter(RankComponents, Adapter):
         self.lora_B = nn.Parameter(fresh["lora_B"])
         # PEFT's ranknum: float(init_r), not trained and not saved; a buffer so that it follows .to().
         self.register_buffer("ranknum", torch.tensor(float(config.init_r)), persistent=False)
+
+    def _start_rank(self, config: Any, layer_name: str) -> int:
+        """The rank the layer is built at: the kept components of its ``rank_pattern`` entry, else init_r."""
+        pattern = (config.rank_pattern or {}).get(layer_name)
+        return sum(pattern) if pattern is not None else config.init_r
 
     def _draw(self, count: int, init_weights: bool) -> dict[str, Tensor]:
         """A, E, B drawn from the global generator in PEFT's order (randn A, E, B, then one randn(1) for
@@ -234,4 +258,4 @@ register(
     allocator=AdaLoRAAllocator.from_config,
 )
 
-__all__ = ["AdaLoRAAdapter", "AdaLoRAAllocator", "AdaLoRAConfig"]
+__all__ = ["AdaLoRAAdapter", "AdaLoRAAllocator", "AdaLoRAConfig", "SVDConfig"]

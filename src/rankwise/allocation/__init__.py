@@ -6,6 +6,7 @@ exposes rank components. ``rankwise.allocator(model)`` gives the allocator of an
 
 from .adalora import AdaLoRAAllocator
 from .ardlora import ARDLoRAAllocator
+from .elalora import ElaLoRAAllocator
 from .gora import GoRAAllocator
 
-__all__ = ["ARDLoRAAllocator", "AdaLoRAAllocator", "GoRAAllocator"]
+__all__ = ["ARDLoRAAllocator", "AdaLoRAAllocator", "ElaLoRAAllocator", "GoRAAllocator"]

@@ -103,6 +103,9 @@ class AdaLoRAAllocator(Allocator):
             PEFT's ``rank_pattern``), re-applied at every step after T − t_final.
     """
 
+    #: the method named in error messages (subclasses set their own)
+    label = "AdaLoRA"
+
     def __init__(self, model: nn.Module, *, total_step: int, target_r: int, tinit: int = 0, tfinal: int = 0,
                  deltaT: int = 1, beta1: float = 0.85, beta2: float = 0.85, orth_reg_weight: float = 0.5,
                  orth_reg: str = "peft", init_budget: int | None = None,
@@ -190,7 +193,7 @@ class AdaLoRAAllocator(Allocator):
         if missing:
             shown = ", ".join(missing[:6]) + (f", ... ({len(missing)} in all)" if len(missing) > 6 else "")
             raise ValueError(
-                f"AdaLoRA allocator.step({step}): no gradient on {shown}. Call it after loss.backward() and "
+                f"{self.label} allocator.step({step}): no gradient on {shown}. Call it after loss.backward() and "
                 "optimizer.step() and before optimizer.zero_grad() (PEFT's order), and make sure the forward "
                 "pass uses every adapted layer"
             )
@@ -211,11 +214,16 @@ class AdaLoRAAllocator(Allocator):
         """``{layer: S}``, the score of every component (module docstring), from the current statistics."""
         if not self.exp_avg_ipt:
             raise ValueError(
-                "AdaLoRA: no importance statistics yet, so no component can be scored; the allocator must see "
+                f"{self.label}: no importance statistics yet, so no component can be scored; the allocator must see "
                 "steps of the budget phase (before total_step - tfinal) first"
             )
         return {name: _component_scores(adapter, self.exp_avg_ipt, self.exp_avg_unc, name)
                 for name, adapter in self.layers.items()}
+
+    def agreed_scores(self) -> dict[str, Tensor]:
+        """:meth:`scores` averaged over the processes of a distributed run, so that every one decides alike."""
+        local = self.scores()
+        return dict(zip(local, all_reduce_mean(list(local.values()))))
 
     @torch.no_grad()
     def _mask_to_budget(self, budget: int) -> None:
@@ -225,8 +233,7 @@ class AdaLoRAAllocator(Allocator):
         if k <= 0:
             self.masks = {name: torch.ones(adapter.r, dtype=torch.bool) for name, adapter in self.layers.items()}
             return
-        local = self.scores()
-        scores = dict(zip(local, all_reduce_mean(list(local.values()))))  # the same decision on every process
+        scores = self.agreed_scores()
         threshold = torch.kthvalue(torch.cat(list(scores.values())), k).values.item()
         for name, adapter in self.layers.items():
             drop = scores[name] <= threshold
@@ -267,7 +274,7 @@ class AdaLoRAAllocator(Allocator):
         wrong = sorted(k for k, v in tensors.items() if expected.get(k) != tuple(v.shape))
         if wrong:
             raise ValueError(
-                f"the AdaLoRA allocator state does not fit this model: {wrong[:5]} are unknown or of another "
+                f"the {self.label} allocator state does not fit this model: {wrong[:5]} are unknown or of another "
                 "shape; it was saved from a different model or adapter"
             )
 

@@ -11,6 +11,10 @@ a new component is initialised. From that the mixin provides, for every such met
     * ``keep_components(keep)``: shrink the tensors to the kept components;
     * ``grow_components(count)``: append ``count`` fresh components that add nothing to ΔW.
 
+Both resizes take an optional ``optimizer=``: the tensors are then resized in place (same Parameter
+objects) and their gradients and optimizer state follow them (kept components keep their moments, new
+ones start at zero), so one optimizer and one learning-rate schedule live through every resize.
+
 An :class:`Allocator` moves rank between the layers of one model; ``rankwise.allocator(model)``
 gives the adapted model's allocator (built from the config by the method's registered factory, and
 kept with the model), or None for fixed-rank methods. ``rankwise.ranks(model)`` gives every layer's
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,28 +75,78 @@ class RankComponents:
         parameter.masked_fill_(drop.to(parameter.device).view(shape), 0.0)
 
     @torch.no_grad()
-    def keep_components(self, keep: Tensor) -> None:
+    def keep_components(self, keep: Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Shrink every rank tensor to the components where ``keep`` (bool, (r,)) holds.
 
-        The tensors are replaced by new parameters: build the optimiser after resizing.
+        Without ``optimizer`` the tensors are replaced by new parameters: build the optimiser after
+        resizing. With ``optimizer`` they are resized in place (see :meth:`_resize`): the kept
+        components keep their gradient and their optimizer state (AdamW's moments).
         """
         self._check_selector(keep, "keep_components")
+        self._check_held(optimizer, "keep_components")
         index = keep.nonzero().view(-1)
-        self._replace({name: p.index_select(dim, index.to(p.device)) for name, (p, dim) in self.rank_tensors().items()},
-                      int(index.numel()))
+
+        def select(tensor: Tensor, dim: int) -> Tensor:
+            return tensor.index_select(dim, index.to(tensor.device))
+
+        values = {name: select(p, dim) for name, (p, dim) in self.rank_tensors().items()}
+        self._resize(values, int(index.numel()), optimizer, select)
 
     @torch.no_grad()
-    def grow_components(self, count: int) -> None:
+    def grow_components(self, count: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Append ``count`` components initialised by :meth:`new_components` (ΔW unchanged).
 
-        The tensors are replaced by new parameters: build the optimiser after resizing.
+        Without ``optimizer`` the tensors are replaced by new parameters: build the optimiser after
+        resizing. With ``optimizer`` they are resized in place (see :meth:`_resize`): the new
+        components start with a zero gradient and zero optimizer state.
         """
         if count < 0:
             raise ValueError(f"grow_components: count must be >= 0, got {count}")
+        self._check_held(optimizer, "grow_components")
         fresh = self.new_components(count)
-        tensors = self.rank_tensors()
-        self._replace({name: torch.cat([p, fresh[name].to(p)], dim=dim) for name, (p, dim) in tensors.items()},
-                      self.r + count)
+        values = {name: torch.cat([p, fresh[name].to(p)], dim=dim) for name, (p, dim) in self.rank_tensors().items()}
+        self._resize(values, self.r + count, optimizer, lambda tensor, dim: zero_padded(tensor, dim, count))
+
+    def _resize(self, values: dict[str, Tensor], rank: int, optimizer: torch.optim.Optimizer | None,
+                follow: Callable[[Tensor, int], Tensor]) -> None:
+        """Give the rank tensors their new ``values``; with ``optimizer``, in place and with their companions.
+
+        In place means the same :class:`~torch.nn.Parameter` objects (``parameter.data = value``), so the
+        optimizer's ``param_groups`` and a learning-rate schedule bound to it stay valid. Every tensor of
+        the parameter's optimizer state shaped like the parameter (AdamW's ``exp_avg`` / ``exp_avg_sq``,
+        ``max_exp_avg_sq``, SGD's ``momentum_buffer``) and its gradient go through ``follow(tensor, rank
+        dim)``; other state entries (AdamW's ``step``) are left as they are.
+        """
+        if optimizer is None:
+            self._replace(values, rank)
+            return
+        for name, (parameter, dim) in self.rank_tensors().items():
+            state = optimizer.state.get(parameter, {})
+            for key, value in list(state.items()):
+                if isinstance(value, Tensor) and value.shape == parameter.shape:
+                    state[key] = follow(value, dim)
+            grad = None if parameter.grad is None else follow(parameter.grad, dim)
+            # torch keeps a leaf's gradient accumulator (with the old shape) while any graph built on it is
+            # alive, e.g. the previous step's loss, and drops it only when .data changes dtype or device: pass
+            # through another dtype so that the next backward pass accumulates at the new shape.
+            other = torch.float32 if parameter.dtype == torch.float64 else torch.float64
+            parameter.data = parameter.data.new_empty(0, dtype=other)
+            parameter.data = values[name].contiguous()
+            parameter.grad = grad  # after .data: a gradient must have the parameter's shape
+        self.r = rank
+
+    def _check_held(self, optimizer: torch.optim.Optimizer | None, what: str) -> None:
+        """``ValueError`` (before anything changes) if ``optimizer`` does not hold every rank tensor."""
+        if optimizer is None:
+            return
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [name for name, (p, _) in self.rank_tensors().items() if id(p) not in held]
+        if missing:
+            raise ValueError(
+                f"{what}: the optimizer does not hold {missing} of layer '{getattr(self, 'layer_name', '')}', so "
+                "their state cannot follow the resize; pass the optimizer that trains this adapter (built after "
+                "rankwise.adapt)"
+            )
 
     def _replace(self, values: dict[str, Tensor], rank: int) -> None:
         module: Any = self
@@ -108,6 +163,13 @@ class RankComponents:
                 f"{what}: expected a bool tensor of shape ({self.r},) for layer "
                 f"'{getattr(self, 'layer_name', '')}', got {selector.dtype} {tuple(selector.shape)}"
             )
+
+
+def zero_padded(tensor: Tensor, dim: int, count: int) -> Tensor:
+    """``tensor`` with ``count`` zero slices appended along ``dim``."""
+    shape = list(tensor.shape)
+    shape[dim] = count
+    return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)
 
 
 def supported_methods() -> list[str]:
@@ -148,6 +210,11 @@ class Allocator(ABC):
     def regularizer(self) -> Tensor | None:
         """A term to add to the training loss, or None when the method has none."""
         return None
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:  # noqa: B027 - optional hook, no-op by default
+        """Tell the allocator which optimizer trains the adapter (an allocator that resizes tensors keeps that
+        optimizer's state in step with them). ``RankwiseCallback`` and rankwise's own loop call it; the base
+        allocator does not need it."""
 
     def finalize(self) -> object:
         """Called once at the end of training (rankwise's loop, ``RankwiseCallback``) before the adapter is

@@ -204,6 +204,8 @@ def train(
         torch.manual_seed(settings.seed)
     model.train()
     allocator = model_allocator(model) if is_adapted(model) else None  # AdaLoRA: stepped in PEFT's order below
+    if allocator is not None:
+        allocator.attach_optimizer(optimizer)  # ElaLoRA resizes the optimizer's state with the adapter
     progress = tqdm(range(start_step, stop), desc=description, unit="step", leave=False)
     for step in progress:
         epoch, offset = divmod(step, per_epoch)

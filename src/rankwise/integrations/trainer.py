@@ -50,7 +50,10 @@ config's ``total_step`` to ``max_steps``). It adds ``allocator.regularizer()`` t
 forward hook on the model in training mode, as PEFT's ``AdaLoraModel.forward`` does (PEFT also adds it to
 the evaluation loss; we leave that one the task's loss). A loss computed outside the model, e.g. by a
 label smoother, gets no regulariser, as in PEFT. The allocator's state
-is saved with every checkpoint's adapter and restored on resume. At the end of training the callback
+is saved with every checkpoint's adapter and restored on resume. The callback gives the allocator the
+Trainer's optimizer (``allocator.attach_optimizer``): ElaLoRA resizes its state with the adapter's
+tensors (resume ElaLoRA on a model built by ``rankwise.load`` from the checkpoint's adapter, whose
+layers have that step's ranks). At the end of training the callback
 calls ``allocator.finalize()`` before the final save (ARD-LoRA shrinks its adapters there). A run that ends without the allocator
 ever having allocated (``max_steps`` too short for ``tinit``/``deltaT``) raises ``ValueError`` once the
 final adapter is written: it trained a fixed-rank adapter, which is what PEFT does silently.
@@ -141,7 +144,7 @@ class RankwiseCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: nn.Module | None = None, optimizer: Any = None, **kwargs: Any) -> None:
         self._gradient_checked = not self.checks or _sharded(args)
-        self._start_allocation(args, state, _adapted(model))
+        self._start_allocation(args, state, _adapted(model), optimizer)
         if not self.checks:
             return
         check_trainable(model)
@@ -201,11 +204,15 @@ class RankwiseCallback(TrainerCallback):
 
     # -- rank allocation -------------------------------------------------------------------------
 
-    def _start_allocation(self, args: TrainingArguments, state: TrainerState, model: nn.Module) -> None:
-        """Take the model's allocator (restoring its state on resume) and hook its regulariser into the loss."""
+    def _start_allocation(self, args: TrainingArguments, state: TrainerState, model: nn.Module,
+                          optimizer: Any) -> None:
+        """Take the model's allocator (restoring its state on resume), give it the optimizer, and hook its
+        regulariser into the loss."""
         self._allocator = allocator(model)
         if self._allocator is None:
             return
+        if optimizer is not None:
+            self._allocator.attach_optimizer(optimizer)  # ElaLoRA resizes the optimizer's state with the adapter
         if state.global_step > 0:
             checkpoint = _checkpoint_dir(args, state)
             if checkpoint is not None:
