@@ -7,7 +7,7 @@ Usage::
     python benchmarks/lorapro.py --quick              # tiny random BERT, seconds (the smoke test's mode)
 
 Candidates, each on its own copy of one adapted model (same init), timed in one process, interleaved
-round by round after warm-up (medians; see /work/shared/BENCHMARKS.md): the frozen floor, LoRA with
+round by round after warm-up (medians; see benchmarks/README.md): the frozen floor, LoRA with
 ``torch.optim.AdamW`` (the baseline), ``rankwise.LoRAPro`` in its default ``"efficient"`` mode, and
 in ``"full"`` mode (m×n Adam moments per layer). One step = forward, scalar loss, backward,
 optimizer step, ``zero_grad``. A second table times ``optimizer.step()`` alone (the gradients of one
@@ -75,8 +75,8 @@ def report(args: argparse.Namespace, trainable: int, step_s: dict[str, float], a
     return "\n".join([
         f"# LoRA-Pro vs AdamW ({setup}, LoRA r8 α8 all-linear, batch {args.batch}, seq {args.seq}, float32, train mode)",
         "",
-        (f"{common.environment_line(args.threads)}; {args.rounds} interleaved rounds after {args.warmup} warm-up, "
-         "medians, on a shared machine (other jobs were running: read the ratios, not the seconds)."),
+        f"{common.environment_line(args.threads)}; {args.rounds} interleaved rounds after {args.warmup} warm-up, medians.",
+        *([f"**{args.note}**"] if args.note else []),
         (f"all-linear = {', '.join(common.ALL_LINEAR)}; {trainable:,} trainable parameters; lr {LR}. Goal: LoRA-Pro "
          "(efficient, the default) ≤ 1.10× AdamW; the published overhead is 1.66× (60.2 % throughput)."),
         "",
@@ -97,6 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=None, help="batch size (32; 2 with --quick)")
     parser.add_argument("--seq", type=int, default=None, help="sequence length (64; 8 with --quick)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--note", default="", help="a line printed in bold under the set-up (e.g. a shared machine)")
     parser.add_argument("--quick", action="store_true", help="tiny random BERT, for smoke tests")
     parser.add_argument("--out", default="lorapro.md", help="file name under benchmarks/results/ ('' to not write)")
     args = parser.parse_args(argv)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 import rankwise
-from rankwise.experiment.finetune import with_run_length
+from rankwise.experiment.finetune import LONG_RUN, with_run_length
 
 
 def layer_step(model: nn.Module, tokens: int, width: int) -> common.Step:
@@ -42,7 +42,7 @@ def layer_step(model: nn.Module, tokens: int, width: int) -> common.Step:
 
 def adapted_linear(method: str, width: int) -> nn.Module:
     """One ``width``×``width`` Linear adapted by ``method`` with its default config."""
-    options = with_run_length(method, {}, 1)  # AdaLoRA's total_step; timing never allocates
+    options = with_run_length(method, {}, LONG_RUN)  # total_step for AdaLoRA/ElaLoRA; timing never allocates
     return rankwise.adapt(nn.Sequential(nn.Linear(width, width)), rankwise.config(method, targets=["0"], **options))
 
 

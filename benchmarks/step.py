@@ -28,7 +28,7 @@ from torch import nn
 
 import rankwise
 from rankwise.core.registry import get_method
-from rankwise.experiment.finetune import with_run_length
+from rankwise.experiment.finetune import LONG_RUN, with_run_length
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def candidates(selected: set[str] | None) -> dict[str, Candidate]:
         if selected is None or method in selected:
             key = f"rankwise {method} default"
             defaults = get_method(method).config_cls.comparison_defaults  # SURM: rectangular="native"
-            defaults = with_run_length(method, defaults, 1)  # AdaLoRA's total_step; timing never allocates
+            defaults = with_run_length(method, defaults, LONG_RUN)  # total_step for AdaLoRA/ElaLoRA; timing never allocates
             found[key] = Candidate(key, _rankwise_builder(method, {"targets": common.ALL_LINEAR, **defaults}))
     return found
 

@@ -23,7 +23,7 @@ from torch import nn
 from ..core.inject import adapt, merge, trainable_parameters
 from ..core.registry import config as make_config
 from .compare import per_method_options, selected_methods
-from .finetune import SHIPPED_MODEL, model_path, parse_targets, with_run_length
+from .finetune import LONG_RUN, SHIPPED_MODEL, model_path, parse_targets, with_run_length
 from .report import markdown_table
 from .timing import floor_step, inference_step, interleaved_times, medians, random_batch, training_step
 
@@ -96,8 +96,8 @@ def run(args: argparse.Namespace) -> int:
     names = selected_methods(args.methods)
     options = per_method_options(args.overrides, names)
     targets = parse_targets(args.targets)
-    steps = args.rounds + args.warmup  # the timed run's length, for a schedule that needs it (AdaLoRA)
-    configs = {name: make_config(name, **{"targets": targets, **with_run_length(name, options[name], steps)})
+    # A schedule that needs the run length (AdaLoRA, ElaLoRA) gets a long one: timing never steps the allocator.
+    configs = {name: make_config(name, **{"targets": targets, **with_run_length(name, options[name], LONG_RUN)})
                for name in names}
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
