@@ -82,7 +82,8 @@ def test_finetune_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 
 
 @pytest.mark.slow
-def test_resume_from_checkpoint_gives_the_same_numbers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("optimizer", ["adamw", "lorapro"])
+def test_resume_from_checkpoint_gives_the_same_numbers(tmp_path: Path, optimizer: str) -> None:
     args = _parse("--r", "4")
     path = finetune.model_path(finetune.SHIPPED_MODEL)
     from transformers import AutoTokenizer
@@ -90,7 +91,7 @@ def test_resume_from_checkpoint_gives_the_same_numbers(tmp_path: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     texts = data.load_task("movie-reviews").head(48)
     encoded = finetune.encode(tokenizer, texts, max_length=24)
-    settings = TrainSettings(steps=6, batch_size=16, lr=2e-3, seed=3)
+    settings = TrainSettings(steps=6, batch_size=16, lr=2e-3, seed=3, optimizer=optimizer)
 
     def fresh() -> torch.nn.Module:
         torch.manual_seed(0)
@@ -104,11 +105,12 @@ def test_resume_from_checkpoint_gives_the_same_numbers(tmp_path: Path) -> None:
     history, _ = train(straight, encoded, settings, tokenizer.pad_token_id)
 
     first = adapted()
-    partial, optimizer = train(first, encoded, settings, tokenizer.pad_token_id, stop_step=3)
-    save_checkpoint(first, optimizer, 3, tmp_path / "checkpoint")
-    resumed, optimizer, step = load_checkpoint(fresh(), tmp_path / "checkpoint", settings)
+    partial, used = train(first, encoded, settings, tokenizer.pad_token_id, stop_step=3)
+    assert type(used).__name__ == {"adamw": "AdamW", "lorapro": "LoRAPro"}[optimizer]
+    save_checkpoint(first, used, 3, tmp_path / "checkpoint")
+    resumed, used, step = load_checkpoint(fresh(), tmp_path / "checkpoint", settings)
     assert step == 3
-    rest, _ = train(resumed, encoded, settings, tokenizer.pad_token_id, optimizer=optimizer, start_step=step)
+    rest, _ = train(resumed, encoded, settings, tokenizer.pad_token_id, optimizer=used, start_step=step)
 
     assert partial.losses + rest.losses == pytest.approx(history.losses, abs=1e-6)
     expected = evaluate(straight, encoded, tokenizer.pad_token_id, 2)
@@ -127,3 +129,15 @@ def test_finetune_gora_initialises_before_training(tmp_path: Path) -> None:
     pattern = config["rank_pattern"]
     assert len(pattern) == 12 and all(key.startswith("^bert") for key in pattern)
     assert len(set(pattern.values())) > 1
+
+
+def test_finetune_with_lorapro(tmp_path: Path) -> None:
+    """``--optimizer lorapro`` trains the adapter with LoRA-Pro (the probe keeps AdamW) and records it."""
+    out = tmp_path / "lorapro"
+    argv = ["finetune", "--optimizer", "lorapro", "--max-examples", "32", "--steps", "2", "--batch-size", "16",
+            "--max-length", "16", "--r", "2", "--output-dir", str(out)]
+    assert cli.main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["settings"]["optimizer"] == "lorapro"
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        TrainSettings(optimizer="sgd")

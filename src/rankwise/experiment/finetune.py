@@ -39,6 +39,7 @@ from ..core.registry import get_method, option_names, registered
 from . import data as datasets
 from . import report
 from .train import (
+    OPTIMIZERS,
     Encoded,
     History,
     Metrics,
@@ -106,6 +107,9 @@ def add_training_options(parser: argparse.ArgumentParser, output_help: str) -> N
     training.add_argument("--steps", type=int, help="total optimizer steps (overrides --epochs)")
     training.add_argument("--batch-size", type=int, default=32)
     training.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (linear decay to zero)")
+    training.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
+                          help="adamw, or lorapro (LoRA-Pro's equivalent gradient for LoRA/rsLoRA/DoRA/BoRA factors; "
+                               "the linear probe always uses AdamW)")
     training.add_argument("--probe-lr", type=float, default=5e-3, help="learning rate of the linear probe")
     training.add_argument("--no-probe", action="store_true", help="skip the linear-probe baseline")
     training.add_argument("--seed", type=int, default=0, help="seeds the split, the order and the init")
@@ -292,7 +296,8 @@ def prepare(args: argparse.Namespace) -> Prepared:
 
 
 def settings_from(args: argparse.Namespace, lr: float) -> TrainSettings:
-    return TrainSettings(epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=lr, seed=args.seed)
+    return TrainSettings(epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=lr, seed=args.seed,
+                         optimizer=args.optimizer)
 
 
 def setup_torch(args: argparse.Namespace) -> None:
@@ -410,8 +415,8 @@ def train_and_test(
 
 def linear_probe(prepared: Prepared, args: argparse.Namespace, validate: bool = False) -> Trained:
     """Train only the classification head on the frozen encoder, same examples, epochs and batch size."""
-    return train_and_test(probe_classifier(prepared, args.seed), prepared, settings_from(args, args.probe_lr),
-                          "linear probe", validate=validate)
+    settings = dataclasses.replace(settings_from(args, args.probe_lr), optimizer="adamw")  # no adapter to adjust
+    return train_and_test(probe_classifier(prepared, args.seed), prepared, settings, "linear probe", validate=validate)
 
 
 def run(args: argparse.Namespace) -> int:

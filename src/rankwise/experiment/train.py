@@ -29,6 +29,7 @@ from ..core.rank import allocator as model_allocator
 logger = logging.getLogger(__name__)
 
 TRAINING_STATE_FILE = "training_state.pt"
+OPTIMIZERS = ("adamw", "lorapro")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,8 @@ class TrainSettings:
         lr: peak learning rate of AdamW; it decays linearly to zero at the last step.
         seed: seeds the example order and dropout.
         weight_decay: AdamW weight decay.
+        optimizer: ``"adamw"``, or ``"lorapro"`` (:class:`rankwise.optim.LoRAPro`: AdamW on LoRA-Pro's
+            equivalent gradient for the two-factor adapters, plain AdamW for every other trainable tensor).
     """
 
     epochs: float = 2.0
@@ -61,8 +64,11 @@ class TrainSettings:
     lr: float = 5e-4
     seed: int = 0
     weight_decay: float = 0.0
+    optimizer: str = "adamw"
 
     def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.steps is not None and self.steps <= 0:
             raise ValueError(f"steps must be a positive integer, got {self.steps}")
         if self.steps is None and not self.epochs > 0:
@@ -167,10 +173,14 @@ def epoch_order(n_examples: int, seed: int, epoch: int) -> list[int]:
 
 
 def make_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
-    """AdamW over the parameters that require gradients."""
+    """``settings.optimizer`` over the parameters that require gradients (AdamW, or LoRA-Pro)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters; adapt it or unfreeze a module first")
+    if settings.optimizer == "lorapro":
+        from ..optim import LoRAPro
+
+        return LoRAPro(model, lr=settings.lr, weight_decay=settings.weight_decay)
     return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
 
 
