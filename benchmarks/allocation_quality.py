@@ -5,7 +5,8 @@ with adapters on ``query,value`` of the shipped all-MiniLM-L6-v2, at a final bud
 rank of 8 per adapted layer; every adapted layer here is 384×384, so a rank costs 768 parameters). Schedules are set
 for the run's length (``--max-examples`` × ``--epochs`` / batch 32 steps): warm-up and final phases of about a sixth
 and a quarter of the run, allocation every twentieth of it. Writes ``benchmarks/results/allocation_quality.md``:
-mean ± standard deviation over the seeds of test accuracy and macro-F1, and each method's final rank sum.
+mean ± standard deviation over the seeds of test accuracy, macro-F1 and the training loss over the last tenth of the
+steps, and each method's final rank sum.
 
     python benchmarks/allocation_quality.py                     # 3 seeds, 1000 examples x 2 epochs (~20 min, 2 cores)
     python benchmarks/allocation_quality.py --seeds 0 --max-examples 200
@@ -55,7 +56,9 @@ def run_one(options: list[str], seed: int, max_examples: int, epochs: float, dir
     metrics = json.loads((directory / "metrics.json").read_text())
     row = next(value for key, value in metrics["test"].items() if key.endswith("+ head"))
     ranks = metrics.get("ranks")
-    return {"accuracy": row["accuracy"], "macro_f1": row["macro_f1"],
+    losses = metrics["history"]["train_loss"]
+    tail = losses[-max(1, len(losses) // 10):]
+    return {"accuracy": row["accuracy"], "macro_f1": row["macro_f1"], "final_loss": statistics.fmean(tail),
             "rank_sum": sum(ranks.values()) if ranks else LAYERS * RANK}
 
 
@@ -81,7 +84,7 @@ def main() -> None:
                 results.setdefault(label, []).append(result)
                 print(f"{label} seed {seed}: {result}", flush=True)
     rows = [[label, spread([r["accuracy"] for r in runs]), spread([r["macro_f1"] for r in runs]),
-             " / ".join(str(r["rank_sum"]) for r in runs), f"{768 * statistics.fmean(r['rank_sum'] for r in runs):,.0f}"]
+             spread([r["final_loss"] for r in runs]), " / ".join(str(r["rank_sum"]) for r in runs), f"{768 * statistics.fmean(r['rank_sum'] for r in runs):,.0f}"]
             for label, runs in results.items()]
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     text = "\n".join([
@@ -93,7 +96,8 @@ def main() -> None:
         ("Final rank sum over the 12 adapted layers per seed (LoRA r8: 96); final adapter parameters ≈ 768 × rank sum "
          "(AdaLoRA and ElaLoRA keep one singular value more per rank: 769)."),
         "",
-        markdown_table(["method", "test accuracy (mean ± sd)", "macro-F1 (mean ± sd)", "final rank sum per seed",
+        markdown_table(["method", "test accuracy (mean ± sd)", "macro-F1 (mean ± sd)",
+                        "training loss, last tenth of the steps (mean ± sd)", "final rank sum per seed",
                         "final adapter params (mean)"], rows),
         "",
     ])
