@@ -47,9 +47,10 @@ def candidates(steps: int) -> dict[str, list[str]]:
     }
 
 
-def run_one(options: list[str], seed: int, max_examples: int, epochs: float, directory: Path) -> dict:
-    argv = ["finetune", *options, "--targets", "query,value", "--seed", str(seed), "--max-examples", str(max_examples),
-            "--epochs", str(epochs), "--no-probe", "--output-dir", str(directory)]
+def run_one(options: list[str], seed: int, args: argparse.Namespace, directory: Path) -> dict:
+    argv = ["finetune", *options, "--targets", "query,value", "--seed", str(seed), "--max-examples",
+            str(args.max_examples), "--epochs", str(args.epochs), "--lr", str(args.lr), "--no-probe",
+            "--output-dir", str(directory)]
     status = cli.main(argv)
     if status != 0:
         raise RuntimeError(f"rankwise {' '.join(argv)} exited {status}")
@@ -72,6 +73,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--max-examples", type=int, default=1000)
     parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak lr (at 1e-3 LoRA stays at the majority class "
+                        "in a run this short)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -80,7 +83,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         for label, options in candidates(steps).items():
             for seed in seeds:
-                result = run_one(options, seed, args.max_examples, args.epochs, Path(scratch) / f"{label}-{seed}")
+                result = run_one(options, seed, args, Path(scratch) / f"{label}-{seed}")
                 results.setdefault(label, []).append(result)
                 print(f"{label} seed {seed}: {result}", flush=True)
     rows = [[label, spread([r["accuracy"] for r in runs]), spread([r["macro_f1"] for r in runs]),
