@@ -94,8 +94,8 @@ def main() -> None:
         "# Rank allocation and LoRA-Pro on the embedded task (movie reviews, all-MiniLM-L6-v2, query,value)",
         "",
         (f"torch {torch.__version__}, {stamp}. `python benchmarks/allocation_quality.py --seeds {args.seeds} "
-        f"--max-examples {args.max_examples} --epochs {args.epochs:g}`: {steps} steps of 32, peak lr 1e-3 decaying "
-        "linearly, the same split, examples and head init for every method; test set of 1000 reviews."),
+         f"--max-examples {args.max_examples} --epochs {args.epochs:g} --lr {args.lr:g}`: {steps} steps of 32, peak "
+         f"lr {args.lr:g} decaying linearly, the same split, examples and head init for every method."),
         ("Final rank sum over the 12 adapted layers per seed (LoRA r8: 96); final adapter parameters ≈ 768 × rank sum "
          "(AdaLoRA and ElaLoRA keep one singular value more per rank: 769)."),
         "",
