@@ -4,11 +4,9 @@ whose schedule never ran in rankwise's own loop."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-import torch.distributed as dist
+from gloo import on_gloo_processes
 from torch import nn
 
 import rankwise
@@ -65,35 +63,27 @@ def train(model: nn.Module, steps: range, part: int | None, wrapper: nn.Module |
         optimizer.zero_grad()
 
 
-def _distributed_worker(rank: int, directory: str) -> None:
-    """One of two gloo processes: a DDP run, an unsynchronised run and a bare all-reduce, saved to a file."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{directory}/store", rank=rank, world_size=2)
-    try:
-        synced = adalora_net()
-        train(synced, range(SCHEDULE["total_step"]), part=rank,
-              wrapper=nn.parallel.DistributedDataParallel(synced))
-        alone = adalora_net()  # no DDP: every process trains on its own half only
-        train(alone, range(LAST_MASKING + 1), part=rank)
-        reduced = all_reduce_mean([torch.full((2, 3), float(rank + 1)), torch.arange(4, dtype=torch.float64) * rank])
-        torch.save({
-            "ddp_state": adapter_state(synced),
-            "ddp_ranks": rankwise.ranks(synced),
-            "ddp_final": rankwise.allocator(synced).final,
-            "alone_masks": rankwise.allocator(alone).masks,
-            "alone_scores": rankwise.allocator(alone).scores(),
-            "world_size": world_size(),
-            "reduced": reduced,
-        }, Path(directory) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _distributed_work(rank: int) -> dict:
+    """One of two gloo processes: a DDP run, an unsynchronised run and a bare all-reduce."""
+    synced = adalora_net()
+    train(synced, range(SCHEDULE["total_step"]), part=rank, wrapper=nn.parallel.DistributedDataParallel(synced))
+    alone = adalora_net()  # no DDP: every process trains on its own half only
+    train(alone, range(LAST_MASKING + 1), part=rank)
+    reduced = all_reduce_mean([torch.full((2, 3), float(rank + 1)), torch.arange(4, dtype=torch.float64) * rank])
+    return {
+        "ddp_state": adapter_state(synced),
+        "ddp_ranks": rankwise.ranks(synced),
+        "ddp_final": rankwise.allocator(synced).final,
+        "alone_masks": rankwise.allocator(alone).masks,
+        "alone_scores": rankwise.allocator(alone).scores(),
+        "world_size": world_size(),
+        "reduced": reduced,
+    }
 
 
 @pytest.fixture(scope="module")
 def distributed(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    directory = tmp_path_factory.mktemp("ddp")
-    torch.multiprocessing.spawn(_distributed_worker, args=(str(directory),), nprocs=2, join=True)
-    return [torch.load(directory / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+    return on_gloo_processes(_distributed_work, tmp_path_factory.mktemp("ddp"))
 
 
 def test_ddp_processes_take_the_same_decisions_and_end_with_the_same_weights(distributed):

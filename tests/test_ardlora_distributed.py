@@ -10,11 +10,9 @@ every test; each process also runs without DDP on its own data, which must disag
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-import torch.distributed as dist
+from gloo import on_gloo_processes
 from torch import nn
 
 import rankwise
@@ -87,28 +85,21 @@ def train(model: nn.Module, part: int | None, wrapper: nn.Module | None = None) 
     return history
 
 
-def _worker(rank: int, directory: str) -> None:
-    """One of two gloo processes: a DDP run and an unsynchronised run on its own half, saved to a file."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{directory}/store", rank=rank, world_size=2)
-    try:
-        synced = ardlora_net()
-        history = train(synced, part=rank, wrapper=nn.parallel.DistributedDataParallel(synced))
-        alone = ardlora_net()  # no DDP: every process trains on its own half only
-        alone_history = train(alone, part=rank)
-        torch.save({
-            "ddp_state": adapter_state(synced), "ddp_ranks": rankwise.ranks(synced), "ddp_history": history,
-            "alone_state": adapter_state(alone), "alone_ranks": rankwise.ranks(alone), "alone_history": alone_history,
-        }, Path(directory) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _work(rank: int) -> dict:
+    """One of two gloo processes: a DDP run and an unsynchronised run on its own half."""
+    synced = ardlora_net()
+    history = train(synced, part=rank, wrapper=nn.parallel.DistributedDataParallel(synced))
+    alone = ardlora_net()  # no DDP: every process trains on its own half only
+    alone_history = train(alone, part=rank)
+    return {
+        "ddp_state": adapter_state(synced), "ddp_ranks": rankwise.ranks(synced), "ddp_history": history,
+        "alone_state": adapter_state(alone), "alone_ranks": rankwise.ranks(alone), "alone_history": alone_history,
+    }
 
 
 @pytest.fixture(scope="module")
 def distributed(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    directory = tmp_path_factory.mktemp("ardddp")
-    torch.multiprocessing.spawn(_worker, args=(str(directory),), nprocs=2, join=True)
-    return [torch.load(directory / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+    return on_gloo_processes(_work, tmp_path_factory.mktemp("ardddp"))
 
 
 def test_ddp_processes_read_the_same_ranks_and_end_with_the_same_weights(distributed):
