@@ -21,6 +21,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
+import common
 import torch
 
 from rankwise import cli
@@ -102,11 +103,9 @@ def main() -> None:
         markdown_table(["method", "test accuracy (mean ± sd)", "macro-F1 (mean ± sd)",
                         "training loss, last tenth of the steps (mean ± sd)", "final rank sum per seed",
                         "final adapter params (mean)"], rows),
-        "",
     ])
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text, encoding="utf-8")
     print(text)
+    print(f"written to {common.write_result(args.output.name, text, args.output.parent)}")
 
 
 if __name__ == "__main__":

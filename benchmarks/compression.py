@@ -19,6 +19,7 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
+import common
 import torch
 
 from rankwise.compress import compress, compression_report
@@ -97,11 +98,9 @@ def main() -> None:
         "would hold more weights than the layer)."),
         "",
         markdown_table(header, rows),
-        "",
     ])
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text, encoding="utf-8")
     print(text)
+    print(f"written to {common.write_result(args.output.name, text, args.output.parent)}")
 
 
 if __name__ == "__main__":
