@@ -272,6 +272,14 @@ class GoRAAllocator(Allocator):
     def allocations(self) -> int:  # type: ignore[override]
         return int(self.initialized)
 
+    def batches_before_training(self) -> int:
+        return 0 if self.initialized else adapter_config(self.model).gradient_batches
+
+    def before_training(self, batches: Iterable[Any], loss_fn: Callable[[nn.Module, Any], Tensor]) -> None:
+        """:func:`initialize` (rankwise's loop calls it with the first ``gradient_batches`` training batches)."""
+        initialize(self.model, batches, loss_fn)
+        self.initialized = True
+
     def step(self, global_step: int) -> None:
         if not self.initialized:
             raise ValueError(f"GoRA model stepped at step {global_step} without its gradient init, so it would train "

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +215,15 @@ class Allocator(ABC):
         """Tell the allocator which optimizer trains the adapter (an allocator that resizes tensors keeps that
         optimizer's state in step with them). ``RankwiseCallback`` and rankwise's own loop call it; the base
         allocator does not need it."""
+
+    def batches_before_training(self) -> int:
+        """How many training batches :meth:`before_training` needs (GoRA: its gradient batches); 0 for none."""
+        return 0
+
+    def before_training(self, batches: Iterable[Any], loss_fn: Callable[[nn.Module, Any], Tensor]) -> None:  # noqa: B027
+        """Called once by rankwise's loop before the optimizer is built, with the first
+        :meth:`batches_before_training` training batches and ``loss_fn(model, batch)``: a method that allocates
+        from data before training does it here (GoRA). Default: nothing."""
 
     def finalize(self) -> object:
         """Called once at the end of training (rankwise's loop, ``RankwiseCallback``) before the adapter is

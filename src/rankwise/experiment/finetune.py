@@ -351,27 +351,29 @@ def adapted_classifier(
     batch_size: int,
 ) -> tuple[nn.Module, AdapterConfig]:
     """A fresh classifier (head initialised from ``seed``) adapted with ``method`` for a run of ``steps``
-    optimizer steps of ``batch_size`` examples; its head is trained in full. GoRA gets its gradient init."""
+    optimizer steps of ``batch_size`` examples; its head is trained in full. An allocator that allocates before
+    training (GoRA's gradient init) gets its batches."""
     torch.manual_seed(seed)
     model = load_classifier(prepared.model_path, prepared.splits.train.label_names)
     options = with_run_length(method, options, steps)
     config = make_config(method, targets=targets, modules_to_save=head_modules(model), **options)
     model = adapt(model, config)
-    if method == "gora":
-        gora_initialize(model, prepared, batch_size, seed)
+    prepare_allocation(model, prepared, batch_size, seed)
     return model, adapter_config(model)
 
 
-def gora_initialize(model: nn.Module, prepared: Prepared, batch_size: int, seed: int) -> None:
-    """GoRA's init (``rankwise.allocation.gora.initialize``) from the first ``gradient_batches`` training batches of
-    epoch 0, the batches training starts with, in train mode (as the paper accumulates them)."""
-    from ..allocation.gora import initialize
-
-    count = min(adapter_config(model).gradient_batches, math.ceil(len(prepared.train) / batch_size))
+def prepare_allocation(model: nn.Module, prepared: Prepared, batch_size: int, seed: int) -> None:
+    """Hand an allocator that allocates from data before training (GoRA's gradient init) the first batches of
+    epoch 0, the batches training starts with, in train mode (as GoRA's paper accumulates them)."""
+    allocator = model_allocator(model)
+    wanted = allocator.batches_before_training() if allocator is not None else 0
+    if not wanted:
+        return
+    count = min(wanted, math.ceil(len(prepared.train) / batch_size))
     order = epoch_order(len(prepared.train), seed, 0)
     batches = (collate(prepared.train, order[i * batch_size:(i + 1) * batch_size], prepared.pad_id) for i in range(count))
     model.train()
-    initialize(model, batches, lambda m, batch: m(**batch).loss)
+    allocator.before_training(batches, lambda m, batch: m(**batch).loss)
 
 
 def final_ranks(model: nn.Module) -> dict[str, int] | None:
