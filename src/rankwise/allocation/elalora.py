@@ -134,6 +134,8 @@ class ElaLoRAAllocator(AdaLoRAAllocator):
     """
 
     label = "ElaLoRA"
+    sharded_problem = ("it resizes the adapters' tensors (moves rank between layers), and FSDP2's sharded parameters "
+                       "keep the shapes they were sharded with")
 
     def __init__(self, model: nn.Module, *, total_step: int, b: int = 4, k: int = 2, scheduler: bool = True,
                  tinit: int = 1, tfinal: int = 1, deltaT: int = 10, beta1: float = 0.85, beta2: float = 0.85,
@@ -192,6 +194,7 @@ class ElaLoRAAllocator(AdaLoRAAllocator):
 
     def step(self, global_step: int) -> None:
         """Update the statistics (t < T − t_final) and run a round where the schedule says so."""
+        self._check_unsharded(global_step)
         if global_step < self.total_step - self.tfinal:
             round_now = self.is_round(global_step)
             if round_now and self.optimizer is None:

@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .layer import AdaptedLayer, SavedModule, is_supported_layer, linear_shape
-from .quantised import check_not_quantised, is_quantised_linear
+from .quantised import check_not_quantised, check_not_sharded, is_quantised_linear
 from .registry import get_method
 
 ALL_LINEAR = "all-linear"
@@ -184,6 +184,7 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
 
     The model is changed in place and returned. Each module in ``config.modules_to_save`` is wrapped
     in a :class:`SavedModule`: the forward runs a trainable copy, the original stays frozen and as it was.
+    A model FSDP2 already sharded is refused: adapt first, then ``fully_shard``.
     """
     if not isinstance(config, AdapterConfig):
         raise ValueError(f"adapt expects a rankwise config (e.g. rankwise.LoRAConfig), got {type(config).__name__}")
@@ -194,6 +195,8 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
         )
     method = get_method(config.method)
     names = find_targets(model, config)
+    for name in names:
+        check_not_sharded(name, model.get_submodule(name))
     adapters = {name: method.adapter_cls(model.get_submodule(name), config, name) for name in names}
     saved = {name: SavedModule(model.get_submodule(name)) for name in _modules_to_save(model, config)}
 

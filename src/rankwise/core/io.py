@@ -6,6 +6,10 @@ everything (config, method, tensor file, layer names and shapes against the base
 layer) before it changes the model, then adapts it and checks every tensor (key, shape, dtype, NaN/Inf)
 before copying the first one, and takes the adapters back out if anything fails; tensors are read with
 safetensors only, never with pickle.
+
+A model sharded by FSDP2's ``fully_shard`` saves the same file as the unsharded model: ``save`` gathers
+every sharded tensor whole (``DTensor.full_tensor()``, a collective, so every process must call it),
+process 0 alone writes, and every process returns once the files are in place, so any of them can load.
 """
 
 from __future__ import annotations
@@ -18,13 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .._version import __version__
 from .inject import adapt, adapted_layers, adapter_config, find_targets, saved_modules, unload
 from .layer import is_supported_layer, linear_shape
-from .quantised import FLOAT_DTYPES, check_not_quantised
+from .quantised import FLOAT_DTYPES, check_not_quantised, is_sharded
 from .rank import load_allocator, save_allocator
 from .registry import get_method
 
@@ -49,6 +54,14 @@ def adapter_state(model: nn.Module, keep_vars: bool = False) -> dict[str, Tensor
         for key, value in module.trained_module.state_dict(keep_vars=keep_vars).items():
             state[f"{name}.{key}"] = value
     return state
+
+
+def full_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``tensors`` with every sharded one (an FSDP2 ``DTensor``) gathered whole, e.g. ``full_tensors(adapter_state(model))``.
+
+    Gathering is a collective: under FSDP every process must call this, with the same keys in the same order.
+    """
+    return {key: value.full_tensor() if is_sharded(value) else value for key, value in tensors.items()}
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
@@ -144,7 +157,10 @@ def check_loadable(name: str, value: Tensor, target: Tensor, source: str) -> Non
 
 
 def save(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
-    """Write the model's adapter to ``directory`` (created if needed) and return the directory."""
+    """Write the model's adapter to ``directory`` (created if needed) and return the directory.
+
+    A model sharded by FSDP2 is gathered first (every process must call ``save``); process 0 writes.
+    """
     config = adapter_config(model)
     layers = {name: dict(zip(("out_features", "in_features"), linear_shape(layer.base_layer)))
               for name, layer in adapted_layers(model)}
@@ -158,9 +174,17 @@ def save(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
         "base_model": base_name if isinstance(base_name, str) else None,
     }
     directory = Path(directory)
-    save_tensors(directory / WEIGHTS_FILE, adapter_state(model), metadata={"format": FORMAT, "method": config.method})
-    save_json(directory / CONFIG_FILE, payload)
-    save_allocator(model, directory)
+    tensors = adapter_state(model)
+    sharded = any(is_sharded(value) for value in tensors.values())
+    tensors = full_tensors(tensors)
+    try:
+        if not sharded or dist.get_rank() == 0:
+            save_tensors(directory / WEIGHTS_FILE, tensors, metadata={"format": FORMAT, "method": config.method})
+            save_json(directory / CONFIG_FILE, payload)
+            save_allocator(model, directory)
+    finally:
+        if sharded:
+            dist.barrier()  # no process returns (and loads) before process 0 has written
     return directory
 
 

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import AdapterConfig
+from .quantised import is_sharded
 
 
 @functools.lru_cache(maxsize=1)
@@ -103,8 +104,22 @@ class Adapter(nn.Module):
         return self._base[0]
 
     def base_weight(self) -> Tensor:
-        """The frozen weight as (out_features, in_features)."""
-        return weight_matrix(self.base_layer)
+        """The frozen weight as (out_features, in_features).
+
+        Under FSDP2 the weight is whole only while the ``fully_shard`` unit holding it runs its forward
+        or backward, so that unit must hold the whole adapted layer (or a module above it); a sharded
+        weight here (a base layer sharded on its own, or W read outside the forward: merge,
+        ``delta_weight``) is a ``ValueError`` naming the layer and the fix.
+        """
+        weight = weight_matrix(self.base_layer)
+        if is_sharded(weight):
+            raise self.fail(
+                "the adapter reads the frozen base weight, which is sharded here (a DTensor). FSDP2 gathers it only "
+                "during the forward and backward of the fully_shard unit that holds it",
+                "Apply fully_shard to the adapted layer or a module above it (the transformer block, the model), not "
+                "to the base layer alone, and merge or inspect the adapter on an unsharded model",
+            )
+        return weight
 
     def base_bias(self) -> Tensor | None:
         return self.base_layer.bias
