@@ -85,10 +85,13 @@ def shard(model: nn.Module, per_layer: bool) -> None:
 
 
 def error(call: Any) -> str:
-    """The ValueError ``call()`` raises (every process raises it at the same point, before any collective)."""
-    with pytest.raises(ValueError) as caught:
+    """``"<exception class>: <message>"`` of what ``call()`` raises, or ``"nothing"`` (every process raises at
+    the same point, so the run goes on and each refusal fails only its own test)."""
+    try:
         call()
-    return str(caught.value)
+    except Exception as caught:  # noqa: BLE001 - the tests check the class
+        return f"{type(caught).__name__}: {caught}"
+    return "nothing"
 
 
 def _errors() -> dict[str, str]:
@@ -194,24 +197,27 @@ def test_a_full_adapter_file_is_saved_from_the_sharded_state_and_loads_everywher
 
 
 def test_adapting_a_sharded_model_is_refused(run):
-    assert "sharded weight" in run[0]["errors"]["adapt"] and "then call fully_shard" in run[0]["errors"]["adapt"]
-    assert "quantised" not in run[0]["errors"]["adapt"]
+    message = run[0]["errors"]["adapt"]
+    assert message.startswith("ValueError: layer 'up' (Linear) has a sharded weight") and "then call fully_shard" in message
+    assert "quantised" not in message
 
 
 def test_a_base_layer_sharded_alone_is_refused_where_the_adapter_reads_it(run):
     message = run[0]["errors"]["base_alone"]
-    assert "layer 'up'" in message and "adapted layer or a module above it" in message
+    assert message.startswith("ValueError: DoRAAdapter cannot adapt layer 'up'")
+    assert "adapted layer or a module above it" in message
 
 
 @pytest.mark.parametrize("name", ["adalora", "elalora"])
 def test_allocators_that_need_whole_adapters_refuse_shards(run, name):
     message = run[0]["errors"][name]
-    assert "sharded by FSDP2" in message and "DDP" in message
+    assert message.startswith("ValueError: ") and "sharded by FSDP2" in message and "DDP" in message
     assert ("resizes" in message) == (name == "elalora")
 
 
 def test_gora_initialises_before_sharding(run):
-    assert "initialise the unsharded model" in run[0]["errors"]["gora"]
+    message = run[0]["errors"]["gora"]
+    assert message.startswith("ValueError: GoRA") and "initialise the unsharded model" in message
 
 
 def test_a_sharded_float_weight_is_not_quantised_but_a_sharded_int8_one_is(run):

@@ -77,9 +77,11 @@ Where we differ from PEFT, on purpose:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -219,6 +221,14 @@ class DoRAConfig(LoRAConfig):
             raise ValueError("DoRAConfig: lora_bias is not supported with DoRA (as in PEFT); set lora_bias=False")
 
 
+@contextlib.contextmanager
+def full_precision(like: Tensor) -> Iterator[torch.dtype]:
+    """``torch.autocast`` off on ``like``'s device; yields the dtype to compute in: float32, or float64 for a
+    float64 ``like`` (never half precision). For the weight norms of DoRA and BoRA."""
+    with torch.autocast(like.device.type, enabled=False):
+        yield torch.promote_types(like.dtype, torch.float32)
+
+
 class LoRAAdapter(RankComponents, Adapter):
     """ΔW = s·B·A, applied as two thin matmuls; the dense B·A is only built for merging.
 
@@ -351,15 +361,17 @@ class DoRAAdapter(LoRAAdapter):
     def weight_norm(self, weight: Tensor) -> Tensor:
         """c_i = ‖W_i + s(BA)_i‖₂ for every row, without building the m×n sum (no gradient).
 
-        Computed in the adapter's dtype (float32 for a half-precision base): a bfloat16 norm would be
-        off by ~4e-3, and g/c − 1 with it.
+        Always computed in float32 (float64 for a float64 adapter), with ``torch.autocast`` off: on a
+        half-precision base, under bfloat16 autocast and on a model cast to bfloat16 alike. A bfloat16
+        norm would be off by ~4e-3, and g/c − 1 with it.
         """
-        A, B, s = self.lora_A.weight, self.lora_B.weight, self.scaling
-        weight = weight.to(A.dtype)
-        base_sq = torch.linalg.vector_norm(weight, dim=1).square()
-        cross = ((weight @ A.T) * B).sum(dim=1)
-        low_rank_sq = ((B @ (A @ A.T)) * B).sum(dim=1)
-        return (base_sq + 2 * s * cross + s * s * low_rank_sq).clamp_min(0).sqrt()
+        with full_precision(self.lora_A.weight) as dtype:
+            A, B, s = self.lora_A.weight.to(dtype), self.lora_B.weight.to(dtype), self.scaling
+            weight = weight.to(dtype)
+            base_sq = torch.linalg.vector_norm(weight, dim=1).square()
+            cross = ((weight @ A.T) * B).sum(dim=1)
+            low_rank_sq = ((B @ (A @ A.T)) * B).sum(dim=1)
+            return (base_sq + 2 * s * cross + s * s * low_rank_sq).clamp_min(0).sqrt()
 
     def magnitude_scale(self, norm: Tensor) -> Tensor:
         """g / c, with 1 where c = 0 (an all-zero row, for which PEFT returns NaN)."""
@@ -373,7 +385,7 @@ class DoRAAdapter(LoRAAdapter):
         (1 − g/c) ⊙ b + (g/c) ⊙ (base_out + s·B A x) and W x is never recomputed.
         """
         weight = self.base_weight()
-        scale = self.magnitude_scale(self.weight_norm(weight))
+        scale = self.magnitude_scale(self.weight_norm(weight)).to(x.dtype)
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
             adapted = self.low_rank_output(x, base_out)
             bias = self.base_bias()

@@ -92,7 +92,7 @@ from ..core.config import (
 )
 from ..core.layer import Adapter, add_into_output
 from ..core.registry import register
-from .c3a import assemble_blocks, block_spectral_matvec, check_block_divides, circulant_index
+from .c3a import assemble_blocks, block_spectral_matvec, check_block_divides, circulant_index, fft_float32
 
 STRUCTURES = ("circulant", "toeplitz", "kronecker", "ldr")
 RECTANGULAR = ("error", "native", "tile")
@@ -402,16 +402,22 @@ class SURMAdapter(Adapter):
         x = self.surm_dropout(x)
         if self.structure == "kronecker":
             delta = kronecker_matvec(x, self.surm_A, self.surm_B)
-        elif self.native:
-            delta = (rectangular_circulant_matvec(x, self._kernel()) if self.structure == "circulant"
-                     else rectangular_toeplitz_matvec(x, self.surm_t))
-        elif self.structure == "circulant":
-            delta = circulant_matvec(x, self._kernel())
-        elif self.structure == "toeplitz":
-            delta = toeplitz_matvec(x, self.surm_a, self.surm_b)
         else:
-            delta = ldr_matvec(x, self.surm_c, self.surm_s)
+            matvec, *tensors = self._structured_matvec()
+            delta = fft_float32(matvec, x, *tensors)
         return add_into_output(base_out, delta, alpha=self._scale())
+
+    def _structured_matvec(self) -> tuple[Any, ...]:
+        """``(matvec, *tensors)`` of an FFT family: the forward computes ``matvec(x, *tensors)`` through
+        :func:`~rankwise.adapters.c3a.fft_float32`, so in float32 (or float64) also on a bfloat16 adapter."""
+        if self.native:
+            return ((rectangular_circulant_matvec, self._kernel()) if self.structure == "circulant"
+                    else (rectangular_toeplitz_matvec, self.surm_t))
+        if self.structure == "circulant":
+            return circulant_matvec, self._kernel()
+        if self.structure == "toeplitz":
+            return toeplitz_matvec, self.surm_a, self.surm_b
+        return ldr_matvec, self.surm_c, self.surm_s
 
     def delta_weight(self) -> Tensor:
         if self.structure == "kronecker":
