@@ -392,8 +392,8 @@ class SURMAdapter(Adapter):
             )
 
     def _kernel(self) -> Tensor:
-        """Circulant first column (per block): a ⊙ b, or a."""
-        return self.surm_a if self.surm_b is None else self.surm_a * self.surm_b
+        """Circulant first column (per block): a ⊙ b (in float32 on a bfloat16 adapter: it feeds the FFT), or a."""
+        return self.surm_a if self.surm_b is None else fft_float32(torch.mul, self.surm_a, self.surm_b)
 
     def _scale(self) -> float:
         return self.alpha / self.r if self.structure == "kronecker" else self.alpha

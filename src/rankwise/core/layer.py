@@ -16,7 +16,7 @@ works on ``Conv1D`` without a line of its own.
 from __future__ import annotations
 
 import copy
-import functools
+import sys
 from typing import Any
 
 import torch
@@ -26,13 +26,12 @@ from .config import AdapterConfig
 from .quantised import is_sharded
 
 
-@functools.lru_cache(maxsize=1)
 def _conv1d_class() -> type | None:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # transformers is optional for the core
-        return None
-    return Conv1D
+    """transformers' ``Conv1D``, or None while transformers (optional for the core) has not imported it, in
+    which case no layer can be one. A plain ``sys.modules`` lookup: ``torch.compile`` traces it without the
+    warning a cached import gives."""
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None)
 
 
 def is_fan_in_fan_out(module: nn.Module) -> bool:
