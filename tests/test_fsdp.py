@@ -21,6 +21,7 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 
 import rankwise
+import rankwise.core.io
 from rankwise.core.io import adapter_state, full_tensors
 from rankwise.core.quantised import is_sharded, quantisation_reason
 
@@ -133,6 +134,9 @@ def _quantisation() -> dict[str, Any]:
 def _work(rank: int, directory: Path) -> dict[str, Any]:
     part = slice(4 * rank, 4 * rank + 4)
     trained, sharded, loaded = {}, {}, {}
+    writes = []  # the config files this process wrote
+    write_json = rankwise.core.io.save_json
+    rankwise.core.io.save_json = lambda path, payload: (writes.append(path.parent.name), write_json(path, payload))
     for name in rankwise.methods():
         model = adapted(name)
         shard(model, per_layer=name in PER_LAYER)
@@ -142,7 +146,8 @@ def _work(rank: int, directory: Path) -> dict[str, Any]:
         rankwise.save(model, directory / SAVED / name)
         torch.manual_seed(5)  # a different init: every loaded tensor must come from the file
         loaded[name] = adapter_state(rankwise.load(Net(), directory / SAVED / name))
-    return {"trained": trained, "sharded": sharded, "loaded": loaded, "errors": _errors(),
+    rankwise.core.io.save_json = write_json
+    return {"trained": trained, "sharded": sharded, "loaded": loaded, "errors": _errors(), "writes": writes,
             "quantisation": _quantisation(), "files": sorted(p.name for p in (directory / SAVED).iterdir())}
 
 
@@ -192,6 +197,7 @@ def test_sharded_training_matches_one_process_on_the_global_batch(run, reference
 @pytest.mark.parametrize("name", rankwise.methods())
 def test_a_full_adapter_file_is_saved_from_the_sharded_state_and_loads_everywhere(run, reference, name):
     assert run[0]["files"] == sorted(rankwise.methods())
+    assert run[0]["writes"] == rankwise.methods() and run[1]["writes"] == []  # process 0 alone writes
     for result in run:  # every process loads what process 0 wrote, as soon as save returns
         close(result["loaded"][name], reference[name])
 
