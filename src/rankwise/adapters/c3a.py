@@ -37,7 +37,9 @@ Where we differ from PEFT, on purpose (c3a.md §2, §4, §7):
     * ΔW for merging is gathered by index (C[t, s] = K[(s − t) mod b]) instead of pushing an
       identity matrix through the FFTs: exact and O(m n) instead of O(n (m + n) log b).
     * Float64 base layers keep a float64 kernel (PEFT always computes in float32); half-precision
-      bases get a float32 kernel, as in PEFT.
+      bases get a float32 kernel, as in PEFT. A kernel cast to bfloat16 / float16 afterwards
+      (``model.to(torch.bfloat16)``) still transforms in float32 (:func:`fft_float32`: torch.fft has
+      no bfloat16 kernels); under ``torch.autocast`` the transforms and the complex matmul stay float32.
     * Conv1D (GPT-2) layers work through rankwise's core; PEFT raises TypeError on them.
     * ``block_size`` defaults to 64 (PEFT: 256): 64 divides the widths of MiniLM (384, 1536), BERT,
       GPT-2 and Llama (11008 = 2⁸·43) and is the paper's ViT choice. There is no

@@ -58,7 +58,9 @@ Where we differ from PEFT, on purpose:
       c_i² = ‖W_i‖² + 2s ⟨(W Aᵀ)_i, B_i⟩ + s² B_i (A Aᵀ) B_iᵀ, O(mnr) flops and O(mr) memory.
     * c and the initial g are always computed in float32 (float64 for a float64 base), also on a
       float16 / bfloat16 base, so g/c = 1 exactly at init. PEFT takes the initial g in the base dtype
-      (g/c − 1 up to ~4e-3 on bfloat16) and c in float32 in the forward.
+      (g/c − 1 up to ~4e-3 on bfloat16) and c in float32 in the forward. c stays float32 under
+      ``torch.autocast`` (autocast is switched off for it) and on a model cast to bfloat16 afterwards;
+      g/c is then rounded to the input's dtype once.
     * A zero row (c_i = 0, e.g. a pruned output unit) gets g/c = 1 instead of PEFT's 0/0 = NaN;
       the row of W' is zero either way, so nothing else changes.
     * A row with g_i = 0 (and c_i > 0) merges to zero, which cannot be divided back out; merge keeps

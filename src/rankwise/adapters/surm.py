@@ -45,7 +45,9 @@ B X Aᵀ on x reshaped to X ∈ R^{r×(n/r)} (O(N r (m + n))). The native rectan
 x into its m residues mod m and convolves once (O(N(n + m log m))); the native Toeplitz is one
 linear convolution, FFT length the power of two ≥ m + n − 1 (O(N (m + n) log(m + n))). For square
 layers every FFT family costs O(N n log n). All backward passes are autograd through torch.fft
-(gradcheck-tested).
+(gradcheck-tested). The FFT families always transform in float32 (float64 for a float64 adapter), also
+when the adapter was cast to bfloat16 (``model.to(torch.bfloat16)``: torch.fft has no bfloat16 kernels)
+and under ``torch.autocast``, which leaves torch.fft alone; Kronecker is two matmuls and follows autocast.
 
 Closed-form trainable parameters per layer:
     square (g = n) or tiled (g = block_size or gcd(m, n)): circulant 2·m·n/g (m·n/g with
