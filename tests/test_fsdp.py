@@ -19,6 +19,7 @@ from gloo import on_gloo_processes
 from method_cases import CASES
 from torch import nn
 from torch.distributed.fsdp import fully_shard
+from toy_models import ToyMLP
 
 import rankwise
 import rankwise.core.io
@@ -31,29 +32,15 @@ STEPS = 3
 SAVED = "saved"
 
 
-class Net(nn.Module):
-    """Linear layers of widths 32, 48 and 64 (every method's toy case fits them)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.up = nn.Linear(32, 64)
-        self.mid = nn.Linear(64, 48)
-        self.down = nn.Linear(48, 32, bias=False)
-        self.square = nn.Linear(32, 32)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.square(self.down(torch.tanh(self.mid(torch.tanh(self.up(x))))))
-
-
 def kwargs(name: str) -> dict[str, Any]:
     values = {**CASES[name].kwargs, **PER_LAYER.get(name, {})}
     return {**values, "dropout": 0.0} if "dropout" in values else values
 
 
 def adapted(name: str) -> nn.Module:
-    """A seeded adapted Net with every adapter tensor moved off its init (so every update is non-trivial)."""
+    """A seeded adapted ToyMLP with every adapter tensor moved off its init (so every update is non-trivial)."""
     torch.manual_seed(0)
-    net = Net()
+    net = ToyMLP()
     torch.manual_seed(1)
     model = rankwise.adapt(net, rankwise.config(name, **kwargs(name)))
     generator = torch.Generator().manual_seed(2)
@@ -97,19 +84,19 @@ def error(call: Any) -> str:
 
 def _errors() -> dict[str, str]:
     errors = {}
-    sharded = Net()
+    sharded = ToyMLP()
     shard(sharded, per_layer=False)
     errors["adapt"] = error(lambda: rankwise.adapt(sharded, rankwise.config("lora")))
-    dora = rankwise.adapt(Net(), rankwise.config("dora", r=4))
+    dora = rankwise.adapt(ToyMLP(), rankwise.config("dora", r=4))
     fully_shard(dora.up.base_layer)  # the base layer alone: its weight is whole only for its own forward
     fully_shard(dora)
     errors["base_alone"] = error(lambda: dora(torch.randn(2, 32)))
     for name in ("adalora", "elalora"):
-        model = rankwise.adapt(Net(), rankwise.config(name, **kwargs(name)))
+        model = rankwise.adapt(ToyMLP(), rankwise.config(name, **kwargs(name)))
         shard(model, per_layer=False)
         model(torch.randn(2, 32)).sum().backward()
         errors[name] = error(lambda model=model: rankwise.allocator(model).step(0))
-    gora = rankwise.adapt(Net(), rankwise.config("gora", **kwargs("gora")))
+    gora = rankwise.adapt(ToyMLP(), rankwise.config("gora", **kwargs("gora")))
     shard(gora, per_layer=False)
     errors["gora"] = error(lambda: rankwise.allocator(gora).before_training([torch.randn(2, 32)],
                                                                             lambda m, x: m(x).sum()))
@@ -145,7 +132,7 @@ def _work(rank: int, directory: Path) -> dict[str, Any]:
         trained[name] = full_tensors(adapter_state(model))
         rankwise.save(model, directory / SAVED / name)
         torch.manual_seed(5)  # a different init: every loaded tensor must come from the file
-        loaded[name] = adapter_state(rankwise.load(Net(), directory / SAVED / name))
+        loaded[name] = adapter_state(rankwise.load(ToyMLP(), directory / SAVED / name))
     rankwise.core.io.save_json = write_json
     return {"trained": trained, "sharded": sharded, "loaded": loaded, "errors": _errors(), "writes": writes,
             "quantisation": _quantisation(), "files": sorted(p.name for p in (directory / SAVED).iterdir())}

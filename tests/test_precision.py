@@ -17,7 +17,7 @@ import pytest
 import torch
 from method_cases import CASES
 from torch import nn
-from toy_models import minilm_shaped_bert
+from toy_models import ToyMLP, minilm_shaped_bert
 
 import rankwise
 
@@ -32,19 +32,6 @@ FFT_CASES = {
     "surm-toeplitz-tile": {"structure": "toeplitz", "rectangular": "tile"},
     "surm-ldr-tile": {"structure": "ldr", "rectangular": "tile"},
 }
-
-
-class Net(nn.Module):
-    """Linear layers of widths 32, 48 and 64 (every method's toy case fits them)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.up = nn.Linear(32, 64)
-        self.mid = nn.Linear(64, 48)
-        self.down = nn.Linear(48, 32, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(torch.tanh(self.mid(torch.tanh(self.up(x)))))
 
 
 def kwargs(name: str, dropout: float = 0.0) -> dict[str, Any]:
@@ -67,7 +54,7 @@ def perturb(model: nn.Module, scale: float = 0.1) -> nn.Module:
 
 def adapted(name: str, model: nn.Module | None = None, dropout: float = 0.0, **extra: Any) -> nn.Module:
     torch.manual_seed(0)
-    model = Net() if model is None else model
+    model = ToyMLP() if model is None else model
     torch.manual_seed(1)
     return perturb(rankwise.adapt(model, rankwise.config(name, **{**kwargs(name, dropout), **extra}))).train()
 
