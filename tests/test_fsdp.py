@@ -96,6 +96,9 @@ def _errors() -> dict[str, str]:
         shard(model, per_layer=False)
         model(torch.randn(2, 32)).sum().backward()
         errors[name] = error(lambda model=model: rankwise.allocator(model).step(0))
+    ard = rankwise.adapt(ToyMLP(), rankwise.config("ardlora", **kwargs("ardlora")))
+    shard(ard, per_layer=False)
+    errors["ardlora"] = error(lambda: rankwise.allocator(ard).finalize())
     gora = rankwise.adapt(ToyMLP(), rankwise.config("gora", **kwargs("gora")))
     shard(gora, per_layer=False)
     errors["gora"] = error(lambda: rankwise.allocator(gora).before_training([torch.randn(2, 32)],
@@ -206,6 +209,11 @@ def test_allocators_that_need_whole_adapters_refuse_shards(run, name):
     message = run[0]["errors"][name]
     assert message.startswith("ValueError: ") and "sharded by FSDP2" in message and "DDP" in message
     assert ("resizes" in message) == (name == "elalora")
+
+
+def test_ardlora_reads_its_ranks_and_finalizes_unsharded(run):
+    message = run[0]["errors"]["ardlora"]
+    assert message.startswith("ValueError: ARDLoRAAdapter") and "load it into the unsharded model" in message
 
 
 def test_gora_initialises_before_sharding(run):
