@@ -23,6 +23,7 @@ from toy_models import ToyMLP
 
 import rankwise
 import rankwise.core.io
+from rankwise.compress.lowrank_conv import factorize_layer
 from rankwise.core.io import adapter_state, full_tensors
 from rankwise.core.quantised import is_sharded, quantisation_reason
 
@@ -87,6 +88,10 @@ def _errors() -> dict[str, str]:
     sharded = ToyMLP()
     shard(sharded, per_layer=False)
     errors["adapt"] = error(lambda: rankwise.adapt(sharded, rankwise.config("lora")))
+    errors["compress"] = error(lambda: rankwise.compress(sharded, ratio=0.5))
+    conv = nn.Sequential(nn.Conv2d(4, 8, 3))
+    fully_shard(conv)
+    errors["factorize"] = error(lambda: factorize_layer("0", conv[0], rank=2))
     dora = rankwise.adapt(ToyMLP(), rankwise.config("dora", r=4))
     fully_shard(dora.up.base_layer)  # the base layer alone: its weight is whole only for its own forward
     fully_shard(dora)
@@ -196,6 +201,13 @@ def test_adapting_a_sharded_model_is_refused(run):
     message = run[0]["errors"]["adapt"]
     assert message.startswith("ValueError: layer 'up' (Linear) has a sharded weight") and "then call fully_shard" in message
     assert "quantised" not in message
+
+
+@pytest.mark.parametrize("entry", ["compress", "factorize"])
+def test_compressing_a_sharded_model_is_refused(run, entry):
+    message = run[0]["errors"][entry]
+    assert message.startswith("ValueError: layer ") and "has a sharded weight" in message
+    assert "Compress the unsharded model" in message and "quantised" not in message
 
 
 def test_a_base_layer_sharded_alone_is_refused_where_the_adapter_reads_it(run):

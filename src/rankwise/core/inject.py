@@ -196,7 +196,8 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
     method = get_method(config.method)
     names = find_targets(model, config)
     for name in names:
-        check_not_sharded(name, model.get_submodule(name))
+        check_not_sharded(name, model.get_submodule(name), "Adapt the plain model first, then call fully_shard, so "
+                          "that FSDP shards and synchronises the adapter's parameters too")
     adapters = {name: method.adapter_cls(model.get_submodule(name), config, name) for name in names}
     saved = {name: SavedModule(model.get_submodule(name)) for name in _modules_to_save(model, config)}
 

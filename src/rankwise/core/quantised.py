@@ -10,9 +10,10 @@ layers asks :func:`check_not_quantised` first, before it changes the model.
 
 A weight sharded by FSDP2's ``fully_shard`` is a ``DTensor``, a tensor subclass too, but not a
 quantised one: it is judged by the shard it holds (:func:`local_tensor`), so a DTensor of float
-shards passes and a DTensor holding int8 or a quantised subclass does not. Adapting a sharded layer
-is still refused, by :func:`check_not_sharded`: the adapter must exist before ``fully_shard`` so
-that FSDP shards and synchronises its parameters too.
+shards passes and a DTensor holding int8 or a quantised subclass does not. Adapting or compressing
+a sharded layer is still refused, by :func:`check_not_sharded`: the adapter must exist before
+``fully_shard`` so that FSDP shards and synchronises its parameters too, and compression needs the
+whole weight.
 """
 
 from __future__ import annotations
@@ -100,16 +101,16 @@ def check_not_quantised(name: str, module: nn.Module) -> None:
                          f"{SUPPORTED}.")
 
 
-def check_not_sharded(name: str, module: nn.Module) -> None:
-    """``ValueError`` naming the layer if its weight is already sharded (``fully_shard`` ran before ``adapt``).
+def check_not_sharded(name: str, module: nn.Module, fix: str) -> None:
+    """``ValueError`` naming the layer and ``fix`` if its weight is already sharded (``fully_shard`` ran first).
 
-    Adapter parameters added to a module FSDP already manages would be neither sharded nor
-    gradient-synchronised: every process would train its own adapter on its own data, silently.
+    rankwise adapts and compresses whole layers: adapter parameters added to a module FSDP already manages
+    would be neither sharded nor gradient-synchronised (every process would train its own adapter on its own
+    data, silently), and a factorisation of a shard is not one of the weight.
     """
     weight = getattr(module, "weight", None)
     if isinstance(weight, Tensor) and is_sharded(weight):
         raise ValueError(
             f"layer '{name}' ({type(module).__name__}) has a sharded weight (a DTensor: FSDP2's fully_shard already "
-            "ran on the model). Adapt the plain model first, then call fully_shard, so that FSDP shards and "
-            "synchronises the adapter's parameters too"
+            f"ran on the model). {fix}"
         )
