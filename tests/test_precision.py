@@ -93,8 +93,19 @@ def test_autocast_bf16_trains_float32_adapters_close_to_float32(name):
         reference = model(inputs())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(inputs())
+    assert out.dtype == torch.bfloat16  # as the plain model's last Linear gives under autocast
     assert_bf16_close(out, reference)
     assert_finite_training_step(model, out, torch.float32)
+
+
+@pytest.mark.parametrize(("name", "extra"), [("bora", {}), ("miss", {"init_weights": "bat", "dropout": 0.0})])
+def test_methods_that_skip_the_base_layer_output_autocast_dtype(name, extra):
+    """BoRA and MiSS bat compute the whole output from W (the wrapper skips the base layer); under autocast it
+    still comes out in autocast's dtype, as the Linear it replaces, and plain float32 outside autocast."""
+    layer = adapted(name, **extra).up
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(inputs()).dtype == layer.base_layer(inputs()).dtype == torch.bfloat16
+    assert layer(inputs()).dtype == torch.float32
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -277,5 +288,7 @@ WITH_DROPOUT = [name for name in METHODS if "dropout" in rankwise.config(name, *
 @pytest.mark.parametrize("name", WITH_DROPOUT)
 def test_gradient_checkpointing_replays_the_dropout_masks(name):
     """Model and adapter dropout 0.1: the recomputed forward draws the same masks (torch's checkpoint restores
-    the RNG state), so the gradients are those of the one forward."""
-    assert_same_gradients(bert_gradients(name, True, 0.1), bert_gradients(name, False, 0.1))
+    the RNG state), so the gradients are those of the one forward. Reentrant checkpointing here (transformers'
+    default, used above, is the non-reentrant one), so both of torch's implementations are covered."""
+    checkpointed = bert_gradients(name, True, 0.1, use_reentrant=True)
+    assert_same_gradients(checkpointed, bert_gradients(name, False, 0.1))

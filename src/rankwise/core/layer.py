@@ -56,6 +56,16 @@ def weight_matrix(module: nn.Module) -> Tensor:
     return module.weight.T if is_fan_in_fan_out(module) else module.weight
 
 
+def linear_output_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a linear layer's output has for input ``x``: autocast's dtype while ``torch.autocast`` is on
+    for ``x``'s device (and ``x`` is a float autocast casts), else ``x``'s own. The adapted output of a method
+    that skips the base layer (``uses_base_output = False``) takes it, so it matches the layer it wraps."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
 def add_into_output(base_out: Tensor, update: Tensor, alpha: float = 1.0) -> Tensor:
     """``base_out + alpha · update`` (same shapes), in place when ``base_out`` is the wrapper's scratch output.
 
@@ -193,7 +203,7 @@ class AdaptedLayer(nn.Module):
         if self.merged or self.disabled or x.numel() == 0:  # an empty batch: nothing for the adapter to add
             return self.base_layer(x, *args, **kwargs)
         base_out = self.base_layer(x, *args, **kwargs) if self.adapter.uses_base_output else None
-        out_dtype = x.dtype if base_out is None else base_out.dtype
+        out_dtype = linear_output_dtype(x) if base_out is None else base_out.dtype
         adapter_dtype = self.adapter._apply_dtype()
         if x.dtype != adapter_dtype:
             x = x.to(adapter_dtype)
