@@ -18,7 +18,7 @@ import torch
 from gloo import on_gloo_processes
 from method_cases import CASES
 from torch import nn
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from toy_models import ToyMLP
 
 import rankwise
@@ -111,6 +111,27 @@ def _errors() -> dict[str, str]:
     return errors
 
 
+def _mixed_precision() -> dict[str, tuple[float, bool]]:
+    """One method of each kind under FSDP2's bfloat16 ``MixedPrecisionPolicy`` (the parameters are gathered in
+    bfloat16, so C3A's kernel reaches its FFT in bfloat16): the output's error relative to the float32 output,
+    and whether every gradient is finite."""
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    x = torch.randn(4, 32, generator=torch.Generator().manual_seed(4))
+    results = {}
+    for name in PER_LAYER:
+        model = adapted(name)
+        with torch.no_grad():
+            reference = model(x)
+        for _, layer in rankwise.adapted_layers(model):
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        out = model(x)
+        out.float().square().mean().backward()
+        finite = all(bool(torch.isfinite(p.grad.full_tensor()).all()) for p in model.parameters() if p.requires_grad)
+        results[name] = (float((out.detach().float() - reference).abs().max() / reference.abs().max()), finite)
+    return results
+
+
 def _quantisation() -> dict[str, Any]:
     """What the quantised-layer rule says of a sharded float Linear and of a sharded int8 weight."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -143,6 +164,7 @@ def _work(rank: int, directory: Path) -> dict[str, Any]:
         loaded[name] = adapter_state(rankwise.load(ToyMLP(), directory / SAVED / name))
     rankwise.core.io.save_json = write_json
     return {"trained": trained, "sharded": sharded, "loaded": loaded, "errors": _errors(), "writes": writes,
+            "mixed": _mixed_precision(),
             "quantisation": _quantisation(), "files": sorted(p.name for p in (directory / SAVED).iterdir())}
 
 
@@ -195,6 +217,12 @@ def test_a_full_adapter_file_is_saved_from_the_sharded_state_and_loads_everywher
     assert run[0]["writes"] == rankwise.methods() and run[1]["writes"] == []  # process 0 alone writes
     for result in run:  # every process loads what process 0 wrote, as soon as save returns
         close(result["loaded"][name], reference[name])
+
+
+@pytest.mark.parametrize("name", PER_LAYER)
+def test_bf16_mixed_precision_policy_trains_every_kind(run, name):
+    error, finite = run[0]["mixed"][name]
+    assert finite and error <= 2e-2  # the bfloat16 tolerance of tests/test_precision.py
 
 
 def test_adapting_a_sharded_model_is_refused(run):
