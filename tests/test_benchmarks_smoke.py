@@ -63,3 +63,12 @@ def test_allocation_benchmark_quick() -> None:
     text = allocation.run(args)
     assert "| rankwise AdaLoRA |" in text and "| PEFT AdaLoRA |" in text and "**shared machine**" in text
     assert "rankwise / PEFT: step time **" in text
+
+
+def test_precision_benchmark_quick() -> None:
+    import precision
+
+    args = precision.parse_args(["--quick", "--batch", "4", "--rounds", "1", "--warmup", "0", "--no-memory",
+                                 "--modes", "eager,bf16,checkpointing,accum", "--out", ""])
+    text = precision.run(args)
+    assert "| LoRA r8 | eager |" in text and "| DoRA r8 | accum (4 × 1) |" in text and "| LoRA r8 | bf16 |" in text
