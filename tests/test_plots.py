@@ -14,6 +14,8 @@ from rankwise.experiment import plots
 def fake_records() -> list[dict]:
     records = [{"method": "majority class", "seed": s, "kind": "baseline", "trainable": 0, "accuracy": 0.5,
                 "macro_f1": 0.333} for s in (0, 1, 2)]
+    records += [{"method": "full fine-tuning", "seed": s, "kind": "baseline", "trainable": 22_000_000,
+                 "accuracy": 0.9 + 0.01 * s, "macro_f1": 0.9} for s in (0, 1, 2)]  # better, but not ranked
     accuracy = {"lora": (0.80, 0.82, 0.84), "dora": (0.81, 0.80, 0.84), "loldu": (0.60, 0.62, 0.61)}
     cost = {"lora": (0.10, 100 * 2**20), "dora": (0.15, 150 * 2**20), "loldu": (0.05, 90 * 2**20)}
     for method, values in accuracy.items():
@@ -34,7 +36,8 @@ def fake_records() -> list[dict]:
 def test_rows_marks_and_ratios():
     rows, notes = plots.comparison_rows([plots.RunRecord.from_dict(r) for r in fake_records()])
     by = {row["method"]: row for row in rows}
-    assert list(by) == ["majority class", "lora", "dora", "loldu", "miss"]
+    assert list(by) == ["majority class", "full fine-tuning", "lora", "dora", "loldu", "miss"]
+    assert by["full fine-tuning"]["accuracy_mark"] == by["full fine-tuning"]["macro_f1_mark"] == ""
     assert all(list(row) == list(plots.COLUMNS) for row in rows)
     assert by["lora"]["accuracy_mark"] == "best" and by["dora"]["accuracy_mark"] == "tie"
     assert by["loldu"]["accuracy_mark"] == "" and by["majority class"]["accuracy_mark"] == ""
