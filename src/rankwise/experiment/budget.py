@@ -7,16 +7,23 @@ full is the same for every method and is not part of it). The target is a number
 a reference configuration (``budget_like="lora:r=8"``).
 
 Each method declares its size knob (:class:`SizeKnob`): the hyper-parameter values to try, in the order
-of increasing parameter count, and the options one value sets::
+of increasing parameter count, and the options one value sets. Per layer of shape m×n (out × in)::
 
-    LoRA, DoRA, rsLoRA, BoRA, GoRA, SingLoRA, LoLDU   r                r(m+n) (+ m, + m+n), max(m,n)·r, r
-    AdaLoRA, ElaLoRA                                 init_r           init_r(m+n+1)  (AdaLoRA's target_r keeps its
-                                                                      ratio to init_r)
-    ARD-LoRA                                         r                H·2r·(d_u+n_u) + H  (r_max keeps its ratio)
-    GraLoRA                                          r (k = 2, 4 from r = 64 on, the paper's rule, unless given)
-    MiSS                                             r (shard size)   r·m (r·mini_r with init_weights="mini")
-    C3A                                              block_size b     m·n/b
-    SURM circulant / Toeplitz / LDR                  block_size g     (1 or 2)·m·n/g, 2K·m·n/g (rectangular="tile")
+    method                  knob          trainable parameters per layer
+    LoRA (rsLoRA), GoRA     r             r(m + n)
+    DoRA                    r             r(m + n) + m
+    BoRA                    r             r(m + n) + m + n
+    SingLoRA                r             r·max(m, n)
+    LoLDU                   r             r ≤ min(m, n): below even rank-1 LoRA's m + n
+    MiSS                    r             r·m  (r·mini_r with init_weights="mini")
+    AdaLoRA, ElaLoRA        init_r        init_r(m + n + 1)  (AdaLoRA's target_r keeps its ratio to init_r)
+    ARD-LoRA                r             H·c·(d + n') + H for H heads of d rows (or n' columns) each,
+                                          c = r_max = 2r (a given r_max keeps its ratio to r)
+    GraLoRA                 r             r(m + n); k = 2 below r = 64 and 4 from there (the paper's rule)
+                                          unless gralora_k is given
+    C3A                     block_size b  m·n / b
+    SURM circulant,         block_size g  2·m·n / g (1·m·n / g without use_prod), 2·m·n / g, 2K·m·n / g, every
+    Toeplitz, LDR                         layer tiled with g×g blocks (rectangular="tile")
 
 Counting: for each candidate value the method's adapter is built on a weightless (``meta``) stand-in of
 every target layer's shape, so the count is the adapter's own parameter count and a value that does not
@@ -32,9 +39,10 @@ more than :data:`TOLERANCE` away from the target, or that has no knob (SURM's Kr
 layer whatever r; a method registered without a knob), keeps a ``reason`` and is shown at its own budget.
 
 AdaLoRA and ElaLoRA are matched at the size they train with (init_r components per layer); AdaLoRA's
-schedule prunes to target_r by the end. GoRA is matched at its reference rank r₀: its allocation splits
-the budget of rank-r₀ LoRA across layers (exactly with ``budget_features="linear"``, to within the
-clamps' rounding with the paper's ``"sqrt"``).
+schedule prunes to target_r by the end. GoRA is matched at its reference rank r₀ (its rank-r₀ placeholder,
+the count after ``adapt``); its gradient allocation then moves rank between layers: with
+``budget_features="linear"`` the count stays at most that of rank-r₀ LoRA, with the paper's ``"sqrt"`` it is
+Σ r_l·√(m_l + n_l) that is kept, and the count depends on which layers get the rank.
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ import json
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -196,7 +204,7 @@ class _Layers:
     """The target layers of one config: names and (out, in) shapes."""
 
     names: list[str]
-    shapes: list[tuple[int, int]] = field(default_factory=list)
+    shapes: list[tuple[int, int]]
 
 
 def _layers(model: nn.Module, config: AdapterConfig) -> _Layers:
