@@ -28,8 +28,8 @@ Where the runs execute:
   file system and writing its own result file. Without ``INDEX`` the command takes
   ``$SLURM_ARRAY_TASK_ID`` (a SLURM array ``sbatch --array=0-K``), else its share ``RANK::WORLD_SIZE``
   of the runs (one process per rank under ``torchrun --nproc-per-node N`` or ``torchrun --nnodes M``),
-  else every pending run. A Ray task is ``ray.remote(run_one).remote(path, i)``. Nothing here schedules
-  across machines.
+  else every pending run; ``$RANKWISE_THREADS`` sets its torch thread count. A Ray task is
+  ``ray.remote(run_one).remote(path, i)``. Nothing here schedules across machines.
 """
 
 from __future__ import annotations
