@@ -228,7 +228,7 @@ def _peft_rank(config: AdapterConfig) -> int | None:
     """A config's rank as PEFT's ``add_weighted_adapter`` reads it: ``r``, or the largest ``rank_pattern`` entry."""
     r = getattr(config, "r", None)
     pattern = getattr(config, "rank_pattern", None) or {}
-    return None if r is None else max(r, *pattern.values())
+    return None if r is None else max([r, *pattern.values()])
 
 
 def add_weighted_adapter(
