@@ -108,10 +108,26 @@ def test_add_set_delete_match_peft_outputs_and_trainable_flags():
 
     with pytest.warns(UserWarning, match="'b' was active and is deleted; the active adapter is now 'default'"):
         rankwise.delete_adapter(ours, "b")
-    theirs.delete_adapter("b")
+    with pytest.warns(UserWarning, match="Setting active adapter to default"):
+        theirs.delete_adapter("b")
     assert rankwise.adapter_names(ours) == ["default"] and rankwise.active_adapter(ours) == "default"
     torch.testing.assert_close(ours(x), theirs(x), **TOL)
     assert rankwise.trainable_parameters(ours) == sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+
+
+def test_deleting_the_active_adapter_activates_the_first_remaining_name_in_sorted_order_as_peft():
+    specs = {"zeta": (4, 6.0, ["proj"], False), "b": (4, 8.0, ["proj"], False), "alpha": (4, 5.0, ["proj"], False)}
+    _, theirs, ours = pair(specs)
+    theirs.set_adapter("b")
+    rankwise.set_adapter(ours, "b")
+    with pytest.warns(UserWarning, match="the active adapter is now 'alpha'"):
+        rankwise.delete_adapter(ours, "b")
+    with pytest.warns(UserWarning):
+        theirs.delete_adapter("b")
+    assert rankwise.active_adapter(ours) == theirs.active_adapter == "alpha"
+    torch.testing.assert_close(ours(inputs()), theirs(inputs()), **TOL)
+    assert sorted(n for n, p in ours.named_parameters() if p.requires_grad) == [
+        "proj.extra_adapters.alpha.lora_A.weight", "proj.extra_adapters.alpha.lora_B.weight"]
 
 
 def test_set_adapter_restores_each_adapters_own_frozen_flags():
