@@ -344,6 +344,8 @@ def test_save_and_load_each_adapter_by_name(tmp_path):
     # one adapter by name, onto a fresh base under another name
     rankwise.save(ours, tmp_path / "only", adapter_name="b")
     assert sorted(p.name for p in (tmp_path / "only").iterdir()) == ["b"]
+    with pytest.raises(FileNotFoundError, match=r"only named adapters in subdirectories \['b'\]; load one with"):
+        rankwise.load(copy.deepcopy(base), tmp_path / "only")
     alone = rankwise.load(copy.deepcopy(base), tmp_path / "only" / "b", adapter_name="task")
     assert rankwise.adapter_names(alone) == ["task"]
     torch.testing.assert_close(alone(x), expected["b"], **TOL)

@@ -209,6 +209,12 @@ def load(base_model: nn.Module, directory: str | os.PathLike[str], adapter_name:
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"adapter directory {directory} does not exist")
+    named = sorted(d.name for d in directory.iterdir() if (d / CONFIG_FILE).is_file())
+    if not (directory / CONFIG_FILE).is_file() and named:
+        raise FileNotFoundError(
+            f"rankwise.load: {directory} holds no adapter of its own, only named adapters in subdirectories "
+            f"{named}; load one with rankwise.load(model, {str(directory / named[0])!r}, adapter_name={named[0]!r})"
+        )
     payload = read_json(directory / CONFIG_FILE, "rankwise.load")
     if payload.get("format") != FORMAT or "method" not in payload or "config" not in payload:
         raise ValueError(

@@ -3,7 +3,9 @@
 Every method implements :class:`Adapter`. rankwise wraps each targeted layer as
 ``AdaptedLayer(base_layer, adapter)``: the base module is kept as it is (same class, same
 parameters, frozen) under ``base_layer``, so its state-dict keys read ``<path>.base_layer.weight``
-like PEFT's, and the adapter's tensors read ``<path>.adapter.<name>``. A ``modules_to_save`` module is
+like PEFT's, and the adapter's tensors read ``<path>.adapter.<name>``. A layer may hold several named
+adapters (:mod:`rankwise.core.multi`); the one named ``"default"`` keeps those keys, the others read
+``<path>.extra_adapters.<adapter name>.<name>``, and the forward runs the active one. A ``modules_to_save`` module is
 wrapped as ``SavedModule(original)``: the forward runs a trainable copy, the original stays frozen and
 unchanged, so disabling or unloading the adapter gives the base model back.
 
@@ -209,7 +211,10 @@ class AdaptedLayer(nn.Module):
 
     def get_adapter(self, name: str) -> Adapter | None:
         """Adapter ``name``, or None when this layer does not hold it."""
-        return self.adapters().get(name)
+        if name == DEFAULT_ADAPTER:
+            return self._modules.get("adapter")  # type: ignore[return-value]
+        extra = self._modules.get("extra_adapters")
+        return None if extra is None else extra._modules.get(name)  # type: ignore[return-value]
 
     def add_adapter(self, name: str, adapter: Adapter) -> None:
         """Hold ``adapter`` under ``name`` (replacing an adapter of that name)."""
