@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -23,19 +24,10 @@ from rankwise.core.io import adapter_state
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = nn.Linear(16, 24)
-        self.out = nn.Linear(24, 12)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(torch.relu(self.proj(x)))
-
-
-def base_net() -> Net:
+def base_net() -> nn.Sequential:
+    """16 -> proj -> 24 -> relu -> out -> 12."""
     torch.manual_seed(0)
-    return Net().eval()
+    return nn.Sequential(OrderedDict(proj=nn.Linear(16, 24), act=nn.ReLU(), out=nn.Linear(24, 12))).eval()
 
 
 def inputs(batch: int = 4) -> torch.Tensor:
