@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from collections import OrderedDict
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -270,6 +272,32 @@ def test_mixed_batch_runs_any_method_and_carries_gradients():
     rankwise.set_adapter(model, "d")
     torch.testing.assert_close(mixed[0:1], model(x[0:1]), **TOL)
     torch.testing.assert_close(mixed[2:3], model(x[2:3]), **TOL)
+
+
+def test_gpt2_conv1d_mixed_batch_and_svd_combination_match_peft():
+    """A transformers model (GPT-2's Conv1D layers, stored transposed): PEFT's ``adapter_names`` forward and its
+    SVD combination, which transposes the fan_in_fan_out update."""
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=16)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's note that it sets fan_in_fan_out for Conv1D
+        theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"],
+                                                                init_lora_weights=False, fan_in_fan_out=True))
+        theirs.add_adapter("b", LoraConfig(r=3, lora_alpha=3, target_modules=["c_attn"], init_lora_weights=False,
+                                           fan_in_fan_out=True))
+    ours = rankwise.adapt(copy.deepcopy(base), rankwise.LoRAConfig(r=2, alpha=4, targets=["c_attn", "c_fc"]))
+    rankwise.add_adapter(ours, "b", rankwise.LoRAConfig(r=3, alpha=3, targets=["c_attn"]))
+    copy_tensors(theirs, ours, ["default", "b"])
+    ids = torch.randint(0, 50, (3, 6), generator=torch.Generator().manual_seed(2))
+    names = ["b", "__base__", "default"]
+    with rankwise.adapter_per_example(ours, names):
+        mixed = ours(ids).logits
+    torch.testing.assert_close(mixed, theirs.eval()(input_ids=ids, adapter_names=names).logits, **TOL)
+    theirs.add_weighted_adapter(["default", "b"], [1.0, 0.5], "mix", combination_type="svd", svd_rank=2)
+    rankwise.add_weighted_adapter(ours, ["default", "b"], [1.0, 0.5], "mix", combination="svd", svd_rank=2)
+    theirs.set_adapter("mix")
+    rankwise.set_adapter(ours, "mix")
+    torch.testing.assert_close(ours(ids).logits, theirs(input_ids=ids).logits, **TOL)
 
 
 # ----------------------------------------------------------------------------------------------

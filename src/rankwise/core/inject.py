@@ -224,6 +224,7 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
 
     The model is changed in place and returned. Each module in ``config.modules_to_save`` is wrapped
     in a :class:`SavedModule`: the forward runs a trainable copy, the original stays frozen and as it was.
+    The adapter is named ``"default"`` and is active; ``rankwise.add_adapter`` adds more beside it.
     """
     if not isinstance(config, AdapterConfig):
         raise ValueError(f"adapt expects a rankwise config (e.g. rankwise.LoRAConfig), got {type(config).__name__}")
