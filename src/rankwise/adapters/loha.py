@@ -132,6 +132,11 @@ def lycoris_from_peft(peft_config: dict[str, Any], method: str) -> dict[str, Any
     }
 
 
+def drop_bias_field(model: nn.Module, payload: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+    """``export_peft`` hook: PEFT's LoHa and LoKr configs have no ``bias`` field (PEFT would warn about it)."""
+    payload.pop("bias", None)
+
+
 def kaiming(shape: tuple[int, int]) -> Tensor:
     """A weight drawn as PEFT draws LyCORIS factors: Kaiming-uniform(a=√5) = U(±1/√shape[1])."""
     return nn.init.kaiming_uniform_(torch.empty(shape), a=math.sqrt(5))
@@ -235,4 +240,5 @@ def _from_peft(peft_config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-register("loha", LoHaConfig, LoHaAdapter, peft=PeftFormat("LOHA", lambda c: True, _to_peft, _from_peft, {}))
+register("loha", LoHaConfig, LoHaAdapter,
+         peft=PeftFormat("LOHA", lambda c: True, _to_peft, _from_peft, {}, prepare_export=drop_bias_field))

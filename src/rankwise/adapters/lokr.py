@@ -55,7 +55,15 @@ from torch import Tensor, nn
 from ..core.config import check_choice, config_field
 from ..core.layer import Adapter, add_into_output
 from ..core.registry import PeftFormat, register
-from .loha import LycorisConfig, kaiming, lycoris_from_peft, lycoris_peft_fields, module_skipped, row_keep_mask
+from .loha import (
+    LycorisConfig,
+    drop_bias_field,
+    kaiming,
+    lycoris_from_peft,
+    lycoris_peft_fields,
+    module_skipped,
+    row_keep_mask,
+)
 
 INITS = (True, False, "lycoris")
 
@@ -144,7 +152,7 @@ class LoKrAdapter(Adapter):
     def forward(self, x: Tensor, base_out: Tensor) -> Tensor:
         if module_skipped(self, self.module_dropout):
             return base_out
-        a, b, c, d = self.shape
+        _, _, c, d = self.shape
         w1, w2 = self.kron_factors()
         grid = x.reshape(-1, c, d)
         update = w1 @ (grid @ w2.T) if self.right_first else (w1 @ grid) @ w2.T  # (N, a, b)
@@ -197,4 +205,5 @@ def _from_peft(peft_config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-register("lokr", LoKrConfig, LoKrAdapter, peft=PeftFormat("LOKR", lambda c: True, _to_peft, _from_peft, {}))
+register("lokr", LoKrConfig, LoKrAdapter,
+         peft=PeftFormat("LOKR", lambda c: True, _to_peft, _from_peft, {}, prepare_export=drop_bias_field))
