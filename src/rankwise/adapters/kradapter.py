@@ -16,7 +16,8 @@ Formula (W ∈ R^{m×n}, y = x Wᵀ + b; k = min(m, n), M = max(m, n))::
     y  = base(x) + x ΔWᵀ,        s = ``scaling`` (2 in the official layer)
 
 No rank is configured: r and d follow from the layer's shape. Trainable parameters per layer:
-k(2r + d) ≈ 2·min(m, n)·√max(m, n) (the paper's parameter budget). The rank argument is the
+k(2r + d) = k(r + ⌈M/r⌉): the paper's budget 2·min(m, n)·√max(m, n) on square layers, somewhat more on
+rectangular ones (+2% for 1024×768, +12% for 4096×11008). The rank argument is the
 Khatri-Rao one: rank(A ⊙ B) ≥ max(rank A, rank B), and generically ΔW has full rank k.
 
 Init (official): U = 0, so ΔW = 0 at step 0; V ~ Kaiming-uniform with a = 5 (not √5; the official
