@@ -22,6 +22,7 @@ LAYOUTS = {
     "w2 low-rank": ({"r": 1}, {"lokr_w1", "lokr_w2_a", "lokr_w2_b"}),
     "both low-rank": ({"r": 1, "decompose_both": True}, {"lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b"}),
     "full (r >= dims)": ({"r": 8}, {"lokr_w1", "lokr_w2"}),
+    "full at r = max(b, d)/2": ({"r": 3}, {"lokr_w1", "lokr_w2"}),
     "factor 4": ({"r": 1, "decompose_factor": 4}, {"lokr_w1", "lokr_w2_a", "lokr_w2_b"}),
     "factor 2, both": ({"r": 2, "decompose_factor": 2, "decompose_both": True}, {"lokr_w1", "lokr_w2_a", "lokr_w2_b"}),
 }
@@ -62,7 +63,7 @@ def test_both_kronecker_orders_equal_torch_kron(out_features, in_features):
 
 
 @pytest.mark.parametrize("init_weights", [True, False, "lycoris"])
-@pytest.mark.parametrize("layout", ["w2 low-rank", "both low-rank", "full (r >= dims)"])
+@pytest.mark.parametrize("layout", ["w2 low-rank", "both low-rank", "full (r >= dims)", "full at r = max(b, d)/2"])
 def test_seeded_init_equals_peft(init_weights, layout):
     kwargs = LAYOUTS[layout][0]
     base = base_net()
