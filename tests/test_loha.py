@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from peft import LoHaConfig, PeftModel, get_peft_model
+from peft import LoHaConfig, LoKrConfig, PeftModel, get_peft_model
 from test_gralora import assert_uniform
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -205,9 +205,11 @@ def test_rank_dropout_equals_peft_under_the_same_seed(khatri_rao):
     assert_dropouts_equal_peft(ours, theirs, range(3))
 
 
-def test_module_dropout_equals_peft_under_the_same_seed():
-    """One torch.rand(1) per training forward decides whether the adapter runs: PEFT's draw, PEFT's skips."""
-    ours, theirs = pair("loha", LoHaConfig, r=2, module_dropout=0.5, rank_dropout=0.25)
+@pytest.mark.parametrize(("method", "peft_cls"), [("loha", LoHaConfig), ("lokr", LoKrConfig)])
+def test_module_dropout_equals_peft_under_the_same_seed(method, peft_cls):
+    """One torch.rand(1) per training forward decides whether the adapter runs: PEFT's draw, PEFT's skips
+    (LoHa and LoKr share the rule)."""
+    ours, theirs = pair(method, peft_cls, r=1, module_dropout=0.5, rank_dropout=0.25)
     assert_dropouts_equal_peft(ours, theirs, range(6))
 
 

@@ -103,11 +103,6 @@ def test_rank_dropout_equals_peft_under_the_same_seed(rank_dropout_scale):
     assert_dropouts_equal_peft(ours, theirs, range(3))
 
 
-def test_module_dropout_equals_peft_under_the_same_seed():
-    ours, theirs = pair("lokr", LoKrConfig, r=1, module_dropout=0.5, rank_dropout=0.25)
-    assert_dropouts_equal_peft(ours, theirs, range(6))
-
-
 def test_rank_dropout_mask_is_not_rescaled_by_default():
     """Without rank_dropout_scale the kept rows keep weight 1 (PEFT's LoKr; LoHa always rescales)."""
     ours, _ = pair("lokr", LoKrConfig, r=1, rank_dropout=0.5)
