@@ -12,6 +12,8 @@ Public API (see DESIGN.md)::
     model = rankwise.compress(model, ratio=0.5)
     alloc = rankwise.allocator(model); alloc.step(step)   # rank allocation (AdaLoRA); None for fixed-rank methods
     rankwise.ranks(model)                                 # {layer name: current rank}
+    lora_model = rankwise.to_lora(model, rank=16)         # any method's update as a LoRA (truncated SVD of W' - W)
+    rankwise.to_lora_report(lora_model)                   # per-layer rank and relative error; export_peft serves it
 
 Every method's config class (``C3AConfig``, ``GraLoRAConfig``, ...) is reachable as
 ``rankwise.<Name>Config`` once its module is registered.
@@ -21,6 +23,7 @@ from typing import Any
 
 from ._version import __version__
 from .adapters.lora import DoRAConfig, LoRAConfig
+from .convert import to_lora, to_lora_report
 from .core.config import AdapterConfig
 from .core.inject import (
     adapt,
@@ -62,6 +65,8 @@ __all__ = [
     "register",
     "save",
     "summary",
+    "to_lora",
+    "to_lora_report",
     "trainable_parameters",
     "unload",
     "unmerge",
