@@ -59,6 +59,7 @@ from torch import Tensor, nn
 from .adapters.lora import LoRAConfig
 from .compress.ranks import energy_rank
 from .compress.svd import plain_decomposition
+from .core.config import check_positive_int
 from .core.inject import adapt, adapted_layers, adapter_config, saved_modules, unload, unmerge
 from .core.layer import AdaptedLayer, Adapter, linear_shape, weight_matrix
 
@@ -115,17 +116,15 @@ def _check_choice(rank: int | dict[str, int] | None, energy: float | None, names
     if energy is not None:
         if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0.0 < energy <= 1.0:
             raise ValueError(f"to_lora: energy must be a number in (0, 1], got {energy!r}")
-        return
-    ranks = rank if isinstance(rank, dict) else {"rank": rank}
-    for key, value in ranks.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            where = "rank" if key == "rank" and not isinstance(rank, dict) else f"rank[{key!r}]"
-            raise ValueError(f"to_lora: {where} must be a positive integer, got {value!r}")
-    if isinstance(rank, dict):
+    elif not isinstance(rank, dict):
+        check_positive_int("to_lora", "rank", rank)
+    else:
+        for key, value in rank.items():
+            check_positive_int("to_lora", f"rank[{key!r}]", value)
         missing, unknown = [n for n in names if n not in rank], [k for k in rank if k not in names]
         if missing or unknown:
-            raise ValueError(f"to_lora: a rank dict must name every adapted layer by its full name, exactly once; "
-                             f"missing {missing}, unknown {unknown}. The adapted layers are {names}")
+            raise ValueError(f"to_lora: a rank dict must name every adapted layer by its full name; missing "
+                             f"{missing}, unknown {unknown}. The adapted layers are {names}")
 
 
 def _check_mergeable(method: str, name: str, layer: AdaptedLayer) -> None:
@@ -189,10 +188,7 @@ def to_lora(model: nn.Module, *, rank: int | dict[str, int] | None = None, energ
     """
     config = adapter_config(model)
     layers = list(adapted_layers(model))
-    names = [name for name, _ in layers]
-    if not layers:
-        raise ValueError(f"to_lora: {type(model).__name__} carries a {config.method!r} config but no adapted layer")
-    _check_choice(rank, energy, names)
+    _check_choice(rank, energy, [name for name, _ in layers])
     if config.changes_base_weights:
         raise ValueError(
             f"to_lora: the {config.method!r} adapter was initialised with init_weights={config.init_weights!r}, "
