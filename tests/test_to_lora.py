@@ -19,6 +19,7 @@ from torch import Tensor, nn
 import rankwise
 from rankwise.adapters.lora import LoRAAdapter
 from rankwise.core.layer import Adapter, weight_matrix
+from rankwise.core.rank import _ALLOCATOR_ATTR
 
 peft = pytest.importorskip("peft")
 from peft import PeftModel
@@ -116,6 +117,22 @@ def test_small_update_of_a_float32_model_keeps_float32_precision(name):
         delta = dense_update(layer)
         error = torch.linalg.matrix_norm(delta - rankwise_delta(lora, layer_name)) / torch.linalg.matrix_norm(delta)
         assert error < 1e-6
+
+
+def test_allocator_and_its_optimizer_stay_with_the_source():
+    """An ElaLoRA model with its allocator and optimizer: the LoRA gets neither, the source keeps both."""
+    model = source("elalora")
+    allocator = rankwise.allocator(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    allocator.attach_optimizer(optimizer)
+    model(inputs()).square().mean().backward()
+    optimizer.step()
+    lora = convert(model, rank=64)
+    assert _ALLOCATOR_ATTR not in lora.__dict__
+    assert rankwise.allocator(lora) is None
+    assert rankwise.allocator(model) is allocator and allocator.optimizer is optimizer
+    with torch.no_grad():
+        torch.testing.assert_close(lora(inputs()), model(inputs()), atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------

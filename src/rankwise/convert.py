@@ -37,7 +37,7 @@ What else carries over:
       forward does differently (SingLoRA's ramp is taken at its current value, as merging takes it).
 
 ``to_lora`` never changes ``model``: it converts a ``copy.deepcopy`` of it (so, while it runs, the
-model is held twice) and returns the copy. :func:`to_lora_report` gives the per-layer ranks and errors.
+model is held twice; a rank allocator and the optimizer it may hold are not copied) and returns the copy. :func:`to_lora_report` gives the per-layer ranks and errors.
 
 Refused with ``ValueError`` before anything is copied: a model without a rankwise adapter; a method
 whose adapter cannot merge (no ``delta_weight`` / ``merged_weight``); an adapter initialised with PiSSA
@@ -62,6 +62,7 @@ from .compress.svd import plain_decomposition
 from .core.config import check_positive_int
 from .core.inject import adapt, adapted_layers, adapter_config, saved_modules, unload, unmerge
 from .core.layer import AdaptedLayer, Adapter, linear_shape, weight_matrix
+from .core.rank import _ALLOCATOR_ATTR
 
 _REPORT_ATTR = "_rankwise_lora_report"
 
@@ -139,6 +140,15 @@ def _check_mergeable(method: str, name: str, layer: AdaptedLayer) -> None:
         )
 
 
+def _copy_without_allocator(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)`` minus the source's rank allocator (AdaLoRA, ElaLoRA, ...) and whatever it holds
+    (ElaLoRA's optimizer): the LoRA has no allocator, and copying an optimizer's state would only cost memory."""
+    held = model.__dict__.get(_ALLOCATOR_ATTR)
+    new = copy.deepcopy(model, memo={} if held is None else {id(held): None})
+    new.__dict__.pop(_ALLOCATOR_ATTR, None)
+    return new
+
+
 @torch.no_grad()
 def _updates(layer: AdaptedLayer) -> tuple[Tensor, Tensor | None]:
     """(ΔW, Δb) in float64 for an unmerged layer: W' − W from ``merged_weight`` on a float64 copy of the layer."""
@@ -199,7 +209,7 @@ def to_lora(model: nn.Module, *, rank: int | dict[str, int] | None = None, energ
     for name, layer in layers:
         _check_mergeable(config.method, name, layer)
 
-    new = unmerge(copy.deepcopy(model))
+    new = unmerge(_copy_without_allocator(model))
     updates = {name: _updates(layer) for name, layer in adapted_layers(new)}
     trained = {name: module.trained_module for name, module in saved_modules(new)}
     factors: dict[str, tuple[Tensor, Tensor]] = {}
