@@ -127,6 +127,7 @@ def test_allocator_and_its_optimizer_stay_with_the_source():
     allocator.attach_optimizer(optimizer)
     model(inputs()).square().mean().backward()
     optimizer.step()
+    optimizer.__deepcopy__ = lambda memo: pytest.fail("to_lora copied the optimizer")
     lora = convert(model, rank=64)
     assert _ALLOCATOR_ATTR not in lora.__dict__
     assert rankwise.allocator(lora) is None
