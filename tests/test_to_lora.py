@@ -326,6 +326,17 @@ def test_peft_loads_an_exported_bias_and_per_layer_ranks(tmp_path):
     assert peft_ranks(theirs) == {"up": 2, "mid": 3, "down": 3, "square": 4}
 
 
+def test_rankwise_save_and_load_round_trip(tmp_path):
+    """The LoRA model (regex targets, rank / alpha patterns, modules_to_save) saves and loads like any adapter."""
+    lora = convert(source("c3a", modules_to_save=["square"]), energy=0.9)
+    rankwise.save(lora, tmp_path / "lora")
+    restored = rankwise.load(make(), tmp_path / "lora").eval()
+    x = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), lora(x), atol=0, rtol=0)
+    assert rankwise.adapter_config(restored) == rankwise.adapter_config(lora)
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad input
 # ----------------------------------------------------------------------------------------------
