@@ -34,8 +34,10 @@ SAVED = "saved"
 
 
 def kwargs(name: str) -> dict[str, Any]:
+    """The method's toy case without dropout (every process would draw its own masks)."""
     values = {**CASES[name].kwargs, **PER_LAYER.get(name, {})}
-    return {**values, "dropout": 0.0} if "dropout" in values else values
+    dropouts = [key for key in rankwise.config(name, **values).to_dict() if key.endswith("dropout")]
+    return {**values, **dict.fromkeys(dropouts, 0.0)}
 
 
 def adapted(name: str) -> nn.Module:

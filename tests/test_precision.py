@@ -34,12 +34,14 @@ FFT_CASES = {
 }
 
 
+def dropout_fields(name: str) -> list[str]:
+    """The method's dropout options (``dropout``; LoHa / LoKr's ``rank_dropout`` and ``module_dropout``)."""
+    return [key for key in rankwise.config(name, **CASES[name].kwargs).to_dict() if key.endswith("dropout")]
+
+
 def kwargs(name: str, dropout: float = 0.0) -> dict[str, Any]:
-    """The method's toy case, with the adapter dropout set to ``dropout`` where the method has one."""
-    values = dict(CASES[name].kwargs)
-    if "dropout" in rankwise.config(name, **values).to_dict():
-        values["dropout"] = dropout
-    return values
+    """The method's toy case, with every dropout of the adapter set to ``dropout``."""
+    return {**CASES[name].kwargs, **dict.fromkeys(dropout_fields(name), dropout)}
 
 
 def perturb(model: nn.Module, scale: float = 0.1) -> nn.Module:
@@ -282,7 +284,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(name):
     assert_same_gradients(bert_gradients(name, True, 0.0), bert_gradients(name, False, 0.0))
 
 
-WITH_DROPOUT = [name for name in METHODS if "dropout" in rankwise.config(name, **CASES[name].kwargs).to_dict()]
+WITH_DROPOUT = [name for name in METHODS if dropout_fields(name)]
 
 
 @pytest.mark.parametrize("name", WITH_DROPOUT)
