@@ -36,7 +36,7 @@ SAVED = "saved"
 def kwargs(name: str) -> dict[str, Any]:
     """The method's toy case without dropout (every process would draw its own masks)."""
     values = {**CASES[name].kwargs, **PER_LAYER.get(name, {})}
-    dropouts = [key for key in rankwise.config(name, **values).to_dict() if key.endswith("dropout")]
+    dropouts = [key for key in rankwise.config(name, **CASES[name].kwargs).to_dict() if key.endswith("dropout")]
     return {**values, **dict.fromkeys(dropouts, 0.0)}
 
 
