@@ -107,6 +107,7 @@ class LoRAConfig(AdapterConfig):
     """LoRA hyper-parameters, named and defaulted as in PEFT's ``LoraConfig``."""
 
     method = "lora"
+    quantised_base = True  # runs on a bitsandbytes 4-/8-bit base (rankwise.core.quantised)
 
     r: int = config_field(8, "rank of the update B·A")
     alpha: float = config_field(8.0, "scaling numerator: s = alpha / r (alpha / sqrt(r) with use_rslora)")
