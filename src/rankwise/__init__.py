@@ -12,6 +12,7 @@ Public API (see DESIGN.md)::
     model = rankwise.compress(model, ratio=0.5)
     alloc = rankwise.allocator(model); alloc.step(step)   # rank allocation (AdaLoRA); None for fixed-rank methods
     rankwise.ranks(model)                                 # {layer name: current rank}
+    rankwise.prepare_for_kbit_training(model)             # before adapt on a bitsandbytes 4-/8-bit model (QLoRA)
 
 Every method's config class (``C3AConfig``, ``GraLoRAConfig``, ...) is reachable as
 ``rankwise.<Name>Config`` once its module is registered.
@@ -35,6 +36,7 @@ from .core.inject import (
     unmerge,
 )
 from .core.io import load, save
+from .core.kbit import prepare_for_kbit_training
 from .core.rank import allocator, ranks
 from .core.registry import config, methods, register
 from .integrations.peft import export_peft, import_peft
@@ -58,6 +60,7 @@ __all__ = [
     "load",
     "merge",
     "methods",
+    "prepare_for_kbit_training",
     "ranks",
     "register",
     "save",
