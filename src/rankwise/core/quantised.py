@@ -209,9 +209,9 @@ def set_weight(module: nn.Module, weight: nn.Parameter, scales: Tensor | None = 
 
 def relative_error(approx: Tensor, exact: Tensor) -> float:
     """‖approx − exact‖_F / ‖exact‖_F in float64 (0 for an all-zero ``exact`` equal to ``approx``)."""
-    exact = exact.to(torch.float64)
+    exact = exact.detach().to(torch.float64)
     scale = torch.linalg.matrix_norm(exact)
-    diff = torch.linalg.matrix_norm(approx.to(torch.float64) - exact)
+    diff = torch.linalg.matrix_norm(approx.detach().to(torch.float64) - exact)
     return float(diff / scale) if scale > 0 else float(diff)
 
 
