@@ -430,3 +430,67 @@ def test_export_peft_loads_in_peft_on_the_quantised_base(dora, tmp_path):
     x = torch.randn(6, 64)
     with torch.no_grad():
         assert (close if dora else torch.equal)(theirs.eval()(x), ours.eval()(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# prepare_for_kbit_training, against PEFT's prepare_model_for_kbit_training
+# ----------------------------------------------------------------------------------------------
+
+
+def kbit_bert() -> nn.Module:
+    """A two-layer bfloat16 BERT whose query / value projections are NF4 Linear4bit layers (as load_in_4bit)."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        vocab_size=40, max_position_embeddings=32)
+    model = BertModel(config).to(torch.bfloat16)
+    for layer in model.encoder.layer:
+        for name in ("query", "value"):
+            dense = getattr(layer.attention.self, name)
+            quantised = bnb.nn.Linear4bit(64, 64, quant_type="nf4", compute_dtype=torch.bfloat16)
+            quantised.weight.data = dense.weight.data.clone()  # quantised from bfloat16 on the move below
+            quantised.bias = nn.Parameter(dense.bias.data.clone())
+            setattr(layer.attention.self, name, quantised)
+    model.is_loaded_in_4bit = True
+    return model.to("cpu")
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")  # PEFT calls it
+def test_prepare_for_kbit_training_does_what_peft_does():
+    ours, theirs = kbit_bert(), kbit_bert()
+    quantised_before = {n: p for n, p in ours.named_parameters() if type(p) is not nn.Parameter}
+    assert rankwise.prepare_for_kbit_training(ours) is ours
+    peft.prepare_model_for_kbit_training(theirs)
+    mine, peft_params = dict(ours.named_parameters()), dict(theirs.named_parameters())
+    assert {n: (p.dtype, p.requires_grad) for n, p in mine.items()} == {
+        n: (p.dtype, p.requires_grad) for n, p in peft_params.items()}
+    assert all(p is mine[n] and p.dtype == torch.uint8 for n, p in quantised_before.items())  # untouched
+    assert all(p.dtype == torch.float32 for p in mine.values() if type(p) is nn.Parameter)  # norms, embeddings, biases
+    assert ours.is_activation_checkpointing and theirs.is_activation_checkpointing
+    ids = torch.randint(0, 40, (2, 8))
+    assert ours.get_input_embeddings()(ids).requires_grad  # the hook re-entrant checkpointing needs
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_adapters_train_under_checkpointing_after_prepare(reentrant):
+    model = rankwise.prepare_for_kbit_training(kbit_bert(), gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    rankwise.adapt(model, rankwise.LoRAConfig(r=4, targets=["query", "value"], init_weights=False)).train()
+    model(torch.randint(0, 40, (2, 8))).last_hidden_state.float().square().mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert len(grads) == 2 * 2 * 2 and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_prepare_for_kbit_training_refuses_bad_input_before_any_change():
+    adapted = rankwise.adapt(quantised_net("nf4"), rankwise.LoRAConfig(r=4, targets=NAMES))
+    with pytest.raises(ValueError, match="already carries a rankwise adapter.*prepare_for_kbit_training\\(model\\) first"):
+        rankwise.prepare_for_kbit_training(adapted)
+    assert rankwise.trainable_parameters(adapted) > 0
+    plain = quantised_net("nf4").to(torch.bfloat16)  # not a transformers model: no gradient_checkpointing_enable
+    flags = {n: (p.dtype, p.requires_grad) for n, p in plain.named_parameters()}
+    with pytest.raises(ValueError, match="Net has no activation_checkpointing_enable.*use_gradient_checkpointing=False"):
+        rankwise.prepare_for_kbit_training(plain)
+    assert {n: (p.dtype, p.requires_grad) for n, p in plain.named_parameters()} == flags
+    rankwise.prepare_for_kbit_training(plain, use_gradient_checkpointing=False)
+    assert all(not p.requires_grad for p in plain.parameters())
+    assert all(p.dtype == torch.float32 for p in plain.parameters() if type(p) is nn.Parameter)

@@ -15,10 +15,11 @@ on a frozen quantised base. Before :func:`rankwise.adapt`, :func:`prepare_for_kb
    (``is_loaded_in_4bit`` / ``is_loaded_in_8bit``), as PEFT: make the input embeddings' output require grad
    (transformers' ``enable_input_require_grads``; needed by re-entrant checkpointing, which only back-propagates
    into a block whose inputs require grad, and the frozen embeddings' output does not) and turn on the model's
-   ``gradient_checkpointing_enable(gradient_checkpointing_kwargs=...)``. With ``use_reentrant=False`` in the
-   kwargs the first step is skipped (not needed), as in PEFT.
+   activation checkpointing with ``gradient_checkpointing_kwargs`` (``activation_checkpointing_enable``, the
+   transformers 5 name of the ``gradient_checkpointing_enable`` PEFT calls, which is used where the new one is
+   missing). With ``use_reentrant=False`` in the kwargs the first step is skipped (not needed), as in PEFT.
 
-Bad input (an adapted model, checkpointing asked of a model without ``gradient_checkpointing_enable``) raises
+Bad input (an adapted model, checkpointing asked of a model without a checkpointing switch) raises
 ``ValueError`` before anything changes.
 """
 
@@ -58,10 +59,13 @@ def prepare_for_kbit_training(
         )
     kwargs = dict(gradient_checkpointing_kwargs or {})
     checkpointing = use_gradient_checkpointing and is_kbit_model(model)
-    if checkpointing and not callable(getattr(model, "gradient_checkpointing_enable", None)):
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5's name
+    legacy = getattr(model, "gradient_checkpointing_enable", None)  # the name PEFT 0.21.2 calls (deprecated)
+    if checkpointing and not (callable(enable) or callable(legacy)):
         raise ValueError(
-            f"prepare_for_kbit_training: {type(model).__name__} has no gradient_checkpointing_enable (it is not a "
-            "transformers PreTrainedModel); pass use_gradient_checkpointing=False, or checkpoint it yourself"
+            f"prepare_for_kbit_training: {type(model).__name__} has no activation_checkpointing_enable / "
+            "gradient_checkpointing_enable (it is not a transformers PreTrainedModel); pass "
+            "use_gradient_checkpointing=False, or checkpoint it yourself"
         )
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -71,5 +75,8 @@ def prepare_for_kbit_training(
     if checkpointing:
         if kwargs.get("use_reentrant", True):
             model.enable_input_require_grads()
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if callable(enable):
+            enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            legacy(gradient_checkpointing_kwargs=kwargs)
     return model
