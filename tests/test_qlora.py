@@ -70,9 +70,10 @@ class Net(nn.Module):
         return self.down(torch.relu(self.mid(torch.relu(self.up(x)))))
 
 
-def quantised_net(kind: str, repack: bool = False) -> Net:
+def quantised_net(kind: str, repack: bool = False, dtype: torch.dtype = torch.float32) -> Net:
+    """``Net(kind)`` quantised from ``dtype`` weights (a 4-bit layer dequantises to that dtype)."""
     torch.manual_seed(0)
-    model = Net(kind).to("cpu")  # bitsandbytes quantises here
+    model = Net(kind).to(dtype).to("cpu")  # bitsandbytes quantises on the move to a device
     for layer in (model.up, model.mid, model.down):
         layer.support_avx512bf16_for_cpu = repack
     return model
@@ -199,6 +200,26 @@ def test_dora_reads_a_repacked_weight():
         raw = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
         assert relative_error(raw, before[name]) > 0.1  # what reading the packed bytes directly gives
         assert layer.weight.quant_state.packing_format_for_cpu  # the layer itself stays packed
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_adalora_equals_peft_bnb_adalora(kind, tmp_path):
+    """PEFT's AdaLoRA has bitsandbytes layers too (SVDLinear4bit / SVDLinear8bitLt): its adapter, with every
+    tensor perturbed (λ starts at zero), imports and computes the same outputs. To 1e-5: AdaLoRA sums
+    s·B(A⊙λ)x in its own order (tests/test_adalora.py)."""
+    base = quantised_net(kind)
+    torch.manual_seed(1)
+    config = peft.AdaLoraConfig(target_modules=NAMES, init_r=4, target_r=2, total_step=10, lora_alpha=8)
+    theirs = peft.get_peft_model(copy.deepcopy(base), config)
+    assert type(theirs.base_model.model.up).__module__ == "peft.tuners.adalora.bnb"
+    with torch.no_grad():
+        for name, parameter in theirs.named_parameters():
+            if "lora_" in name:
+                parameter.normal_(0, 0.2)
+    ours = imported(theirs, base, tmp_path)
+    x = torch.randn(6, 64)
+    with torch.no_grad():
+        close(ours.eval()(x), theirs.eval()(x))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,17 +362,19 @@ def test_unmerge_and_unload_without_merge_restore_the_original_quantised_weight(
         assert torch.equal(unloaded.up(x), plain)
 
 
-@pytest.mark.parametrize("kind", ["nf4-bf16", "fp4-single", "int8"])
-def test_unload_with_merge_gives_a_quantised_layer_with_the_same_settings(kind):
-    model = rankwise.adapt(quantised_net(kind), rankwise.DoRAConfig(r=4, targets=NAMES, init_weights=False))
-    x = torch.randn(6, 64)
+@pytest.mark.parametrize(("kind", "dtype"), [("nf4-bf16", torch.float32), ("fp4-single", torch.float32),
+                                           ("nf4", torch.bfloat16), ("int8", torch.float32)])
+def test_unload_with_merge_gives_a_quantised_layer_with_the_same_settings(kind, dtype):
+    model = rankwise.adapt(quantised_net(kind, dtype=dtype),
+                           rankwise.DoRAConfig(r=4, targets=NAMES, init_weights=False))
+    x = torch.randn(6, 64, dtype=dtype)
     with torch.no_grad():
         merge_warnings(model)
         merged = model(x)
         rankwise.unmerge(model)
         with pytest.warns(QuantisedMergeWarning):
             plain = rankwise.unload(model, merge=True)
-        reference = quantised_net(kind)
+        reference = quantised_net(kind, dtype=dtype)
         reference(x)  # bitsandbytes sets a 4-bit layer's compute dtype from its first input
         for name in NAMES:
             layer, fresh = plain.get_submodule(name), reference.get_submodule(name)
