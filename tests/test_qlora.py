@@ -504,6 +504,19 @@ def test_adapters_train_under_checkpointing_after_prepare(reentrant):
     assert len(grads) == 2 * 2 * 2 and all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_prepare_turns_on_input_gradients_then_checkpointing_as_peft_does(reentrant):
+    """transformers 5 turns on input gradients inside its own checkpointing switch, so the call is recorded here:
+    re-entrant checkpointing needs it with any transformers version (PEFT makes it too), non-re-entrant does not."""
+    model, calls = kbit_bert(), []
+    model.enable_input_require_grads = lambda: calls.append("input gradients")
+    model.activation_checkpointing_enable = lambda activation_checkpointing_kwargs: calls.append(
+        activation_checkpointing_kwargs)
+    rankwise.prepare_for_kbit_training(model, gradient_checkpointing_kwargs=None if reentrant else {
+        "use_reentrant": False})
+    assert calls == (["input gradients", {"use_reentrant": True}] if reentrant else [{"use_reentrant": False}])
+
+
 def test_prepare_for_kbit_training_refuses_bad_input_before_any_change():
     adapted = rankwise.adapt(quantised_net("nf4"), rankwise.LoRAConfig(r=4, targets=NAMES))
     with pytest.raises(ValueError, match="already carries a rankwise adapter.*prepare_for_kbit_training\\(model\\) first"):

@@ -18,6 +18,8 @@ on a frozen quantised base. Before :func:`rankwise.adapt`, :func:`prepare_for_kb
    activation checkpointing with ``gradient_checkpointing_kwargs`` (``activation_checkpointing_enable``, the
    transformers 5 name of the ``gradient_checkpointing_enable`` PEFT calls, which is used where the new one is
    missing). With ``use_reentrant=False`` in the kwargs the first step is skipped (not needed), as in PEFT.
+   ``use_reentrant`` defaults to True, which is what PEFT's empty kwargs amount to in torch (with a warning that
+   asks for the argument to be passed explicitly).
 
 Bad input (an adapted model, checkpointing asked of a model without a checkpointing switch) raises
 ``ValueError`` before anything changes.
@@ -57,7 +59,8 @@ def prepare_for_kbit_training(
             f"prepare_for_kbit_training: {type(model).__name__} already carries a rankwise adapter, whose parameters "
             "it would freeze; call prepare_for_kbit_training(model) first, then rankwise.adapt(model, config)"
         )
-    kwargs = dict(gradient_checkpointing_kwargs or {})
+    # PEFT passes {} and gets torch's re-entrant default with a warning (an error in later torch): say it outright
+    kwargs = {"use_reentrant": True, **(gradient_checkpointing_kwargs or {})}
     checkpointing = use_gradient_checkpointing and is_kbit_model(model)
     enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5's name
     legacy = getattr(model, "gradient_checkpointing_enable", None)  # the name PEFT 0.21.2 calls (deprecated)
@@ -73,7 +76,7 @@ def prepare_for_kbit_training(
         if type(parameter) is nn.Parameter and parameter.dtype in HALF_DTYPES:  # never a quantised weight
             parameter.data = parameter.data.to(torch.float32)
     if checkpointing:
-        if kwargs.get("use_reentrant", True):
+        if kwargs["use_reentrant"]:
             model.enable_input_require_grads()
         if callable(enable):
             enable(activation_checkpointing_kwargs=kwargs)
