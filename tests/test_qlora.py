@@ -248,12 +248,12 @@ def float_twin(model: Net) -> nn.Module:
     return twin
 
 
-def adapted_pair(method: str, init_weights: str | bool | None = None) -> tuple[nn.Module, nn.Module]:
-    """The method on the nf4 model and on its float twin, with the same perturbed adapter tensors."""
+def adapted_pair(method: str, kind: str = "nf4") -> tuple[nn.Module, nn.Module]:
+    """The method on the quantised model and on its float twin, with the same perturbed adapter tensors."""
     case = CASES[method]
     options = {k: v for k, v in {**case.kwargs, **case.random_init}.items() if k != "dropout"}
     config = rankwise.config(method, targets=NAMES, **options)
-    quantised = quantised_net("nf4")
+    quantised = quantised_net(kind)
     twin = float_twin(quantised)
     torch.manual_seed(1)
     rankwise.adapt(quantised, config)
@@ -290,6 +290,27 @@ def test_method_on_a_4bit_base_equals_the_float_model_and_merges_exactly(method)
         weight = quantised.get_submodule(name).base_layer.weight
         assert torch.equal(weight.data, originals[name][0]) and torch.equal(weight.quant_state.absmax, originals[name][1])
     with torch.no_grad():
+        assert torch.equal(quantised(x), before)
+
+
+@pytest.mark.parametrize("method", QUANTISED_METHODS)
+def test_method_on_an_8bit_base_merges_and_unmerges(method):
+    """LLM.int8 also quantises the activations, so an 8-bit forward is not the float twin's; what is exact: the
+    merge is quantise(the float merge) and unmerge puts the original int8 weight and its output back."""
+    quantised, twin = adapted_pair(method, "int8")
+    x = torch.randn(6, 64)
+    with torch.no_grad():
+        before = quantised(x)
+        originals = {n: quantised.get_submodule(n).base_layer.weight for n in NAMES}
+        assert len(merge_warnings(quantised)) == 3
+        rankwise.merge(twin)
+        for name in NAMES:
+            exact = twin.get_submodule(name).base_layer.weight
+            expected = bnb.nn.Int8Params(exact.clone(), requires_grad=False, has_fp16_weights=False).to("cpu")
+            assert torch.equal(quantised.get_submodule(name).base_layer.weight.data, expected.data)
+        quantised(x)  # moves the merged weight's int8 state into the layers
+        rankwise.unmerge(quantised)
+        assert all(quantised.get_submodule(n).base_layer.weight is originals[n] for n in NAMES)
         assert torch.equal(quantised(x), before)
 
 
