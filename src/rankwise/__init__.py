@@ -12,6 +12,10 @@ Public API (see DESIGN.md)::
     model = rankwise.compress(model, ratio=0.5)
     alloc = rankwise.allocator(model); alloc.step(step)   # rank allocation (AdaLoRA); None for fixed-rank methods
     rankwise.ranks(model)                                 # {layer name: current rank}
+    rankwise.add_adapter(model, "b", cfg); rankwise.set_adapter(model, "b")   # several named adapters
+    rankwise.delete_adapter(model, "b"); rankwise.adapter_names(model); rankwise.active_adapter(model)
+    rankwise.add_weighted_adapter(model, ["default", "b"], [0.5, 0.5], "ab", combination="cat")
+    with rankwise.adapter_per_example(model, ["default", "b"]): model(batch)   # one adapter per example
     rankwise.prepare_for_kbit_training(model)             # before adapt on a bitsandbytes 4-/8-bit model (QLoRA)
 
 Every method's config class (``C3AConfig``, ``GraLoRAConfig``, ...) is reachable as
@@ -24,6 +28,7 @@ from ._version import __version__
 from .adapters.lora import DoRAConfig, LoRAConfig
 from .core.config import AdapterConfig
 from .core.inject import (
+    active_adapter,
     adapt,
     adapted_layers,
     adapter_config,
@@ -37,6 +42,14 @@ from .core.inject import (
 )
 from .core.io import load, save
 from .core.kbit import prepare_for_kbit_training
+from .core.multi import (
+    adapter_names,
+    adapter_per_example,
+    add_adapter,
+    add_weighted_adapter,
+    delete_adapter,
+    set_adapter,
+)
 from .core.rank import allocator, ranks
 from .core.registry import config, methods, register
 from .integrations.peft import export_peft, import_peft
@@ -47,12 +60,18 @@ __all__ = [
     "LoRAConfig",
     "LoRAPro",
     "__version__",
+    "active_adapter",
     "adapt",
     "adapted_layers",
     "adapter_config",
+    "adapter_names",
+    "adapter_per_example",
+    "add_adapter",
+    "add_weighted_adapter",
     "allocator",
     "compress",
     "config",
+    "delete_adapter",
     "disable_adapters",
     "export_peft",
     "find_targets",
@@ -64,6 +83,7 @@ __all__ = [
     "ranks",
     "register",
     "save",
+    "set_adapter",
     "summary",
     "trainable_parameters",
     "unload",
