@@ -230,8 +230,8 @@ QUANTISED_METHODS = sorted(m.name for m in registered() if m.config_cls.quantise
 
 
 def test_the_supported_methods_are_the_ones_documented():
-    assert QUANTISED_METHODS == ["adalora", "ardlora", "bora", "c3a", "dora", "elalora", "gralora", "loldu", "lora",
-                                 "miss", "singlora", "surm"]
+    assert QUANTISED_METHODS == ["adalora", "ardlora", "bora", "c3a", "dora", "elalora", "gralora", "kradapter",
+                                 "loha", "lokr", "loldu", "lora", "miss", "singlora", "surm"]
 
 
 def float_twin(model: Net) -> nn.Module:
@@ -551,3 +551,22 @@ def test_prepare_for_kbit_training_refuses_bad_input_before_any_change():
     rankwise.prepare_for_kbit_training(plain, use_gradient_checkpointing=False)
     assert all(not p.requires_grad for p in plain.parameters())
     assert all(p.dtype == torch.float32 for p in plain.parameters() if type(p) is nn.Parameter)
+
+
+def test_named_adapters_on_a_quantised_base():
+    """Several adapters over one quantised layer: switching, per-example batches and merging the active one."""
+    model = rankwise.adapt(quantised_net("nf4"), rankwise.LoRAConfig(r=4, targets=NAMES, init_weights=False))
+    torch.manual_seed(5)
+    rankwise.add_adapter(model, "b", rankwise.DoRAConfig(r=2, targets=NAMES, init_weights=False))
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        first = model.eval()(x)
+        rankwise.set_adapter(model, "b")
+        second = model(x)
+        with rankwise.adapter_per_example(model, ["default", "b", "b", "default"]):
+            mixed = model(x)
+        torch.testing.assert_close(mixed, torch.stack([first[0], second[1], second[2], first[3]]), rtol=1e-5, atol=1e-6)
+        original = model.up.base_layer.weight
+        assert len(merge_warnings(model)) == 3
+        rankwise.unmerge(model)
+        assert model.up.base_layer.weight is original and torch.equal(model(x), second)
