@@ -16,6 +16,8 @@ Public API (see DESIGN.md)::
     rankwise.delete_adapter(model, "b"); rankwise.adapter_names(model); rankwise.active_adapter(model)
     rankwise.add_weighted_adapter(model, ["default", "b"], [0.5, 0.5], "ab", combination="cat")
     with rankwise.adapter_per_example(model, ["default", "b"]): model(batch)   # one adapter per example
+    lora_model = rankwise.to_lora(model, rank=16)         # any method's update as a LoRA (truncated SVD of W' - W)
+    rankwise.to_lora_report(lora_model)                   # per-layer rank and relative error; export_peft serves it
     rankwise.prepare_for_kbit_training(model)             # before adapt on a bitsandbytes 4-/8-bit model (QLoRA)
 
 Every method's config class (``C3AConfig``, ``GraLoRAConfig``, ...) is reachable as
@@ -26,6 +28,7 @@ from typing import Any
 
 from ._version import __version__
 from .adapters.lora import DoRAConfig, LoRAConfig
+from .convert import to_lora, to_lora_report
 from .core.config import AdapterConfig
 from .core.inject import (
     active_adapter,
@@ -85,6 +88,8 @@ __all__ = [
     "save",
     "set_adapter",
     "summary",
+    "to_lora",
+    "to_lora_report",
     "trainable_parameters",
     "unload",
     "unmerge",
