@@ -570,3 +570,15 @@ def test_named_adapters_on_a_quantised_base():
         assert len(merge_warnings(model)) == 3
         rankwise.unmerge(model)
         assert model.up.base_layer.weight is original and torch.equal(model(x), second)
+
+
+def test_to_lora_of_dora_on_a_quantised_base_is_exact_at_full_rank():
+    """to_lora reads W' − W through the dequantised weight, so a QDoRA becomes a QLoRA that PEFT can serve."""
+    model = rankwise.adapt(quantised_net("nf4"), rankwise.DoRAConfig(r=4, targets=NAMES, init_weights=False))
+    x = torch.randn(6, 64)
+    with torch.no_grad():
+        expected = model.eval()(x)
+        lora = rankwise.to_lora(model, rank=64)
+        assert rankwise.adapter_config(lora).method == "lora"
+        assert all(layer.relative_error < 1e-6 for layer in rankwise.to_lora_report(lora).layers.values())
+        close(lora.eval()(x), expected)
