@@ -95,6 +95,7 @@ class AdaLoRAConfig(SVDConfig):
     """AdaLoRA hyper-parameters, named and defaulted as PEFT's ``AdaLoraConfig`` (``lora_alpha`` is ``alpha``)."""
 
     method = "adalora"
+    quantised_base = True  # runs on a bitsandbytes 4-/8-bit base (rankwise.core.quantised)
 
     target_r: int = config_field(8, "average rank per layer at the end of the budget phase")
     rank_pattern: dict[str, list[bool]] | None = field(  # field(): ruff wants a visible default for a dict

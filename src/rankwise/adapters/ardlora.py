@@ -60,6 +60,7 @@ class ARDLoRAConfig(AdapterConfig):
     """ARD-LoRA hyper-parameters (module docstring); ``r`` and ``alpha`` mean what they mean for LoRA."""
 
     method = "ardlora"
+    quantised_base = True  # runs on a bitsandbytes 4-/8-bit base (rankwise.core.quantised)
 
     r: int = config_field(8, "base rank r0: a unit with scaling factor 1 has rank r0")
     r_max: int | None = config_field(None, "components held per unit, the largest rank a unit can reach (2*r)")

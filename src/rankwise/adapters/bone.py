@@ -73,6 +73,7 @@ class MissConfig(AdapterConfig):
     """
 
     method = "miss"
+    quantised_base = True  # runs on a bitsandbytes 4-/8-bit base (rankwise.core.quantised)
 
     r: int = config_field(64, "shard size along the input dimension (rank of ΔW is at most r)")
     dropout: float = config_field(0.0, "dropout on the input before the shard sum (not with bat)")

@@ -126,6 +126,7 @@ class C3AConfig(AdapterConfig):
     """C3A hyper-parameters, named as in PEFT's ``C3AConfig``."""
 
     method = "c3a"
+    quantised_base = True  # runs on a bitsandbytes 4-/8-bit base (rankwise.core.quantised)
 
     block_size: int = config_field(
         64, "circulant block size b; must divide in and out width of every target (64 fits 384/768/1536/3072)"

@@ -57,6 +57,7 @@ class LoLDUConfig(AdapterConfig):
     """LoLDU hyper-parameters. LoLDU wants learning rates about 10× those of LoRA (paper: 3e-3 on ViT)."""
 
     method = "loldu"
+    quantised_base = True  # runs on a bitsandbytes 4-/8-bit base (rankwise.core.quantised)
 
     r: int = config_field(32, "number of LDU components whose diagonal is trained (r trainable scalars per layer)")
     alpha: float = config_field(32.0, "scale numerator: sigma = alpha / r (the paper uses alpha = r)")

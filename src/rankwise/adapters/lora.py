@@ -53,6 +53,13 @@ training with dropout x̃ = dropout(x) and W x̃ is recomputed: exactly PEFT's s
 differ from W' dropout(x) (paper §4.3 / PEFT ``DoraLinearVariant.forward``). Trainable parameters:
 r(m + n) + m.
 
+Quantised bases (QLoRA: bitsandbytes ``Linear4bit`` NF4 / FP4 and ``Linear8bitLt``, :mod:`rankwise.core.quantised`):
+the base output is the quantised layer's own forward, as in PEFT's ``lora.bnb`` layers; DoRA's W is the
+dequantised weight, read afresh at every forward (as PEFT does, never stored), with c computed in float32.
+PiSSA and OLoRA rewrite W and are refused on a quantised layer (PEFT refuses them too). Merging dequantises,
+merges and re-quantises with a warning stating the rounding error; unmerge restores the original quantised
+weight bit for bit (PEFT subtracts through a second re-quantisation).
+
 Where we differ from PEFT, on purpose:
     * c is computed without the m×n matrix W + sBA:
       c_i² = ‖W_i‖² + 2s ⟨(W Aᵀ)_i, B_i⟩ + s² B_i (A Aᵀ) B_iᵀ, O(mnr) flops and O(mr) memory.
@@ -107,6 +114,7 @@ class LoRAConfig(AdapterConfig):
     """LoRA hyper-parameters, named and defaulted as in PEFT's ``LoraConfig``."""
 
     method = "lora"
+    quantised_base = True  # runs on a bitsandbytes 4-/8-bit base (rankwise.core.quantised)
 
     r: int = config_field(8, "rank of the update B·A")
     alpha: float = config_field(8.0, "scaling numerator: s = alpha / r (alpha / sqrt(r) with use_rslora)")

@@ -230,6 +230,7 @@ class SURMConfig(AdapterConfig):
     """SURM hyper-parameters; ``structure`` picks the matrix family (see the module docstring)."""
 
     method = "surm"
+    quantised_base = True  # runs on a bitsandbytes 4-/8-bit base (rankwise.core.quantised)
     comparison_defaults: ClassVar[dict[str, Any]] = {"rectangular": "native"}
 
     structure: str = config_field("circulant", "structured family of ΔW: circulant, toeplitz, kronecker or ldr")

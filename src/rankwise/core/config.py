@@ -38,6 +38,10 @@ class AdapterConfig:
     # them: a method whose safe default refuses some layers names here the explicit choice that lets it run
     # on every layer the others adapt (SURM: rectangular layers).
     comparison_defaults: ClassVar[dict[str, Any]] = {}
+    # True for a method that runs on a quantised bitsandbytes base layer (QLoRA): its forward needs only x, the
+    # base output and the dequantised weight (``weight_matrix``), and its merge goes through ``merged_weight``.
+    # ``adapt`` refuses a quantised target for every other method, naming the ones that support it.
+    quantised_base: ClassVar[bool] = False
 
     targets: Targets = "all-linear"
     exclude: Targets = None

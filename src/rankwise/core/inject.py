@@ -4,7 +4,8 @@
 model is touched, so a config that does not fit some layer raises without leaving the model half
 adapted. ``unload`` gives back the plain model with the original ``requires_grad`` flags.
 ``modules_to_save`` modules train as a copy beside the untouched original (:class:`SavedModule`).
-Quantised layers are refused, never wrapped as float layers (:mod:`rankwise.core.quantised`).
+Quantised layers are refused, never wrapped as float layers, except bitsandbytes 4-/8-bit layers for the
+methods that support them (:mod:`rankwise.core.quantised`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from torch import nn
 
 from .config import AdapterConfig
 from .layer import DEFAULT_ADAPTER, AdaptedLayer, SavedModule, is_supported_layer, linear_shape
-from .quantised import check_not_quantised, is_quantised_linear
-from .registry import get_method
+from .quantised import bnb_kind, bnb_settings, check_adaptable, check_not_quantised, is_quantised_linear
+from .registry import get_method, registered
 
 ALL_LINEAR = "all-linear"
 _CONFIGS_ATTR = "_rankwise_configs"  # {adapter name: config}, in the order the adapters were added
@@ -78,7 +79,9 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
 
     Modules in ``config.modules_to_save`` (and everything inside them) are never targets. A quantised
     layer that the selection reaches (bitsandbytes, torchao, GPTQ, ...: see :mod:`rankwise.core.quantised`)
-    is refused with a ``ValueError`` rather than wrapped as if it were a float ``nn.Linear``, or skipped.
+    is refused with a ``ValueError`` rather than wrapped as if it were a float ``nn.Linear``, or skipped;
+    only a method whose config sets ``quantised_base`` may target a quantised bitsandbytes layer
+    (:func:`check_target`).
     On an adapted model an adapted layer counts as its base layer (:func:`layer_modules`).
     """
     modules = layer_modules(model)
@@ -95,7 +98,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
         names = [n for n, m in modules.items()
                  if n and (is_supported_layer(m) or is_quantised_linear(m)) and n not in heads and not excluded(n)]
         for name in names:  # "all-linear" never skips a quantised linear layer in silence
-            check_not_quantised(name, modules[name])
+            check_target(name, modules[name], config)
     else:
         names, named = [], []  # named: every layer a target names, excluded ones too (PEFT accepts those)
         for name, module in modules.items():
@@ -104,7 +107,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
             named.append(name)
             if excluded(name):
                 continue
-            check_not_quantised(name, module)
+            check_target(name, module, config)
             if not is_supported_layer(module):
                 raise ValueError(
                     f"target {config.targets!r} matches '{name}', a {type(module).__name__}, but rankwise "
@@ -125,6 +128,33 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
             f"Candidate layers: {_examples(supported)}; available suffixes: {_suffixes(supported)}."
         )
     return names
+
+
+def check_target(name: str, module: nn.Module, config: AdapterConfig) -> None:
+    """``ValueError`` unless ``config``'s method may wrap ``module`` as far as quantisation goes.
+
+    Without a method (compression's target selection) every quantised layer is refused. A method may wrap a
+    quantised bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` when its config sets ``quantised_base`` and its init
+    leaves the base weight alone (PiSSA / OLoRA rewrite it, which a quantised weight cannot hold exactly; PEFT
+    refuses them too); the error names the method, the layer and the methods that can.
+    """
+    if not config.method:
+        check_not_quantised(name, module)
+        return
+    check_adaptable(name, module)
+    if bnb_kind(module) is None:
+        return
+    why = None if config.quantised_base else f"{config.method} has no quantised-base path"
+    if config.quantised_base and config.changes_base_weights:
+        why = ("its init rewrites the base weight (PiSSA / OLoRA), which a quantised layer cannot hold exactly; "
+               "initialise on the float model and quantise the residual, or use another init")
+    if why is not None:
+        supported = sorted(m.name for m in registered() if m.config_cls.quantised_base)
+        raise ValueError(
+            f"method {config.method!r} cannot adapt layer '{name}', a bitsandbytes {bnb_settings(module)} layer: "
+            f"{why}. Methods that adapt quantised bitsandbytes layers: {supported}. Load the model in floating "
+            "point, or leave this layer out (exclude=...)"
+        )
 
 
 def _examples(names: list[str], limit: int = 8) -> str:

@@ -12,7 +12,9 @@ unchanged, so disabling or unloading the adapter gives the base model back.
 Adapters see every supported base layer as a linear map ``y = x Wᵀ + b`` with ``W`` of shape
 ``(out_features, in_features)``: :func:`weight_matrix` hides the transposed storage of
 transformers' ``Conv1D`` (GPT-2 style, ``fan_in_fan_out``), so a method written for ``nn.Linear``
-works on ``Conv1D`` without a line of its own.
+works on ``Conv1D`` without a line of its own, and hands over the dequantised weight of a
+bitsandbytes 4-/8-bit layer (:mod:`rankwise.core.quantised`), so a method that reads W works on a
+quantised base too.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import AdapterConfig
+from .quantised import bnb_kind, dequantised_weight, kept_weight, merge_into_quantised, set_weight
 
 
 @functools.lru_cache(maxsize=1)
@@ -49,12 +52,17 @@ def is_supported_layer(module: nn.Module) -> bool:
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
     """``(out_features, in_features)`` of a supported layer."""
+    if bnb_kind(module) is not None:  # a packed 4-bit weight is (out·in/2, 1): the layer knows its shape
+        return module.out_features, module.in_features
     weight = module.weight
     return (weight.shape[1], weight.shape[0]) if is_fan_in_fan_out(module) else (weight.shape[0], weight.shape[1])
 
 
 def weight_matrix(module: nn.Module) -> Tensor:
-    """The layer's weight as an (out_features, in_features) view (a transpose view for Conv1D)."""
+    """The layer's weight as an (out_features, in_features) view (a transpose view for Conv1D); for a
+    bitsandbytes layer a fresh dequantised copy (writing to it changes nothing)."""
+    if bnb_kind(module) is not None:
+        return dequantised_weight(module)
     return module.weight.T if is_fan_in_fan_out(module) else module.weight
 
 
@@ -192,6 +200,8 @@ class AdaptedLayer(nn.Module):
         self.merged = False
         self.disabled = False
         self.example_adapters: list[str] | None = None
+        # A quantised base's weight before the merge re-quantised it, which unmerge puts back (a tuple: no parameter).
+        self._unmerged_quantised: tuple[nn.Parameter, Tensor | None] | None = None
 
     # -- the named adapters ------------------------------------------------------------------------
 
@@ -316,22 +326,37 @@ class AdaptedLayer(nn.Module):
         self.merged = False
 
     def _write_weights(self, transform: Any, sign: int, safe: bool) -> None:
-        weight = self.base_layer.weight
-        # Merging arithmetic in half precision drifts; do it in float32 and cast back.
-        compute_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-        new_weight = transform(weight_matrix(self.base_layer).to(compute_dtype))
+        """Apply ``transform`` (merged / unmerged weight) to the base weight and ``sign`` · Δb to its bias.
+
+        A bitsandbytes base is dequantised, transformed and re-quantised with a warning stating the rounding
+        error (:func:`~rankwise.core.quantised.merge_into_quantised`); its unmerge puts the quantised weight
+        from before the merge back bit for bit instead of subtracting through a second rounding.
+        """
+        quantised = bnb_kind(self.base_layer) is not None
         delta_bias = self.adapter.delta_bias()
         if delta_bias is not None and self.base_layer.bias is None:
             raise ValueError(
                 f"{type(self.adapter).__name__} has a bias update but the base layer has no bias; "
                 "it cannot be merged. Build the adapter without a bias term to merge it."
             )
-        if safe and not torch.isfinite(new_weight).all():
-            raise ValueError(
-                f"merging {type(self.adapter).__name__} into layer '{self.adapter.layer_name}' gives "
-                "non-finite weights; the adapter is left unmerged. Check the adapter for NaN/inf."
-            )
-        weight.copy_(new_weight.T if is_fan_in_fan_out(self.base_layer) else new_weight)
+        if quantised and sign < 0:
+            set_weight(self.base_layer, *self._unmerged_quantised)
+            self._unmerged_quantised = None
+        else:
+            current = weight_matrix(self.base_layer)
+            # Merging arithmetic in half precision drifts; do it in float32 and cast back.
+            compute_dtype = torch.float32 if current.dtype in (torch.float16, torch.bfloat16) else current.dtype
+            new_weight = transform(current.to(compute_dtype))
+            if safe and not torch.isfinite(new_weight).all():
+                raise ValueError(
+                    f"merging {type(self.adapter).__name__} into layer '{self.adapter.layer_name}' gives "
+                    "non-finite weights; the adapter is left unmerged. Check the adapter for NaN/inf."
+                )
+            if quantised:
+                self._unmerged_quantised = kept_weight(self.base_layer)
+                merge_into_quantised(self.base_layer, new_weight, self.adapter.layer_name, type(self.adapter).__name__)
+            else:
+                self.base_layer.weight.copy_(new_weight.T if is_fan_in_fan_out(self.base_layer) else new_weight)
         if delta_bias is not None:
             self.base_layer.bias.add_(sign * delta_bias.to(self.base_layer.bias.dtype))
 
