@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig
-from .layer import AdaptedLayer, SavedModule, is_supported_layer, linear_shape
+from .layer import AdaptedLayer, SavedModule, is_adaptable_layer, is_supported_layer, linear_shape
 from .quantised import check_not_quantised, is_quantised_linear
 from .registry import get_method
 
@@ -90,11 +90,12 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
             if excluded(name):
                 continue
             check_not_quantised(name, module)
-            if not is_supported_layer(module):
+            if not is_adaptable_layer(module):
                 raise ValueError(
                     f"target {config.targets!r} matches '{name}', a {type(module).__name__}, but rankwise "
-                    "adapters wrap nn.Linear and transformers Conv1D layers only. Name its linear "
-                    f"sub-layers instead, e.g. {_examples([n for n in supported if n.startswith(name + '.')])}."
+                    "adapters wrap nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d and nn.Embedding layers only. "
+                    "Name its linear sub-layers instead, e.g. "
+                    f"{_examples([n for n in supported if n.startswith(name + '.')])}."
                 )
             names.append(name)
         if isinstance(config.targets, list):

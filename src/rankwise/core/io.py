@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .._version import __version__
 from .inject import adapt, adapted_layers, adapter_config, find_targets, saved_modules, unload
-from .layer import is_supported_layer, linear_shape
+from .layer import is_adaptable_layer, linear_shape
 from .quantised import FLOAT_DTYPES, check_not_quantised
 from .rank import load_allocator, save_allocator
 from .registry import get_method
@@ -195,7 +195,7 @@ def check_layers_fit(base_model: nn.Module, layers: dict[str, dict[str, int]], s
         module = modules.get(name)
         if module is not None:
             check_not_quantised(name, module)
-        if module is None or not is_supported_layer(module):
+        if module is None or not is_adaptable_layer(module):
             raise ValueError(
                 f"the adapter in {source} was trained on a base model with a layer '{name}', which "
                 f"{type(base_model).__name__} does not have; load it onto the base model it was trained on"

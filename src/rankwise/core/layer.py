@@ -11,13 +11,21 @@ Adapters see every supported base layer as a linear map ``y = x Wᵀ + b`` with 
 ``(out_features, in_features)``: :func:`weight_matrix` hides the transposed storage of
 transformers' ``Conv1D`` (GPT-2 style, ``fan_in_fan_out``), so a method written for ``nn.Linear``
 works on ``Conv1D`` without a line of its own.
+
+Two more layer kinds can be targeted by name (``"all-linear"`` never selects them): convolutions
+(``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d``), seen as the (C_out, C_in/groups·∏kernel) matrix of their
+flattened kernel (the map from one input patch to one output pixel), and ``nn.Embedding``, seen as the
+(embedding_dim, num_embeddings) matrix Wᵀ that maps a one-hot token to its vector (the stored weight is
+(num_embeddings, embedding_dim), Conv1D's transposed layout). :func:`layer_kind` names the kind; a method
+adapts the kinds its adapter class lists in ``Adapter.layer_kinds`` and refuses the others with a
+``ValueError`` (LoRA and DoRA adapt all three, :mod:`rankwise.adapters.lora`).
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -45,15 +53,62 @@ def is_supported_layer(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_fan_in_fan_out(module)
 
 
+#: What each layer kind covers, for error messages.
+LAYER_KINDS = {
+    "linear": "nn.Linear / transformers Conv1D",
+    "conv": "nn.Conv1d / nn.Conv2d / nn.Conv3d",
+    "embedding": "nn.Embedding",
+}
+
+
+def is_conv_layer(module: nn.Module) -> bool:
+    """``nn.Conv1d``, ``nn.Conv2d`` or ``nn.Conv3d`` (transposed convolutions are not included)."""
+    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """``"linear"`` (nn.Linear, Conv1D), ``"conv"``, ``"embedding"``, or None for a layer no adapter wraps."""
+    if is_supported_layer(module):
+        return "linear"
+    if is_conv_layer(module):
+        return "conv"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    return None
+
+
+def is_adaptable_layer(module: nn.Module) -> bool:
+    """A layer some method can adapt when a target names it: a linear, convolution or embedding layer."""
+    return layer_kind(module) is not None
+
+
+def _stored_transposed(module: nn.Module) -> bool:
+    """True when the stored weight is (in_features, out_features): Conv1D and nn.Embedding."""
+    return is_fan_in_fan_out(module) or isinstance(module, nn.Embedding)
+
+
 def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """``(out_features, in_features)`` of a supported layer."""
+    """``(out_features, in_features)`` of an adaptable layer: of its weight matrix (:func:`weight_matrix`)."""
     weight = module.weight
-    return (weight.shape[1], weight.shape[0]) if is_fan_in_fan_out(module) else (weight.shape[0], weight.shape[1])
+    if _stored_transposed(module):
+        return weight.shape[1], weight.shape[0]
+    return weight.shape[0], weight[0].numel()
 
 
 def weight_matrix(module: nn.Module) -> Tensor:
-    """The layer's weight as an (out_features, in_features) view (a transpose view for Conv1D)."""
-    return module.weight.T if is_fan_in_fan_out(module) else module.weight
+    """The layer's weight as an (out_features, in_features) matrix: a transpose view for Conv1D and
+    nn.Embedding, the kernel flattened per output channel, (C_out, C_in/groups·∏kernel), for a convolution."""
+    weight = module.weight
+    if _stored_transposed(module):
+        return weight.T
+    return weight.flatten(1) if weight.dim() > 2 else weight
+
+
+def stored_weight(module: nn.Module, matrix: Tensor) -> Tensor:
+    """The inverse of :func:`weight_matrix`: an (out_features, in_features) matrix in the layout the layer stores."""
+    if _stored_transposed(module):
+        return matrix.T
+    return matrix.reshape(module.weight.shape)
 
 
 def add_into_output(base_out: Tensor, update: Tensor, alpha: float = 1.0) -> Tensor:
@@ -87,9 +142,22 @@ class Adapter(nn.Module):
     """
 
     uses_base_output: bool = True
+    #: The layer kinds (:func:`layer_kind`) this class adapts; a method that adapts more kinds builds a
+    #: class per kind (LoRA's ``LoRAConvAdapter``, ...).
+    layer_kinds: ClassVar[tuple[str, ...]] = ("linear",)
 
     def __init__(self, base: nn.Module, config: AdapterConfig, layer_name: str = "") -> None:
         super().__init__()
+        kind = layer_kind(base)
+        if kind not in self.layer_kinds:
+            cls = type(base)
+            supported = " and ".join(LAYER_KINDS[k] for k in self.layer_kinds)
+            raise ValueError(
+                f"method {config.method!r} cannot adapt layer '{layer_name or '<unnamed layer>'}' "
+                f"({cls.__module__}.{cls.__qualname__}): {config.method} adapts {supported} layers only. "
+                "Leave this layer out of targets (or exclude it), or use a method that adapts this layer kind "
+                "(the README's support table lists them)"
+            )
         self.layer_name = layer_name
         self.out_features, self.in_features = linear_shape(base)
         # A plain tuple keeps the base layer out of this module's children (and state dict):
@@ -181,9 +249,10 @@ class AdaptedLayer(nn.Module):
         base_out = self.base_layer(x, *args, **kwargs) if self.adapter.uses_base_output else None
         out_dtype = x.dtype if base_out is None else base_out.dtype
         adapter_dtype = self.adapter._apply_dtype()
-        if x.dtype != adapter_dtype:
+        if x.dtype != adapter_dtype and x.is_floating_point():  # an embedding's token ids stay integers
             x = x.to(adapter_dtype)
-            base_out = None if base_out is None else base_out.to(adapter_dtype)
+        if base_out is not None and base_out.dtype != adapter_dtype:
+            base_out = base_out.to(adapter_dtype)
         if base_out is not None:
             base_out._rankwise_scratch = True  # fresh and ours: see add_into_output
         out = self.adapter(x, base_out)
@@ -230,7 +299,7 @@ class AdaptedLayer(nn.Module):
                 f"merging {type(self.adapter).__name__} into layer '{self.adapter.layer_name}' gives "
                 "non-finite weights; the adapter is left unmerged. Check the adapter for NaN/inf."
             )
-        weight.copy_(new_weight.T if is_fan_in_fan_out(self.base_layer) else new_weight)
+        weight.copy_(stored_weight(self.base_layer, new_weight))
         if delta_bias is not None:
             self.base_layer.bias.add_(sign * delta_bias.to(self.base_layer.bias.dtype))
 
