@@ -181,14 +181,19 @@ def test_lora_bias_on_convolutions_matches_peft():
 
 
 def test_grouped_convolution_runs_as_peft_and_refuses_merge():
-    """PEFT adapts a grouped conv (r a multiple of groups) but cannot merge it: the update is a dense conv."""
-    _, theirs, ours = pair("lora", groups=2, targets=["img"])
+    """PEFT adapts a grouped conv (r a multiple of groups) but cannot merge it: the update is a dense conv.
+    ``rankwise.merge`` refuses before any layer is merged (``seq`` comes first in the model)."""
+    _, theirs, ours = pair("lora", groups=2, targets=["seq", "img"])
     theirs.eval(), ours.eval()
     torch.testing.assert_close(ours(*inputs()), theirs(*inputs()), **TOL)
-    weight = ours.img.base_layer.weight.clone()
+    weights = [ours.seq.base_layer.weight.clone(), ours.img.base_layer.weight.clone()]
     with pytest.raises(ValueError, match=r"'img'.*grouped convolution \(groups=2\).*cannot be merged"):
         rankwise.merge(ours)
-    assert torch.equal(ours.img.base_layer.weight, weight) and not ours.img.merged
+    assert torch.equal(ours.seq.base_layer.weight, weights[0]) and not ours.seq.merged
+    assert torch.equal(ours.img.base_layer.weight, weights[1]) and not ours.img.merged
+    with pytest.raises(ValueError, match=r"'img'.*cannot be merged"):
+        rankwise.unload(ours, merge=True)
+    assert rankwise.core.inject.is_adapted(ours) and isinstance(ours.seq, rankwise.core.layer.AdaptedLayer)
     with pytest.raises(NotImplementedError):  # PEFT refuses too
         theirs.merge_and_unload()
     with pytest.raises(ValueError, match=r"r=3 is not a multiple of groups=2"):

@@ -487,6 +487,9 @@ class LoRAConvAdapter(LoRAAdapter):
             )
         return self.lora_A.weight.flatten(1), self.lora_B.weight.flatten(1)
 
+    def check_mergeable(self) -> None:
+        self.factor_matrices()
+
     def factors(self) -> tuple[Tensor, Tensor]:
         raise self.fail("the factors of a convolution LoRA are kernels, not the two matrices that optimisers "
                         "such as LoRA-Pro adjust", "Leave convolution layers out of targets for LoRA-Pro")

@@ -194,6 +194,10 @@ class Adapter(nn.Module):
         """Dense ΔW of shape (out_features, in_features) such that the merged weight is W + ΔW."""
         raise NotImplementedError
 
+    def check_mergeable(self) -> None:
+        """Raise ``ValueError`` (via :meth:`fail`) when the update has no form in the base's weight; ``rankwise.merge``
+        asks every layer first, so a model is merged whole or not at all. The default accepts."""
+
     def delta_bias(self) -> Tensor | None:
         """Update of the bias on merge, or None when the method leaves the bias alone."""
         return None
