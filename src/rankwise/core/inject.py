@@ -228,7 +228,10 @@ def _modules_to_save(model: nn.Module, config: AdapterConfig) -> list[str]:
 
 
 def merge(model: nn.Module, safe: bool = False) -> nn.Module:
-    """Fold every adapter into its base weight (idempotent)."""
+    """Fold every adapter into its base weight (idempotent). An adapter that cannot be merged (LoRA on a grouped
+    convolution) raises ``ValueError`` before any layer is merged."""
+    for _, layer in adapted_layers(model):
+        layer.adapter.check_mergeable()
     for _, layer in adapted_layers(model):
         layer.merge(safe=safe)
     return model
@@ -250,6 +253,9 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     ``unload(merge=False)`` means "discard what was trained".)
     """
     wrappers: list[tuple[str, AdaptedLayer | SavedModule]] = [*adapted_layers(model), *saved_modules(model)]
+    if merge:  # an adapter that cannot be merged refuses before any layer is unloaded
+        for _, layer in adapted_layers(model):
+            layer.adapter.check_mergeable()
     for name, wrapper in wrappers:
         _set_child(model, name, wrapper.unload(merge=merge))
     flags: dict[str, bool] = getattr(model, _FLAGS_ATTR, {})
