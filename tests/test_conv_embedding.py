@@ -322,13 +322,15 @@ OTHER_METHODS = sorted(set(CASES) - {"lora", "dora"})
 @pytest.mark.parametrize("method", OTHER_METHODS)
 def test_other_methods_refuse_conv_and_embedding_layers(method, target, cls):
     adapter_cls = rankwise.core.registry.get_method(method).adapter_cls
-    if ("conv" if target == "img" else "embedding") in adapter_cls.layer_kinds:
+    kind = "conv" if target == "img" else "embedding"
+    if kind in adapter_cls.layer_kinds or (kind == "conv" and adapter_cls.conv_as_patches):
         pytest.skip(f"{method} adapts this layer kind")
     model = Net()
     before = copy.deepcopy(model.state_dict())
     config = rankwise.config(method, **{**CASES[method].kwargs, "targets": [target]})
     with pytest.raises(ValueError, match=rf"method '{method}' cannot adapt layer '{target}' \({cls}\): .*adapts "
-                                         r"nn.Linear / transformers Conv1D layers only"):
+                                         r"nn.Linear / transformers Conv1D( and nn.Conv1d / nn.Conv2d / nn.Conv3d)? "
+                                         "layers only"):
         rankwise.adapt(model, config)
     assert not rankwise.core.inject.is_adapted(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -368,3 +370,73 @@ def test_embedding_token_ids_stay_integers_on_a_half_base():
                            rankwise.DoRAConfig(r=2, targets=["emb"]))
     out = model["emb"](torch.tensor([[1, 2, 3]]))
     assert out.dtype == torch.bfloat16 and out.shape == (1, 3, 4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear methods on convolution patches
+# ----------------------------------------------------------------------------------------------
+
+PATCH_METHODS = [m for m in sorted(CASES) if rankwise.core.registry.get_method(m).adapter_cls.conv_as_patches]
+
+
+@pytest.mark.parametrize("conv, shape", [
+    (nn.Conv1d(3, 5, 3, stride=2, dilation=2, padding=3, padding_mode="reflect"), (2, 3, 17)),
+    (nn.Conv2d(3, 5, (3, 2), stride=(2, 1), dilation=(1, 2), padding=(1, 2), padding_mode="circular"), (2, 3, 9, 8)),
+    (nn.Conv2d(3, 5, 3, padding="same", padding_mode="replicate"), (2, 3, 9, 8)),
+    (nn.Conv3d(3, 5, (2, 3, 1), stride=(1, 2, 1), padding=(1, 0, 0), dilation=(2, 1, 1)), (2, 3, 5, 7, 4)),
+], ids=["1d-reflect-dilated", "2d-circular", "2d-same", "3d"])
+def test_conv_patches_times_the_kernel_matrix_is_the_convolution(conv, shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    patches, spatial = rankwise.core.layer.conv_patches(conv, x)
+    out = patches @ rankwise.core.layer.weight_matrix(conv).T + conv.bias
+    expected = conv(x)
+    assert spatial == tuple(expected.shape[2:])
+    torch.testing.assert_close(out.transpose(1, 2).reshape(expected.shape), expected, **TOL)
+
+
+def patch_model() -> nn.ModuleDict:
+    """A 2-D convolution whose kernel matrix is 48 x 64 and a 1-D one with 32 x 32: the toy widths of method_cases."""
+    torch.manual_seed(0)
+    return nn.ModuleDict({"img": nn.Conv2d(16, 48, 2, padding=1, padding_mode="reflect"), "seq": nn.Conv1d(16, 32, 2)})
+
+
+@pytest.mark.parametrize("method", PATCH_METHODS)
+def test_linear_methods_on_convolution_patches(method):
+    """The adapted forward equals the convolution with the merged kernel (W' = merge of the kernel matrix), the
+    adapter's tensors get gradients, unmerge restores the kernel and an unbatched input is one batch row."""
+    model = patch_model()
+    before = {name: module.weight.clone() for name, module in model.items()}
+    case = CASES[method]
+    ours = rankwise.adapt(model, rankwise.config(method, **{**case.kwargs, **case.random_init, "targets": ["img", "seq"]}))
+    with torch.no_grad():
+        for parameter in ours.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    ours.eval()
+    generator = torch.Generator().manual_seed(1)
+    image, sequence = torch.randn(2, 16, 5, 6, generator=generator), torch.randn(2, 16, 9, generator=generator)
+    adapted = ours["img"](image), ours["seq"](sequence)
+    sum(y.square().sum() for y in adapted).backward()
+    for name, parameter in ours.named_parameters():
+        if parameter.requires_grad:
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    torch.testing.assert_close(ours["img"](image[1]), adapted[0][1], **TOL)
+    rankwise.merge(ours)
+    torch.testing.assert_close((ours["img"](image), ours["seq"](sequence)), adapted, **TOL)
+    assert not torch.allclose(ours["img"].base_layer.weight, before["img"])
+    rankwise.unmerge(ours)
+    for name, weight in before.items():
+        torch.testing.assert_close(ours[name].base_layer.weight, weight, atol=1e-6, rtol=1e-6)
+
+
+def test_patch_method_save_load_and_peft_refusals(tmp_path):
+    ours = rankwise.adapt(patch_model(), rankwise.config("c3a", block_size=16, targets=["img"])).eval()
+    image = torch.randn(2, 16, 5, 6)
+    rankwise.save(ours, tmp_path / "ours")
+    loaded = rankwise.load(patch_model(), tmp_path / "ours").eval()
+    torch.testing.assert_close(loaded["img"](image), ours["img"](image), atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"layer 'img' is a Conv2d; PEFT's C3A adapts no convolution layers"):
+        rankwise.export_peft(ours, tmp_path / "peft")
+    grouped = nn.ModuleDict({"img": nn.Conv2d(16, 48, 2, groups=4)})
+    with pytest.raises(ValueError, match=r"method 'c3a' cannot adapt layer 'img' \(Conv2d with groups=4\)"):
+        rankwise.adapt(grouped, rankwise.config("c3a", block_size=4, targets=["img"]))

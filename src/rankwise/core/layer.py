@@ -18,7 +18,11 @@ flattened kernel (the map from one input patch to one output pixel), and ``nn.Em
 (embedding_dim, num_embeddings) matrix Wᵀ that maps a one-hot token to its vector (the stored weight is
 (num_embeddings, embedding_dim), Conv1D's transposed layout). :func:`layer_kind` names the kind; a method
 adapts the kinds its adapter class lists in ``Adapter.layer_kinds`` and refuses the others with a
-``ValueError`` (LoRA and DoRA adapt all three, :mod:`rankwise.adapters.lora`).
+``ValueError`` (LoRA and DoRA adapt all three, :mod:`rankwise.adapters.lora`). A linear method that sets
+``Adapter.conv_as_patches`` also adapts an ungrouped convolution through that matrix: the wrapper cuts the
+input into patches (:func:`conv_patches`, the im2col of the convolution), so the adapter sees the linear
+layer y = patch · Wᵀ + b it was written for, one row per output pixel, and merging writes the flattened
+kernel back (:func:`stored_weight`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import functools
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import AdapterConfig
@@ -104,6 +109,26 @@ def weight_matrix(module: nn.Module) -> Tensor:
     return weight.flatten(1) if weight.dim() > 2 else weight
 
 
+def conv_patches(conv: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """The batched input of ``conv`` cut into (N, L, C_in·∏kernel) patches, and the output's spatial shape (L = ∏).
+
+    Patch ℓ holds, in the order of the flattened kernel (channel, then kernel positions), the inputs that output
+    pixel ℓ reads: the input padded as the layer pads it (its padding and padding mode), then windows of
+    (k − 1)·dilation + 1 every ``stride``, keeping every ``dilation``-th element. So for an ungrouped convolution
+    ``conv(x) = patches @ weight_matrix(conv)ᵀ + b`` (moved back to channels-first). Memory: ∏kernel times the
+    input (no stride) -- the price of running a linear method on a convolution.
+    """
+    dims = conv.weight.dim() - 2
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+    for d in range(dims):
+        dilation = conv.dilation[d]
+        x = x.unfold(2 + d, (conv.kernel_size[d] - 1) * dilation + 1, conv.stride[d])[..., ::dilation]
+    spatial = tuple(x.shape[2:2 + dims])
+    order = (0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims))
+    return x.permute(order).reshape(x.shape[0], -1, conv.weight[0].numel()), spatial
+
+
 def stored_weight(module: nn.Module, matrix: Tensor) -> Tensor:
     """The inverse of :func:`weight_matrix`: an (out_features, in_features) matrix in the layout the layer stores."""
     if _stored_transposed(module):
@@ -145,13 +170,22 @@ class Adapter(nn.Module):
     #: The layer kinds (:func:`layer_kind`) this class adapts; a method that adapts more kinds builds a
     #: class per kind (LoRA's ``LoRAConvAdapter``, ...).
     layer_kinds: ClassVar[tuple[str, ...]] = ("linear",)
+    #: True: a linear method that also adapts ungrouped convolutions, on their patches (:func:`conv_patches`).
+    conv_as_patches: ClassVar[bool] = False
 
     def __init__(self, base: nn.Module, config: AdapterConfig, layer_name: str = "") -> None:
         super().__init__()
         kind = layer_kind(base)
-        if kind not in self.layer_kinds:
+        if kind == "conv" and self.conv_as_patches and base.groups > 1:
+            raise ValueError(
+                f"method {config.method!r} cannot adapt layer '{layer_name or '<unnamed layer>'}' ({type(base).__name__} "
+                f"with groups={base.groups}): {config.method} adapts a convolution through its flattened kernel "
+                "matrix, and a grouped convolution is not one matrix on its patches. Exclude this layer, or use lora"
+            )
+        if kind not in self.layer_kinds and not (kind == "conv" and self.conv_as_patches):
             cls = type(base)
-            supported = " and ".join(LAYER_KINDS[k] for k in self.layer_kinds)
+            kinds = (*self.layer_kinds, "conv") if self.conv_as_patches else self.layer_kinds
+            supported = " and ".join(LAYER_KINDS[k] for k in kinds)
             raise ValueError(
                 f"method {config.method!r} cannot adapt layer '{layer_name or '<unnamed layer>'}' "
                 f"({cls.__module__}.{cls.__qualname__}): {config.method} adapts {supported} layers only. "
@@ -259,8 +293,23 @@ class AdaptedLayer(nn.Module):
             base_out = base_out.to(adapter_dtype)
         if base_out is not None:
             base_out._rankwise_scratch = True  # fresh and ours: see add_into_output
-        out = self.adapter(x, base_out)
+        if self.adapter.conv_as_patches and is_conv_layer(self.base_layer):
+            out = self._patch_forward(x, base_out)
+        else:
+            out = self.adapter(x, base_out)
         return out if out.dtype == out_dtype else out.to(out_dtype)
+
+    def _patch_forward(self, x: Tensor, base_out: Tensor | None) -> Tensor:
+        """A linear adapter on a convolution: its forward on the (N, L, C_in·∏k) patches and the (N, L, C_out)
+        output pixels, moved back to (N, C_out, *spatial). An unbatched input gets a batch of one."""
+        unbatched = x.dim() == self.base_layer.weight.dim() - 1
+        if unbatched:
+            x, base_out = x.unsqueeze(0), None if base_out is None else base_out.unsqueeze(0)
+        patches, spatial = conv_patches(self.base_layer, x)
+        pixels = None if base_out is None else base_out.flatten(2).transpose(1, 2)
+        out = self.adapter(patches, pixels)
+        out = out.transpose(1, 2).reshape(out.shape[0], out.shape[2], *spatial)
+        return out.squeeze(0) if unbatched else out
 
     @property
     def weight(self) -> Tensor:

@@ -54,11 +54,18 @@ def _peft_key_map(model: nn.Module, method: Method):
     return to_peft
 
 
-def check_peft_reproduces(layers: dict[str, nn.Module], source: object) -> None:
-    """``ValueError`` for a convolution that PEFT 0.21.2 computes differently from rankwise: PEFT's ``lora_A``
-    drops the base's dilation (a shape error at PEFT's forward) and padding mode (a different function than
-    its merge), peft#3697."""
+def check_peft_reproduces(layers: dict[str, nn.Module], method: Method, source: object) -> None:
+    """``ValueError`` for a convolution that PEFT 0.21.2 does not adapt as rankwise does: any convolution for a
+    method rankwise runs on convolution patches (PEFT's C3A, MiSS, GraLoRA have no convolution layers), and for
+    LoRA / DoRA one with dilation ≠ 1 or a padding mode other than zeros (PEFT's ``lora_A`` drops both:
+    a shape error at PEFT's forward, or a function different from its merge, peft#3697)."""
     for name, module in layers.items():
+        if is_conv_layer(module) and method.adapter_cls.conv_as_patches:
+            raise ValueError(
+                f"{source}: layer '{name}' is a {type(module).__name__}; PEFT's {method.peft.peft_type} adapts no "
+                "convolution layers (rankwise adapts it through its flattened kernel). Use rankwise.save / "
+                "rankwise.load for this model, or leave the layer out of targets"
+            )
         if is_conv_layer(module) and (any(d != 1 for d in module.dilation) or module.padding_mode != "zeros"):
             raise ValueError(
                 f"{source}: layer '{name}' is a {type(module).__name__} with dilation={module.dilation} and "
@@ -111,7 +118,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     # What import_peft would refuse, PEFT would not reload as this model computes it (e.g. OLoRA on Conv1D).
     method.peft.from_peft_config(payload)
     bases = {name: layer.base_layer for name, layer in layers}
-    check_peft_reproduces(bases, "export_peft")
+    check_peft_reproduces(bases, method, "export_peft")
     to_peft = _peft_key_map(model, method)
     state = adapter_state(model)
     if method.peft.prepare_export is not None:
@@ -228,7 +235,7 @@ def import_peft(base_model: nn.Module, directory: str | os.PathLike[str]) -> nn.
     )
     audit_peft_config(peft_config, method, config, directory)
     bases = {name: base_model.get_submodule(name) for name in find_targets(base_model, config)}
-    check_peft_reproduces(bases, directory)
+    check_peft_reproduces(bases, method, directory)
     tensors = read_tensors(directory / PEFT_WEIGHTS, "rankwise.import_peft")
     _to_peft_layout(bases, tensors, to_peft=False)
     # The key map reads the adapted layers, which exist only once load_state_into has adapted the
