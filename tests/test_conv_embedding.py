@@ -440,3 +440,31 @@ def test_patch_method_save_load_and_peft_refusals(tmp_path):
     grouped = nn.ModuleDict({"img": nn.Conv2d(16, 48, 2, groups=4)})
     with pytest.raises(ValueError, match=r"method 'c3a' cannot adapt layer 'img' \(Conv2d with groups=4\)"):
         rankwise.adapt(grouped, rankwise.config("c3a", block_size=4, targets=["img"]))
+
+
+@pytest.mark.filterwarnings("ignore:ElaLoRA. b_t=")  # one layer offers fewer components than the budget moves
+@pytest.mark.parametrize("method", ["adalora", "elalora", "ardlora"])
+def test_rank_allocation_on_a_convolution(method):
+    """The allocators work on the adapters' tensors only, so they run on a convolution as on a linear layer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 48, 2, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(48, 3))
+    schedule = {"total_step": 10, "tinit": 2, "tfinal": 2, "deltaT": 1}
+    kwargs = {"adalora": {"init_r": 4, "target_r": 2, **schedule}, "elalora": {"init_r": 4, **schedule},
+              "ardlora": {"r": 2}}[method]
+    ours = rankwise.adapt(model, rankwise.config(method, **kwargs, targets=["0"]))
+    optimizer = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
+    allocator = rankwise.allocator(ours)
+    allocator.attach_optimizer(optimizer)
+    generator = torch.Generator().manual_seed(1)
+    for step in range(10):
+        ours(torch.randn(4, 16, 6, 6, generator=generator)).square().mean().backward()
+        optimizer.step()
+        allocator.step(step)
+        optimizer.zero_grad()
+    if method == "adalora":
+        assert rankwise.ranks(ours) == {"0": 2}
+    ours.eval()
+    x = torch.randn(2, 16, 6, 6, generator=generator)
+    expected = ours(x)
+    rankwise.merge(ours)
+    torch.testing.assert_close(ours(x), expected, **TOL)
