@@ -468,3 +468,18 @@ def test_rank_allocation_on_a_convolution(method):
     expected = ours(x)
     rankwise.merge(ours)
     torch.testing.assert_close(ours(x), expected, **TOL)
+
+
+def test_sparse_and_frequency_scaled_embeddings_train():
+    """scale_grad_by_freq divides A's gradient by the token's count in the batch, as in the base's lookup; a
+    sparse base trains with a dense gradient for A (PEFT's backward raises: sparse through a transpose)."""
+    ids = torch.tensor([[1, 2, 2]])
+    grads = []
+    for sparse, by_freq in [(True, False), (False, True)]:
+        torch.manual_seed(0)
+        model = nn.ModuleDict({"emb": nn.Embedding(10, 4, sparse=sparse, scale_grad_by_freq=by_freq)})
+        ours = rankwise.adapt(model, rankwise.LoRAConfig(r=2, init_weights=False, targets=["emb"]))
+        ours["emb"](ids).sum().backward()
+        grads.append(ours["emb"].adapter.lora_embedding_A.grad)
+    torch.testing.assert_close(grads[1][:, 2], grads[0][:, 2] / 2)
+    torch.testing.assert_close(grads[1][:, 1], grads[0][:, 1])

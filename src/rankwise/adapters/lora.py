@@ -53,6 +53,16 @@ training with dropout x̃ = dropout(x) and W x̃ is recomputed: exactly PEFT's s
 differ from W' dropout(x) (paper §4.3 / PEFT ``DoraLinearVariant.forward``). Trainable parameters:
 r(m + n) + m.
 
+Convolution and embedding layers (targets that name them; ``"all-linear"`` does not), as PEFT 0.21.2's
+``lora.Conv1d/2d/3d`` and ``lora.Embedding``: ``LoRAAdapter(base, config)`` builds
+:class:`LoRAConvAdapter` / :class:`LoRAEmbeddingAdapter` (:class:`DoRAConvAdapter` /
+:class:`DoRAEmbeddingAdapter` for DoRA). Both are the formulas above on the layer's weight matrix
+(:func:`~rankwise.core.layer.weight_matrix`): the (C_out, C_in·∏k) flattened kernel, whose A and B are a
+C_in → r convolution and a 1×1 r → C_out convolution, and the (d, V) transposed embedding table, whose
+A (r, V) and B (d, r) are PEFT's ``lora_embedding_A`` / ``lora_embedding_B`` (zero A, N(0, 1) B at init). DoRA
+takes one magnitude per output channel / embedding dimension. See the classes for grouped convolutions,
+dilation and padding modes, and what is refused.
+
 Where we differ from PEFT, on purpose:
     * c is computed without the m×n matrix W + sBA:
       c_i² = ‖W_i‖² + 2s ⟨(W Aᵀ)_i, B_i⟩ + s² B_i (A Aᵀ) B_iᵀ, O(mnr) flops and O(mr) memory.
@@ -516,14 +526,15 @@ class LoRAEmbeddingAdapter(LoRAAdapter):
     In the linear view (W = E ∈ R^{d×V}, a token is a one-hot x): ΔW = s·B A with A = ``lora_embedding_A`` ∈
     R^{r×V} and B = ``lora_embedding_B`` ∈ R^{d×r}, stored as plain tensors under PEFT's names and shapes, so
     merging adds s·(B A)ᵀ to the stored (V, d) table. Forward: y = E[x] + s·(Aᵀ[x] Bᵀ)·embed_scale, the
-    lookup Aᵀ[x] made with the base's ``padding_idx`` (no gradient into that token's column of A),
-    ``scale_grad_by_freq`` and ``sparse``; ``embed_scale`` is the scalar a scaled embedding class
+    lookup Aᵀ[x] made with the base's ``padding_idx`` (no gradient into that token's column of A) and
+    ``scale_grad_by_freq``; ``embed_scale`` is the scalar a scaled embedding class
     (transformers' Gemma3) multiplies its output by, 1 otherwise. Init (PEFT, after loralib, the reverse of
     Linear): A = 0, B ~ N(0, 1) for ``init_weights`` True and ``"gaussian"``; ``False`` draws both from
     N(0, 1). Parameters: r(V + d).
 
     As PEFT: no dropout on this path (``dropout`` is ignored, which is also loralib's behaviour), and
-    ``lora_bias`` is refused. Refused where PEFT is silent: PiSSA / OLoRA (PEFT quietly uses the plain init
+    ``lora_bias`` is refused. Unlike PEFT, a ``sparse`` base gets a dense gradient for A (r×V, small): a sparse
+    gradient cannot flow back through the transpose Aᵀ, and PEFT's backward raises there. Refused where PEFT is silent: PiSSA / OLoRA (PEFT quietly uses the plain init
     instead), ``max_norm`` (PEFT's lookup would renormalise the columns of A in place) and an ``embed_scale``
     with more than one element (PEFT warns and leaves the adapter unscaled).
     """
@@ -560,8 +571,7 @@ class LoRAEmbeddingAdapter(LoRAAdapter):
     def low_rank_output(self, x: Tensor, base_out: Tensor) -> Tensor:
         """base_out + s·(Aᵀ[x] Bᵀ)·embed_scale."""
         base = self.base_layer
-        rows = F.embedding(x, self.lora_embedding_A.T, base.padding_idx, None, 2.0, base.scale_grad_by_freq,
-                           base.sparse)
+        rows = F.embedding(x, self.lora_embedding_A.T, base.padding_idx, None, 2.0, base.scale_grad_by_freq)
         update = (rows @ self.lora_embedding_B.T) * self.scaling
         scale = getattr(base, "embed_scale", None)
         if scale is not None:

@@ -15,8 +15,9 @@ or a field rankwise reproduces exactly (the shared ones below, and every field t
 Convolution and embedding layers keep PEFT's tensor names and shapes (``lora_A.weight`` / ``lora_B.weight``
 kernels, ``lora_embedding_A`` / ``lora_embedding_B``), except DoRA's magnitude on a convolution: rankwise keeps
 one vector (C_out) per layer as on every layer, PEFT stores it as (1, C_out, 1, …); the two directions
-reshape it (:func:`_to_peft_layout`). A convolution PEFT 0.21.2 does not reproduce (dilation ≠ 1 or a padding
-mode other than zeros: its ``lora_A`` drops both, peft#3697) is refused both ways (:func:`check_peft_reproduces`).
+reshape it (:func:`_to_peft_layout`). A convolution PEFT 0.21.2 does not adapt as rankwise does is refused both
+ways (:func:`check_peft_reproduces`): with LoRA / DoRA one with dilation ≠ 1 or a padding mode other than zeros
+(its ``lora_A`` drops both, peft#3697), with the methods rankwise runs on convolution patches every one.
 """
 
 from __future__ import annotations
