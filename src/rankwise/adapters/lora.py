@@ -454,7 +454,8 @@ class LoRAConvAdapter(LoRAAdapter):
     W ∈ R^{C_out × C_in·∏k}: ΔW = s·B A with A, B the kernels flattened to (r, C_in·∏k) and (C_out, r), the
     matrix :func:`~rankwise.core.layer.weight_matrix` shows, so merging, DoRA's norms and the rank check
     (r ≤ min(C_out, C_in/G·∏k)) are the linear ones. Init as PEFT: kaiming-uniform A over its fan-in C_in·∏k
-    (``"gaussian"``: N(0, 1/r²)), zero B. Parameters: r·C_in·∏k + C_out·r/G (+ C_out with ``lora_bias``).
+    (``"gaussian"``: N(0, 1/r²)), zero B. Parameters: r·C_in·∏k + C_out·r/G (+ C_out with ``lora_bias``), which
+    for G = 1 is LoRA's r(out + in) on that matrix (``expected_num_params``).
 
     Grouped convolutions (G > 1, as PEFT: r must be a multiple of G): output channel o of group g reads the
     A channels g·r/G … (g+1)·r/G − 1, which see *every* input channel, so the update is a dense C_in → C_out
@@ -513,11 +514,6 @@ class LoRAConvAdapter(LoRAAdapter):
         a = A.new_empty(count, *A.shape[1:])
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as the init's A kernels (fan-in C_in·∏k)
         return {"lora_A.weight": a, "lora_B.weight": B.new_zeros(B.shape[0], count, *B.shape[2:])}
-
-    @classmethod
-    def expected_num_params(cls, out_features: int, in_features: int, config: LoRAConfig) -> int:
-        """r(C_out + C_in·∏k) (+ C_out with ``lora_bias``) for G = 1; (out, in) as ``linear_shape`` gives them."""
-        return super().expected_num_params(out_features, in_features, config)
 
 
 class LoRAEmbeddingAdapter(LoRAAdapter):
