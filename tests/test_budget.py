@@ -76,6 +76,9 @@ def test_every_method_with_a_knob_lands_within_ten_percent_of_lora_r8_on_minilm(
         if name == "loldu":  # r scalars per layer: at its largest (r = min(out, in) = 384) still far below
             assert match.options["r"] == 384 and match.ratio < 0.1 and "within 10%" in match.reason
             continue
+        if name in ("kradapter", "lokr"):  # no knob (budget.py says why): shown at their own budget
+            assert match.knob is None and match.reason == "no size knob: shown at its own budget"
+            continue
         assert match.reason is None and abs(match.ratio - 1) <= budget.TOLERANCE, (name, match)
     assert matches["lora"].options["r"] == 8 and matches["lora"].ratio == 1.0
     assert matches["gralora"].options == {"r": 8, "gralora_k": 2}

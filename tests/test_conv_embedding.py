@@ -250,11 +250,12 @@ def test_default_inits_match_peft():
 
 
 def test_closed_form_parameter_count():
-    ours = rankwise.adapt(Net(), rankwise.DoRAConfig(r=4, targets=TARGETS))
+    config = rankwise.DoRAConfig(r=4, targets=TARGETS)
+    ours = rankwise.adapt(Net(), config)
     for _, layer in rankwise.adapted_layers(ours):
         out_f, in_f = rankwise.core.layer.linear_shape(layer.base_layer)
         count = sum(p.numel() for p in layer.adapter.parameters())
-        assert count == type(layer.adapter).expected_num_params(out_f, in_f, ours._rankwise_config)
+        assert count == type(layer.adapter).expected_num_params(out_f, in_f, config)
 
 
 class ScaledEmbedding(nn.Embedding):
@@ -486,3 +487,42 @@ def test_sparse_and_frequency_scaled_embeddings_train():
         grads.append(ours["emb"].adapter.lora_embedding_A.grad)
     torch.testing.assert_close(grads[1][:, 2], grads[0][:, 2] / 2)
     torch.testing.assert_close(grads[1][:, 1], grads[0][:, 1])
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_to_lora_and_weighted_combinations_on_convolutions_and_embeddings(variant):
+    """Both build LoRAs from matrices (``set_factor_matrices`` writes them as kernels / embedding factors): to_lora at
+    full rank reproduces the model, and a 'cat' combination holds Σ wᵢ ΔWᵢ exactly on every layer."""
+    _, _, ours = pair(variant)
+    ours.eval()
+    tokens, image = inputs()
+    lora = rankwise.to_lora(ours, rank=64).eval()
+    torch.testing.assert_close(lora(tokens, image), ours(tokens, image), **TOL)
+    assert kinds(lora) == dict.fromkeys(TARGETS, LoRAConvAdapter) | {"emb": LoRAEmbeddingAdapter}
+    _, _, model = pair("lora")
+    rankwise.add_adapter(model, "other", rankwise.LoRAConfig(r=2, init_weights=False, targets=TARGETS))
+    rankwise.add_weighted_adapter(model, ["default", "other"], [0.7, -0.4], "mix", combination="cat")
+    for name, layer in rankwise.adapted_layers(model):
+        expected = 0.7 * layer.get_adapter("default").delta_weight() - 0.4 * layer.get_adapter("other").delta_weight()
+        torch.testing.assert_close(layer.get_adapter("mix").delta_weight(), expected, **TOL, msg=name)
+
+
+@pytest.mark.parametrize("combination", ["cat", "linear"])
+def test_weighted_combination_matches_peft(combination):
+    """PEFT's add_weighted_adapter on the same two adapters (its 'svd' fails on this model in PEFT 0.21.2)."""
+    _, theirs, ours = pair("lora")
+    theirs.add_adapter("other", LoraConfig(r=4, lora_alpha=3, target_modules=TARGETS, init_lora_weights=False))
+    rankwise.add_adapter(ours, "other", rankwise.LoRAConfig(r=4, alpha=3, targets=TARGETS, init_weights=False))
+    with torch.no_grad():
+        for name, layer in rankwise.adapted_layers(ours):
+            peft_layer = theirs.base_model.model.get_submodule(name)
+            for key, value in layer.get_adapter("other").named_parameters():
+                module, _, tensor = key.partition(".")
+                value.copy_(getattr(peft_layer, key)["other"] if key.startswith("lora_embedding")
+                            else getattr(getattr(peft_layer, module)["other"], tensor))
+    theirs.add_weighted_adapter(["default", "other"], [0.7, 0.4], "mix", combination_type=combination)
+    rankwise.add_weighted_adapter(ours, ["default", "other"], [0.7, 0.4], "mix", combination=combination)
+    theirs.set_adapter("mix")
+    rankwise.set_adapter(ours, "mix")
+    theirs.eval(), ours.eval()
+    torch.testing.assert_close(ours(*inputs()), theirs(*inputs()), **TOL)

@@ -325,6 +325,14 @@ class LoRAAdapter(RankComponents, Adapter):
         """(A, B) as the (r, in_features) and (out_features, r) matrices of the update ΔW = s·B·A."""
         return self.lora_A.weight, self.lora_B.weight
 
+    @torch.no_grad()
+    def set_factor_matrices(self, A: Tensor, B: Tensor) -> None:
+        """Write an (r, in_features) A and an (out_features, r) B into the factors, in their layout (a kernel for a
+        convolution): the inverse of :meth:`factor_matrices`, for code that builds a LoRA from matrices."""
+        (a, _), (b, _) = self.rank_tensors().values()
+        a.copy_(A.reshape(a.shape))
+        b.copy_(B.reshape(b.shape))
+
     def low_rank_weight(self) -> Tensor:
         """s·B·A, the dense low-rank update."""
         A, B = self.factor_matrices()

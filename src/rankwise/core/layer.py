@@ -3,7 +3,9 @@
 Every method implements :class:`Adapter`. rankwise wraps each targeted layer as
 ``AdaptedLayer(base_layer, adapter)``: the base module is kept as it is (same class, same
 parameters, frozen) under ``base_layer``, so its state-dict keys read ``<path>.base_layer.weight``
-like PEFT's, and the adapter's tensors read ``<path>.adapter.<name>``. A ``modules_to_save`` module is
+like PEFT's, and the adapter's tensors read ``<path>.adapter.<name>``. A layer may hold several named
+adapters (:mod:`rankwise.core.multi`); the one named ``"default"`` keeps those keys, the others read
+``<path>.extra_adapters.<adapter name>.<name>``, and the forward runs the active one. A ``modules_to_save`` module is
 wrapped as ``SavedModule(original)``: the forward runs a trainable copy, the original stays frozen and
 unchanged, so disabling or unloading the adapter gives the base model back.
 
@@ -267,39 +269,108 @@ class Adapter(nn.Module):
         return next(self.parameters()).dtype
 
 
+DEFAULT_ADAPTER = "default"
+BASE_ADAPTER = "__base__"  # in a per-example adapter list: this example runs the base layer alone (PEFT's name)
+
+
 class AdaptedLayer(nn.Module):
-    """A frozen layer plus one adapter. ``forward`` = ``adapter(x, base_layer(x))`` unless merged.
+    """A frozen layer plus one or more named adapters; ``forward`` = ``adapter(x, base_layer(x))`` unless merged.
+
+    ``adapter`` is the *active* adapter (``active_adapter`` names it; None when this layer has no adapter of
+    that name, then the layer computes the base alone), so code written for one adapter per layer reads and
+    replaces the active one. The adapters are stored by name at fixed state-dict keys: the one named
+    ``"default"`` under ``adapter`` (``<path>.adapter.<tensor>``, the single-adapter key), every other under
+    ``extra_adapters.<name>`` (created with the first such adapter). At most the active adapter is merged.
+
+    ``example_adapters`` (set by :func:`rankwise.adapter_per_example`) gives one adapter name per example
+    of the batch (dimension 0 of the input): each example then runs with its own adapter, or with the base
+    layer alone for :data:`BASE_ADAPTER` or a name this layer does not hold (PEFT's mixed-batch forward).
 
     An empty input (a zero-size batch) goes through the base layer alone: the adapters' FFTs and
     reshapes need at least one token, and there is nothing to add to an empty output.
     """
 
-    def __init__(self, base_layer: nn.Module, adapter: Adapter) -> None:
+    def __init__(self, base_layer: nn.Module, adapter: Adapter, name: str = DEFAULT_ADAPTER) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.adapter = adapter
+        self.active_adapter = name
+        self.add_adapter(name, adapter)
         self.merged = False
         self.disabled = False
+        self.example_adapters: list[str] | None = None
+
+    # -- the named adapters ------------------------------------------------------------------------
+
+    def _slot(self, name: str) -> tuple[dict[str, nn.Module], str]:
+        """The module dict and key that hold (or would hold) adapter ``name``."""
+        if name == DEFAULT_ADAPTER:
+            return self._modules, "adapter"
+        if "extra_adapters" not in self._modules:
+            self.extra_adapters = nn.ModuleDict()
+        return self._modules["extra_adapters"]._modules, name
+
+    def adapters(self) -> dict[str, Adapter]:
+        """``{name: adapter}`` of every adapter this layer holds, the default one first."""
+        found = {DEFAULT_ADAPTER: self._modules["adapter"]} if self._modules.get("adapter") is not None else {}
+        extra = self._modules.get("extra_adapters")
+        return {**found, **(dict(extra.items()) if extra is not None else {})}
+
+    def get_adapter(self, name: str) -> Adapter | None:
+        """Adapter ``name``, or None when this layer does not hold it."""
+        if name == DEFAULT_ADAPTER:
+            return self._modules.get("adapter")  # type: ignore[return-value]
+        extra = self._modules.get("extra_adapters")
+        return None if extra is None else extra._modules.get(name)  # type: ignore[return-value]
+
+    def add_adapter(self, name: str, adapter: Adapter) -> None:
+        """Hold ``adapter`` under ``name`` (replacing an adapter of that name)."""
+        modules, key = self._slot(name)
+        modules[key] = adapter
+
+    def remove_adapter(self, name: str) -> None:
+        """Drop adapter ``name`` (not merged; the caller checks)."""
+        modules, key = self._slot(name)
+        del modules[key]
+
+    @property
+    def adapter(self) -> Adapter | None:
+        """The active adapter, None when this layer holds none of that name."""
+        return self.get_adapter(self.active_adapter)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "adapter":  # replacing the adapter means replacing the active one (GoRA rebuilds them)
+            self.add_adapter(self.active_adapter, value)
+        else:
+            super().__setattr__(name, value)
+
+    # -- forward -----------------------------------------------------------------------------------
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        if self.merged or self.disabled or x.numel() == 0:  # an empty batch: nothing for the adapter to add
+        adapter = self.adapter
+        if self.example_adapters is not None and not self.disabled and x.numel() != 0:
+            return self._per_example_forward(self.example_adapters, x, *args, **kwargs)
+        if adapter is None or self.merged or self.disabled or x.numel() == 0:
             return self.base_layer(x, *args, **kwargs)
-        base_out = self.base_layer(x, *args, **kwargs) if self.adapter.uses_base_output else None
+        base_out = self.base_layer(x, *args, **kwargs) if adapter.uses_base_output else None
+        return self._run(adapter, x, base_out)
+
+    def _run(self, adapter: Adapter, x: Tensor, base_out: Tensor | None) -> Tensor:
+        """``adapter(x, base_out)`` in the adapter's dtype, returned in the output's; ``base_out`` must be fresh."""
         out_dtype = x.dtype if base_out is None else base_out.dtype
-        adapter_dtype = self.adapter._apply_dtype()
+        adapter_dtype = adapter._apply_dtype()
         if x.dtype != adapter_dtype and x.is_floating_point():  # an embedding's token ids stay integers
             x = x.to(adapter_dtype)
         if base_out is not None and base_out.dtype != adapter_dtype:
             base_out = base_out.to(adapter_dtype)
         if base_out is not None:
             base_out._rankwise_scratch = True  # fresh and ours: see add_into_output
-        if self.adapter.conv_as_patches and is_conv_layer(self.base_layer):
-            out = self._patch_forward(x, base_out)
+        if adapter.conv_as_patches and is_conv_layer(self.base_layer):
+            out = self._patch_forward(adapter, x, base_out)
         else:
-            out = self.adapter(x, base_out)
+            out = adapter(x, base_out)
         return out if out.dtype == out_dtype else out.to(out_dtype)
 
-    def _patch_forward(self, x: Tensor, base_out: Tensor | None) -> Tensor:
+    def _patch_forward(self, adapter: Adapter, x: Tensor, base_out: Tensor | None) -> Tensor:
         """A linear adapter on a convolution: its forward on the (N, L, C_in·∏k) patches and the (N, L, C_out)
         output pixels, moved back to (N, C_out, *spatial). An unbatched input gets a batch of one."""
         unbatched = x.dim() == self.base_layer.weight.dim() - 1
@@ -307,9 +378,38 @@ class AdaptedLayer(nn.Module):
             x, base_out = x.unsqueeze(0), None if base_out is None else base_out.unsqueeze(0)
         patches, spatial = conv_patches(self.base_layer, x)
         pixels = None if base_out is None else base_out.flatten(2).transpose(1, 2)
-        out = self.adapter(patches, pixels)
+        out = adapter(patches, pixels)
         out = out.transpose(1, 2).reshape(out.shape[0], out.shape[2], *spatial)
         return out.squeeze(0) if unbatched else out
+
+    def _per_example_forward(self, names: list[str], x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """Example i of the batch through adapter ``names[i]``: each group of examples that shares an adapter
+        runs as one sub-batch, as PEFT's ``_mixed_batch_forward``."""
+        if x.shape[0] != len(names):
+            raise ValueError(
+                f"layer '{self.adapter_layer_name()}' got a batch of {x.shape[0]} examples (input shape "
+                f"{tuple(x.shape)}) but rankwise.adapter_per_example named {len(names)} adapters; pass one "
+                "adapter name per example (dimension 0 of the input)"
+            )
+        if self.merged:
+            raise ValueError(
+                f"layer '{self.adapter_layer_name()}' has adapter '{self.active_adapter}' merged into its weight, "
+                "so examples cannot run with other adapters; rankwise.unmerge(model) first"
+            )
+        base_out = self.base_layer(x, *args, **kwargs)
+        out = base_out.clone()
+        for name in dict.fromkeys(names):
+            adapter = self.get_adapter(name)
+            if adapter is None:  # BASE_ADAPTER, or an adapter that does not target this layer
+                continue
+            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+            sub_base = base_out[rows] if adapter.uses_base_output else None  # indexing copies: fresh
+            out[rows] = self._run(adapter, x[rows], sub_base).to(out.dtype)
+        return out
+
+    def adapter_layer_name(self) -> str:
+        """The layer's path in the model, as its adapters know it."""
+        return next((a.layer_name for a in self.adapters().values() if a.layer_name), "<unnamed layer>")
 
     @property
     def weight(self) -> Tensor:
@@ -322,8 +422,8 @@ class AdaptedLayer(nn.Module):
 
     @torch.no_grad()
     def merge(self, safe: bool = False) -> None:
-        """Fold the adapter into the base weight. Idempotent. ``safe`` refuses non-finite results."""
-        if self.merged:
+        """Fold the active adapter into the base weight. Idempotent. ``safe`` refuses non-finite results."""
+        if self.merged or self.adapter is None:
             return
         self._write_weights(self.adapter.merged_weight, sign=1, safe=safe)
         self.merged = True

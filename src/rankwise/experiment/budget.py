@@ -16,6 +16,7 @@ of increasing parameter count, and the options one value sets. Per layer of shap
     SingLoRA                r             r·max(m, n)
     LoLDU                   r             r ≤ min(m, n): below even rank-1 LoRA's m + n
     MiSS                    r             r·m  (r·mini_r with init_weights="mini")
+    LoHa                    r             2r(m + n)
     AdaLoRA, ElaLoRA        init_r        init_r(m + n + 1)  (AdaLoRA's target_r keeps its ratio to init_r)
     ARD-LoRA                r             H·c·(d + n') + H for H heads of d rows (or n' columns) each,
                                           c = r_max = 2r (a given r_max keeps its ratio to r)
@@ -36,7 +37,9 @@ Search: the count is non-decreasing along a knob's candidate list and a value th
 does not fit any larger one, so a bisection finds the last value at or below the target; it and its valid
 neighbour above are compared and the closer one wins (the smaller on a tie). A method whose closest count is
 more than :data:`TOLERANCE` away from the target, or that has no knob (SURM's Kronecker form: m + n per
-layer whatever r; a method registered without a knob), keeps a ``reason`` and is shown at its own budget.
+layer whatever r; LoKr, whose count is fixed mostly by the Kronecker factorisation of each width, is not
+monotone in r (W2 switches from rank r to full) and stays far below LoRA r = 8 on MiniLM; KRAdapter, whose
+size follows from each layer's shape; a method registered without a knob), keeps a ``reason`` and is shown at its own budget.
 
 AdaLoRA and ElaLoRA are matched at the size they train with (init_r components per layer); AdaLoRA's
 schedule prunes to target_r by the end. GoRA is matched at its reference rank r₀ (its rank-r₀ placeholder,
@@ -151,6 +154,7 @@ _KNOBS: dict[str, SizeKnob] = {
     "singlora": _RANK,
     "loldu": _RANK,
     "miss": _RANK,
+    "loha": _RANK,
     "ardlora": SizeKnob("r", _ranks(), _ardlora_options),
     "adalora": SizeKnob("init_r", _ranks(), _adalora_options),
     "elalora": SizeKnob("init_r", _ranks(start=2), _set("init_r")),

@@ -28,9 +28,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..core.inject import adapted_layers, adapter_config, find_targets
+from ..core.inject import active_adapter, adapted_layers, adapter_config, find_targets, layer_modules, wrappers
 from ..core.io import adapter_state, load_state_into, read_json, read_tensors, save_json, save_tensors
-from ..core.layer import is_conv_layer, is_fan_in_fan_out
+from ..core.layer import DEFAULT_ADAPTER, is_conv_layer, is_fan_in_fan_out
 from ..core.registry import Method, registered
 
 PEFT_CONFIG = "adapter_config.json"
@@ -38,9 +38,9 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 
 
-def _peft_key_map(model: nn.Module, method: Method):
-    """Our adapter-state key -> PEFT's on-disk key (None for tensors PEFT does not store)."""
-    layers = [name for name, _ in adapted_layers(model)]
+def _peft_key_map(model: nn.Module, method: Method, adapter_name: str):
+    """Our adapter-state key -> PEFT's on-disk key (None for tensors PEFT does not store), for adapter ``adapter_name``."""
+    layers = [name for name, layer in wrappers(model) if layer.get_adapter(adapter_name) is not None]
     names = method.peft.tensor_names if method.peft else {}
 
     def to_peft(key: str) -> str | None:
@@ -88,7 +88,8 @@ def _to_peft_layout(layers: dict[str, nn.Module], tensors: dict[str, Tensor], to
 
 
 def export_peft(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
-    """Write the model's adapter as a PEFT adapter directory that ``PeftModel.from_pretrained`` loads.
+    """Write the model's active adapter as a PEFT adapter directory that ``PeftModel.from_pretrained`` loads
+    (another adapter: ``rankwise.set_adapter`` it first).
 
     The written config is checked with the method's import reader first, so a model PEFT would not
     reload as rankwise computes it (e.g. OLoRA on a Conv1D layer) raises ``ValueError`` and nothing is
@@ -120,7 +121,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     method.peft.from_peft_config(payload)
     bases = {name: layer.base_layer for name, layer in layers}
     check_peft_reproduces(bases, method, "export_peft")
-    to_peft = _peft_key_map(model, method)
+    to_peft = _peft_key_map(model, method, active_adapter(model))
     state = adapter_state(model)
     if method.peft.prepare_export is not None:
         method.peft.prepare_export(model, payload, state)
@@ -203,8 +204,13 @@ def _method_for(peft_config: dict[str, Any], source: Path) -> Method:
     raise ValueError(f"{source}: PEFT adapter type {peft_type!r} is not supported; rankwise imports {supported}")
 
 
-def import_peft(base_model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
+def import_peft(
+    base_model: nn.Module, directory: str | os.PathLike[str], adapter_name: str = DEFAULT_ADAPTER
+) -> nn.Module:
     """Adapt ``base_model`` with an adapter saved by PEFT's ``save_pretrained`` and load its tensors.
+
+    The adapter is named ``adapter_name``; on a model that carries rankwise adapters already it is added
+    beside them, inactive (PEFT's ``load_adapter``).
 
     The result computes what ``PeftModel.from_pretrained(base_model, directory)`` computes. Every PEFT
     config field is audited first (:func:`audit_peft_config`); an adapter with a field rankwise cannot
@@ -235,7 +241,8 @@ def import_peft(base_model: nn.Module, directory: str | os.PathLike[str]) -> nn.
         **method.peft.from_peft_config(peft_config),
     )
     audit_peft_config(peft_config, method, config, directory)
-    bases = {name: base_model.get_submodule(name) for name in find_targets(base_model, config)}
+    modules = layer_modules(base_model)  # an adapted layer as its base layer (a second, named adapter)
+    bases = {name: modules[name] for name in find_targets(base_model, config)}
     check_peft_reproduces(bases, method, directory)
     tensors = read_tensors(directory / PEFT_WEIGHTS, "rankwise.import_peft")
     _to_peft_layout(bases, tensors, to_peft=False)
@@ -245,7 +252,8 @@ def import_peft(base_model: nn.Module, directory: str | os.PathLike[str]) -> nn.
 
     def key_map(key: str) -> str | None:
         if "map" not in built:
-            built["map"] = _peft_key_map(base_model, method)
+            built["map"] = _peft_key_map(base_model, method, adapter_name)
         return built["map"](key)
 
-    return load_state_into(base_model, config, tensors, source=str(directory), key_map=key_map)
+    return load_state_into(base_model, config, tensors, source=str(directory), key_map=key_map,
+                           adapter_name=adapter_name)
