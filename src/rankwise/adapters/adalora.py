@@ -122,6 +122,7 @@ class AdaLoRAAdapter(RankComponents, Adapter):
     """ΔW = α/(init_r + 1e-5) · B (A ⊙ E): PEFT's ``SVDLinear``, with rank components for the allocator."""
 
     masked_tensor = "lora_E"
+    conv_as_patches = True  # ungrouped convolutions too, through their flattened kernel (core.layer.conv_patches)
 
     def __init__(self, base: nn.Module, config: AdaLoRAConfig, layer_name: str = "") -> None:
         super().__init__(base, config, layer_name)

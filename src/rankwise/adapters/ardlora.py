@@ -127,6 +127,8 @@ class ARDLoRAConfig(AdapterConfig):
 class ARDLoRAAdapter(Adapter):
     """ΔW_u = s · B_u diag(g_u) A_u per unit u (module docstring), with α_u in ``ard_scale``."""
 
+    conv_as_patches = True  # ungrouped convolutions too, through their flattened kernel (core.layer.conv_patches)
+
     def __init__(self, base: nn.Module, config: ARDLoRAConfig, layer_name: str = "") -> None:
         super().__init__(base, config, layer_name)
         heads, self.split_input = config.head_split(layer_name)

@@ -95,6 +95,8 @@ class MissConfig(AdapterConfig):
 class MissAdapter(Adapter):
     """One trainable block D shared by every shard; see the module docstring for the variants."""
 
+    conv_as_patches = True  # ungrouped convolutions too, through their flattened kernel (core.layer.conv_patches)
+
     def __init__(self, base: nn.Module, config: MissConfig, layer_name: str = "") -> None:
         super().__init__(base, config, layer_name)
         self.r = config.r

@@ -152,6 +152,8 @@ class C3AConfig(AdapterConfig):
 class C3AAdapter(Adapter):
     """ΔW = C_blk(K)/n applied through FFTs; the dense ΔW is built only for merging."""
 
+    conv_as_patches = True  # ungrouped convolutions too, through their flattened kernel (core.layer.conv_patches)
+
     def __init__(self, base: nn.Module, config: C3AConfig, layer_name: str = "") -> None:
         super().__init__(base, config, layer_name)
         check_block_divides(self, config.block_size, "block_size")

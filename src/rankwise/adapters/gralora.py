@@ -93,6 +93,8 @@ class GraLoRAConfig(AdapterConfig):
 class GraLoRAAdapter(Adapter):
     """k×k block-wise LoRA with information exchange, plus an optional dense hybrid LoRA."""
 
+    conv_as_patches = True  # ungrouped convolutions too, through their flattened kernel (core.layer.conv_patches)
+
     def __init__(self, base: nn.Module, config: GraLoRAConfig, layer_name: str = "") -> None:
         super().__init__(base, config, layer_name)
         m, n, k = self.out_features, self.in_features, config.gralora_k

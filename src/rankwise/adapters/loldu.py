@@ -84,6 +84,8 @@ def lu_permutation(pivots: Tensor, rows: int) -> Tensor:
 class LoLDUAdapter(Adapter):
     """ΔW = σ P L_r diag(z − D_r) Ū_r, with P stored as row indices."""
 
+    conv_as_patches = True  # ungrouped convolutions too, through their flattened kernel (core.layer.conv_patches)
+
     def __init__(self, base: nn.Module, config: LoLDUConfig, layer_name: str = "") -> None:
         super().__init__(base, config, layer_name)
         m, n, r = self.out_features, self.in_features, config.r

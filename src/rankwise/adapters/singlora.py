@@ -113,6 +113,8 @@ class SingLoRAConfig(AdapterConfig):
 class SingLoRAAdapter(Adapter):
     """ΔW = (α/r)·u(t)·A[:m]A[:n]ᵀ applied as two thin matmuls; the clock advances with the optimizer."""
 
+    conv_as_patches = True  # ungrouped convolutions too, through their flattened kernel (core.layer.conv_patches)
+
     def __init__(self, base: nn.Module, config: SingLoRAConfig, layer_name: str = "") -> None:
         super().__init__(base, config, layer_name)
         m, n = self.out_features, self.in_features

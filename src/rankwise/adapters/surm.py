@@ -311,6 +311,8 @@ def native_num_params(out_features: int, in_features: int, config: SURMConfig) -
 class SURMAdapter(Adapter):
     """ΔW from one structured family, applied by its fast matvec; dense only for merging."""
 
+    conv_as_patches = True  # ungrouped convolutions too, through their flattened kernel (core.layer.conv_patches)
+
     def __init__(self, base: nn.Module, config: SURMConfig, layer_name: str = "") -> None:
         super().__init__(base, config, layer_name)
         self.structure = config.structure

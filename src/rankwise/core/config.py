@@ -26,7 +26,8 @@ class AdapterConfig:
         targets: which layers to adapt: a list of module-name suffixes (``["query", "value"]``
             matches ``encoder.layer.0.attention.self.query``), a regular expression string that
             must match the whole module name, or ``"all-linear"`` for every Linear / Conv1D layer
-            except the model's output head.
+            except the model's output head. Names and regexes may also select convolution and embedding
+            layers, for the methods that adapt them (``"all-linear"`` never does).
         exclude: module names (same forms as ``targets``, but no ``"all-linear"``) to leave alone
             even when ``targets`` matches them.
         modules_to_save: modules trained in full and saved with the adapter, typically a freshly

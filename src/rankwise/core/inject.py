@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig
-from .layer import DEFAULT_ADAPTER, AdaptedLayer, SavedModule, is_supported_layer, linear_shape
+from .layer import DEFAULT_ADAPTER, AdaptedLayer, SavedModule, is_adaptable_layer, is_supported_layer, linear_shape
 from .quantised import bnb_kind, bnb_settings, check_adaptable, check_not_quantised, is_quantised_linear
 from .registry import get_method, registered
 
@@ -108,11 +108,12 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
             if excluded(name):
                 continue
             check_target(name, module, config)
-            if not is_supported_layer(module):
+            if not is_adaptable_layer(module):
                 raise ValueError(
                     f"target {config.targets!r} matches '{name}', a {type(module).__name__}, but rankwise "
-                    "adapters wrap nn.Linear and transformers Conv1D layers only. Name its linear "
-                    f"sub-layers instead, e.g. {_examples([n for n in supported if n.startswith(name + '.')])}."
+                    "adapters wrap nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d and nn.Embedding layers only. "
+                    "Name its linear sub-layers instead, e.g. "
+                    f"{_examples([n for n in supported if n.startswith(name + '.')])}."
                 )
             names.append(name)
         if isinstance(config.targets, list):
@@ -317,7 +318,11 @@ def _modules_to_save(model: nn.Module, config: AdapterConfig) -> list[str]:
 
 
 def merge(model: nn.Module, safe: bool = False) -> nn.Module:
-    """Fold the active adapter into its base weights (idempotent)."""
+    """Fold the active adapter into its base weights (idempotent). An adapter that cannot be merged (LoRA on a
+    grouped convolution) raises ``ValueError`` before any layer is merged."""
+    for _, layer in adapted_layers(model):
+        if layer.adapter is not None and not layer.merged:
+            layer.adapter.check_mergeable()
     for _, layer in adapted_layers(model):
         layer.merge(safe=safe)
     return model
@@ -339,6 +344,10 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     ``unload(merge=False)`` means "discard what was trained".)
     """
     found: list[tuple[str, AdaptedLayer | SavedModule]] = [*wrappers(model), *saved_modules(model)]
+    if merge:  # an adapter that cannot be merged refuses before any layer is unloaded
+        for _, layer in adapted_layers(model):
+            if layer.adapter is not None and not layer.merged:
+                layer.adapter.check_mergeable()
     for name, wrapper in found:
         _set_child(model, name, wrapper.unload(merge=merge))
     flags: dict[str, bool] = getattr(model, _FLAGS_ATTR, {})

@@ -39,7 +39,7 @@ from .inject import (
     unload,
     wrappers,
 )
-from .layer import DEFAULT_ADAPTER, is_supported_layer, linear_shape
+from .layer import DEFAULT_ADAPTER, is_adaptable_layer, linear_shape
 from .multi import add_adapter, delete_adapter
 from .quantised import FLOAT_DTYPES, check_adaptable
 from .rank import ALLOCATOR_FILE, load_allocator, save_allocator
@@ -251,7 +251,7 @@ def check_layers_fit(base_model: nn.Module, layers: dict[str, dict[str, int]], s
         module = modules.get(name)
         if module is not None:
             check_adaptable(name, module)
-        if module is None or not is_supported_layer(module):
+        if module is None or not is_adaptable_layer(module):
             raise ValueError(
                 f"the adapter in {source} was trained on a base model with a layer '{name}', which "
                 f"{type(base_model).__name__} does not have; load it onto the base model it was trained on"
