@@ -18,6 +18,7 @@ Public API (see DESIGN.md)::
     with rankwise.adapter_per_example(model, ["default", "b"]): model(batch)   # one adapter per example
     lora_model = rankwise.to_lora(model, rank=16)         # any method's update as a LoRA (truncated SVD of W' - W)
     rankwise.to_lora_report(lora_model)                   # per-layer rank and relative error; export_peft serves it
+    rankwise.prepare_for_kbit_training(model)             # before adapt on a bitsandbytes 4-/8-bit model (QLoRA)
 
 Every method's config class (``C3AConfig``, ``GraLoRAConfig``, ...) is reachable as
 ``rankwise.<Name>Config`` once its module is registered.
@@ -43,6 +44,7 @@ from .core.inject import (
     unmerge,
 )
 from .core.io import load, save
+from .core.kbit import prepare_for_kbit_training
 from .core.multi import (
     adapter_names,
     adapter_per_example,
@@ -80,6 +82,7 @@ __all__ = [
     "load",
     "merge",
     "methods",
+    "prepare_for_kbit_training",
     "ranks",
     "register",
     "save",

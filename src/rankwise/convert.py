@@ -228,8 +228,7 @@ def to_lora(model: nn.Module, *, rank: int | dict[str, int] | None = None, energ
     for name, layer in adapted_layers(new):
         B, A = factors[name]
         adapter = layer.adapter
-        adapter.lora_A.weight.copy_(A)
-        adapter.lora_B.weight.copy_(B)
+        adapter.set_factor_matrices(A, B)
         delta_bias = updates[name][1]
         if delta_bias is not None:  # lora_bias is on; layers without a bias update keep the zero init
             adapter.lora_B.bias.copy_(delta_bias)

@@ -66,6 +66,7 @@ class KRAdapterConfig(AdapterConfig):
     """KRAdapter options: only the fixed scale, as the official layer (the rank follows from each shape)."""
 
     method = "kradapter"
+    quantised_base = True  # runs on a bitsandbytes 4-/8-bit base (rankwise.core.quantised)
 
     scaling: float = config_field(2.0, "fixed scale s of the update (the official layer's default is 2)")
     init_weights: bool = config_field(True, "True: U = 0 (start at the base model); False: random U (tests)")

@@ -158,6 +158,7 @@ class LoHaConfig(LycorisConfig):
     """LoHa hyper-parameters, named and defaulted as in PEFT's ``LoHaConfig``."""
 
     method = "loha"
+    quantised_base = True  # runs on a bitsandbytes 4-/8-bit base (rankwise.core.quantised)
 
     init_weights: bool = config_field(True, "True: hada_w2_b = 0 (start at the base model); False: random (tests)")
     allow_excess_rank: bool = config_field(

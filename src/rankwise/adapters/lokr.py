@@ -89,6 +89,7 @@ class LoKrConfig(LycorisConfig):
     """LoKr hyper-parameters, named and defaulted as in PEFT's ``LoKrConfig``."""
 
     method = "lokr"
+    quantised_base = True  # runs on a bitsandbytes 4-/8-bit base (rankwise.core.quantised)
 
     decompose_both: bool = config_field(False, "also factor W1 as lokr_w1_a @ lokr_w1_b when r < max(a, c)/2")
     decompose_factor: int = config_field(-1, "Kronecker split of each width: -1 near its square root, f > 0: (f, dim/f)")

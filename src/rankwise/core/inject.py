@@ -4,7 +4,8 @@
 model is touched, so a config that does not fit some layer raises without leaving the model half
 adapted. ``unload`` gives back the plain model with the original ``requires_grad`` flags.
 ``modules_to_save`` modules train as a copy beside the untouched original (:class:`SavedModule`).
-Quantised layers are refused, never wrapped as float layers (:mod:`rankwise.core.quantised`).
+Quantised layers are refused, never wrapped as float layers, except bitsandbytes 4-/8-bit layers for the
+methods that support them (:mod:`rankwise.core.quantised`).
 """
 
 from __future__ import annotations
@@ -17,9 +18,16 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig
-from .layer import DEFAULT_ADAPTER, AdaptedLayer, SavedModule, is_supported_layer, linear_shape
-from .quantised import check_not_quantised, check_not_sharded, is_quantised_linear
-from .registry import get_method
+from .layer import DEFAULT_ADAPTER, AdaptedLayer, SavedModule, is_adaptable_layer, is_supported_layer, linear_shape
+from .quantised import (
+    bnb_kind,
+    bnb_settings,
+    check_adaptable,
+    check_not_quantised,
+    check_not_sharded,
+    is_quantised_linear,
+)
+from .registry import get_method, registered
 
 ALL_LINEAR = "all-linear"
 _CONFIGS_ATTR = "_rankwise_configs"  # {adapter name: config}, in the order the adapters were added
@@ -78,7 +86,9 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
 
     Modules in ``config.modules_to_save`` (and everything inside them) are never targets. A quantised
     layer that the selection reaches (bitsandbytes, torchao, GPTQ, ...: see :mod:`rankwise.core.quantised`)
-    is refused with a ``ValueError`` rather than wrapped as if it were a float ``nn.Linear``, or skipped.
+    is refused with a ``ValueError`` rather than wrapped as if it were a float ``nn.Linear``, or skipped;
+    only a method whose config sets ``quantised_base`` may target a quantised bitsandbytes layer
+    (:func:`check_target`).
     On an adapted model an adapted layer counts as its base layer (:func:`layer_modules`).
     """
     modules = layer_modules(model)
@@ -95,7 +105,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
         names = [n for n, m in modules.items()
                  if n and (is_supported_layer(m) or is_quantised_linear(m)) and n not in heads and not excluded(n)]
         for name in names:  # "all-linear" never skips a quantised linear layer in silence
-            check_not_quantised(name, modules[name])
+            check_target(name, modules[name], config)
     else:
         names, named = [], []  # named: every layer a target names, excluded ones too (PEFT accepts those)
         for name, module in modules.items():
@@ -104,12 +114,13 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
             named.append(name)
             if excluded(name):
                 continue
-            check_not_quantised(name, module)
-            if not is_supported_layer(module):
+            check_target(name, module, config)
+            if not is_adaptable_layer(module):
                 raise ValueError(
                     f"target {config.targets!r} matches '{name}', a {type(module).__name__}, but rankwise "
-                    "adapters wrap nn.Linear and transformers Conv1D layers only. Name its linear "
-                    f"sub-layers instead, e.g. {_examples([n for n in supported if n.startswith(name + '.')])}."
+                    "adapters wrap nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d and nn.Embedding layers only. "
+                    "Name its linear sub-layers instead, e.g. "
+                    f"{_examples([n for n in supported if n.startswith(name + '.')])}."
                 )
             names.append(name)
         if isinstance(config.targets, list):
@@ -125,6 +136,33 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
             f"Candidate layers: {_examples(supported)}; available suffixes: {_suffixes(supported)}."
         )
     return names
+
+
+def check_target(name: str, module: nn.Module, config: AdapterConfig) -> None:
+    """``ValueError`` unless ``config``'s method may wrap ``module`` as far as quantisation goes.
+
+    Without a method (compression's target selection) every quantised layer is refused. A method may wrap a
+    quantised bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` when its config sets ``quantised_base`` and its init
+    leaves the base weight alone (PiSSA / OLoRA rewrite it, which a quantised weight cannot hold exactly; PEFT
+    refuses them too); the error names the method, the layer and the methods that can.
+    """
+    if not config.method:
+        check_not_quantised(name, module)
+        return
+    check_adaptable(name, module)
+    if bnb_kind(module) is None:
+        return
+    why = None if config.quantised_base else f"{config.method} has no quantised-base path"
+    if config.quantised_base and config.changes_base_weights:
+        why = ("its init rewrites the base weight (PiSSA / OLoRA), which a quantised layer cannot hold exactly; "
+               "initialise on the float model and quantise the residual, or use another init")
+    if why is not None:
+        supported = sorted(m.name for m in registered() if m.config_cls.quantised_base)
+        raise ValueError(
+            f"method {config.method!r} cannot adapt layer '{name}', a bitsandbytes {bnb_settings(module)} layer: "
+            f"{why}. Methods that adapt quantised bitsandbytes layers: {supported}. Load the model in floating "
+            "point, or leave this layer out (exclude=...)"
+        )
 
 
 def _examples(names: list[str], limit: int = 8) -> str:
@@ -291,7 +329,11 @@ def _modules_to_save(model: nn.Module, config: AdapterConfig) -> list[str]:
 
 
 def merge(model: nn.Module, safe: bool = False) -> nn.Module:
-    """Fold the active adapter into its base weights (idempotent)."""
+    """Fold the active adapter into its base weights (idempotent). An adapter that cannot be merged (LoRA on a
+    grouped convolution) raises ``ValueError`` before any layer is merged."""
+    for _, layer in adapted_layers(model):
+        if layer.adapter is not None and not layer.merged:
+            layer.adapter.check_mergeable()
     for _, layer in adapted_layers(model):
         layer.merge(safe=safe)
     return model
@@ -313,6 +355,10 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     ``unload(merge=False)`` means "discard what was trained".)
     """
     found: list[tuple[str, AdaptedLayer | SavedModule]] = [*wrappers(model), *saved_modules(model)]
+    if merge:  # an adapter that cannot be merged refuses before any layer is unloaded
+        for _, layer in adapted_layers(model):
+            if layer.adapter is not None and not layer.merged:
+                layer.adapter.check_mergeable()
     for name, wrapper in found:
         _set_child(model, name, wrapper.unload(merge=merge))
     flags: dict[str, bool] = getattr(model, _FLAGS_ATTR, {})

@@ -3,7 +3,7 @@
 ``save`` writes each file to a temporary name in the target directory and renames it into place,
 so a crash never leaves a half-written file under the real name. ``load`` reads and checks
 everything (config, method, tensor file, layer names and shapes against the base model, no quantised
-layer) before it changes the model, then adapts it and checks every tensor (key, shape, dtype, NaN/Inf)
+layer other than bitsandbytes') before it changes the model, then adapts it and checks every tensor (key, shape, dtype, NaN/Inf)
 before copying the first one, and takes the adapters back out if anything fails; tensors are read with
 safetensors only, never with pickle.
 
@@ -44,9 +44,9 @@ from .inject import (
     unload,
     wrappers,
 )
-from .layer import DEFAULT_ADAPTER, is_supported_layer, linear_shape
+from .layer import DEFAULT_ADAPTER, is_adaptable_layer, linear_shape
 from .multi import add_adapter, delete_adapter
-from .quantised import FLOAT_DTYPES, check_not_quantised, is_sharded
+from .quantised import FLOAT_DTYPES, check_adaptable, is_sharded
 from .rank import ALLOCATOR_FILE, load_allocator, save_allocator
 from .registry import get_method
 
@@ -266,13 +266,14 @@ def _discard(model: nn.Module, name: str, first: bool) -> None:
 
 
 def check_layers_fit(base_model: nn.Module, layers: dict[str, dict[str, int]], source: Any) -> None:
-    """Every saved layer exists in ``base_model``, is not quantised, and has the same (out, in) shape."""
+    """Every saved layer exists in ``base_model``, is a float or quantised bitsandbytes layer (``adapt`` then checks
+    that the method supports the latter), and has the same (out, in) shape."""
     modules = layer_modules(base_model)
     for name, shape in layers.items():
         module = modules.get(name)
         if module is not None:
-            check_not_quantised(name, module)
-        if module is None or not is_supported_layer(module):
+            check_adaptable(name, module)
+        if module is None or not is_adaptable_layer(module):
             raise ValueError(
                 f"the adapter in {source} was trained on a base model with a layer '{name}', which "
                 f"{type(base_model).__name__} does not have; load it onto the base model it was trained on"

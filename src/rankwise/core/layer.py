@@ -12,20 +12,35 @@ unchanged, so disabling or unloading the adapter gives the base model back.
 Adapters see every supported base layer as a linear map ``y = x Wᵀ + b`` with ``W`` of shape
 ``(out_features, in_features)``: :func:`weight_matrix` hides the transposed storage of
 transformers' ``Conv1D`` (GPT-2 style, ``fan_in_fan_out``), so a method written for ``nn.Linear``
-works on ``Conv1D`` without a line of its own.
+works on ``Conv1D`` without a line of its own, and hands over the dequantised weight of a
+bitsandbytes 4-/8-bit layer (:mod:`rankwise.core.quantised`), so a method that reads W works on a
+quantised base too.
+
+Two more layer kinds can be targeted by name (``"all-linear"`` never selects them): convolutions
+(``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d``), seen as the (C_out, C_in/groups·∏kernel) matrix of their
+flattened kernel (the map from one input patch to one output pixel), and ``nn.Embedding``, seen as the
+(embedding_dim, num_embeddings) matrix Wᵀ that maps a one-hot token to its vector (the stored weight is
+(num_embeddings, embedding_dim), Conv1D's transposed layout). :func:`layer_kind` names the kind; a method
+adapts the kinds its adapter class lists in ``Adapter.layer_kinds`` and refuses the others with a
+``ValueError`` (LoRA and DoRA adapt all three, :mod:`rankwise.adapters.lora`). A linear method that sets
+``Adapter.conv_as_patches`` also adapts an ungrouped convolution through that matrix: the wrapper cuts the
+input into patches (:func:`conv_patches`, the im2col of the convolution), so the adapter sees the linear
+layer y = patch · Wᵀ + b it was written for, one row per output pixel, and merging writes the flattened
+kernel back (:func:`stored_weight`).
 """
 
 from __future__ import annotations
 
 import copy
 import sys
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import AdapterConfig
-from .quantised import is_sharded
+from .quantised import bnb_kind, dequantised_weight, is_sharded, kept_weight, merge_into_quantised, set_weight
 
 
 def _conv1d_class() -> type | None:
@@ -47,15 +62,87 @@ def is_supported_layer(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_fan_in_fan_out(module)
 
 
+#: What each layer kind covers, for error messages.
+LAYER_KINDS = {
+    "linear": "nn.Linear / transformers Conv1D",
+    "conv": "nn.Conv1d / nn.Conv2d / nn.Conv3d",
+    "embedding": "nn.Embedding",
+}
+
+
+def is_conv_layer(module: nn.Module) -> bool:
+    """``nn.Conv1d``, ``nn.Conv2d`` or ``nn.Conv3d`` (transposed convolutions are not included)."""
+    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """``"linear"`` (nn.Linear, Conv1D), ``"conv"``, ``"embedding"``, or None for a layer no adapter wraps."""
+    if is_supported_layer(module):
+        return "linear"
+    if is_conv_layer(module):
+        return "conv"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    return None
+
+
+def is_adaptable_layer(module: nn.Module) -> bool:
+    """A layer some method can adapt when a target names it: a linear, convolution or embedding layer."""
+    return layer_kind(module) is not None
+
+
+def _stored_transposed(module: nn.Module) -> bool:
+    """True when the stored weight is (in_features, out_features): Conv1D and nn.Embedding."""
+    return is_fan_in_fan_out(module) or isinstance(module, nn.Embedding)
+
+
 def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """``(out_features, in_features)`` of a supported layer."""
+    """``(out_features, in_features)`` of an adaptable layer: of its weight matrix (:func:`weight_matrix`)."""
+    if bnb_kind(module) is not None:  # a packed 4-bit weight is (out·in/2, 1): the layer knows its shape
+        return module.out_features, module.in_features
     weight = module.weight
-    return (weight.shape[1], weight.shape[0]) if is_fan_in_fan_out(module) else (weight.shape[0], weight.shape[1])
+    if _stored_transposed(module):
+        return weight.shape[1], weight.shape[0]
+    return weight.shape[0], weight[0].numel()
 
 
 def weight_matrix(module: nn.Module) -> Tensor:
-    """The layer's weight as an (out_features, in_features) view (a transpose view for Conv1D)."""
-    return module.weight.T if is_fan_in_fan_out(module) else module.weight
+    """The layer's weight as an (out_features, in_features) matrix: a transpose view for Conv1D and
+    nn.Embedding, the kernel flattened per output channel, (C_out, C_in/groups·∏kernel), for a convolution;
+    for a bitsandbytes layer a fresh dequantised copy (writing to it changes nothing)."""
+    if bnb_kind(module) is not None:
+        return dequantised_weight(module)
+    weight = module.weight
+    if _stored_transposed(module):
+        return weight.T
+    return weight.flatten(1) if weight.dim() > 2 else weight
+
+
+def conv_patches(conv: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """The batched input of ``conv`` cut into (N, L, C_in·∏kernel) patches, and the output's spatial shape (L = ∏).
+
+    Patch ℓ holds, in the order of the flattened kernel (channel, then kernel positions), the inputs that output
+    pixel ℓ reads: the input padded as the layer pads it (its padding and padding mode), then windows of
+    (k − 1)·dilation + 1 every ``stride``, keeping every ``dilation``-th element. So for an ungrouped convolution
+    ``conv(x) = patches @ weight_matrix(conv)ᵀ + b`` (moved back to channels-first). Memory: ∏kernel times the
+    input (no stride) -- the price of running a linear method on a convolution.
+    """
+    dims = conv.weight.dim() - 2
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+    for d in range(dims):
+        dilation = conv.dilation[d]
+        x = x.unfold(2 + d, (conv.kernel_size[d] - 1) * dilation + 1, conv.stride[d])[..., ::dilation]
+    spatial = tuple(x.shape[2:2 + dims])
+    order = (0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims))
+    return x.permute(order).reshape(x.shape[0], -1, conv.weight[0].numel()), spatial
+
+
+def stored_weight(module: nn.Module, matrix: Tensor) -> Tensor:
+    """The inverse of :func:`weight_matrix`: an (out_features, in_features) matrix in the layout the layer stores."""
+    if _stored_transposed(module):
+        return matrix.T
+    return matrix.reshape(module.weight.shape)
 
 
 def linear_output_dtype(x: Tensor) -> torch.dtype:
@@ -99,9 +186,31 @@ class Adapter(nn.Module):
     """
 
     uses_base_output: bool = True
+    #: The layer kinds (:func:`layer_kind`) this class adapts; a method that adapts more kinds builds a
+    #: class per kind (LoRA's ``LoRAConvAdapter``, ...).
+    layer_kinds: ClassVar[tuple[str, ...]] = ("linear",)
+    #: True: a linear method that also adapts ungrouped convolutions, on their patches (:func:`conv_patches`).
+    conv_as_patches: ClassVar[bool] = False
 
     def __init__(self, base: nn.Module, config: AdapterConfig, layer_name: str = "") -> None:
         super().__init__()
+        kind = layer_kind(base)
+        if kind == "conv" and self.conv_as_patches and base.groups > 1:
+            raise ValueError(
+                f"method {config.method!r} cannot adapt layer '{layer_name or '<unnamed layer>'}' ({type(base).__name__} "
+                f"with groups={base.groups}): {config.method} adapts a convolution through its flattened kernel "
+                "matrix, and a grouped convolution is not one matrix on its patches. Exclude this layer, or use lora"
+            )
+        if kind not in self.layer_kinds and not (kind == "conv" and self.conv_as_patches):
+            cls = type(base)
+            kinds = (*self.layer_kinds, "conv") if self.conv_as_patches else self.layer_kinds
+            supported = " and ".join(LAYER_KINDS[k] for k in kinds)
+            raise ValueError(
+                f"method {config.method!r} cannot adapt layer '{layer_name or '<unnamed layer>'}' "
+                f"({cls.__module__}.{cls.__qualname__}): {config.method} adapts {supported} layers only. "
+                "Leave this layer out of targets (or exclude it), or use a method that adapts this layer kind "
+                "(the README's support table lists them)"
+            )
         self.layer_name = layer_name
         self.out_features, self.in_features = linear_shape(base)
         # A plain tuple keeps the base layer out of this module's children (and state dict):
@@ -151,6 +260,10 @@ class Adapter(nn.Module):
     def delta_weight(self) -> Tensor:  # pragma: no cover - abstract
         """Dense ΔW of shape (out_features, in_features) such that the merged weight is W + ΔW."""
         raise NotImplementedError
+
+    def check_mergeable(self) -> None:
+        """Raise ``ValueError`` (via :meth:`fail`) when the update has no form in the base's weight; ``rankwise.merge``
+        asks every layer first, so a model is merged whole or not at all. The default accepts."""
 
     def delta_bias(self) -> Tensor | None:
         """Update of the bias on merge, or None when the method leaves the bias alone."""
@@ -216,6 +329,8 @@ class AdaptedLayer(nn.Module):
         self.merged = False
         self.disabled = False
         self.example_adapters: list[str] | None = None
+        # A quantised base's weight before the merge re-quantised it, which unmerge puts back (a tuple: no parameter).
+        self._unmerged_quantised: tuple[nn.Parameter, Tensor | None] | None = None
 
     # -- the named adapters ------------------------------------------------------------------------
 
@@ -272,18 +387,33 @@ class AdaptedLayer(nn.Module):
         base_out = self.base_layer(x, *args, **kwargs) if adapter.uses_base_output else None
         return self._run(adapter, x, base_out)
 
-    @staticmethod
-    def _run(adapter: Adapter, x: Tensor, base_out: Tensor | None) -> Tensor:
+    def _run(self, adapter: Adapter, x: Tensor, base_out: Tensor | None) -> Tensor:
         """``adapter(x, base_out)`` in the adapter's dtype, returned in the output's; ``base_out`` must be fresh."""
         out_dtype = linear_output_dtype(x) if base_out is None else base_out.dtype
         adapter_dtype = adapter._apply_dtype()
-        if x.dtype != adapter_dtype:
+        if x.dtype != adapter_dtype and x.is_floating_point():  # an embedding's token ids stay integers
             x = x.to(adapter_dtype)
-            base_out = None if base_out is None else base_out.to(adapter_dtype)
+        if base_out is not None and base_out.dtype != adapter_dtype:
+            base_out = base_out.to(adapter_dtype)
         if base_out is not None:
             base_out._rankwise_scratch = True  # fresh and ours: see add_into_output
-        out = adapter(x, base_out)
+        if adapter.conv_as_patches and is_conv_layer(self.base_layer):
+            out = self._patch_forward(adapter, x, base_out)
+        else:
+            out = adapter(x, base_out)
         return out if out.dtype == out_dtype else out.to(out_dtype)
+
+    def _patch_forward(self, adapter: Adapter, x: Tensor, base_out: Tensor | None) -> Tensor:
+        """A linear adapter on a convolution: its forward on the (N, L, C_in·∏k) patches and the (N, L, C_out)
+        output pixels, moved back to (N, C_out, *spatial). An unbatched input gets a batch of one."""
+        unbatched = x.dim() == self.base_layer.weight.dim() - 1
+        if unbatched:
+            x, base_out = x.unsqueeze(0), None if base_out is None else base_out.unsqueeze(0)
+        patches, spatial = conv_patches(self.base_layer, x)
+        pixels = None if base_out is None else base_out.flatten(2).transpose(1, 2)
+        out = adapter(patches, pixels)
+        out = out.transpose(1, 2).reshape(out.shape[0], out.shape[2], *spatial)
+        return out.squeeze(0) if unbatched else out
 
     def _per_example_forward(self, names: list[str], x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """Example i of the batch through adapter ``names[i]``: each group of examples that shares an adapter
@@ -340,22 +470,37 @@ class AdaptedLayer(nn.Module):
         self.merged = False
 
     def _write_weights(self, transform: Any, sign: int, safe: bool) -> None:
-        weight = self.base_layer.weight
-        # Merging arithmetic in half precision drifts; do it in float32 and cast back.
-        compute_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-        new_weight = transform(weight_matrix(self.base_layer).to(compute_dtype))
+        """Apply ``transform`` (merged / unmerged weight) to the base weight and ``sign`` · Δb to its bias.
+
+        A bitsandbytes base is dequantised, transformed and re-quantised with a warning stating the rounding
+        error (:func:`~rankwise.core.quantised.merge_into_quantised`); its unmerge puts the quantised weight
+        from before the merge back bit for bit instead of subtracting through a second rounding.
+        """
+        quantised = bnb_kind(self.base_layer) is not None
         delta_bias = self.adapter.delta_bias()
         if delta_bias is not None and self.base_layer.bias is None:
             raise ValueError(
                 f"{type(self.adapter).__name__} has a bias update but the base layer has no bias; "
                 "it cannot be merged. Build the adapter without a bias term to merge it."
             )
-        if safe and not torch.isfinite(new_weight).all():
-            raise ValueError(
-                f"merging {type(self.adapter).__name__} into layer '{self.adapter.layer_name}' gives "
-                "non-finite weights; the adapter is left unmerged. Check the adapter for NaN/inf."
-            )
-        weight.copy_(new_weight.T if is_fan_in_fan_out(self.base_layer) else new_weight)
+        if quantised and sign < 0:
+            set_weight(self.base_layer, *self._unmerged_quantised)
+            self._unmerged_quantised = None
+        else:
+            current = weight_matrix(self.base_layer)
+            # Merging arithmetic in half precision drifts; do it in float32 and cast back.
+            compute_dtype = torch.float32 if current.dtype in (torch.float16, torch.bfloat16) else current.dtype
+            new_weight = transform(current.to(compute_dtype))
+            if safe and not torch.isfinite(new_weight).all():
+                raise ValueError(
+                    f"merging {type(self.adapter).__name__} into layer '{self.adapter.layer_name}' gives "
+                    "non-finite weights; the adapter is left unmerged. Check the adapter for NaN/inf."
+                )
+            if quantised:
+                self._unmerged_quantised = kept_weight(self.base_layer)
+                merge_into_quantised(self.base_layer, new_weight, self.adapter.layer_name, type(self.adapter).__name__)
+            else:
+                self.base_layer.weight.copy_(stored_weight(self.base_layer, new_weight))
         if delta_bias is not None:
             self.base_layer.bias.add_(sign * delta_bias.to(self.base_layer.bias.dtype))
 

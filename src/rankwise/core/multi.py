@@ -309,8 +309,7 @@ def add_weighted_adapter(
             new: LoRAAdapter = layer.get_adapter(adapter_name)  # type: ignore[assignment]
             present = [(a, w) for a, w in pairs if a is not None]
             B, A = _combine(present, combination, rank)
-            new.lora_A.weight.copy_(A)
-            new.lora_B.weight.copy_(B)
+            new.set_factor_matrices(A, B)
     return model
 
 
@@ -328,9 +327,10 @@ def _check_combinable(path: str, layer: AdaptedLayer, pairs: list[tuple[Adapter 
             raise ValueError(f"add_weighted_adapter: {kind} on layer '{path}' trains a bias, which a LoRA "
                              "combination cannot carry; combine adapters built with lora_bias=False")
     present = [adapter for adapter, _ in pairs if adapter is not None]
-    if combination == "linear" and len({adapter.lora_A.weight.shape for adapter in present}) != 1:  # type: ignore[union-attr]
+    ranks = [adapter.factor_matrices()[0].shape[0] for adapter in present] if combination == "linear" else []  # type: ignore[union-attr]
+    if len(set(ranks)) > 1:
         raise ValueError(f"add_weighted_adapter: combination='linear' needs one rank per layer, but layer '{path}' "
-                         f"has ranks {[adapter.lora_A.weight.shape[0] for adapter in present]} (rank_pattern); "  # type: ignore[union-attr]
+                         f"has ranks {ranks} (rank_pattern); "
                          "use 'cat' or 'svd'")
     if combination == "svd":
         out_f, in_f = linear_shape(layer.base_layer)
@@ -345,7 +345,7 @@ def _combine(pairs: list[tuple[Adapter, float]], combination: str, rank: int) ->
         delta = sum(w * adapter.delta_weight() for adapter, w in pairs)
         U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
         return U[:, :rank] * S[:rank], Vh[:rank]
-    factors = [(a.lora_B.weight, a.lora_A.weight, w * a.scaling) for a, w in pairs]  # type: ignore[union-attr]
+    factors = [(*reversed(a.factor_matrices()), w * a.scaling) for a, w in pairs]  # type: ignore[union-attr]
     if combination == "linear":
         A = sum(math.copysign(math.sqrt(abs(ws)), ws) * A_i for _, A_i, ws in factors)
         B = sum(math.sqrt(abs(ws)) * B_i for B_i, _, ws in factors)
