@@ -410,8 +410,8 @@ class DoRAAdapter(LoRAAdapter):
         half-precision base, under bfloat16 autocast and on a model cast to bfloat16 alike. A bfloat16
         norm would be off by ~4e-3, and g/c − 1 with it.
         """
-        with full_precision(self.lora_A.weight) as dtype:
-            (A, B), s = self.factor_matrices(), self.scaling
+        (A, B), s = self.factor_matrices(), self.scaling
+        with full_precision(A) as dtype:
             A, B, weight = A.to(dtype), B.to(dtype), weight.to(dtype)
             base_sq = torch.linalg.vector_norm(weight, dim=1).square()
             cross = ((weight @ A.T) * B).sum(dim=1)
