@@ -37,6 +37,7 @@ from .registry import get_method, registered
 
 ALLOCATOR_FILE = "allocator.safetensors"
 _ALLOCATOR_ATTR = "_rankwise_allocator"
+_RESIZES = "_rankwise_resizes"  # attribute of a parameter: its number of in-place resizes
 
 
 class RankComponents:
@@ -112,7 +113,9 @@ class RankComponents:
         """Give the rank tensors their new ``values``; with ``optimizer``, in place and with their companions.
 
         In place means the same :class:`~torch.nn.Parameter` objects (``parameter.data = value``), so the
-        optimizer's ``param_groups`` and a learning-rate schedule bound to it stay valid. Every tensor of
+        optimizer's ``param_groups`` and a learning-rate schedule bound to it stay valid (a
+        ``DistributedDataParallel`` wrapper does not: its buckets keep the old shapes, and every resize counts
+        in :func:`resize_count` so that :func:`rankwise.allocation.rewrap_ddp` can tell). Every tensor of
         the parameter's optimizer state shaped like the parameter (AdamW's ``exp_avg`` / ``exp_avg_sq``,
         ``max_exp_avg_sq``, SGD's ``momentum_buffer``) and its gradient go through ``follow(tensor, rank
         dim)``; other state entries (AdamW's ``step``) are left as they are.
@@ -133,6 +136,7 @@ class RankComponents:
             parameter.data = parameter.data.new_empty(0, dtype=other)
             parameter.data = values[name].contiguous()
             parameter.grad = grad  # after .data: a gradient must have the parameter's shape
+            parameter.__dict__[_RESIZES] = resize_count(parameter) + 1
         self.r = rank
 
     def _check_held(self, optimizer: torch.optim.Optimizer | None, what: str) -> None:
@@ -163,6 +167,11 @@ class RankComponents:
                 f"{what}: expected a bool tensor of shape ({self.r},) for layer "
                 f"'{getattr(self, 'layer_name', '')}', got {selector.dtype} {tuple(selector.shape)}"
             )
+
+
+def resize_count(parameter: Tensor) -> int:
+    """How many times :meth:`RankComponents.keep_components` / ``grow_components`` resized ``parameter`` in place."""
+    return int(parameter.__dict__.get(_RESIZES, 0))
 
 
 def zero_padded(tensor: Tensor, dim: int, count: int) -> Tensor:
