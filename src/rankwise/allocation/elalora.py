@@ -141,6 +141,7 @@ class ElaLoRAAllocator(AdaLoRAAllocator):
     """
 
     label = "ElaLoRA"
+    resizes = True
 
     def __init__(self, model: nn.Module, *, total_step: int, b: int = 4, k: int = 2, scheduler: bool = True,
                  tinit: int = 1, tfinal: int = 1, deltaT: int = 10, beta1: float = 0.85, beta2: float = 0.85,

@@ -207,6 +207,9 @@ class Allocator(ABC):
 
     #: number of times the allocator has set a rank budget (masked or resized components)
     allocations: int = 0
+    #: whether :meth:`step` changes the shapes of the adapter's tensors (ElaLoRA): a ``DistributedDataParallel``
+    #: wrapper must then be rebuilt after it (``rankwise.allocation.rewrap_ddp``)
+    resizes: bool = False
 
     @abstractmethod
     def step(self, global_step: int) -> None:
@@ -230,9 +233,11 @@ class Allocator(ABC):
         return 0
 
     def before_training(self, batches: Iterable[Any], loss_fn: Callable[[nn.Module, Any], Tensor]) -> None:  # noqa: B027
-        """Called once by rankwise's loop before the optimizer is built, with the first
-        :meth:`batches_before_training` training batches and ``loss_fn(model, batch)``: a method that allocates
-        from data before training does it here (GoRA). Default: nothing."""
+        """Called once before training with the first :meth:`batches_before_training` training batches and
+        ``loss_fn(model, batch)``: a method that allocates from data before training does it here (GoRA; it may
+        replace the adapter's parameters). rankwise's loop calls it before the optimizer is built;
+        ``RankwiseCallback`` calls it at the Trainer's ``on_train_begin`` and hands the replaced parameters to the
+        Trainer's optimizer. Default: nothing."""
 
     def finalize(self) -> object:
         """Called once at the end of training (rankwise's loop, ``RankwiseCallback``) before the adapter is
