@@ -99,6 +99,7 @@ class BoRAAdapter(LoRAAdapter):
     """W' = diag(d_out) (W0 + s·B·A) diag(d_in); the LoRA factors and forward come from LoRAAdapter."""
 
     uses_base_output = False  # the output is built from W itself; the wrapper skips its W x
+    product_is_update = False  # s·B·A is added to the direction V, which d_out and d_in rescale
 
     def __init__(self, base: nn.Module, config: BoRAConfig, layer_name: str = "") -> None:
         super().__init__(base, config, layer_name)

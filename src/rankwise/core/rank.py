@@ -3,8 +3,8 @@
 An adapter whose update is a sum of rank-one components, ΔW = Σ_i (component i), implements
 :class:`RankComponents`. It names the tensors that hold the components and the dimension that
 indexes them (LoRA: ``lora_A`` ∈ R^{r×n} along dim 0, ``lora_B`` ∈ R^{m×r} along dim 1; AdaLoRA
-adds ``lora_E`` ∈ R^{r×1} along dim 0), its two factors (for optimisers such as LoRA-Pro), and how
-a new component is initialised. From that the mixin provides, for every such method alike:
+adds ``lora_E`` ∈ R^{r×1} along dim 0), its two factors (the tensors whose shapes bound the rank),
+and how a new component is initialised. From that the mixin provides, for every such method alike:
 
     * ``mask_components(drop)``: zero the dropped components in place (they may be revived by the
       optimiser, as AdaLoRA's masking allows);
@@ -14,6 +14,11 @@ a new component is initialised. From that the mixin provides, for every such met
 Both resizes take an optional ``optimizer=``: the tensors are then resized in place (same Parameter
 objects) and their gradients and optimizer state follow them (kept components keep their moments, new
 ones start at zero), so one optimizer and one learning-rate schedule live through every resize.
+
+An adapter whose factors enter the layer only through s·B·A also implements :class:`TwoFactors`: it
+declares A, B, s and whether ΔW = s·B·A exactly, which is what optimisers such as LoRA-Pro need
+(``RankComponents.factors`` alone does not say it: AdaLoRA's update holds its singular values between
+the two).
 
 An :class:`Allocator` moves rank between the layers of one model; ``rankwise.allocator(model)``
 gives the adapted model's allocator (built from the config by the method's registered factory, and
@@ -26,6 +31,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +44,44 @@ from .registry import get_method, registered
 ALLOCATOR_FILE = "allocator.safetensors"
 _ALLOCATOR_ATTR = "_rankwise_allocator"
 _RESIZES = "_rankwise_resizes"  # attribute of a parameter: its number of in-place resizes
+
+
+@dataclass(frozen=True, eq=False)
+class FactorProduct:
+    """An adapter's declaration of its two factors (see :class:`TwoFactors`).
+
+    Attributes:
+        A: the right factor, (r, n).
+        B: the left factor, (m, r).
+        scaling: s.
+        exact: whether ΔW = s·B·A is the layer's whole weight update (``TwoFactors.product_is_update``).
+    """
+
+    A: Tensor
+    B: Tensor
+    scaling: float
+    exact: bool
+
+
+class TwoFactors:
+    """Mixin for adapters whose trainable factors A ∈ R^{r×n} and B ∈ R^{m×r} enter the layer only through
+    the product s·B·A, added to an m×n matrix M that does not depend on them.
+
+    By the chain rule their gradients are then g_A = s·Bᵀ·G and g_B = s·G·Aᵀ for the one matrix
+    G = ∂L/∂M, which is what an optimiser that works on the two factors (LoRA-Pro) builds on. Subclasses
+    implement :meth:`factor_product` and set ``product_is_update``, which says what M is:
+
+        * True: the layer's weight, so ΔW = s·B·A exactly (LoRA, rsLoRA, per-layer rank / alpha patterns,
+          PiSSA / OLoRA, GoRA's adapter);
+        * False: a matrix the adapter transforms further, so ΔW ≠ s·B·A (DoRA's and BoRA's direction
+          V = W₀ + s·B·A, whose rows, and for BoRA columns, their magnitudes rescale).
+    """
+
+    product_is_update: bool
+
+    def factor_product(self) -> FactorProduct:  # pragma: no cover - abstract
+        """``FactorProduct(A, B, s, exact=product_is_update)`` of this adapter."""
+        raise NotImplementedError
 
 
 class RankComponents:
