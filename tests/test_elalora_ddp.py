@@ -71,16 +71,16 @@ def _work(rank: int) -> dict:
 
 @pytest.fixture(scope="module")
 def processes(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """What :func:`_work` returned on each of the two processes (one spawn for the whole module)."""
     return on_gloo_processes(_work, tmp_path_factory.mktemp("elalora_ddp"))
 
 
 def test_ddp_processes_end_with_the_same_ranks_and_weights(processes):
-    first, second = processes
-    assert first["history"] == second["history"]
-    assert first["allocations"] >= 5
-    assert len({tuple(ranks.values()) for ranks in first["history"]}) >= 3  # the rank really moved, several times
-    for key, value in first["state"].items():
-        assert torch.equal(value, second["state"][key]), key
+    assert processes[0]["history"] == processes[1]["history"]
+    assert processes[0]["allocations"] >= 5
+    assert len({tuple(ranks.values()) for ranks in processes[0]["history"]}) >= 3  # the rank moved, several times
+    for key, value in processes[0]["state"].items():
+        assert torch.equal(value, processes[1]["state"][key]), key
 
 
 def test_ddp_run_equals_one_process_on_the_global_batch(processes):

@@ -60,7 +60,10 @@ says nothing and the processes drift apart): rebuild it after every step with
 The allocator notices a DDP run at a round (the gradients are bit-identical on every process,
 :func:`~rankwise.allocation.distributed.in_sync`) and then raises ``ValueError`` at its next step if
 the resized tensors were not rewrapped. Processes that train without DDP (each on its own data) are
-not checked. ``transformers.Trainer`` builds its DDP wrapper once, inside its training loop, where a
+not checked. A DDP run equals a one-process run on the same global batch only up to what the new
+components allow: their A and B gradients are proportional to E_new ≤ 1e-13, so in float32 they are
+rounding noise (~1e-10) that AdamW (ε = 1e-8) turns into steps of ~lr·1e-2, different for any other
+summation order; in float64 the two runs agree to 1e-5 (tested). ``transformers.Trainer`` builds its DDP wrapper once, inside its training loop, where a
 callback cannot replace it: ``RankwiseCallback`` refuses ElaLoRA in a multi-process Trainer run.
 
 The allocator must know the optimizer: ``allocator.attach_optimizer(optimizer)`` before the first
