@@ -139,3 +139,15 @@ def test_a_multi_process_trainer_run_refuses_an_uninitialised_model(tmp_path, mo
         RankwiseCallback().on_train_begin(args, TrainerState(), TrainerControl(), model=model, optimizer=optimizer,
                                           train_dataloader=[])
     assert len(calls) == 0
+
+
+def test_resuming_an_uninitialised_model_is_refused(tmp_path, calls):
+    """Resuming must start from the checkpoint's adapter (its ranks), not from a fresh placeholder."""
+    model = gora_bert()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    state = TrainerState(global_step=2)
+    with pytest.raises(ValueError, match="resuming at step 2 with a gora model.*rankwise.load"):
+        RankwiseCallback(checks=False).on_train_begin(args, state, TrainerControl(), model=model,
+                                                      optimizer=optimizer, train_dataloader=[])
+    assert len(calls) == 0

@@ -228,7 +228,7 @@ class RankwiseCallback(TrainerCallback):
                 "with ddp = rankwise.allocation.rewrap_ddp(ddp) after every allocator.step, or use adalora (it masks "
                 "components without resizing)"
             )
-        _before_training(self._allocator, args, model, optimizer, train_dataloader, method)
+        _before_training(self._allocator, args, state, model, optimizer, train_dataloader, method)
         if optimizer is not None:
             self._allocator.attach_optimizer(optimizer)  # ElaLoRA resizes the optimizer's state with the adapter
         if state.global_step > 0:
@@ -247,8 +247,8 @@ class RankwiseCallback(TrainerCallback):
             self._regularizer_hook = model.register_forward_hook(add_regularizer)
 
 
-def _before_training(held: Allocator, args: TrainingArguments, model: nn.Module, optimizer: Any,
-                     train_dataloader: Any, method: str) -> None:
+def _before_training(held: Allocator, args: TrainingArguments, state: TrainerState, model: nn.Module,
+                     optimizer: Any, train_dataloader: Any, method: str) -> None:
     """``allocator.before_training`` (GoRA's gradient init) on the first ``allocator.batches_before_training()``
     batches of the Trainer's train dataloader, with the model's own loss (``outputs.loss``).
 
@@ -262,6 +262,12 @@ def _before_training(held: Allocator, args: TrainingArguments, model: nn.Module,
     count = held.batches_before_training()
     if count == 0:
         return
+    if state.global_step > 0:
+        raise ValueError(
+            f"RankwiseCallback: resuming at step {state.global_step} with a {method} model that never ran its "
+            "allocation before training; the checkpoint's adapter holds the allocated ranks: build the model with "
+            "rankwise.load(base_model, '<checkpoint>/adapter') (or load_checkpoint_adapter) before resuming"
+        )
     if args.world_size > 1:
         raise ValueError(
             f"RankwiseCallback: {method} allocates from data before training, which replaces the adapter's "
