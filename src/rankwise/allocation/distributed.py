@@ -134,7 +134,9 @@ def rewrap_ddp(wrapper: DistributedDataParallel, **overrides: Any) -> Distribute
         "gradient_as_bucket_view": wrapper.gradient_as_bucket_view, "static_graph": wrapper.static_graph,
         "mixed_precision": wrapper.mixed_precision, **sync, **overrides,
     }
-    wrapper.reducer._remove_autograd_hooks()  # hooks left on tensors that were not resized would reduce twice
+    # The old reducer's hooks stay on the gradient accumulators of the tensors that were not resized for as long
+    # as the old wrapper lives (a caller may still hold it): unhook it, so that it launches no more reductions.
+    wrapper.reducer._remove_autograd_hooks()
     rebuilt = DistributedDataParallel(wrapper.module, **settings)
     for hook, state in wrapper._comm_hooks:
         rebuilt.register_comm_hook(state, hook)
