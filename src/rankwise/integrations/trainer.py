@@ -287,11 +287,6 @@ def _before_training(held: Allocator, args: TrainingArguments, state: TrainerSta
         _follow_replaced_parameters(optimizer, before, dict(model.named_parameters()))
 
 
-# ----------------------------------------------------------------------------------------------
-# The checks (public so that custom training loops can run them too)
-# ----------------------------------------------------------------------------------------------
-
-
 def _first_batches(dataloader: Any, count: int) -> list[Any]:
     """The first ``count`` batches of ``dataloader`` (fewer if it is shorter).
 
@@ -330,6 +325,11 @@ def _follow_replaced_parameters(optimizer: Any, before: dict[str, nn.Parameter],
             optimizer.state.pop(old, None)  # none before the first step; it would have the old shape
     for group in optimizer.param_groups:
         group["params"] = [replaced.get(id(p), p) for p in group["params"]]
+
+
+# ----------------------------------------------------------------------------------------------
+# The checks (public so that custom training loops can run them too)
+# ----------------------------------------------------------------------------------------------
 
 
 def _adapted(model: nn.Module | None) -> nn.Module:
