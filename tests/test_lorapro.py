@@ -410,3 +410,35 @@ def test_it_trains_a_toy_regression(mode: str) -> None:
 
 def test_lorapro_is_reachable_from_the_package() -> None:
     assert rankwise.LoRAPro is LoRAPro
+
+
+def test_an_embedding_lora_steps_as_the_same_lora_on_a_one_hot_linear() -> None:
+    """nn.Embedding(V, d) is the linear map x ↦ Eᵀx on one-hot tokens: LoRA-Pro must take the same step on both."""
+    torch.manual_seed(0)
+    vocab, dim, tokens = 12, 6, torch.tensor([[1, 3, 3, 7], [0, 11, 5, 2]])
+    embedding = nn.Embedding(vocab, dim)
+    linear = nn.Linear(vocab, dim, bias=False)
+    linear.weight.data.copy_(embedding.weight.data.T)
+    emb_model = rankwise.adapt(nn.Sequential(embedding), rankwise.LoRAConfig(r=2, alpha=4, targets=["0"]))
+    lin_model = rankwise.adapt(nn.Sequential(linear), rankwise.LoRAConfig(r=2, alpha=4, targets=["0"]))
+    emb, lin = emb_model[0].adapter, lin_model[0].adapter
+    with torch.no_grad():  # the same nonzero factors in both layouts
+        emb.lora_embedding_A.copy_(torch.randn(2, vocab))
+        emb.lora_embedding_B.copy_(torch.randn(dim, 2))
+        lin.lora_A.weight.copy_(emb.lora_embedding_A)
+        lin.lora_B.weight.copy_(emb.lora_embedding_B)
+    target = torch.randn(2, 4, dim)
+    for model, inputs in ((emb_model, tokens), (lin_model, nn.functional.one_hot(tokens, vocab).float())):
+        optimizer = LoRAPro(model, lr=1e-2)
+        for _ in range(2):
+            ((model(inputs) - target) ** 2).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    torch.testing.assert_close(emb.lora_embedding_A, lin.lora_A.weight, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(emb.lora_embedding_B, lin.lora_B.weight, atol=1e-5, rtol=1e-5)
+
+
+def test_a_convolution_lora_is_refused_naming_the_layer() -> None:
+    model = rankwise.adapt(nn.Sequential(nn.Conv2d(3, 4, 3)), rankwise.LoRAConfig(r=2, targets=["0"]))
+    with pytest.raises(ValueError, match="layer '0'.*convolution kernel"):
+        LoRAPro(model, lr=1e-3)

@@ -372,7 +372,8 @@ class LoRAAdapter(RankComponents, TwoFactors, Adapter):
         return self.lora_A.weight, self.lora_B.weight
 
     def factor_product(self) -> FactorProduct:
-        return FactorProduct(self.lora_A.weight, self.lora_B.weight, self.scaling, self.product_is_update)
+        A, B = self.factor_matrices()
+        return FactorProduct(A, B, self.scaling, self.product_is_update)
 
     def new_components(self, count: int) -> dict[str, Tensor]:
         a = self.lora_A.weight.new_empty(count, self.in_features)
@@ -525,6 +526,12 @@ class LoRAConvAdapter(LoRAAdapter):
                 "Keep the adapter unmerged (plain LoRA), or exclude this layer",
             )
         return self.lora_A.weight.flatten(1), self.lora_B.weight.flatten(1)
+
+    def factor_product(self) -> FactorProduct:
+        """Refused: LoRA-Pro updates A and B as matrices, and a convolution LoRA's A is a kernel."""
+        raise self.fail("LoRA-Pro needs the two factors as matrix parameters, and a convolution LoRA's A is a "
+                        "convolution kernel", "Train convolution adapters with AdamW, or give LoRA-Pro a model whose "
+                        "LoRA targets only linear and embedding layers")
 
     def check_mergeable(self) -> None:
         self.factor_matrices()
