@@ -59,10 +59,11 @@ def test_lorapro_benchmark_quick() -> None:
 def test_allocation_benchmark_quick() -> None:
     pytest.importorskip("peft")
     args = allocation.parse_args(["--quick", "--rounds", "1", "--warmup", "0", "--no-memory", "--out", "",
-                                  "--note", "shared machine"])
+                                  "--note", "shared machine", "--gora-batches", "2", "--gora-repeats", "1"])
     text = allocation.run(args)
     assert "| rankwise AdaLoRA |" in text and "| PEFT AdaLoRA |" in text and "**shared machine**" in text
-    assert "rankwise / PEFT: step time **" in text
+    assert all(f"| rankwise {name} |" in text for name in ("ElaLoRA", "ARD-LoRA", "GoRA"))
+    assert "rankwise / PEFT AdaLoRA: step time **" in text and "GoRA's init (" in text
 
 
 def test_qlora_benchmark_quick() -> None:

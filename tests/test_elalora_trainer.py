@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 from test_trainer import TARGETS, logits, tiny_bert, train
+from transformers import TrainerControl, TrainerState, TrainingArguments
 
 import rankwise
 from rankwise.core.io import adapter_state
+from rankwise.integrations import RankwiseCallback
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -60,3 +62,13 @@ def test_resume_from_a_checkpoint_matches_the_uninterrupted_run(tmp_path):
     want = adapter_state(straight)
     for key, value in adapter_state(resumed).items():
         torch.testing.assert_close(value, want[key], atol=1e-6, rtol=0, msg=key)
+
+
+def test_a_multi_process_trainer_run_is_refused(tmp_path, monkeypatch):
+    """Trainer builds its DDP wrapper once, before any callback runs; ElaLoRA's rounds would leave it stale."""
+    monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))
+    model = elalora_bert()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match="elalora resizes.*DistributedDataParallel.*2 processes.*rewrap_ddp"):
+        RankwiseCallback().on_train_begin(args, TrainerState(), TrainerControl(), model=model, optimizer=optimizer)

@@ -96,7 +96,8 @@ def toy(config: rankwise.AdapterConfig | None = None) -> nn.Module:
 
 
 def lora(method: str = "lora") -> rankwise.AdapterConfig:
-    """r = 2, α = 3 on the hidden layers, the head trained in full; ``method`` is lora, rslora, pissa or dora.
+    """r = 2, α = 3 on the hidden layers, the head trained in full; ``method`` is lora, rslora, pissa or dora
+    (LoRA-Pro adjusts DoRA's direction only with ``directions=True``).
 
     PiSSA starts with B ≠ 0, so its first step is the general adjustment, not the B = 0 special case.
     """
@@ -157,7 +158,7 @@ def oracle_step(model: nn.Module, adam: OracleAdam, lr: float, decay: float, mod
     """Every trainable tensor after one step, from the spec's formulas, given the gradients in ``model``."""
     new: dict[str, Tensor] = {}
     paired: set[str] = set()
-    for pair in two_factor_pairs(model):
+    for pair in two_factor_pairs(model, directions=True):
         A, B, s = pair.A.detach(), pair.B.detach(), pair.scaling
         if mode == "efficient":
             hat_A, hat_B = oracle_adjust(A, B, pair.A.grad, pair.B.grad, s, sylvester=True)
@@ -178,9 +179,9 @@ def oracle_step(model: nn.Module, adam: OracleAdam, lr: float, decay: float, mod
 
 def trainable(model: nn.Module) -> dict[str, Tensor]:
     values = {}
-    for pair in two_factor_pairs(model):
+    for pair in two_factor_pairs(model, directions=True):
         values[pair.name + ".A"], values[pair.name + ".B"] = pair.A.detach().clone(), pair.B.detach().clone()
-    paired = {id(t) for pair in two_factor_pairs(model) for t in (pair.A, pair.B)}
+    paired = {id(t) for pair in two_factor_pairs(model, directions=True) for t in (pair.A, pair.B)}
     values.update({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and id(p) not in paired})
     return values
 
@@ -190,7 +191,7 @@ def trainable(model: nn.Module) -> dict[str, Tensor]:
 def test_two_steps_match_the_hand_written_oracle(mode: str, method: str) -> None:
     model = toy(lora(method))
     lr, decay = 0.05, 0.1
-    optimizer = LoRAPro(model, lr=lr, weight_decay=decay, mode=mode)
+    optimizer = LoRAPro(model, lr=lr, weight_decay=decay, mode=mode, directions=method == "dora")
     adam = OracleAdam()
     for step in range(2):
         backward(model, step)
@@ -244,13 +245,13 @@ def test_other_trainable_tensors_get_torch_adamw() -> None:
 @pytest.mark.parametrize("mode", ["efficient", "full"])
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_resume_is_exact(mode: str, method: str, tmp_path: Path) -> None:
-    config = lora(method)
+    config, directions = lora(method), method == "dora"
     total, split = 6, 3
     straight = toy(config)
-    train(straight, LoRAPro(straight, lr=0.05, weight_decay=0.1, mode=mode), range(total))
+    train(straight, LoRAPro(straight, lr=0.05, weight_decay=0.1, mode=mode, directions=directions), range(total))
 
     first = toy(config)
-    optimizer = LoRAPro(first, lr=0.05, weight_decay=0.1, mode=mode)
+    optimizer = LoRAPro(first, lr=0.05, weight_decay=0.1, mode=mode, directions=directions)
     train(first, optimizer, range(split))
     rankwise.save(first, tmp_path)
     buffer = io.BytesIO()
@@ -258,7 +259,7 @@ def test_resume_is_exact(mode: str, method: str, tmp_path: Path) -> None:
     del first, optimizer
 
     resumed = rankwise.load(toy(), tmp_path)
-    optimizer = LoRAPro(resumed, lr=1.0, weight_decay=0.0, mode=mode)  # hyper-parameters come back from the state
+    optimizer = LoRAPro(resumed, lr=1.0, weight_decay=0.0, mode=mode, directions=directions)  # hyper-parameters: from the state
     buffer.seek(0)
     optimizer.load_state_dict(torch.load(buffer))
     train(resumed, optimizer, range(split, total))
@@ -273,12 +274,46 @@ def test_resume_is_exact(mode: str, method: str, tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+SUPPORTED = r"\['gora', 'lora'\] \(and \['bora', 'dora'\] with directions=True\)"
+
+
 def test_model_without_two_factor_adapters_is_rejected() -> None:
-    with pytest.raises(ValueError, match=r"it has no adapted layer.*\['bora', 'dora', 'gora', 'lora'\]"):
+    with pytest.raises(ValueError, match=r"it has no adapted layer.*" + SUPPORTED):
         LoRAPro(toy())
     model = toy(rankwise.config("loldu", r=2, targets=["body1"]))
-    with pytest.raises(ValueError, match=r"the adapted methods found are \['loldu'\].*body1.*\['bora', 'dora', 'gora', 'lora'\]"):
+    with pytest.raises(ValueError, match=r"the adapted methods found are \['loldu'\].*body1.*" + SUPPORTED):
         LoRAPro(model)
+    # AdaLoRA has rank components and factors() for its allocator, but B·(E ⊙ A) is no two-factor product
+    model = toy(rankwise.config("adalora", init_r=2, target_r=1, total_step=10, targets=["body1"]))
+    with pytest.raises(ValueError, match=r"the adapted methods found are \['adalora'\].*body1.*" + SUPPORTED):
+        LoRAPro(model, directions=True)
+
+
+@pytest.mark.parametrize("method", ["dora", "bora"])
+def test_an_update_that_is_not_s_b_a_needs_directions(method: str) -> None:
+    model = toy(rankwise.config(method, r=2, alpha=3.0, targets=["body1", "body2"]))
+    with pytest.raises(ValueError, match=rf"layer 'body1' is adapted with '{method}', whose update is not ΔW = s·B·A"
+                                         r".*directions=True.*\['gora', 'lora'\]"):
+        LoRAPro(model)
+    assert [group["name"] for group in LoRAPro(model, directions=True).param_groups[:2]] == ["body1", "body2"]
+
+
+def test_every_declaration_says_whether_the_update_is_s_b_a() -> None:
+    """For every method whose adapter declares two factors: ΔW = s·B·A exactly iff the declaration says so
+    (B set to random values, so that the product is not zero)."""
+    from rankwise.core.rank import TwoFactors
+
+    declaring = [m.name for m in rankwise.core.registry.registered() if issubclass(m.adapter_cls, TwoFactors)]
+    assert set(declaring) == {"lora", "dora", "bora", "gora"}
+    for method in declaring:
+        model = toy(rankwise.config(method, r=2, alpha=3.0, targets=["body1"]))
+        adapter = model.body1.adapter
+        product = adapter.factor_product()
+        with torch.no_grad():
+            product.B.copy_(torch.randn(product.B.shape, generator=torch.Generator().manual_seed(1), dtype=F64))
+        update = adapter.delta_weight()
+        matches = torch.allclose(update, product.scaling * product.B @ product.A, rtol=0, atol=1e-12)
+        assert matches == product.exact, method
 
 
 @pytest.mark.parametrize(
@@ -375,3 +410,35 @@ def test_it_trains_a_toy_regression(mode: str) -> None:
 
 def test_lorapro_is_reachable_from_the_package() -> None:
     assert rankwise.LoRAPro is LoRAPro
+
+
+def test_an_embedding_lora_steps_as_the_same_lora_on_a_one_hot_linear() -> None:
+    """nn.Embedding(V, d) is the linear map x ↦ Eᵀx on one-hot tokens: LoRA-Pro must take the same step on both."""
+    torch.manual_seed(0)
+    vocab, dim, tokens = 12, 6, torch.tensor([[1, 3, 3, 7], [0, 11, 5, 2]])
+    embedding = nn.Embedding(vocab, dim)
+    linear = nn.Linear(vocab, dim, bias=False)
+    linear.weight.data.copy_(embedding.weight.data.T)
+    emb_model = rankwise.adapt(nn.Sequential(embedding), rankwise.LoRAConfig(r=2, alpha=4, targets=["0"]))
+    lin_model = rankwise.adapt(nn.Sequential(linear), rankwise.LoRAConfig(r=2, alpha=4, targets=["0"]))
+    emb, lin = emb_model[0].adapter, lin_model[0].adapter
+    with torch.no_grad():  # the same nonzero factors in both layouts
+        emb.lora_embedding_A.copy_(torch.randn(2, vocab))
+        emb.lora_embedding_B.copy_(torch.randn(dim, 2))
+        lin.lora_A.weight.copy_(emb.lora_embedding_A)
+        lin.lora_B.weight.copy_(emb.lora_embedding_B)
+    target = torch.randn(2, 4, dim)
+    for model, inputs in ((emb_model, tokens), (lin_model, nn.functional.one_hot(tokens, vocab).float())):
+        optimizer = LoRAPro(model, lr=1e-2)
+        for _ in range(2):
+            ((model(inputs) - target) ** 2).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    torch.testing.assert_close(emb.lora_embedding_A, lin.lora_A.weight, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(emb.lora_embedding_B, lin.lora_B.weight, atol=1e-5, rtol=1e-5)
+
+
+def test_a_convolution_lora_is_refused_naming_the_layer() -> None:
+    model = rankwise.adapt(nn.Sequential(nn.Conv2d(3, 4, 3)), rankwise.LoRAConfig(r=2, targets=["0"]))
+    with pytest.raises(ValueError, match="layer '0'.*convolution kernel"):
+        LoRAPro(model, lr=1e-3)

@@ -100,6 +100,7 @@ class BoRAAdapter(LoRAAdapter):
 
     uses_base_output = False  # the output is built from W itself; the wrapper skips its W x
     conv_as_patches = True  # ungrouped convolutions too, through their flattened kernel (core.layer.conv_patches)
+    product_is_update = False  # s·B·A is added to the direction V, which d_out and d_in rescale
 
     def __init__(self, base: nn.Module, config: BoRAConfig, layer_name: str = "") -> None:
         super().__init__(base, config, layer_name)

@@ -117,7 +117,7 @@ from ..core.config import (
     config_field,
 )
 from ..core.layer import Adapter, add_into_output, layer_kind
-from ..core.rank import RankComponents
+from ..core.rank import FactorProduct, RankComponents, TwoFactors
 from ..core.registry import PeftFormat, register
 
 BASE_CHANGING_INITS = ("pissa", "olora")
@@ -251,15 +251,18 @@ def full_precision(like: Tensor) -> Iterator[torch.dtype]:
         yield torch.promote_types(like.dtype, torch.float32)
 
 
-class LoRAAdapter(RankComponents, Adapter):
+class LoRAAdapter(RankComponents, TwoFactors, Adapter):
     """ΔW = s·B·A, applied as two thin matmuls; the dense B·A is only built for merging.
 
     Rank components (for allocators, ``rankwise.core.rank``): row i of A with column i of B; masking
     zeroes column i of B (A's row keeps its gradient, so the optimiser may revive it); new components
     get A rows as at init and zero B columns. The scale s stays α/r of the rank the adapter was built with.
+    Two factors (for LoRA-Pro): A = ``lora_A.weight``, B = ``lora_B.weight``, s, and ΔW = s·B·A exactly
+    (a subclass that rescales W₀ + s·B·A sets ``product_is_update = False``).
     """
 
     masked_tensor = "lora_B.weight"
+    product_is_update = True
 
     def __new__(cls, base: nn.Module | None = None, config: LoRAConfig | None = None, layer_name: str = "") -> Self:
         """``LoRAAdapter(base, config)`` builds the class for the base's layer kind: :class:`LoRAConvAdapter` or
@@ -380,6 +383,10 @@ class LoRAAdapter(RankComponents, Adapter):
     def factors(self) -> tuple[Tensor, Tensor]:
         return self.lora_A.weight, self.lora_B.weight
 
+    def factor_product(self) -> FactorProduct:
+        A, B = self.factor_matrices()
+        return FactorProduct(A, B, self.scaling, self.product_is_update)
+
     def new_components(self, count: int) -> dict[str, Tensor]:
         a = self.lora_A.weight.new_empty(count, self.in_features)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # U(-1/sqrt(n), 1/sqrt(n)), as the init's rows
@@ -387,7 +394,13 @@ class LoRAAdapter(RankComponents, Adapter):
 
 
 class DoRAAdapter(LoRAAdapter):
-    """W' = diag(g/c)(W + sBA) with c detached; see the module docstring for the forward."""
+    """W' = diag(g/c)(W + sBA) with c detached; see the module docstring for the forward.
+
+    s·B·A is added to the direction V = W + sBA, which g/c rescales: ΔW ≠ s·B·A (``product_is_update``
+    False), so LoRA-Pro adjusts it only on request, as an update of V (``rankwise.optim.factors``).
+    """
+
+    product_is_update = False
 
     def __init__(self, base: nn.Module, config: DoRAConfig, layer_name: str = "") -> None:
         super().__init__(base, config, layer_name)
@@ -527,6 +540,12 @@ class LoRAConvAdapter(LoRAAdapter):
                 "Keep the adapter unmerged (plain LoRA), or exclude this layer",
             )
         return self.lora_A.weight.flatten(1), self.lora_B.weight.flatten(1)
+
+    def factor_product(self) -> FactorProduct:
+        """Refused: LoRA-Pro updates A and B as matrices, and a convolution LoRA's A is a kernel."""
+        raise self.fail("LoRA-Pro needs the two factors as matrix parameters, and a convolution LoRA's A is a "
+                        "convolution kernel", "Train convolution adapters with AdamW, or give LoRA-Pro a model whose "
+                        "LoRA targets only linear and embedding layers")
 
     def check_mergeable(self) -> None:
         self.factor_matrices()

@@ -53,9 +53,18 @@ Where rankwise decides differently from the official code, on purpose:
 
 Under ``torch.distributed`` the scores are averaged over the processes before each round (as for
 AdaLoRA) and the new components come from identically seeded generators, so every process makes the
-same surgery; but the tensors change shape, so a ``DistributedDataParallel`` wrapper (whose buckets
-hold the old shapes) must be rebuilt after each round: rankwise does not do that for you, and ElaLoRA
-under DDP is not tested.
+same surgery. The tensors change shape, so a ``DistributedDataParallel`` wrapper built before a round
+is stale (its buckets hold the old shapes and it no longer all-reduces the resized gradients; torch
+says nothing and the processes drift apart): rebuild it after every step with
+:func:`rankwise.allocation.rewrap_ddp` (``ddp = rewrap_ddp(ddp)``, a no-op when nothing was resized).
+The allocator notices a DDP run at a round (the gradients are bit-identical on every process,
+:func:`~rankwise.allocation.distributed.in_sync`) and then raises ``ValueError`` at its next step if
+the resized tensors were not rewrapped. Processes that train without DDP (each on its own data) are
+not checked. A DDP run equals a one-process run on the same global batch only up to what the new
+components allow: their A and B gradients are proportional to E_new ≤ 1e-13, so in float32 they are
+rounding noise (~1e-10) that AdamW (ε = 1e-8) turns into steps of ~lr·1e-2, different for any other
+summation order; in float64 the two runs agree to 1e-5 (tested). ``transformers.Trainer`` builds its DDP wrapper once, inside its training loop, where a
+callback cannot replace it: ``RankwiseCallback`` refuses ElaLoRA in a multi-process Trainer run.
 
 The allocator must know the optimizer: ``allocator.attach_optimizer(optimizer)`` before the first
 round; ``RankwiseCallback`` and rankwise's own training loop do it. A plain loop::
@@ -81,6 +90,7 @@ from torch import Tensor, nn
 from ..core.config import check_positive_int
 from ..core.rank import RankComponents, rank_layers, zero_padded
 from .adalora import AdaLoRAAllocator
+from .distributed import in_sync, resized_since_wrapped, world_size
 
 
 def plan(scores: dict[str, Tensor], caps: dict[str, int], moved: int,
@@ -136,6 +146,7 @@ class ElaLoRAAllocator(AdaLoRAAllocator):
     label = "ElaLoRA"
     sharded_problem = ("it resizes the adapters' tensors (moves rank between layers), and FSDP2's sharded parameters "
                        "keep the shapes they were sharded with")
+    resizes = True
 
     def __init__(self, model: nn.Module, *, total_step: int, b: int = 4, k: int = 2, scheduler: bool = True,
                  tinit: int = 1, tfinal: int = 1, deltaT: int = 10, beta1: float = 0.85, beta2: float = 0.85,
@@ -154,6 +165,8 @@ class ElaLoRAAllocator(AdaLoRAAllocator):
             if hasattr(adapter, "generator"):  # ElaLoRA's adapter draws its new components from it
                 adapter.generator = self.generator
         self.optimizer: torch.optim.Optimizer | None = None
+        #: the step of the last round taken under DDP whose resize no wrapper has caught up with yet
+        self.awaiting_rewrap: int | None = None
 
     @classmethod
     def from_config(cls, model: nn.Module, config: Any) -> ElaLoRAAllocator:
@@ -193,8 +206,12 @@ class ElaLoRAAllocator(AdaLoRAAllocator):
                 and self.moved(step) > 0)
 
     def step(self, global_step: int) -> None:
-        """Update the statistics (t < T − t_final) and run a round where the schedule says so."""
+        """Update the statistics (t < T − t_final) and run a round where the schedule says so.
+
+        ``ValueError`` if the previous round ran under DDP and the wrapper was not rebuilt since (module
+        docstring)."""
         self._check_unsharded(global_step)
+        self._check_rewrapped(global_step)
         if global_step < self.total_step - self.tfinal:
             round_now = self.is_round(global_step)
             if round_now and self.optimizer is None:
@@ -205,18 +222,35 @@ class ElaLoRAAllocator(AdaLoRAAllocator):
                 )
             self._check_gradients(global_step)
             self._update_importance()
-            if round_now:
-                self._reallocate(self.moved(global_step))
+            if round_now and self._reallocate(self.moved(global_step)):
+                self.awaiting_rewrap = global_step
         self.last_step = global_step
 
     def ranks(self) -> dict[str, int]:
         """``{layer: current rank}`` (the tensors' size)."""
         return {name: adapter.r for name, adapter in self.layers.items()}
 
+    def _check_rewrapped(self, global_step: int) -> None:
+        if self.awaiting_rewrap is None:
+            return
+        stale = [f"{name}.{tensor}" for name, adapter in self.layers.items()
+                 for tensor, (p, _) in adapter.rank_tensors().items() if resized_since_wrapped(p)]
+        if stale:
+            raise ValueError(
+                f"ElaLoRA allocator.step({global_step}): the round at step {self.awaiting_rewrap} resized {stale[:4]} "
+                "under DistributedDataParallel, and the wrapper was not rebuilt, so since then their gradients are "
+                "not all-reduced and the processes' weights drift apart. Call ddp = "
+                "rankwise.allocation.rewrap_ddp(ddp) after every allocator.step"
+            )
+        self.awaiting_rewrap = None
+
     # -- a round ---------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _reallocate(self, moved: int) -> None:
+    def _reallocate(self, moved: int) -> bool:
+        """One round (module docstring); whether it resized tensors under DDP."""
+        gradients = [p.grad for adapter in self.layers.values() for p, _ in adapter.rank_tensors().values()]
+        under_ddp = world_size() > 1 and in_sync(gradients)  # DDP averaged them; separate processes differ
         caps = {}
         for name, adapter in self.layers.items():
             a, b = adapter.factors()
@@ -235,6 +269,7 @@ class ElaLoRAAllocator(AdaLoRAAllocator):
         self.allocations += 1
         if self.config is not None:
             self.config.rank_pattern = self.ranks()
+        return under_ddp and (any(pruned.values()) or any(grown.values()))
 
     def _resize_statistics(self, name: str, adapter: RankComponents, follow: Callable[[Tensor, int], Tensor]) -> None:
         """Resize the layer's Ī and Ū like its tensors (kept components keep theirs, new ones start at 0)."""

@@ -3,8 +3,8 @@
 An adapter whose update is a sum of rank-one components, ΔW = Σ_i (component i), implements
 :class:`RankComponents`. It names the tensors that hold the components and the dimension that
 indexes them (LoRA: ``lora_A`` ∈ R^{r×n} along dim 0, ``lora_B`` ∈ R^{m×r} along dim 1; AdaLoRA
-adds ``lora_E`` ∈ R^{r×1} along dim 0), its two factors (for optimisers such as LoRA-Pro), and how
-a new component is initialised. From that the mixin provides, for every such method alike:
+adds ``lora_E`` ∈ R^{r×1} along dim 0), its two factors (the tensors whose shapes bound the rank),
+and how a new component is initialised. From that the mixin provides, for every such method alike:
 
     * ``mask_components(drop)``: zero the dropped components in place (they may be revived by the
       optimiser, as AdaLoRA's masking allows);
@@ -14,6 +14,11 @@ a new component is initialised. From that the mixin provides, for every such met
 Both resizes take an optional ``optimizer=``: the tensors are then resized in place (same Parameter
 objects) and their gradients and optimizer state follow them (kept components keep their moments, new
 ones start at zero), so one optimizer and one learning-rate schedule live through every resize.
+
+An adapter whose factors enter the layer only through s·B·A also implements :class:`TwoFactors`: it
+declares A, B, s and whether ΔW = s·B·A exactly, which is what optimisers such as LoRA-Pro need
+(``RankComponents.factors`` alone does not say it: AdaLoRA's update holds its singular values between
+the two).
 
 An :class:`Allocator` moves rank between the layers of one model; ``rankwise.allocator(model)``
 gives the adapted model's allocator (built from the config by the method's registered factory, and
@@ -26,6 +31,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +43,45 @@ from .registry import get_method, registered
 
 ALLOCATOR_FILE = "allocator.safetensors"
 _ALLOCATOR_ATTR = "_rankwise_allocator"
+_RESIZES = "_rankwise_resizes"  # attribute of a parameter: its number of in-place resizes
+
+
+@dataclass(frozen=True, eq=False)
+class FactorProduct:
+    """An adapter's declaration of its two factors (see :class:`TwoFactors`).
+
+    Attributes:
+        A: the right factor, (r, n).
+        B: the left factor, (m, r).
+        scaling: s.
+        exact: whether ΔW = s·B·A is the layer's whole weight update (``TwoFactors.product_is_update``).
+    """
+
+    A: Tensor
+    B: Tensor
+    scaling: float
+    exact: bool
+
+
+class TwoFactors:
+    """Mixin for adapters whose trainable factors A ∈ R^{r×n} and B ∈ R^{m×r} enter the layer only through
+    the product s·B·A, added to an m×n matrix M that does not depend on them.
+
+    By the chain rule their gradients are then g_A = s·Bᵀ·G and g_B = s·G·Aᵀ for the one matrix
+    G = ∂L/∂M, which is what an optimiser that works on the two factors (LoRA-Pro) builds on. Subclasses
+    implement :meth:`factor_product` and set ``product_is_update``, which says what M is:
+
+        * True: the layer's weight, so ΔW = s·B·A exactly (LoRA, rsLoRA, per-layer rank / alpha patterns,
+          PiSSA / OLoRA, GoRA's adapter);
+        * False: a matrix the adapter transforms further, so ΔW ≠ s·B·A (DoRA's and BoRA's direction
+          V = W₀ + s·B·A, whose rows, and for BoRA columns, their magnitudes rescale).
+    """
+
+    product_is_update: bool
+
+    def factor_product(self) -> FactorProduct:  # pragma: no cover - abstract
+        """``FactorProduct(A, B, s, exact=product_is_update)`` of this adapter."""
+        raise NotImplementedError
 
 
 class RankComponents:
@@ -112,7 +157,9 @@ class RankComponents:
         """Give the rank tensors their new ``values``; with ``optimizer``, in place and with their companions.
 
         In place means the same :class:`~torch.nn.Parameter` objects (``parameter.data = value``), so the
-        optimizer's ``param_groups`` and a learning-rate schedule bound to it stay valid. Every tensor of
+        optimizer's ``param_groups`` and a learning-rate schedule bound to it stay valid (a
+        ``DistributedDataParallel`` wrapper does not: its buckets keep the old shapes, and every resize counts
+        in :func:`resize_count` so that :func:`rankwise.allocation.rewrap_ddp` can tell). Every tensor of
         the parameter's optimizer state shaped like the parameter (AdamW's ``exp_avg`` / ``exp_avg_sq``,
         ``max_exp_avg_sq``, SGD's ``momentum_buffer``) and its gradient go through ``follow(tensor, rank
         dim)``; other state entries (AdamW's ``step``) are left as they are.
@@ -133,6 +180,7 @@ class RankComponents:
             parameter.data = parameter.data.new_empty(0, dtype=other)
             parameter.data = values[name].contiguous()
             parameter.grad = grad  # after .data: a gradient must have the parameter's shape
+            parameter.__dict__[_RESIZES] = resize_count(parameter) + 1
         self.r = rank
 
     def _check_held(self, optimizer: torch.optim.Optimizer | None, what: str) -> None:
@@ -163,6 +211,11 @@ class RankComponents:
                 f"{what}: expected a bool tensor of shape ({self.r},) for layer "
                 f"'{getattr(self, 'layer_name', '')}', got {selector.dtype} {tuple(selector.shape)}"
             )
+
+
+def resize_count(parameter: Tensor) -> int:
+    """How many times :meth:`RankComponents.keep_components` / ``grow_components`` resized ``parameter`` in place."""
+    return int(parameter.__dict__.get(_RESIZES, 0))
 
 
 def zero_padded(tensor: Tensor, dim: int, count: int) -> Tensor:
@@ -198,6 +251,9 @@ class Allocator(ABC):
 
     #: number of times the allocator has set a rank budget (masked or resized components)
     allocations: int = 0
+    #: whether :meth:`step` changes the shapes of the adapter's tensors (ElaLoRA): a ``DistributedDataParallel``
+    #: wrapper must then be rebuilt after it (``rankwise.allocation.rewrap_ddp``)
+    resizes: bool = False
 
     @abstractmethod
     def step(self, global_step: int) -> None:
@@ -221,9 +277,11 @@ class Allocator(ABC):
         return 0
 
     def before_training(self, batches: Iterable[Any], loss_fn: Callable[[nn.Module, Any], Tensor]) -> None:  # noqa: B027
-        """Called once by rankwise's loop before the optimizer is built, with the first
-        :meth:`batches_before_training` training batches and ``loss_fn(model, batch)``: a method that allocates
-        from data before training does it here (GoRA). Default: nothing."""
+        """Called once before training with the first :meth:`batches_before_training` training batches and
+        ``loss_fn(model, batch)``: a method that allocates from data before training does it here (GoRA; it may
+        replace the adapter's parameters). rankwise's loop calls it before the optimizer is built;
+        ``RankwiseCallback`` calls it at the Trainer's ``on_train_begin`` and hands the replaced parameters to the
+        Trainer's optimizer. Default: nothing."""
 
     def finalize(self) -> object:
         """Called once at the end of training (rankwise's loop, ``RankwiseCallback``) before the adapter is

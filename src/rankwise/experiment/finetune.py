@@ -108,8 +108,8 @@ def add_training_options(parser: argparse.ArgumentParser, output_help: str) -> N
     training.add_argument("--batch-size", type=int, default=32)
     training.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (linear decay to zero)")
     training.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
-                          help="adamw, or lorapro (LoRA-Pro's equivalent gradient for LoRA/rsLoRA/DoRA/BoRA factors; "
-                               "the linear probe always uses AdamW)")
+                          help="adamw, or lorapro (LoRA-Pro's equivalent gradient for LoRA/rsLoRA/GoRA factors, DoRA/BoRA "
+                               "on their direction; the linear probe always uses AdamW)")
     training.add_argument("--probe-lr", type=float, default=5e-3, help="learning rate of the linear probe")
     training.add_argument("--no-probe", action="store_true", help="skip the linear-probe baseline")
     training.add_argument("--seed", type=int, default=0, help="seeds the split, the order and the init")

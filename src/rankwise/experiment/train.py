@@ -55,7 +55,8 @@ class TrainSettings:
         seed: seeds the example order and dropout.
         weight_decay: AdamW weight decay.
         optimizer: ``"adamw"``, or ``"lorapro"`` (:class:`rankwise.optim.LoRAPro`: AdamW on LoRA-Pro's
-            equivalent gradient for the two-factor adapters, plain AdamW for every other trainable tensor).
+            equivalent gradient for the two-factor adapters, DoRA's and BoRA's on their direction
+            (``directions=True``), plain AdamW for every other trainable tensor).
     """
 
     epochs: float = 2.0
@@ -180,7 +181,7 @@ def make_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Opt
     if settings.optimizer == "lorapro":
         from ..optim import LoRAPro
 
-        return LoRAPro(model, lr=settings.lr, weight_decay=settings.weight_decay)
+        return LoRAPro(model, lr=settings.lr, weight_decay=settings.weight_decay, directions=True)
     return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
 
 

@@ -54,7 +54,13 @@ is saved with every checkpoint's adapter and restored on resume. The callback gi
 Trainer's optimizer (``allocator.attach_optimizer``): ElaLoRA resizes its state with the adapter's
 tensors (resume ElaLoRA on a model built by ``rankwise.load`` from the checkpoint's adapter, whose
 layers have that step's ranks). At the end of training the callback
-calls ``allocator.finalize()`` before the final save (ARD-LoRA shrinks its adapters there). A run that ends without the allocator
+calls ``allocator.finalize()`` before the final save (ARD-LoRA shrinks its adapters there). An allocator
+that starts from data (GoRA's gradient init, ``allocator.batches_before_training()`` > 0) gets its
+``before_training`` call at the start, on the first batches of the Trainer's train dataloader and the
+model's own loss (``outputs.loss``); it runs once: a model initialised by the user, or loaded from a
+checkpoint's adapter to resume, already has its ranks. In a multi-process (DDP) Trainer run the callback
+refuses ElaLoRA and an uninitialised GoRA: both replace or resize the adapter's tensors, and the Trainer's
+DDP wrapper, built before any callback runs, cannot be rebuilt from one. A run that ends without the allocator
 ever having allocated (``max_steps`` too short for ``tinit``/``deltaT``) raises ``ValueError`` once the
 final adapter is written: it trained a fixed-rank adapter, which is what PEFT does silently.
 
@@ -64,6 +70,7 @@ search checkpoints live in ``<output_dir>/run-<id>/``; the callback finds ``chec
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import warnings
@@ -144,7 +151,7 @@ class RankwiseCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: nn.Module | None = None, optimizer: Any = None, **kwargs: Any) -> None:
         self._gradient_checked = not self.checks or _sharded(args)
-        self._start_allocation(args, state, _adapted(model), optimizer)
+        self._start_allocation(args, state, _adapted(model), optimizer, kwargs.get("train_dataloader"))
         if not self.checks:
             return
         check_trainable(model)
@@ -205,12 +212,23 @@ class RankwiseCallback(TrainerCallback):
     # -- rank allocation -------------------------------------------------------------------------
 
     def _start_allocation(self, args: TrainingArguments, state: TrainerState, model: nn.Module,
-                          optimizer: Any) -> None:
-        """Take the model's allocator (restoring its state on resume), give it the optimizer, and hook its
-        regulariser into the loss."""
+                          optimizer: Any, train_dataloader: Any) -> None:
+        """Take the model's allocator (restoring its state on resume), run its data-driven start, give it the
+        optimizer, and hook its regulariser into the loss."""
         self._allocator = allocator(model)
         if self._allocator is None:
             return
+        method = adapter_config(model).method
+        if self._allocator.resizes and args.world_size > 1:
+            raise ValueError(
+                f"RankwiseCallback: {method} resizes the adapter's tensors during training, but transformers.Trainer "
+                f"wraps the model in DistributedDataParallel once, inside its training loop, where a callback cannot "
+                f"rebuild it; the stale wrapper would stop all-reducing the resized gradients and the "
+                f"{args.world_size} processes would drift apart. Train {method} in one process, or in your own loop "
+                "with ddp = rankwise.allocation.rewrap_ddp(ddp) after every allocator.step, or use adalora (it masks "
+                "components without resizing)"
+            )
+        _before_training(self._allocator, args, state, model, optimizer, train_dataloader, method)
         if optimizer is not None:
             self._allocator.attach_optimizer(optimizer)  # ElaLoRA resizes the optimizer's state with the adapter
         if state.global_step > 0:
@@ -227,6 +245,86 @@ class RankwiseCallback(TrainerCallback):
 
         if self._regularizer_hook is None:
             self._regularizer_hook = model.register_forward_hook(add_regularizer)
+
+
+def _before_training(held: Allocator, args: TrainingArguments, state: TrainerState, model: nn.Module,
+                     optimizer: Any, train_dataloader: Any, method: str) -> None:
+    """``allocator.before_training`` (GoRA's gradient init) on the first ``allocator.batches_before_training()``
+    batches of the Trainer's train dataloader, with the model's own loss (``outputs.loss``).
+
+    Nothing to do once the allocator has its start (a model initialised by the user, or loaded from a
+    checkpoint's adapter, which holds the allocated ranks). It runs with torch's random state forked (the
+    dataloader's shuffle, GoRA's draws of A, dropout), so the training loop sees the random state it would have
+    seen without it, and its first epoch starts with the same batches. Parameters the start
+    replaces (GoRA builds new adapters) take the place of the old ones in the optimizer's parameter groups:
+    the Trainer built its optimizer, and its learning-rate schedule, before ``on_train_begin``.
+    """
+    count = held.batches_before_training()
+    if count == 0:
+        return
+    if state.global_step > 0:
+        raise ValueError(
+            f"RankwiseCallback: resuming at step {state.global_step} with a {method} model that never ran its "
+            "allocation before training; the checkpoint's adapter holds the allocated ranks: build the model with "
+            "rankwise.load(base_model, '<checkpoint>/adapter') (or load_checkpoint_adapter) before resuming"
+        )
+    if args.world_size > 1:
+        raise ValueError(
+            f"RankwiseCallback: {method} allocates from data before training, which replaces the adapter's "
+            "parameters, but transformers.Trainer has already wrapped the model in DistributedDataParallel and "
+            "a callback cannot rebuild that wrapper. Run the allocation before building the Trainer, on every "
+            "process (e.g. rankwise.allocation.gora.initialize(model, batches, loss_fn); it all-reduces the "
+            "gradients)"
+        )
+    if train_dataloader is None:
+        raise ValueError(f"RankwiseCallback: {method} needs {count} training batches before training, but the "
+                         "Trainer passed no train_dataloader to on_train_begin; run the allocation yourself first")
+    before = dict(model.named_parameters())
+    devices = sorted({p.device.index or 0 for p in before.values() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):  # the training loop then sees the random state it would have
+        held.before_training(_first_batches(train_dataloader, count), _model_loss)
+    if optimizer is not None:
+        _follow_replaced_parameters(optimizer, before, dict(model.named_parameters()))
+
+
+def _first_batches(dataloader: Any, count: int) -> list[Any]:
+    """The first ``count`` batches of ``dataloader`` (fewer if it is shorter).
+
+    An accelerate ``DataLoaderShard`` registers itself with accelerate's gradient state while it is iterated
+    and leaves only at the end of a full pass; it is told it ended (``end()``) after the partial pass."""
+    iterator = iter(dataloader)
+    batches = list(itertools.islice(iterator, count))
+    close = getattr(iterator, "close", None)
+    if callable(close):
+        close()
+    end = getattr(dataloader, "end", None)
+    if callable(end):
+        end()
+    return batches
+
+
+def _model_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """The loss the model computes itself, ``model(**batch).loss``."""
+    loss = getattr(model(**batch), "loss", None)
+    if loss is None:
+        raise ValueError("RankwiseCallback: the model returned no loss for a training batch, so the allocation "
+                         "before training has no gradient; the batches must hold the labels (as Trainer's do)")
+    return loss
+
+
+def _follow_replaced_parameters(optimizer: Any, before: dict[str, nn.Parameter],
+                                after: dict[str, nn.Parameter]) -> None:
+    """Put every parameter of ``after`` in the place its name held in ``before`` in ``optimizer``'s groups."""
+    if set(before) != set(after):
+        changed = sorted(set(before) ^ set(after))
+        raise ValueError(f"RankwiseCallback: the allocation before training added or removed parameters "
+                         f"({_limited(changed)}), which the Trainer's optimizer cannot follow")
+    replaced = {id(old): after[name] for name, old in before.items() if old is not after[name]}
+    for name, old in before.items():
+        if old is not after[name]:
+            optimizer.state.pop(old, None)  # none before the first step; it would have the old shape
+    for group in optimizer.param_groups:
+        group["params"] = [replaced.get(id(p), p) for p in group["params"]]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,16 +1,23 @@
-"""Where an optimizer finds the two factors of an adapter: the one place to switch to core's rank interface.
+"""Where an optimizer finds the two factors of an adapter: core's :class:`~rankwise.core.rank.TwoFactors`.
 
-An adapter "exposes two factors" when its trainable update enters the layer only through the
-product ``s·B·A`` (A ∈ R^{r×n}, B ∈ R^{m×r}, a scalar scaling s). By the chain rule its factor
-gradients are then ``g_A = s·Bᵀ·G`` and ``g_B = s·G·Aᵀ`` for one m×n matrix G, the gradient with
-respect to the matrix the product is added to: the base weight for LoRA and rsLoRA, the direction
-``V = W₀ + s·B·A`` for DoRA and BoRA (whatever the magnitudes do downstream). That is all LoRA-Pro
-needs. These are the LoRA-family adapters (:class:`~rankwise.adapters.lora.LoRAAdapter` and its
-subclasses: LoRA, rsLoRA, DoRA, BoRA, with any init, PiSSA and OLoRA included). Their factors are
-read through core's rank interface (:meth:`~rankwise.core.rank.RankComponents.factors`) and their
-scale from ``scaling``. Being a ``RankComponents`` is not enough on its own: the interface carries
-no scale, and AdaLoRA's ``factors()`` (A, B) hold its singular values E between them
-(ΔW ∝ B·(E ⊙ A)), so LoRA-Pro's closed form does not apply to that pair.
+An adapter "exposes two factors" when it implements ``TwoFactors``: its trainable factors A ∈ R^{r×n}
+and B ∈ R^{m×r} enter the layer only through s·B·A, so their gradients are ``g_A = s·Bᵀ·G`` and
+``g_B = s·G·Aᵀ`` for one m×n matrix G, the gradient with respect to the matrix the product is added to.
+That is all LoRA-Pro's algebra needs; what its equivalent gradient *approximates* depends on that matrix,
+which the adapter declares (``product_is_update``, :class:`~rankwise.core.rank.FactorProduct` ``exact``):
+
+* exact (ΔW = s·B·A; LoRA, rsLoRA, rank / alpha patterns, PiSSA, OLoRA, GoRA): G = ∂L/∂W, the full
+  fine-tuning gradient, as in LoRA-Pro's Theorem 2.1;
+* not exact (DoRA, BoRA: s·B·A is added to the direction V = W₀ + s·B·A, which magnitudes rescale,
+  W' = diag(g/c)·V for DoRA): G = ∂L/∂V. The adjusted pair is then the best low-rank step *for V*, not
+  for W': with DoRA's c detached, ∂L/∂V = diag(g/c)·∂L/∂W', so the two agree only where g/c = 1 (at
+  DoRA's init) and otherwise the rows are weighted differently; the magnitudes get plain AdamW, and
+  the coupling through them is ignored. LoRA-Pro's paper derives nothing for such adapters, so
+  :func:`two_factor_pairs` refuses them unless ``directions=True`` asks for this approximation.
+
+Adapters without the declaration (AdaLoRA and ElaLoRA, whose update B·(E ⊙ A) holds the singular
+values between the factors; GraLoRA, SingLoRA, ARD-LoRA, the other methods) get a ``ValueError``
+naming their method and the supported ones.
 """
 
 from __future__ import annotations
@@ -19,14 +26,14 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from ..adapters.lora import LoRAAdapter
 from ..core.inject import adapted_layers
+from ..core.rank import TwoFactors
 from ..core.registry import registered
 
 
 @dataclass(frozen=True, eq=False)
 class FactorPair:
-    """The two factors of one adapted layer: ΔW = scaling · B · A.
+    """The two factors of one adapted layer, whose product scaling · B · A is its update (or its direction's).
 
     Attributes:
         A: the (r, n) factor (LoRA's ``lora_A.weight``).
@@ -41,30 +48,43 @@ class FactorPair:
     name: str
 
 
-def two_factor_methods() -> list[str]:
-    """Registered methods whose adapters expose two factors."""
-    return [method.name for method in registered() if issubclass(method.adapter_cls, LoRAAdapter)]
+def two_factor_methods(exact: bool = True) -> list[str]:
+    """Registered methods whose adapters declare two factors with ΔW = s·B·A (``exact``), or without it."""
+    return [method.name for method in registered()
+            if issubclass(method.adapter_cls, TwoFactors) and method.adapter_cls.product_is_update == exact]
 
 
-def two_factor_pairs(model: nn.Module) -> list[FactorPair]:
-    """Every adapted layer's (A, B, s, name), in model order.
+def two_factor_pairs(model: nn.Module, directions: bool = False) -> list[FactorPair]:
+    """Every adapted layer's (A, B, s, name), in model order, from its :class:`~rankwise.core.rank.TwoFactors`
+    declaration.
 
-    Raises ``ValueError`` when the model has no adapted layer, when some adapted layer has no two
-    factors (naming the methods found and the supported ones), or when a pair's shapes do not fit
-    (r > min(m, n), mismatched ranks) or only one of its factors is trainable.
+    Raises ``ValueError`` when the model has no adapted layer, when some adapted layer declares no two
+    factors (naming the methods found and the supported ones), when a layer's product is not its whole
+    update (DoRA, BoRA) and ``directions`` is False (module docstring), or when a pair's shapes do not
+    fit (r > min(m, n), mismatched ranks) or only one of its factors is trainable.
     """
     layers = list(adapted_layers(model))
-    supported = two_factor_methods()
-    others = [(name, layer.adapter) for name, layer in layers if not isinstance(layer.adapter, LoRAAdapter)]
+    others = [(name, layer.adapter) for name, layer in layers if not isinstance(layer.adapter, TwoFactors)]
+    supported = f"the methods {two_factor_methods()} (and {two_factor_methods(exact=False)} with directions=True)"
     if not layers or others:
         found = sorted({_method_name(adapter) for _, adapter in others})
         where = f"the adapted methods found are {found} (e.g. layer '{others[0][0]}')" if others else "it has no adapted layer"
         raise ValueError(
-            f"LoRA-Pro cannot adjust {type(model).__name__}: {where}. It adjusts adapters with two factors "
-            f"(ΔW = s·B·A), i.e. the methods {supported}; adapt the model with one of them, e.g. "
+            f"LoRA-Pro cannot adjust {type(model).__name__}: {where}. It adjusts adapters that declare two factors "
+            f"(ΔW = s·B·A), i.e. {supported}; adapt the model with one of them, e.g. "
             "rankwise.adapt(model, rankwise.LoRAConfig(...))"
         )
-    pairs = [FactorPair(*layer.adapter.factors(), layer.adapter.scaling, name) for name, layer in layers]
+    declared = [(name, layer.adapter, layer.adapter.factor_product()) for name, layer in layers]
+    inexact = [(name, adapter) for name, adapter, product in declared if not product.exact]
+    if inexact and not directions:
+        name, adapter = inexact[0]
+        raise ValueError(
+            f"LoRA-Pro: layer '{name}' is adapted with {_method_name(adapter)!r}, whose update is not ΔW = s·B·A: "
+            "s·B·A is added to a direction that magnitudes rescale, while LoRA-Pro's equivalent gradient assumes "
+            "ΔW = s·B·A. Pass directions=True to adjust the direction's gradient instead (an approximation of full "
+            f"fine-tuning, see rankwise.optim.factors), or adapt with {two_factor_methods()}"
+        )
+    pairs = [FactorPair(product.A, product.B, product.scaling, name) for name, _, product in declared]
     for pair in pairs:
         _check_pair(pair)
     return pairs

@@ -7,7 +7,9 @@ DeepSpeed ZeRO fork at fe26027 for the current full mode).
 Per adapted layer, W = W₀ + s·B·A with A ∈ R^{r×n}, B ∈ R^{m×r}, and G = ∂L/∂W (m×n, never
 formed): the factor gradients are g_A = s·Bᵀ·G and g_B = s·G·Aᵀ. A step of (g_A, g_B) moves W, to
 first order, along the equivalent gradient s·(B·g_A + g_B·A). LoRA-Pro replaces the pair by the one
-whose equivalent gradient is closest to G in Frobenius norm (Theorem 2.1), for any X ∈ R^{r×r}::
+whose equivalent gradient is closest to G in Frobenius norm (Theorem 2.1), for any X ∈ R^{r×r}
+(the adapters are found through their ``TwoFactors`` declaration, :mod:`rankwise.optim.factors`; for
+DoRA and BoRA, accepted only with ``directions=True``, W is their direction V and G = ∂L/∂V)::
 
     ĝ_A = (1/s²)·(BᵀB)⁻¹·g_A + X·A
     ĝ_B = (1/s²)·(I − P_B)·g_B·(AAᵀ)⁻¹ − B·X,          P_B = B(BᵀB)⁻¹Bᵀ
@@ -175,17 +177,23 @@ class LoRAPro(torch.optim.Optimizer):
         loss.backward(); optimizer.step(); optimizer.zero_grad()
 
     Args:
-        model: a model adapted with a two-factor method (``lora``, ``dora``, ``bora``, rsLoRA).
+        model: a model adapted with a two-factor method whose update is ΔW = s·B·A (``lora``, rsLoRA,
+            rank patterns, PiSSA / OLoRA, ``gora``).
         lr: η.
         betas: (β₁, β₂) of Adam.
         eps: ε of Adam.
         weight_decay: λ, decoupled as in AdamW (see the module docstring for the full mode).
         mode: ``"efficient"`` (default; moments shaped like A and B) or ``"full"`` (m×n moments).
         damping: δ added to the Gram matrices AAᵀ and BᵀB before they are inverted.
+        directions: also adjust adapters whose s·B·A is added to a rescaled direction (``dora``,
+            ``bora``): the equivalent gradient then approximates ∂L/∂V, the direction's gradient, not
+            the full fine-tuning gradient of W' (:mod:`rankwise.optim.factors`). Off by default, and
+            such a model is then a ``ValueError``.
 
     Raises:
         ValueError: a bad hyper-parameter, or a model without trainable two-factor adapters (the
-            message names the methods found and the supported ones).
+            message names the methods found and the supported ones), or a DoRA / BoRA model without
+            ``directions=True``.
     """
 
     def __init__(
@@ -197,9 +205,10 @@ class LoRAPro(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         mode: str = "efficient",
         damping: float = 1e-8,
+        directions: bool = False,
     ) -> None:
         _check_hyperparameters(lr, betas, eps, weight_decay, mode, damping)
-        pairs = [pair for pair in two_factor_pairs(model) if pair.A.requires_grad]
+        pairs = [pair for pair in two_factor_pairs(model, directions) if pair.A.requires_grad]
         if not pairs:
             raise ValueError(f"{type(model).__name__}: every two-factor adapter is frozen; LoRA-Pro has nothing to "
                              "adjust. Make the adapters trainable (rankwise.adapt does) or use plain AdamW")
