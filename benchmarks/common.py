@@ -119,12 +119,12 @@ def step_main(args: argparse.Namespace, measure_memory: Callable[[str, argparse.
     publish(run(args), args.out)
 
 
-def memory_in_subprocess(script: str, args: argparse.Namespace, key: str) -> float | None:
-    """Run ``script --memory-of key`` with the batch, seq, threads and ``--quick`` of ``args`` in a fresh
-    interpreter and return the ``peak_rss_growth_mib`` of the JSON line it prints last; None (with the
-    error printed) on failure."""
+def memory_in_subprocess(script: str, args: argparse.Namespace, key: str, options: list[str] | None = None) -> float | None:
+    """Run ``script --memory-of key`` with the batch, seq, threads and ``--quick`` of ``args`` (and the
+    script's own ``options``) in a fresh interpreter and return the ``peak_rss_growth_mib`` of the JSON line
+    it prints last; None (with the error printed) on failure."""
     command = [sys.executable, script, "--memory-of", key, "--batch", str(args.batch), "--seq", str(args.seq),
-               "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+               "--threads", str(args.threads)] + (["--quick"] if args.quick else []) + (options or [])
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         print(f"memory of {key!r} failed:\n{result.stderr[-2000:]}", file=sys.stderr)

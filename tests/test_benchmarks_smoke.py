@@ -74,3 +74,12 @@ def test_qlora_benchmark_quick() -> None:
     text = qlora.run(qlora.parse_args(["--quick", "--rounds", "1", "--warmup", "0", "--no-memory", "--out", ""]))
     assert "| rankwise QLoRA |" in text and "| peft QLoRA |" in text and "| frozen NF4 floor |" in text
     assert "| after prepare_for_kbit_training" in text
+
+
+def test_precision_benchmark_quick() -> None:
+    import precision
+
+    args = precision.parse_args(["--quick", "--batch", "4", "--rounds", "1", "--warmup", "0", "--no-memory",
+                                 "--modes", "eager,bf16,checkpointing,accum", "--out", ""])
+    text = precision.run(args)
+    assert "| LoRA r8 | eager |" in text and "| DoRA r8 | accum (4 × 1) |" in text and "| LoRA r8 | bf16 |" in text

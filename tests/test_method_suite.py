@@ -11,6 +11,7 @@ import pytest
 import torch
 from method_cases import CASES
 from torch import nn
+from toy_models import ToyMLP
 from transformers.pytorch_utils import Conv1D
 
 import rankwise
@@ -18,20 +19,6 @@ from rankwise.core.layer import AdaptedLayer, linear_shape
 from rankwise.core.registry import get_method
 
 METHODS = rankwise.methods()
-
-
-class ToyMLP(nn.Module):
-    """Linear layers of widths 32, 48 and 64, square and rectangular both ways."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.up = nn.Linear(32, 64)
-        self.mid = nn.Linear(64, 48)
-        self.down = nn.Linear(48, 32, bias=False)
-        self.square = nn.Linear(32, 32)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.square(self.down(torch.tanh(self.mid(torch.tanh(self.up(x))))))
 
 
 class ToyGPT(nn.Module):

@@ -6,11 +6,26 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from transformers import BertConfig, BertModel
 
 
-def minilm_shaped_bert() -> BertModel:
+class ToyMLP(nn.Module):
+    """Linear layers of widths 32, 48 and 64, square and rectangular both ways."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(32, 64)
+        self.mid = nn.Linear(64, 48)
+        self.down = nn.Linear(48, 32, bias=False)
+        self.square = nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.square(self.down(torch.tanh(self.mid(torch.tanh(self.up(x))))))
+
+
+def minilm_shaped_bert() -> nn.Module:
     """A one-layer random BERT with MiniLM's widths (hidden 384, intermediate 1536), in eval mode."""
+    from transformers import BertConfig, BertModel  # here: the spawned processes of the DDP tests import this module
+
     torch.manual_seed(0)
     config = BertConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=1, num_attention_heads=12,
                         vocab_size=50)

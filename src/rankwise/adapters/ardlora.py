@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from ..allocation.ardlora import ARDLoRAAllocator
 from ..core.config import AdapterConfig, check_dropout, check_positive_int, check_positive_number, config_field
 from ..core.layer import Adapter, add_into_output
+from ..core.quantised import is_sharded
 from ..core.registry import register
 
 
@@ -171,9 +172,20 @@ class ARDLoRAAdapter(Adapter):
         return not hasattr(self, "ard_scale")
 
     def unit_ranks(self) -> Tensor:
-        """r_u = clamp(⌊r₀ α_u + ½⌋, 1, c) for every unit, shape (H,) (the fixed ranks once finalized)."""
+        """r_u = clamp(⌊r₀ α_u + ½⌋, 1, c) for every unit, shape (H,) (the fixed ranks once finalized).
+
+        Under FSDP2 α is whole only inside the forward and backward; read outside them (``rankwise.ranks``,
+        ``finalize``), a sharded α is a ``ValueError`` naming the layer and the way round it.
+        """
         if self.fixed:
             return self.head_ranks
+        if is_sharded(self.ard_scale):
+            raise self.fail(
+                "its scaling factors α are sharded by FSDP2's fully_shard, and the ranks (and finalize's shrinking, "
+                "which resizes the factors) need the whole α",
+                "Save the adapter (rankwise.save gathers the shards), load it into the unsharded model and read the "
+                "ranks or finalize there",
+            )
         with torch.no_grad():
             return torch.floor(self.base_rank * self.ard_scale + 0.5).clamp(1, self.capacity).long()
 

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from ..core.config import check_choice, config_field
 from ..core.registry import register
-from .lora import LoRAAdapter, LoRAConfig
+from .lora import LoRAAdapter, LoRAConfig, full_precision
 
 ORDERS = ("row_then_col", "col_then_row")
 
@@ -115,9 +115,16 @@ class BoRAAdapter(LoRAAdapter):
         self._merge_lost: Tensor | None = None
 
     def scales(self, weight: Tensor) -> tuple[Tensor, Tensor]:
-        """(d_out, d_in): the per-output and per-input factors of W' = diag(d_out) V diag(d_in)."""
-        A, B, s = self.lora_A.weight, self.lora_B.weight, self.scaling
-        weight = weight.to(A.dtype)
+        """(d_out, d_in): the per-output and per-input factors of W' = diag(d_out) V diag(d_in).
+
+        Computed in float32 (float64 for a float64 adapter) with ``torch.autocast`` off, as DoRA's norms:
+        under bfloat16 autocast or on a model cast to bfloat16 the norms would be off by ~4e-3.
+        """
+        with full_precision(self.lora_A.weight) as dtype:
+            return self._scales(weight.to(dtype), self.lora_A.weight.to(dtype), self.lora_B.weight.to(dtype))
+
+    def _scales(self, weight: Tensor, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+        s = self.scaling
         norms = torch.no_grad if self.detach_norms else contextlib.nullcontext
 
         def rows(w: Tensor | None) -> Tensor:
@@ -138,7 +145,7 @@ class BoRAAdapter(LoRAAdapter):
 
     def forward(self, x: Tensor, base_out: Tensor | None) -> Tensor:
         weight = self.base_weight()
-        d_out, d_in = self.scales(weight)
+        d_out, d_in = (d.to(x.dtype) for d in self.scales(weight))
         plain = F.linear(x * d_in, weight.to(x.dtype))
         out = self.low_rank_output(self.lora_dropout(x) * d_in, plain) * d_out
         bias = self.base_bias()

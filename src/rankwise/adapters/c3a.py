@@ -37,7 +37,9 @@ Where we differ from PEFT, on purpose (c3a.md §2, §4, §7):
     * ΔW for merging is gathered by index (C[t, s] = K[(s − t) mod b]) instead of pushing an
       identity matrix through the FFTs: exact and O(m n) instead of O(n (m + n) log b).
     * Float64 base layers keep a float64 kernel (PEFT always computes in float32); half-precision
-      bases get a float32 kernel, as in PEFT.
+      bases get a float32 kernel, as in PEFT. A kernel cast to bfloat16 / float16 afterwards
+      (``model.to(torch.bfloat16)``) still transforms in float32 (:func:`fft_float32`: torch.fft has
+      no bfloat16 kernels); under ``torch.autocast`` the transforms and the complex matmul stay float32.
     * Conv1D (GPT-2) layers work through rankwise's core; PEFT raises TypeError on them.
     * ``block_size`` defaults to 64 (PEFT: 256): 64 divides the widths of MiniLM (384, 1536), BERT,
       GPT-2 and Llama (11008 = 2⁸·43) and is the paper's ViT choice. There is no
@@ -49,6 +51,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +69,22 @@ INITS = (True, False, "zeros", "gaussian", "kaiming_uniform", "xavier_uniform")
 # ----------------------------------------------------------------------------------------------
 # Block-circulant algebra, shared with SURM's circulant family
 # ----------------------------------------------------------------------------------------------
+
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def fft_float32(function: Callable[..., Tensor], *args: Any, **kwargs: Any) -> Tensor:
+    """``function(*args, **kwargs)`` with every float16 / bfloat16 tensor in ``args`` upcast to float32 first.
+
+    For the FFT methods on a half-precision adapter (a model cast with ``model.to(torch.bfloat16)``):
+    torch.fft has no bfloat16 kernels (float16 ones only on CUDA, for powers of two), and a transform in
+    half precision would lose about three significant digits. The transforms run in float32 and the
+    float32 result is added into the output, which the wrapper rounds back once. Under ``torch.autocast``
+    the adapter's tensors are float32 already (autocast leaves torch.fft and complex matmuls alone), so
+    nothing is cast there.
+    """
+    return function(*(a.float() if isinstance(a, Tensor) and a.dtype in HALF_DTYPES else a for a in args), **kwargs)
 
 
 def block_spectral_matvec(x: Tensor, spectrum: Tensor, block: int) -> Tensor:
@@ -176,18 +195,20 @@ class C3AAdapter(Adapter):
             nn.init.uniform_(self.c3a_kernel, -bound, bound)
 
     def kernel_spectrum(self) -> Tensor:
-        """rfft eigenvalues of every block: first-row circulants act by conj(K̂) (cross-correlation)."""
-        return torch.fft.rfft(self.c3a_kernel, dim=-1).conj()
+        """rfft eigenvalues of every block: first-row circulants act by conj(K̂) (cross-correlation).
+
+        Always in float32 or float64 (:func:`fft_float32`), also for a bfloat16 kernel."""
+        return fft_float32(torch.fft.rfft, self.c3a_kernel, dim=-1).conj()
 
     def forward(self, x: Tensor, base_out: Tensor) -> Tensor:
         spectrum = self.kernel_spectrum()
         if torch.is_grad_enabled() and (x.requires_grad or spectrum.requires_grad):
             # Keep only x (already alive) for the backward and recompute its rfft there, as PEFT's
             # hand-written backward does, instead of holding a complex copy of x per layer.
-            delta = checkpoint(block_spectral_matvec, x, spectrum, self.block_size, use_reentrant=False,
+            delta = checkpoint(fft_float32, block_spectral_matvec, x, spectrum, self.block_size, use_reentrant=False,
                                preserve_rng_state=False)
         else:
-            delta = block_spectral_matvec(x, spectrum, self.block_size)
+            delta = fft_float32(block_spectral_matvec, x, spectrum, self.block_size)
         return add_into_output(base_out, delta, alpha=1.0 / self.in_features)
 
     def delta_weight(self) -> Tensor:

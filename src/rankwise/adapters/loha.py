@@ -95,8 +95,14 @@ class LycorisConfig(AdapterConfig):
 
 
 def module_skipped(adapter: nn.Module, probability: float) -> bool:
-    """PEFT's module dropout: in training, one ``torch.rand(1)`` per forward; skip the adapter when it is ≤ p."""
-    return adapter.training and bool(torch.rand(1) <= probability)
+    """PEFT's module dropout: in training, one ``torch.rand(1)`` per forward; skip the adapter when it is ≤ p.
+
+    The draw happens at p = 0 too (the random stream stays PEFT's), but is not compared then: a branch on a
+    tensor's value would break ``torch.compile``'s graph in every training forward."""
+    if not adapter.training:
+        return False
+    draw = torch.rand(1)
+    return probability > 0 and bool(draw <= probability)
 
 
 def row_keep_mask(rows: int, probability: float, rescale: bool, dtype: torch.dtype, device: torch.device) -> Tensor:

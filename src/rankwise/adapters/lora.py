@@ -75,7 +75,9 @@ Where we differ from PEFT, on purpose:
       c_i² = ‖W_i‖² + 2s ⟨(W Aᵀ)_i, B_i⟩ + s² B_i (A Aᵀ) B_iᵀ, O(mnr) flops and O(mr) memory.
     * c and the initial g are always computed in float32 (float64 for a float64 base), also on a
       float16 / bfloat16 base, so g/c = 1 exactly at init. PEFT takes the initial g in the base dtype
-      (g/c − 1 up to ~4e-3 on bfloat16) and c in float32 in the forward.
+      (g/c − 1 up to ~4e-3 on bfloat16) and c in float32 in the forward. c stays float32 under
+      ``torch.autocast`` (autocast is switched off for it) and on a model cast to bfloat16 afterwards;
+      g/c is then rounded to the input's dtype once.
     * A zero row (c_i = 0, e.g. a pruned output unit) gets g/c = 1 instead of PEFT's 0/0 = NaN;
       the row of W' is zero either way, so nothing else changes.
     * A row with g_i = 0 (and c_i > 0) merges to zero, which cannot be divided back out; merge keeps
@@ -94,9 +96,11 @@ Where we differ from PEFT, on purpose:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -237,6 +241,14 @@ class DoRAConfig(LoRAConfig):
         super().validate()
         if self.lora_bias:
             raise ValueError("DoRAConfig: lora_bias is not supported with DoRA (as in PEFT); set lora_bias=False")
+
+
+@contextlib.contextmanager
+def full_precision(like: Tensor) -> Iterator[torch.dtype]:
+    """``torch.autocast`` off on ``like``'s device; yields the dtype to compute in: float32, or float64 for a
+    float64 ``like`` (never half precision). For the weight norms of DoRA and BoRA."""
+    with torch.autocast(like.device.type, enabled=False):
+        yield torch.promote_types(like.dtype, torch.float32)
 
 
 class LoRAAdapter(RankComponents, TwoFactors, Adapter):
@@ -407,15 +419,17 @@ class DoRAAdapter(LoRAAdapter):
     def weight_norm(self, weight: Tensor) -> Tensor:
         """c_i = ‖W_i + s(BA)_i‖₂ for every row, without building the m×n sum (no gradient).
 
-        Computed in the adapter's dtype (float32 for a half-precision base): a bfloat16 norm would be
-        off by ~4e-3, and g/c − 1 with it.
+        Always computed in float32 (float64 for a float64 adapter), with ``torch.autocast`` off: on a
+        half-precision base, under bfloat16 autocast and on a model cast to bfloat16 alike. A bfloat16
+        norm would be off by ~4e-3, and g/c − 1 with it.
         """
         (A, B), s = self.factor_matrices(), self.scaling
-        weight = weight.to(A.dtype)
-        base_sq = torch.linalg.vector_norm(weight, dim=1).square()
-        cross = ((weight @ A.T) * B).sum(dim=1)
-        low_rank_sq = ((B @ (A @ A.T)) * B).sum(dim=1)
-        return (base_sq + 2 * s * cross + s * s * low_rank_sq).clamp_min(0).sqrt()
+        with full_precision(A) as dtype:
+            A, B, weight = A.to(dtype), B.to(dtype), weight.to(dtype)
+            base_sq = torch.linalg.vector_norm(weight, dim=1).square()
+            cross = ((weight @ A.T) * B).sum(dim=1)
+            low_rank_sq = ((B @ (A @ A.T)) * B).sum(dim=1)
+            return (base_sq + 2 * s * cross + s * s * low_rank_sq).clamp_min(0).sqrt()
 
     def magnitude_scale(self, norm: Tensor) -> Tensor:
         """g / c, with 1 where c = 0 (an all-zero row, for which PEFT returns NaN)."""
@@ -429,7 +443,7 @@ class DoRAAdapter(LoRAAdapter):
         (1 − g/c) ⊙ b + (g/c) ⊙ (base_out + s·B A x) and W x is never recomputed.
         """
         weight = self.base_weight()
-        scale = self.magnitude_scale(self.weight_norm(weight))
+        scale = self.magnitude_scale(self.weight_norm(weight)).to(x.dtype)
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
             adapted = self.low_rank_output(x, base_out)
             bias = self.base_bias()

@@ -45,7 +45,9 @@ B X Aᵀ on x reshaped to X ∈ R^{r×(n/r)} (O(N r (m + n))). The native rectan
 x into its m residues mod m and convolves once (O(N(n + m log m))); the native Toeplitz is one
 linear convolution, FFT length the power of two ≥ m + n − 1 (O(N (m + n) log(m + n))). For square
 layers every FFT family costs O(N n log n). All backward passes are autograd through torch.fft
-(gradcheck-tested).
+(gradcheck-tested). The FFT families always transform in float32 (float64 for a float64 adapter), also
+when the adapter was cast to bfloat16 (``model.to(torch.bfloat16)``: torch.fft has no bfloat16 kernels)
+and under ``torch.autocast``, which leaves torch.fft alone; Kronecker is two matmuls and follows autocast.
 
 Closed-form trainable parameters per layer:
     square (g = n) or tiled (g = block_size or gcd(m, n)): circulant 2·m·n/g (m·n/g with
@@ -92,7 +94,7 @@ from ..core.config import (
 )
 from ..core.layer import Adapter, add_into_output
 from ..core.registry import register
-from .c3a import assemble_blocks, block_spectral_matvec, check_block_divides, circulant_index
+from .c3a import assemble_blocks, block_spectral_matvec, check_block_divides, circulant_index, fft_float32
 
 STRUCTURES = ("circulant", "toeplitz", "kronecker", "ldr")
 RECTANGULAR = ("error", "native", "tile")
@@ -395,8 +397,8 @@ class SURMAdapter(Adapter):
             )
 
     def _kernel(self) -> Tensor:
-        """Circulant first column (per block): a ⊙ b, or a."""
-        return self.surm_a if self.surm_b is None else self.surm_a * self.surm_b
+        """Circulant first column (per block): a ⊙ b (in float32 on a bfloat16 adapter: it feeds the FFT), or a."""
+        return self.surm_a if self.surm_b is None else fft_float32(torch.mul, self.surm_a, self.surm_b)
 
     def _scale(self) -> float:
         return self.alpha / self.r if self.structure == "kronecker" else self.alpha
@@ -405,16 +407,22 @@ class SURMAdapter(Adapter):
         x = self.surm_dropout(x)
         if self.structure == "kronecker":
             delta = kronecker_matvec(x, self.surm_A, self.surm_B)
-        elif self.native:
-            delta = (rectangular_circulant_matvec(x, self._kernel()) if self.structure == "circulant"
-                     else rectangular_toeplitz_matvec(x, self.surm_t))
-        elif self.structure == "circulant":
-            delta = circulant_matvec(x, self._kernel())
-        elif self.structure == "toeplitz":
-            delta = toeplitz_matvec(x, self.surm_a, self.surm_b)
         else:
-            delta = ldr_matvec(x, self.surm_c, self.surm_s)
+            matvec, *tensors = self._structured_matvec()
+            delta = fft_float32(matvec, x, *tensors)
         return add_into_output(base_out, delta, alpha=self._scale())
+
+    def _structured_matvec(self) -> tuple[Any, ...]:
+        """``(matvec, *tensors)`` of an FFT family: the forward computes ``matvec(x, *tensors)`` through
+        :func:`~rankwise.adapters.c3a.fft_float32`, so in float32 (or float64) also on a bfloat16 adapter."""
+        if self.native:
+            return ((rectangular_circulant_matvec, self._kernel()) if self.structure == "circulant"
+                    else (rectangular_toeplitz_matvec, self.surm_t))
+        if self.structure == "circulant":
+            return circulant_matvec, self._kernel()
+        if self.structure == "toeplitz":
+            return toeplitz_matvec, self.surm_a, self.surm_b
+        return ldr_matvec, self.surm_c, self.surm_s
 
     def delta_weight(self) -> Tensor:
         if self.structure == "kronecker":

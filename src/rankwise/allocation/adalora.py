@@ -55,6 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.config import check_choice, check_positive_int
+from ..core.quantised import is_sharded
 from ..core.rank import Allocator, RankComponents, rank_layers
 from .distributed import all_reduce_mean
 
@@ -105,6 +106,9 @@ class AdaLoRAAllocator(Allocator):
 
     #: the method named in error messages (subclasses set their own)
     label = "AdaLoRA"
+    #: why the allocator cannot work on adapters sharded by FSDP2's ``fully_shard`` (subclasses set their own)
+    sharded_problem = ("its importance scores rank every component of a layer from the whole A, E, B and their "
+                       "gradients, and under FSDP2 each process holds a shard of them (not supported yet)")
 
     def __init__(self, model: nn.Module, *, total_step: int, target_r: int, tinit: int = 0, tfinal: int = 0,
                  deltaT: int = 1, beta1: float = 0.85, beta2: float = 0.85, orth_reg_weight: float = 0.5,
@@ -158,6 +162,7 @@ class AdaLoRAAllocator(Allocator):
 
     def step(self, global_step: int) -> None:
         """One allocation step (see the module docstring); call it for every optimizer step, in order."""
+        self._check_unsharded(global_step)
         end = self.total_step - self.tfinal
         if global_step < end:
             self._check_gradients(global_step)
@@ -186,6 +191,17 @@ class AdaLoRAAllocator(Allocator):
                 for name, adapter in self.layers.items()}
 
     # -- importance and masking ------------------------------------------------------------------
+
+    def _check_unsharded(self, step: int) -> None:
+        """``ValueError`` before anything changes if FSDP2 sharded the adapters (:attr:`sharded_problem`)."""
+        sharded = [name for name, adapter in self.layers.items() if any(map(is_sharded, adapter.parameters()))]
+        if sharded:
+            raise ValueError(
+                f"{self.label} allocator.step({step}): the adapters of {sharded[:3]}"
+                f"{f' ({len(sharded)} in all)' if len(sharded) > 3 else ''} are sharded by FSDP2's fully_shard, "
+                f"and {self.label} cannot allocate on shards: {self.sharded_problem}. Train it on one process or with "
+                "DDP (every process holds the whole adapter)"
+            )
 
     def _check_gradients(self, step: int) -> None:
         missing = [f"{name}.{tensor}" for name, adapter in self.layers.items()

@@ -144,6 +144,8 @@ class ElaLoRAAllocator(AdaLoRAAllocator):
     """
 
     label = "ElaLoRA"
+    sharded_problem = ("it resizes the adapters' tensors (moves rank between layers), and FSDP2's sharded parameters "
+                       "keep the shapes they were sharded with")
     resizes = True
 
     def __init__(self, model: nn.Module, *, total_step: int, b: int = 4, k: int = 2, scheduler: bool = True,
@@ -208,6 +210,7 @@ class ElaLoRAAllocator(AdaLoRAAllocator):
 
         ``ValueError`` if the previous round ran under DDP and the wrapper was not rebuilt since (module
         docstring)."""
+        self._check_unsharded(global_step)
         self._check_rewrapped(global_step)
         if global_step < self.total_step - self.tfinal:
             round_now = self.is_round(global_step)

@@ -83,6 +83,7 @@ from torch import Tensor, nn
 
 from ..core.inject import adapted_layers, adapter_config, adapter_dtype, disable_adapters, replace_adapter_config
 from ..core.layer import AdaptedLayer, is_fan_in_fan_out, linear_shape
+from ..core.quantised import is_sharded
 from ..core.rank import Allocator
 from ..core.registry import get_method
 from .distributed import world_size
@@ -225,6 +226,10 @@ def initialize(model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.M
         raise ValueError("GoRA: this model is already initialised (its config has a rank_pattern); adapt a fresh "
                          "model to initialise again")
     layers = dict(adapted_layers(model))
+    if any(is_sharded(layer.base_layer.weight) for layer in layers.values()):
+        raise ValueError("GoRA: the model is sharded by FSDP2's fully_shard, but initialize replaces the adapters with "
+                         "new ones at the allocated ranks (which FSDP would not know) and reads whole base weights; "
+                         "initialise the unsharded model (the same batches on every process), then call fully_shard")
     merged = sorted(name for name, layer in layers.items() if layer.merged)
     if merged:
         raise ValueError(f"GoRA: layer(s) {merged} are merged; rankwise.unmerge(model) before initialize")

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ..core.quantised import check_not_quantised
+from ..core.quantised import check_not_quantised, check_not_sharded
 from . import ranks
 from .factorized import FactorizedLinear, break_even_rank
 
@@ -52,9 +52,14 @@ def check_scheme(scheme: str, what: str) -> None:
         raise ValueError(f"{what}: scheme {scheme!r} is unknown; use one of {SCHEMES}")
 
 
+#: the fix for compressing a model FSDP2 has sharded
+UNSHARDED = "Compress the unsharded model (compression reads and replaces whole weights), then call fully_shard"
+
+
 def check_layer(name: str, module: nn.Module) -> None:
     """Only float Linear and ungrouped Conv2d can be matricised; raise a ValueError naming the layer otherwise."""
     check_not_quantised(name, module)
+    check_not_sharded(name, module, UNSHARDED)
     if isinstance(module, nn.Conv2d):
         if module.groups != 1:
             raise ValueError(

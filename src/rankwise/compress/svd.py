@@ -61,8 +61,10 @@ from torch import Tensor, nn
 from ..core.config import AdapterConfig
 from ..core.inject import _set_child, find_targets
 from ..core.layer import linear_shape, weight_matrix
+from ..core.quantised import check_not_sharded
 from .calibration import Batch, execution_stages, input_grams, materialize, paired_grams
 from .factorized import FactorizedLinear, break_even_rank
+from .lowrank_conv import UNSHARDED
 from .ranks import energy_rank, global_allocation, uniform_rank
 from .sensitivity import DEFAULT_SEQUENCES, sensitivity_gains, take_sequences
 
@@ -205,6 +207,8 @@ def _check_fraction(name: str, value: float | None) -> None:
 def _select(model: nn.Module, targets: str | list[str], exclude: str | list[str] | None) -> list[str]:
     names = find_targets(model, AdapterConfig(targets=targets, exclude=exclude))
     modules = dict(model.named_modules())
+    for name in names:
+        check_not_sharded(name, modules[name], UNSHARDED)
     names = [n for n in names if not isinstance(modules.get(n.rpartition(".")[0]), FactorizedLinear)]
     if not names:
         raise ValueError(f"compress: every targeted Linear of {type(model).__name__} is already factorised; "

@@ -19,7 +19,14 @@ from torch import nn
 
 from .config import AdapterConfig
 from .layer import DEFAULT_ADAPTER, AdaptedLayer, SavedModule, is_adaptable_layer, is_supported_layer, linear_shape
-from .quantised import bnb_kind, bnb_settings, check_adaptable, check_not_quantised, is_quantised_linear
+from .quantised import (
+    bnb_kind,
+    bnb_settings,
+    check_adaptable,
+    check_not_quantised,
+    check_not_sharded,
+    is_quantised_linear,
+)
 from .registry import get_method, registered
 
 ALL_LINEAR = "all-linear"
@@ -256,6 +263,7 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
     The model is changed in place and returned. Each module in ``config.modules_to_save`` is wrapped
     in a :class:`SavedModule`: the forward runs a trainable copy, the original stays frozen and as it was.
     The adapter is named ``"default"`` and is active; ``rankwise.add_adapter`` adds more beside it.
+    A model FSDP2 already sharded is refused: adapt first, then ``fully_shard``.
     """
     if not isinstance(config, AdapterConfig):
         raise ValueError(f"adapt expects a rankwise config (e.g. rankwise.LoRAConfig), got {type(config).__name__}")
@@ -276,6 +284,9 @@ def inject(model: nn.Module, config: AdapterConfig, name: str) -> nn.Module:
     method = get_method(config.method)
     names = find_targets(model, config)
     layers = layer_modules(model)
+    for target in names:
+        check_not_sharded(target, layers[target], "Adapt the plain model first, then call fully_shard, so that FSDP "
+                          "shards and synchronises the adapter's parameters too")
     adapters = {target: method.adapter_cls(layers[target], config, target) for target in names}
     saved = {target: SavedModule(layers[target]) for target in _modules_to_save(model, config)} if first else {}
 

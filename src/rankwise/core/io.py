@@ -12,6 +12,10 @@ not in its keys (``<path>.adapter.<tensor>`` whatever the name, so every adapter
 single-adapter one). ``save`` writes the adapter ``"default"`` to the directory itself and every other
 adapter ``name`` to ``<directory>/<name>/``; ``load(model, directory, adapter_name=...)`` reads one directory
 and names the adapter, adding it beside the others when ``model`` is adapted already.
+
+A model sharded by FSDP2's ``fully_shard`` saves the same files as the unsharded model: ``save`` gathers
+every sharded tensor whole (``DTensor.full_tensor()``, a collective, so every process must call it),
+process 0 alone writes, and every process returns once the files are in place, so any of them can load.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -41,7 +46,7 @@ from .inject import (
 )
 from .layer import DEFAULT_ADAPTER, is_adaptable_layer, linear_shape
 from .multi import add_adapter, delete_adapter
-from .quantised import FLOAT_DTYPES, check_adaptable
+from .quantised import FLOAT_DTYPES, check_adaptable, is_sharded
 from .rank import ALLOCATOR_FILE, load_allocator, save_allocator
 from .registry import get_method
 
@@ -69,6 +74,14 @@ def adapter_state(model: nn.Module, keep_vars: bool = False, adapter_name: str |
         for key, value in module.trained_module.state_dict(keep_vars=keep_vars).items():
             state[f"{name}.{key}"] = value
     return state
+
+
+def full_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``tensors`` with every sharded one (an FSDP2 ``DTensor``) gathered whole, e.g. ``full_tensors(adapter_state(model))``.
+
+    Gathering is a collective: under FSDP every process must call this, with the same keys in the same order.
+    """
+    return {key: value.full_tensor() if is_sharded(value) else value for key, value in tensors.items()}
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
@@ -168,6 +181,7 @@ def save(model: nn.Module, directory: str | os.PathLike[str], adapter_name: str 
 
     Every adapter, or only ``adapter_name``; ``"default"`` (the one ``rankwise.adapt`` makes) goes to
     ``directory`` itself, any other adapter ``name`` to ``directory/name`` (PEFT's ``save_pretrained`` layout).
+    A model sharded by FSDP2 is gathered first (every process must call ``save``); process 0 writes.
     """
     names = list(adapter_configs(model)) if adapter_name is None else [adapter_name]
     adapter_config(model, adapter_name)  # an unknown name raises before anything is written
@@ -191,12 +205,20 @@ def _save_adapter(model: nn.Module, name: str, directory: Path) -> None:
         "base_model": base_name if isinstance(base_name, str) else None,
     }
     tensors = adapter_state(model, adapter_name=name)
-    save_tensors(directory / WEIGHTS_FILE, tensors, metadata={"format": FORMAT, "method": config.method})
-    save_json(directory / CONFIG_FILE, payload)
-    if name == active_adapter(model):
-        save_allocator(model, directory)
-    else:  # the allocator belongs to the active adapter; a state left by an earlier save is not this one's
-        (directory / ALLOCATOR_FILE).unlink(missing_ok=True)
+    sharded = any(is_sharded(value) for value in tensors.values())
+    tensors = full_tensors(tensors)
+    try:
+        if sharded and dist.get_rank() != 0:
+            return
+        save_tensors(directory / WEIGHTS_FILE, tensors, metadata={"format": FORMAT, "method": config.method})
+        save_json(directory / CONFIG_FILE, payload)
+        if name == active_adapter(model):
+            save_allocator(model, directory)
+        else:  # the allocator belongs to the active adapter; a state left by an earlier save is not this one's
+            (directory / ALLOCATOR_FILE).unlink(missing_ok=True)
+    finally:
+        if sharded:
+            dist.barrier()  # no process returns (and loads) before process 0 has written
 
 
 def load(base_model: nn.Module, directory: str | os.PathLike[str], adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:

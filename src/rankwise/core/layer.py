@@ -32,7 +32,7 @@ kernel back (:func:`stored_weight`).
 from __future__ import annotations
 
 import copy
-import functools
+import sys
 from typing import Any, ClassVar
 
 import torch
@@ -40,16 +40,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import AdapterConfig
-from .quantised import bnb_kind, dequantised_weight, kept_weight, merge_into_quantised, set_weight
+from .quantised import bnb_kind, dequantised_weight, is_sharded, kept_weight, merge_into_quantised, set_weight
 
 
-@functools.lru_cache(maxsize=1)
 def _conv1d_class() -> type | None:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # transformers is optional for the core
-        return None
-    return Conv1D
+    """transformers' ``Conv1D``, or None while transformers (optional for the core) has not imported it, in
+    which case no layer can be one. A plain ``sys.modules`` lookup: ``torch.compile`` traces it without the
+    warning a cached import gives."""
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None)
 
 
 def is_fan_in_fan_out(module: nn.Module) -> bool:
@@ -146,6 +145,16 @@ def stored_weight(module: nn.Module, matrix: Tensor) -> Tensor:
     return matrix.reshape(module.weight.shape)
 
 
+def linear_output_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a linear layer's output has for input ``x``: autocast's dtype while ``torch.autocast`` is on
+    for ``x``'s device (and ``x`` is a float autocast casts), else ``x``'s own. The adapted output of a method
+    that skips the base layer (``uses_base_output = False``) takes it, so it matches the layer it wraps."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
 def add_into_output(base_out: Tensor, update: Tensor, alpha: float = 1.0) -> Tensor:
     """``base_out + alpha · update`` (same shapes), in place when ``base_out`` is the wrapper's scratch output.
 
@@ -215,8 +224,22 @@ class Adapter(nn.Module):
         return self._base[0]
 
     def base_weight(self) -> Tensor:
-        """The frozen weight as (out_features, in_features)."""
-        return weight_matrix(self.base_layer)
+        """The frozen weight as (out_features, in_features).
+
+        Under FSDP2 the weight is whole only while the ``fully_shard`` unit holding it runs its forward
+        or backward, so that unit must hold the whole adapted layer (or a module above it); a sharded
+        weight here (a base layer sharded on its own, or W read outside the forward: merge,
+        ``delta_weight``) is a ``ValueError`` naming the layer and the fix.
+        """
+        weight = weight_matrix(self.base_layer)
+        if is_sharded(weight):
+            raise self.fail(
+                "the adapter reads the frozen base weight, which is sharded here (a DTensor). FSDP2 gathers it only "
+                "during the forward and backward of the fully_shard unit that holds it",
+                "Apply fully_shard to the adapted layer or a module above it (the transformer block, the model), not "
+                "to the base layer alone, and merge or inspect the adapter on an unsharded model",
+            )
+        return weight
 
     def base_bias(self) -> Tensor | None:
         return self.base_layer.bias
@@ -366,7 +389,7 @@ class AdaptedLayer(nn.Module):
 
     def _run(self, adapter: Adapter, x: Tensor, base_out: Tensor | None) -> Tensor:
         """``adapter(x, base_out)`` in the adapter's dtype, returned in the output's; ``base_out`` must be fresh."""
-        out_dtype = x.dtype if base_out is None else base_out.dtype
+        out_dtype = linear_output_dtype(x) if base_out is None else base_out.dtype
         adapter_dtype = adapter._apply_dtype()
         if x.dtype != adapter_dtype and x.is_floating_point():  # an embedding's token ids stay integers
             x = x.to(adapter_dtype)

@@ -15,6 +15,13 @@ wrap bitsandbytes ``Linear4bit`` (NF4 / FP4, with or without double quantisation
 method that needs W reads :func:`dequantised_weight` (float, never stored), and a merge dequantises, adds
 the update and re-quantises with the layer's settings (:func:`merge_into_quantised`, which warns with the
 rounding error). Every other quantised class (torchao, GPTQ, AWQ, HQQ, quanto, float8, ...) is refused.
+
+A weight sharded by FSDP2's ``fully_shard`` is a ``DTensor``, a tensor subclass too, but not a
+quantised one: it is judged by the shard it holds (:func:`local_tensor`), so a DTensor of float
+shards passes and a DTensor holding int8 or a quantised subclass does not. Adapting or compressing
+a sharded layer is still refused, by :func:`check_not_sharded`: the adapter must exist before
+``fully_shard`` so that FSDP shards and synchronises its parameters too, and compression needs the
+whole weight.
 """
 
 from __future__ import annotations
@@ -44,12 +51,33 @@ SUPPORTED = (
 )
 
 
+def dtensor_class() -> type | None:
+    """``torch.distributed.tensor.DTensor``, or None in a torch build without distributed support."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def is_sharded(tensor: Tensor) -> bool:
+    """True for a ``DTensor`` (a parameter sharded by FSDP2's ``fully_shard``, or otherwise distributed)."""
+    dtensor = dtensor_class()
+    return dtensor is not None and isinstance(tensor, dtensor)
+
+
+def local_tensor(tensor: Tensor) -> Tensor:
+    """The shard a ``DTensor`` holds on this process (what its dtype and class really are), else ``tensor``."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
 def quantisation_reason(module: nn.Module) -> str | None:
     """Why ``module`` looks quantised (a phrase for an error message), or None when it does not.
 
     A module is quantised when its class comes from a quantisation package, when it holds a
     ``qweight`` / ``W_q``, or when its ``weight`` is a tensor subclass other than ``nn.Parameter``
-    or has a dtype outside :data:`FLOAT_DTYPES` (int8, packed uint8, float8, ...).
+    or has a dtype outside :data:`FLOAT_DTYPES` (int8, packed uint8, float8, ...). A sharded
+    weight (``DTensor``) is judged by its local shard.
     """
     path = type(module).__module__
     package = next((p for p in QUANTISATION_PACKAGES if path == p or path.startswith(p + ".")), None)
@@ -60,6 +88,7 @@ def quantisation_reason(module: nn.Module) -> str | None:
         return f"it holds a quantised weight '{held}'"
     weight = getattr(module, "weight", None)
     if isinstance(weight, Tensor):
+        weight = local_tensor(weight)
         if type(weight) not in (Tensor, nn.Parameter):
             return f"its weight is a {type(weight).__name__}, a tensor subclass (a quantised tensor), not a plain Parameter"
         if weight.dtype not in FLOAT_DTYPES:
@@ -82,6 +111,21 @@ def check_not_quantised(name: str, module: nn.Module) -> None:
         cls = type(module)
         raise ValueError(f"layer '{name}' is a quantised layer ({cls.__module__}.{cls.__qualname__}: {reason}). "
                          f"{SUPPORTED}.")
+
+
+def check_not_sharded(name: str, module: nn.Module, fix: str) -> None:
+    """``ValueError`` naming the layer and ``fix`` if its weight is already sharded (``fully_shard`` ran first).
+
+    rankwise adapts and compresses whole layers: adapter parameters added to a module FSDP already manages
+    would be neither sharded nor gradient-synchronised (every process would train its own adapter on its own
+    data, silently), and a factorisation of a shard is not one of the weight.
+    """
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, Tensor) and is_sharded(weight):
+        raise ValueError(
+            f"layer '{name}' ({type(module).__name__}) has a sharded weight (a DTensor: FSDP2's fully_shard already "
+            f"ran on the model). {fix}"
+        )
 
 
 def check_adaptable(name: str, module: nn.Module) -> None:
