@@ -1,30 +1,19 @@
-"""``rankwise compare``: fine-tune several methods on one task under one budget and tabulate them.
+"""Several methods on one task under one budget, side by side: ``compare(CompareConfig(...))``.
 
-Every method gets the same split, examples, seed, classifier-head initialisation, epochs or steps,
-batch size, learning-rate schedule and target layers (``--targets``, default ``all-linear``: the
-default of every method's own config, so no method is judged on layers it was not designed for);
-its hyper-parameters are its registry defaults (with the method's ``comparison_defaults``, e.g. SURM's
-``rectangular="native"``, so that it runs on rectangular layers) unless ``--set METHOD.KEY=VALUE`` changes them
-(``--set METHOD.lr=...`` gives one method its own peak learning rate). The
-table gives each method's key hyper-parameters, trainable parameters (adapter + head), test accuracy,
-macro-F1, the training loss over the last tenth of the steps, the wall time of its training loop and
-its median step time, beside the majority-class and linear-probe baselines. A method that allocates
-rank (AdaLoRA) runs like the others (its schedule fitted to the run's length) and its row in
-``comparison.json`` also holds its final per-layer ``ranks``.
-A method that fails (say a config that does not fit the model) becomes an error row; the others still
-run, and the exit status is 1. ``comparison.json`` and ``comparison.md`` go to ``--output-dir``.
-
-One learning rate for all is a same-budget comparison, not a tuned one: a method whose best rate
-differs from ``--lr`` is shown at a disadvantage. Times come from whatever else runs on the machine.
+Every method gets the same split, examples, seed, head initialisation, steps, batch size, schedule and
+targets (:class:`CompareConfig`); its row holds its key hyper-parameters, trainable parameters, test
+accuracy and macro-F1, final training loss, training time and median step time, beside the
+majority-class and linear-probe baselines. ``rankwise compare`` (:mod:`rankwise.cli.compare`) is
+the command line over it.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,25 +23,21 @@ from ..core.io import atomic_write, save, save_json
 from ..core.registry import get_method, methods
 from . import report
 from .finetune import (
+    CHECKPOINTS,
     COMMON_FIELDS,
+    SHIPPED_MODEL,
+    DataConfig,
+    Log,
     Prepared,
-    Trained,
     adapted_classifier,
-    add_data_options,
-    add_targets_option,
-    add_training_options,
-    check_options,
     final_ranks,
+    is_main_process,
     linear_probe,
-    parse_assignment,
-    parse_targets,
     prepare,
-    run_name,
-    settings_from,
     setup_torch,
-    train_and_test,
+    train_method,
 )
-from .train import TrainSettings, majority_metrics
+from .train import Trained, TrainSettings, majority_metrics, world_size
 
 logger = logging.getLogger(__name__)
 
@@ -60,88 +45,23 @@ JSON_FILE = "comparison.json"
 MARKDOWN_FILE = "comparison.md"
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The description as written, and each option's default."""
+@dataclass(frozen=True)
+class CompareConfig:
+    """One ``compare`` run. ``options[method]`` holds that method's config fields and, optionally, its own
+    peak ``lr``; ``lrs`` (a grid) tunes the lr of every method without one, by validation macro-F1."""
 
-
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``compare`` on the CLI's subparsers."""
-    parser = subparsers.add_parser(
-        "compare",
-        help="fine-tune several methods on one task under one budget, side by side",
-        description=__doc__,
-        formatter_class=_HelpFormatter,
-    )
-    add_data_options(parser)
-    method = parser.add_argument_group("methods")
-    method.add_argument("--methods", help="comma list of registered methods; default: all of rankwise.methods()")
-    add_targets_option(method, default="all-linear")
-    method.add_argument("--set", dest="overrides", action="append", default=[], metavar="METHOD.KEY=VALUE",
-                        help="change one method's config field or its peak lr (repeatable), "
-                             "e.g. --set lora.r=16 --set miss.lr=3e-3")
-    method.add_argument("--lrs", type=learning_rates, default=None, metavar="LR,LR,...",
-                        help="tune each method's peak lr: train at each, keep the best validation macro-F1, report "
-                             "its test scores (methods given --set METHOD.lr keep theirs)")
-    method.add_argument("--save-adapters", action="store_true", help="also save each trained adapter to OUTPUT/<method>")
-    add_training_options(parser, output_help="where comparison.json and comparison.md go; unset: runs/compare-<task>")
-    parser.set_defaults(func=run)
-    return parser
-
-
-# ----------------------------------------------------------------------------------------------
-# Options
-# ----------------------------------------------------------------------------------------------
-
-
-def learning_rates(text: str) -> list[float]:
-    """``--lrs 1e-3,3e-3``: distinct positive numbers."""
-    try:
-        rates = [float(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not rates or any(not rate > 0 for rate in rates) or len(set(rates)) != len(rates):
-        raise argparse.ArgumentTypeError(f"expected distinct positive learning rates, got {text!r}")
-    return rates
-
-
-def selected_methods(text: str | None) -> list[str]:
-    """The methods named by ``--methods`` (each checked against the registry), or all registered ones."""
-    if text is None:
-        return methods()
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    if not names:
-        raise ValueError("--methods needs at least one method name")
-    for name in names:
-        get_method(name)
-    duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates:
-        raise ValueError(f"--methods names {duplicates} more than once")
-    return names
-
-
-def per_method_options(items: list[str], names: list[str],
-                       training_keys: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
-    """``--set METHOD.KEY=VALUE`` items as {method: {key: value}}, each key checked against that method's config,
-    over the method's ``comparison_defaults`` (SURM: ``rectangular="native"``, so it runs on all-linear).
-
-    Keys in ``training_keys`` (``lr`` for ``compare``) are training settings, not config fields.
-    """
-    options = {name: dict(get_method(name).config_cls.comparison_defaults) for name in names}
-    for item in items:
-        target, value = parse_assignment(item, form="METHOD.KEY=VALUE")
-        method, dot, key = target.partition(".")
-        if not dot or not key:
-            raise ValueError(f"--set expects METHOD.KEY=VALUE (e.g. lora.r=16), got {item!r}")
-        if method not in options:
-            raise ValueError(f"--set {item!r} names method {method!r}, which is not compared (--methods: {names})")
-        options[method][key] = value
-    for method, values in options.items():
-        check_options(method, {k: v for k, v in values.items() if k not in training_keys})
-        if "lr" in training_keys and "lr" in values:
-            lr = values["lr"]
-            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-                raise ValueError(f"--set {method}.lr must be a positive number, got {lr!r}")
-    return options
+    methods: list[str] = field(default_factory=methods)
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    targets: list[str] | str = "all-linear"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: str = SHIPPED_MODEL
+    settings: TrainSettings = field(default_factory=TrainSettings)
+    lrs: list[float] | None = None
+    probe: bool = True
+    probe_lr: float = 5e-3
+    threads: int | None = None
+    output_dir: str | None = None
+    save_adapters: bool = False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,40 +107,41 @@ def trained_row(name: str, kind: str, trained: Trained, config: str, **extra: An
     }
 
 
-def run_one(prepared: Prepared, method: str, options: dict[str, Any], args: argparse.Namespace,
-            settings: TrainSettings, output: Path) -> dict[str, Any]:
+def run_one(prepared: Prepared, method: str, options: dict[str, Any], config: CompareConfig,
+            output: Path) -> dict[str, Any]:
     """Fine-tune ``method`` (at each ``--lrs`` rate, keeping the best on validation) and return its row.
 
     Any failure becomes an error row with the message.
     """
+    settings = config.settings
     config_options = {k: v for k, v in options.items() if k != "lr"}
-    rates = [float(options["lr"])] if "lr" in options else (args.lrs or [settings.lr])
+    rates = [float(options["lr"])] if "lr" in options else (config.lrs or [settings.lr])
     shown_lr = "" if rates == [settings.lr] else f" lr={rates[0]:g}"
     best: tuple[float, float, nn.Module, Any, Trained] | None = None
     scores: dict[str, float] = {}
     try:
         for lr in rates:
-            model, config = adapted_classifier(prepared, method, config_options, parse_targets(args.targets), args.seed,
-                                               settings.total_steps(len(prepared.train)), settings.batch_size)
-            trained = train_and_test(model, prepared, dataclasses.replace(settings, lr=lr), method,
-                                     validate=len(rates) > 1)
+            model, adapter = adapted_classifier(prepared, method, config_options, config.targets, settings.seed,
+                                                settings.total_steps(len(prepared.train)))
+            trained = train_method(model, prepared, dataclasses.replace(settings, lr=lr),
+                                   output / CHECKPOINTS / method, validate=len(rates) > 1)
             score = trained.history.evaluations[-1][1].macro_f1 if trained.history.evaluations else 0.0
             scores[f"{lr:g}"] = round(score, 4)
             if best is None or score > best[0]:
-                best = (score, lr, model, config, trained)
+                best = (score, lr, model, adapter, trained)
             del model, trained
             gc.collect()
-        _, lr, model, config, trained = best
+        _, lr, model, adapter, trained = best
         if len(rates) > 1:
             shown_lr = f" lr={lr:g} (best of {len(rates)})"
-        if args.save_adapters:
+        if config.save_adapters and is_main_process():
             save(model, output / method)
         extra: dict[str, Any] = {"validation_macro_f1_by_lr": scores} if len(rates) > 1 else {}
         ranks = final_ranks(model)
         if ranks is not None:
             extra["ranks"] = ranks
-        return trained_row(method, "method", trained, config_summary(config.to_dict(), options) + shown_lr,
-                           method_config=config.to_dict(), overrides=options, lr=lr, **extra)
+        return trained_row(method, "method", trained, config_summary(adapter.to_dict(), options) + shown_lr,
+                           method_config=adapter.to_dict(), overrides=options, lr=lr, **extra)
     except Exception as error:  # one method failing must not end the comparison of the others
         logger.debug("%s failed", method, exc_info=True)
         message = f"{type(error).__name__}: {error}"
@@ -293,7 +214,8 @@ def budget_line(payload: dict[str, Any]) -> str:
     length = f"{settings['steps']} steps" if settings["steps"] else f"{settings['epochs']:g} epoch{'' if settings['epochs'] == 1 else 's'}"
     return (f"Task {payload['task']}, model {payload['model']}; train {sizes['train']}, test {sizes['test']} examples; "
             f"{length} ({payload['steps']} steps) of batch {settings['batch_size']}, max length {payload['max_length']}, "
-            f"AdamW peak lr {lr_text(payload)} with linear decay (probe lr {payload['probe_lr']:g}), seed {settings['seed']}; "
+            f"{settings['optimizer']} peak lr {lr_text(payload)}, {settings['schedule']} after {settings['warmup']:g} warm-up "
+            f"(probe lr {payload['probe_lr']:g}), seed {settings['seed']}; "
             f"targets {payload['targets']}; trainable counts include the classification head.")
 
 
@@ -306,52 +228,52 @@ def markdown_report(payload: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def run(args: argparse.Namespace) -> int:
-    """The ``compare`` subcommand."""
+def compare(config: CompareConfig, log: Log = logger.info) -> dict[str, Any]:
+    """Fine-tune every method of ``config`` under one budget, write ``comparison.json`` and ``comparison.md``
+    (rank 0) and return the payload; ``log`` receives one line per method. A method that fails is an error
+    row (``payload["rows"]``), the others still run."""
     started = time.perf_counter()
-    names = selected_methods(args.methods)
-    options = per_method_options(args.overrides, names, training_keys=("lr",))
-    targets = parse_targets(args.targets)
-    settings = settings_from(args, args.lr)  # check the budget before loading anything
-    setup_torch(args)
-    prepared = prepare(args)
+    settings = config.settings
+    for method in config.methods:
+        get_method(method)
+    setup_torch(config.threads)
+    prepared = prepare(config.data, config.model, settings.seed, log)
     labels = prepared.splits.train.label_names
-    output = Path(args.output_dir or f"runs/compare-{run_name(args)}")
+    output = Path(config.output_dir or f"runs/compare-{config.data.name}")
 
     majority = majority_metrics(prepared.splits.train.labels, prepared.test.labels, len(labels))
     rows: list[dict[str, Any]] = [{
         "name": "majority class", "kind": "baseline", "config": "", "trainable": 0, **report.metrics_dict(majority),
         "steps": 0, "final_train_loss": None, "train_seconds": None, "median_step_seconds": None, "error": None,
     }]
-    if not args.no_probe:
-        probe = linear_probe(prepared, args)
-        rows.append(trained_row("linear probe (head only)", "baseline", probe, f"lr={args.probe_lr:g}"))
-    for i, method in enumerate(names, 1):
-        row = run_one(prepared, method, options[method], args, settings, output)
+    if config.probe:
+        probe = linear_probe(prepared, settings, config.probe_lr, output / CHECKPOINTS / "probe")
+        rows.append(trained_row("linear probe (head only)", "baseline", probe, f"lr={config.probe_lr:g}"))
+    for i, method in enumerate(config.methods, 1):
+        row = run_one(prepared, method, config.options.get(method, {}), config, output)
         rows.append(row)
         outcome = (f"failed: {row['error']}" if row["error"] else
                    f"{row['trainable']:,} trainable, accuracy {row['accuracy']:.4f}, {row['train_seconds']:.1f} s")
-        print(f"[{i}/{len(names)}] {method}: {outcome}")
+        log(f"[{i}/{len(config.methods)}] {method}: {outcome}")
 
     payload = {
-        "task": args.data or args.task,
-        "model": args.model,
-        "methods": names,
-        "targets": targets,
+        "task": config.data.data or config.data.task,
+        "model": config.model,
+        "methods": list(config.methods),
+        "targets": config.targets,
         "settings": dataclasses.asdict(settings),
         "steps": settings.total_steps(len(prepared.train)),
-        "lrs": args.lrs,
-        "probe_lr": args.probe_lr,
-        "max_length": args.max_length,
+        "lrs": config.lrs,
+        "probe_lr": config.probe_lr,
+        "max_length": config.data.max_length,
         "split_sizes": prepared.splits.sizes(),
+        "world_size": world_size(),
         "rows": rows,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    markdown = markdown_report(payload)
-    save_json(output / JSON_FILE, payload)
-    atomic_write(output / MARKDOWN_FILE, lambda tmp: Path(tmp).write_text(markdown, encoding="utf-8"))
-    print(markdown)
-    failed = [row["name"] for row in rows if row["error"]]
-    print(f"wrote {output / JSON_FILE} and {output / MARKDOWN_FILE} in {payload['wall_seconds']:.0f} s"
-          + (f"; {len(failed)} of {len(names)} methods failed: {', '.join(failed)}" if failed else ""))
-    return 1 if failed else 0
+    if is_main_process():
+        markdown = markdown_report(payload)
+        save_json(output / JSON_FILE, payload)
+        atomic_write(output / MARKDOWN_FILE, lambda tmp: Path(tmp).write_text(markdown, encoding="utf-8"))
+    payload["output_dir"] = str(output)
+    return payload
