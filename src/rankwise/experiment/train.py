@@ -335,6 +335,10 @@ def build_trainer(model: nn.Module, settings: TrainSettings, train: Encoded, tok
         optimizers=optimizers, callbacks=[*guards, *callbacks],
     )
     trainer.remove_callback(PrinterCallback)  # the logs go to the History (and report_to), not to stdout
+    # A sequence classifier's forward takes **kwargs, so Trainer assumes its loss sums over num_items_in_batch and
+    # skips dividing by the accumulation steps (and multiplies by the processes under DDP); the loss is a batch
+    # mean, so that would make gradients K (or N) times too large, which clipping turns into a different update.
+    trainer.model_accepts_loss_kwargs = False
     return trainer
 
 
