@@ -135,20 +135,17 @@ def test_default_threads_count_idle_cores(monkeypatch: pytest.MonkeyPatch) -> No
     assert (threads.default_threads(1), threads.default_threads(2), threads.default_threads(24)) == (12, 6, 1)
 
 
-def test_nproc_relaunches_the_same_command_under_torchrun(monkeypatch: pytest.MonkeyPatch, tiny, tmp_path: Path) -> None:
+def test_nproc_relaunches_the_same_command_line(monkeypatch: pytest.MonkeyPatch, tiny, tmp_path: Path) -> None:
     from rankwise.cli import launch
 
     calls = []
-    monkeypatch.setattr(launch.subprocess, "call", lambda command, env: calls.append((command, env)) or 0)
+    monkeypatch.setattr(launch, "relaunch", lambda argv, nproc, threads: calls.append((argv, nproc, threads)) or 0)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     model, data = tiny
-    argv = tiny_argv(model, data, tmp_path / "out", "--nproc", "2", "--threads", "1")
+    argv = tiny_argv(model, data, tmp_path / "out", "--nproc", "2", "--threads", "3")
     assert cli.main(argv) == 0
-    (command, env), = calls
-    assert command[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    assert command[5:7] == ["-m", "rankwise"] and command[7:] == argv
-    assert env["OMP_NUM_THREADS"] == "1"
+    assert calls == [(argv, 2, 3)]
     assert not (tmp_path / "out").exists()  # the launcher itself trains nothing
     monkeypatch.setenv("LOCAL_RANK", "0")  # inside a worker: no second launch
     assert launch.wants_relaunch(2) is False

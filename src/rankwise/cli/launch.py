@@ -1,9 +1,11 @@
-"""``--nproc N``: run the same command line on N processes of this machine through torchrun.
+"""``--nproc N``: run the same command line on N processes of this machine with torch's elastic launcher.
 
-The command re-launches itself as ``python -m torch.distributed.run --standalone --nproc-per-node N
--m rankwise <the same arguments>``; in each worker torchrun sets ``RANK`` / ``WORLD_SIZE`` /
-``LOCAL_RANK``, which transformers.Trainer reads to train with DDP (gloo on CPU, NCCL on GPUs), and
-the worker does not launch again. On several machines, run torchrun yourself on each one, e.g.::
+The command starts N copies of ``python -m rankwise <the same arguments>`` through
+``torch.distributed.launcher.elastic_launch`` (torchrun's engine, with torchrun's ``--standalone``
+rendezvous); in each worker it sets ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``, which
+transformers.Trainer reads to train with DDP (gloo on CPU, NCCL on GPUs), and the worker does not
+launch again. (torchrun's own command line would read rankwise's options as abbreviations of its own:
+``--r`` is ambiguous there.) On several machines, run torchrun yourself on each one::
 
     torchrun --nnodes 2 --node-rank 0 --nproc-per-node 8 --rdzv-backend c10d \\
         --rdzv-endpoint HOST:29500 -m rankwise finetune --batch-size 256 ...
@@ -12,8 +14,8 @@ the worker does not launch again. On several machines, run torchrun yourself on 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
+import uuid
 
 
 def launched() -> bool:
@@ -21,12 +23,27 @@ def launched() -> bool:
     return "LOCAL_RANK" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def relaunch(argv: list[str], nproc: int, threads: int) -> int:
-    """Run ``rankwise <argv>`` on ``nproc`` processes (``threads`` torch threads each); their exit status."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "rankwise", *argv]
-    environment = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    return subprocess.call(command, env=environment)
+def relaunch(argv: list[str], nproc: int, threads: int, program: tuple[str, ...] = ("-m", "rankwise")) -> int:
+    """Run ``python <program> <argv>`` on ``nproc`` local processes (``threads`` torch threads each, via
+    ``OMP_NUM_THREADS``); 0 when every worker succeeded, else 1 (the launcher names the failed ranks)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1)
+    previous = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # the workers inherit the environment
+    try:
+        elastic_launch(config, sys.executable)(*program, *argv)
+    except ChildFailedError as error:
+        print(f"rankwise: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if previous is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = previous
+    return 0
 
 
 def wants_relaunch(nproc: int) -> bool:
