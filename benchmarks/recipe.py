@@ -20,7 +20,7 @@ import time
 
 from common import publish
 
-from rankwise.experiment.finetune import RunConfig, finetune
+from rankwise.experiment.pipeline import RunConfig, finetune
 from rankwise.experiment.train import TrainSettings
 
 
@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     alpha = "α = r (8)" if args.alpha is None else f"α {args.alpha:g}"
     command = " ".join(["python benchmarks/recipe.py", *(argv if argv is not None else sys.argv[1:])])
     text = "\n".join([
-        f"# rankwise finetune recipe: LoRA r 8, {alpha}, lr {settings.lr:g} {settings.schedule} after "
-        f"{settings.warmup:g} warm-up, {settings.epochs:g} epochs of batch {settings.batch_size}",
+        (f"# rankwise finetune recipe: LoRA r 8, {alpha}, lr {settings.lr:g} {settings.schedule} after "
+        f"{settings.warmup:g} warm-up, {settings.epochs:g} epochs of batch {settings.batch_size}"),
         "",
         f"Regenerate: `OMP_NUM_THREADS=2 {command}` (movie-reviews, 3,000 training examples, test split of finetune).",
         "",
@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> None:
         "|---:|---:|---:|---:|",
         *rows,
         "",
-        f"mean test accuracy {mean:.4f} ± {spread:.4f} (sample standard deviation over {len(accuracies)} seeds), "
-        f"range {min(accuracies):.4f} to {max(accuracies):.4f}",
+        (f"mean test accuracy {mean:.4f} ± {spread:.4f} (sample standard deviation over {len(accuracies)} seeds), "
+        f"range {min(accuracies):.4f} to {max(accuracies):.4f}"),
     ])
     publish(text, args.out)
 

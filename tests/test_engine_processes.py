@@ -123,7 +123,7 @@ WORKER = textwrap.dedent('''
     import rankwise
     import rankwise.core.io as io
     from rankwise import cli
-    from rankwise.experiment import finetune, report
+    from rankwise.experiment import pipeline as finetune, report
 
     report_dir, argv = sys.argv[1], sys.argv[2:]
     written = []

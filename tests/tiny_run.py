@@ -19,7 +19,7 @@ def tiny_model(directory: Path, dropout: float = 0.1) -> Path:
     tokenizer to ``directory``; return it."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from rankwise.experiment.finetune import SHIPPED_MODEL, model_path
+    from rankwise.experiment.pipeline import SHIPPED_MODEL, model_path
 
     if (directory / "config.json").is_file():
         return directory
@@ -41,7 +41,7 @@ def tiny_data(path: Path, examples: int = 240) -> Path:
         writer.writerow(["text", "label"])
         for i in range(examples):
             positive = i % 2 == 0
-            words = rng.sample(FILLER, 4) + [rng.choice(POSITIVE if positive else NEGATIVE)]
+            words = [*rng.sample(FILLER, 4), rng.choice(POSITIVE if positive else NEGATIVE)]
             rng.shuffle(words)
             writer.writerow([f"{' '.join(words)} {i}", "pos" if positive else "neg"])
     return path

@@ -18,7 +18,7 @@ import dataclasses
 import torch
 
 from ..experiment.bench import BenchConfig, bench, method_configs
-from ..experiment.finetune import SHIPPED_MODEL, parse_targets
+from ..experiment.pipeline import SHIPPED_MODEL, parse_targets
 from ..experiment.report import markdown_table
 from .options import per_method_options, selected_methods
 

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..experiment.compare import JSON_FILE, MARKDOWN_FILE, CompareConfig, compare, markdown_report
-from ..experiment.finetune import is_main_process, parse_targets
+from ..experiment.comparison import JSON_FILE, MARKDOWN_FILE, CompareConfig, compare, markdown_report
+from ..experiment.pipeline import is_main_process, parse_targets
 from . import launch
 from .options import (
     add_data_options,

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..core.registry import registered
 from ..experiment import report
-from ..experiment.finetune import COMMON_FIELDS, RunConfig, check_options, finetune, is_main_process, parse_targets
+from ..experiment.pipeline import COMMON_FIELDS, RunConfig, check_options, finetune, is_main_process, parse_targets
 from . import launch
 from .options import (
     add_data_options,

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from ..core.registry import get_method, methods
-from ..experiment.finetune import SHIPPED_MODEL, DataConfig, check_options
+from ..experiment.pipeline import SHIPPED_MODEL, DataConfig, check_options
 from ..experiment.threads import THREADS_HELP, default_threads
 from ..experiment.train import OPTIMIZERS, PRECISIONS, SCHEDULES, TRACKERS, TrainSettings
 

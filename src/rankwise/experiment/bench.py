@@ -14,7 +14,7 @@ from torch import nn
 from ..core.config import AdapterConfig
 from ..core.inject import adapt, merge, trainable_parameters
 from ..core.registry import config as make_config
-from .finetune import LONG_RUN, SHIPPED_MODEL, model_path, with_run_length
+from .pipeline import LONG_RUN, SHIPPED_MODEL, model_path, with_run_length
 from .timing import floor_step, inference_step, interleaved_times, medians, random_batch, training_step
 
 logger = logging.getLogger(__name__)

@@ -107,14 +107,14 @@ def compress_and_measure(job: CompressJob) -> CompressOutcome:
     compressed_test = embed(model, test)
     accuracy_adapted = None
     saved = save_compressed(model, job.output) if job.output else None
-    outcome = dict(
-        table=compression_report(model).table(), parameters_before=parameters(original),
-        parameters_after=parameters(model), time_ratio=time_ratio(original, model, test[:4]),
-        held_out=len(splits.test[0]), fidelity=fidelity(reference_test, compressed_test),
-        accuracy_before=probe_accuracy(reference_train, splits.train[1], reference_test, splits.test[1]),
-        accuracy_after=probe_accuracy(embed(model, train), splits.train[1], compressed_test, splits.test[1]),
-        saved=Path(saved) if saved is not None else None,
-    )
+    outcome = {
+        "table": compression_report(model).table(), "parameters_before": parameters(original),
+        "parameters_after": parameters(model), "time_ratio": time_ratio(original, model, test[:4]),
+        "held_out": len(splits.test[0]), "fidelity": fidelity(reference_test, compressed_test),
+        "accuracy_before": probe_accuracy(reference_train, splits.train[1], reference_test, splits.test[1]),
+        "accuracy_after": probe_accuracy(embed(model, train), splits.train[1], compressed_test, splits.test[1]),
+        "saved": Path(saved) if saved is not None else None,
+    }
     if job.then_adapt:
         train_labels = [splits.train[1][i:i + 32] for i in range(0, len(splits.train[1]), 32)]
         adapted = adapt_and_train(model, job.then_adapt, train, train_labels, job.adapt_steps, job.seed)

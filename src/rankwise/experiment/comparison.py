@@ -22,7 +22,7 @@ from torch import nn
 from ..core.io import atomic_write, save, save_json
 from ..core.registry import get_method, methods
 from . import report
-from .finetune import (
+from .pipeline import (
     CHECKPOINTS,
     COMMON_FIELDS,
     SHIPPED_MODEL,

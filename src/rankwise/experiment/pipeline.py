@@ -29,11 +29,12 @@ from torch import nn
 
 from ..core.config import AdapterConfig
 from ..core.inject import adapt, adapter_config, trainable_parameters
-from ..core.io import save
+from ..core.io import load, save
 from ..core.rank import allocator as model_allocator
 from ..core.rank import ranks as model_ranks
 from ..core.registry import config as make_config
 from ..core.registry import get_method, option_names
+from ..integrations.trainer import ADAPTER_SUBDIR
 from . import data as datasets
 from . import report
 from .train import Encoded, Metrics, Trained, TrainSettings, majority_metrics, train_and_test
@@ -262,11 +263,19 @@ def is_main_process() -> bool:
 
 def adapted_classifier(
     prepared: Prepared, method: str, options: dict[str, Any], targets: list[str] | str, seed: int, steps: int,
+    saved: Path | None = None,
 ) -> tuple[nn.Module, AdapterConfig]:
     """A fresh classifier (head initialised from ``seed``) adapted with ``method`` for a run of ``steps``
-    optimizer steps; its head is trained in full."""
+    optimizer steps; its head is trained in full. ``saved``: an adapter folder (a checkpoint's) to load
+    instead, with the ranks it was saved with (ElaLoRA moves rank while training)."""
     torch.manual_seed(seed)
     model = load_classifier(prepared.model_path, prepared.splits.train.label_names)
+    if saved is not None:
+        model = load(model, saved)
+        if adapter_config(model).method != method:
+            raise ValueError(f"--resume: the checkpoint {saved.parent} holds a {adapter_config(model).method!r} "
+                             f"adapter, not {method!r}; resume with the run's own --method and options")
+        return model, adapter_config(model)
     options = with_run_length(method, options, steps)
     config = make_config(method, targets=targets, modules_to_save=head_modules(model), **options)
     model = adapt(model, config)
@@ -360,7 +369,8 @@ def finetune(config: RunConfig, log: Log = logger.info) -> FinetuneResult:
     output = Path(config.output_dir or f"runs/finetune-{config.data.name}-{config.method}")
 
     model, adapter = adapted_classifier(prepared, config.method, config.options, config.targets, settings.seed,
-                                        settings.total_steps(len(prepared.train)))
+                                        settings.total_steps(len(prepared.train)),
+                                        saved=resume / ADAPTER_SUBDIR if resume is not None else None)
     log(f"method {config.method}: {trainable_parameters(model):,} trainable parameters, targets {adapter.targets}")
     adapted = train_method(model, prepared, settings, output / CHECKPOINTS, resume=resume)
     adapter = adapter_config(model)  # an allocator may have rewritten it (GoRA's rank pattern)
