@@ -88,10 +88,10 @@ def compare_config(args: argparse.Namespace) -> CompareConfig:
 def run(args: argparse.Namespace) -> int:
     """The ``compare`` subcommand: exit status 1 when a method failed."""
     config = compare_config(args)
-    if launch.wants_relaunch(args.nproc):
-        return launch.relaunch(args.argv, args.nproc, config.threads)
+    if (status := launch.launch_workers(args, config.threads)) is not None:
+        return status
     main = is_main_process()
-    payload = compare(config, log=print if main else lambda _: None)
+    payload = compare(config, log=launch.rank_zero_print)
     failed = [row["name"] for row in payload["rows"] if row["error"]]
     if main:
         print(markdown_report(payload))

@@ -89,10 +89,10 @@ def run_config(args: argparse.Namespace) -> RunConfig:
 def run(args: argparse.Namespace) -> int:
     """The ``finetune`` subcommand."""
     config = run_config(args)
-    if launch.wants_relaunch(args.nproc):
-        return launch.relaunch(args.argv, args.nproc, config.threads)
+    if (status := launch.launch_workers(args, config.threads)) is not None:
+        return status
     main = is_main_process()
-    result = finetune(config, log=print if main else lambda _: None)
+    result = finetune(config, log=launch.rank_zero_print)
     if not main:
         return 0
     print(report.results_table(result.rows))

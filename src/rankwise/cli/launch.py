@@ -16,6 +16,9 @@ from __future__ import annotations
 import os
 import sys
 import uuid
+from typing import Any
+
+from ..experiment.pipeline import is_main_process
 
 
 def launched() -> bool:
@@ -44,6 +47,18 @@ def relaunch(argv: list[str], nproc: int, threads: int, program: tuple[str, ...]
         else:
             os.environ["OMP_NUM_THREADS"] = previous
     return 0
+
+
+def launch_workers(args: Any, threads: int) -> int | None:
+    """The workers' exit status when ``args.nproc`` > 1 asks for a launch from this process, else None
+    (one process, or already inside a worker): then this process runs the command itself."""
+    return relaunch(args.argv, args.nproc, threads) if wants_relaunch(args.nproc) else None
+
+
+def rank_zero_print(line: str) -> None:
+    """``print`` on rank 0 (or the only process), nothing on the other ranks."""
+    if is_main_process():
+        print(line)
 
 
 def wants_relaunch(nproc: int) -> bool:

@@ -1,15 +1,18 @@
 """Train rankwise adapters with ``transformers.Trainer``: adapter files in every checkpoint, checked
-start, exact resume.
+start, exact resume, adapter-only atomic checkpoints (:class:`RankwiseTrainer`), a NaN/Inf stop
+(:class:`DivergenceGuard`).
 
 Usage::
 
     import rankwise
-    from rankwise.integrations import RankwiseCallback
+    from rankwise.integrations import RankwiseCallback, RankwiseTrainer
     from transformers import Trainer, TrainingArguments
 
     model = rankwise.adapt(model, rankwise.LoRAConfig(r=8, alpha=16, targets=["query", "value"]))
     args = TrainingArguments(output_dir="out", save_steps=500, report_to=[])
-    Trainer(model=model, args=args, train_dataset=train, callbacks=[RankwiseCallback()]).train()
+    RankwiseTrainer(model=model, args=args, train_dataset=train).train()   # adds a RankwiseCallback
+    # or a plain Trainer, whose checkpoints also hold the full model:
+    # Trainer(model=model, args=args, train_dataset=train, callbacks=[RankwiseCallback()]).train()
     model = rankwise.load(fresh_base_model, "out/adapter")    # or "out/checkpoint-500/adapter"
 
 What the callback writes (``rankwise.save``: ``adapter_config.json`` + ``adapter.safetensors``,
@@ -32,12 +35,14 @@ What it checks (``ValueError`` with the offending names and what to do):
     The gradient and optimizer checks are skipped under DeepSpeed and FSDP, whose optimizers and
     gradients live in flattened or partitioned copies.
 
-How resume works, and why no rankwise code is needed for it (checked on transformers 5.24): a
+How resume works (checked on transformers 5.24). With a plain ``Trainer`` no rankwise code is needed: a
 rankwise-adapted ``PreTrainedModel`` is still that ``PreTrainedModel`` (rankwise wraps layers, not
 the model), so each checkpoint's ``model.safetensors`` is its full state dict, written by
 ``save_pretrained``: frozen base, adapter tensors and buffers (SingLoRA's int64 ``singlora_step``
-included). No tensor is shared: an adapter keeps its base layer outside its own state dict. Resume
-restores that file, the optimizer, the scheduler, the RNG states and the data position, so N steps
+included), which makes every checkpoint as large as the model. :class:`RankwiseTrainer` writes and
+reads ``checkpoint-<step>/adapter`` instead (the frozen base is never copied) and makes each checkpoint
+appear atomically. No tensor is shared: an adapter keeps its base layer outside its own state dict. Resume
+restores the model's tensors, the optimizer, the scheduler, the RNG states and the data position, so N steps
 straight and N/2 steps then a resumed run to N give the same adapter (``tests/test_trainer.py``,
 bit-identical on CPU). SingLoRA's ramp-up clock counts calls of ``torch.optim.Optimizer.step`` on
 the optimizer that holds its A; Trainer's accelerate wrapper (``AcceleratedOptimizer``) does not
