@@ -6,7 +6,7 @@ runs a fraction of the time, so every matmul waits for it (measured by ``benchma
 ``benchmarks/results/threads.md``: on 2 cores with one busy process beside, a MiniLM training step
 takes several times longer with 2 threads than with 1). The default therefore counts only the cores
 that are idle when the run starts (the cores this process may use minus the 1-minute load average,
-rounded down), shares them among the ``nproc`` processes, and never goes below one thread.
+rounded), shares them among the ``nproc`` processes, and never goes below one thread.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ def available_cores() -> int:
 
 
 def idle_cores(cores: int, load: float) -> int:
-    """``cores`` minus the running load, rounded down, at least 1."""
-    return max(1, math.floor(cores - load + 1e-9))
+    """``cores`` minus the running load, rounded to the nearest whole core, at least 1."""
+    return max(1, math.floor(cores - load + 0.5))
 
 
 def default_threads(nproc: int = 1) -> int:
