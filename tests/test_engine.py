@@ -127,12 +127,16 @@ def test_divergence_stops_at_the_step_and_keeps_the_last_good_checkpoint(tiny, t
     assert all(bool(torch.isfinite(value).all()) for value in saved.values())
 
 
-def test_default_threads_count_idle_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_threads_count_idle_cores_unless_waiting_is_passive(monkeypatch: pytest.MonkeyPatch) -> None:
     assert [threads.idle_cores(2, load) for load in (0.0, 0.4, 1.0, 1.6, 7.7)] == [2, 2, 1, 1, 1]
     assert threads.idle_cores(16, 3.2) == 13
     monkeypatch.setattr(threads, "available_cores", lambda: 16)
     monkeypatch.setattr(threads.os, "getloadavg", lambda: (4.0, 0.0, 0.0))
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     assert (threads.default_threads(1), threads.default_threads(2), threads.default_threads(24)) == (12, 6, 1)
+    assert "export OMP_WAIT_POLICY=PASSIVE" in threads.advice(12) and threads.advice(8, nproc=2) is None
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")  # sleeping threads do not collapse: every core
+    assert (threads.default_threads(1), threads.default_threads(2), threads.advice(16)) == (16, 8, None)
 
 
 def test_nproc_relaunches_the_same_command_line(monkeypatch: pytest.MonkeyPatch, tiny, tmp_path: Path) -> None:

@@ -28,24 +28,28 @@ def launched() -> bool:
 
 def relaunch(argv: list[str], nproc: int, threads: int, program: tuple[str, ...] = ("-m", "rankwise")) -> int:
     """Run ``python <program> <argv>`` on ``nproc`` local processes (``threads`` torch threads each, via
-    ``OMP_NUM_THREADS``); 0 when every worker succeeded, else 1 (the launcher names the failed ranks)."""
+    ``OMP_NUM_THREADS``, and OpenMP's passive wait policy unless ``OMP_WAIT_POLICY`` is set: see
+    :mod:`rankwise.experiment.threads`); 0 when every worker succeeded, else 1 (the launcher names the failed
+    ranks)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1)
-    previous = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = str(threads)  # the workers inherit the environment
+    settings = {"OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    previous = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)  # the workers inherit the environment
     try:
         elastic_launch(config, sys.executable)(*program, *argv)
     except ChildFailedError as error:
         print(f"rankwise: {error}", file=sys.stderr)
         return 1
     finally:
-        if previous is None:
-            os.environ.pop("OMP_NUM_THREADS")
-        else:
-            os.environ["OMP_NUM_THREADS"] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
     return 0
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from ..core.registry import get_method, methods
 from ..experiment.pipeline import SHIPPED_MODEL, DataConfig, check_options
-from ..experiment.threads import THREADS_HELP, default_threads
+from ..experiment.threads import THREADS_HELP, advice, default_threads
 from ..experiment.train import OPTIMIZERS, PRECISIONS, SCHEDULES, TRACKERS, TrainSettings
 
 
@@ -88,12 +89,17 @@ def train_settings(args: argparse.Namespace) -> TrainSettings:
 
 
 def threads(args: argparse.Namespace) -> int:
-    """``--threads``, or the default for this machine and ``--nproc``."""
+    """``--threads``, or the default for this machine and ``--nproc`` (with a note on stderr when a busy machine
+    made it leave cores unused)."""
     if args.threads is not None:
         if args.threads <= 0:
             raise ValueError(f"--threads must be a positive integer, got {args.threads}")
         return args.threads
-    return default_threads(args.nproc)
+    count = default_threads(args.nproc)
+    note = advice(count, args.nproc)
+    if note is not None:
+        print(f"rankwise: note: {note}", file=sys.stderr)
+    return count
 
 
 def parse_value(text: str) -> Any:
