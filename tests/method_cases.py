@@ -7,6 +7,7 @@ Each method's author owns its own row. Fields:
         the suite also perturbs every floating adapter tensor, so this may be {}.
     bad: config kwargs that are invalid on their own: the config constructor must raise ValueError.
     unfit: config kwargs valid on their own that do not fit the toy layers: adapt must raise ValueError.
+    fits_every_layer: why a method has no ``unfit`` config (it derives every shape from the layer); empty otherwise.
     conv1d: whether the method supports transformers' Conv1D (GPT-2 layout).
 """
 
@@ -24,6 +25,7 @@ class Case:
     bad: list[dict[str, Any]] = field(default_factory=list)
     unfit: list[dict[str, Any]] = field(default_factory=list)
     conv1d: bool = True
+    fits_every_layer: str = ""
 
 
 CASES: dict[str, Case] = {
@@ -112,5 +114,24 @@ CASES: dict[str, Case] = {
              {"alpha": 0}, {"dropout": 1.0}, {"expansion_seed": -1}, {"rank_pattern": {"up": 0}},
              {"rank_pattern": ["up"]}],
         unfit=[{"init_r": 33}, {"rank_pattern": {"up": 40}}],
+    ),
+    "loha": Case(  # r=4: the Khatri-Rao forward on the rectangular layers, the dense one on the square layer
+        kwargs={"r": 4, "alpha": 8, "rank_dropout": 0.1},
+        random_init={"init_weights": False},
+        bad=[{"r": 0}, {"alpha": 0}, {"rank_dropout": 1.0}, {"module_dropout": -0.1}, {"init_weights": "gaussian"}],
+        unfit=[{"r": 33}],
+    ),
+    "lokr": Case(  # r=2 with decompose_both: both Kronecker factors are low-rank products on every toy layer
+        kwargs={"r": 2, "alpha": 4, "decompose_both": True, "rank_dropout": 0.1},
+        random_init={"init_weights": False},
+        bad=[{"r": 0}, {"decompose_factor": 0}, {"decompose_factor": -2}, {"init_weights": "gaussian"},
+             {"rank_dropout": 1.0}, {"rank_dropout_scale": "yes"}],
+        unfit=[{"decompose_factor": 5}],
+    ),
+    "kradapter": Case(
+        kwargs={},
+        random_init={"init_weights": False},
+        bad=[{"scaling": 0}, {"scaling": float("inf")}, {"init_weights": "zeros"}],
+        fits_every_layer="r and d follow from each layer's shape, so every Linear / Conv1D layer fits",
     ),
 }

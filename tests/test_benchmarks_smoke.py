@@ -63,3 +63,13 @@ def test_allocation_benchmark_quick() -> None:
     text = allocation.run(args)
     assert "| rankwise AdaLoRA |" in text and "| PEFT AdaLoRA |" in text and "**shared machine**" in text
     assert "rankwise / PEFT: step time **" in text
+
+
+def test_qlora_benchmark_quick() -> None:
+    pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    import qlora
+
+    text = qlora.run(qlora.parse_args(["--quick", "--rounds", "1", "--warmup", "0", "--no-memory", "--out", ""]))
+    assert "| rankwise QLoRA |" in text and "| peft QLoRA |" in text and "| frozen NF4 floor |" in text
+    assert "| after prepare_for_kbit_training" in text

@@ -1,5 +1,7 @@
 """Quantised layers (bitsandbytes 0.50 on CPU, torchao-, GPTQ- and HQQ-style fakes) are refused by every
-entry that wraps or factorises layers, before the model changes, instead of being treated as float Linears."""
+entry that factorises layers, and every quantised layer but a quantised bitsandbytes Linear4bit / Linear8bitLt by
+every entry that wraps layers, before the model changes, instead of being treated as float Linears. What the
+adapters do with bitsandbytes layers is tested in tests/test_qlora.py."""
 
 from __future__ import annotations
 
@@ -107,8 +109,13 @@ def flags_of(model: nn.Module) -> dict[str, bool]:
     return {n: p.requires_grad for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("kind", list(LAYERS))
-@pytest.mark.parametrize("targets", [["proj"], "all-linear", r"pro."], ids=["names", "all-linear", "regex"])
+BNB = ("bnb-int8", "bnb-4bit")  # quantised bitsandbytes layers: adapter targets (tests/test_qlora.py)
+REFUSED = [kind for kind in LAYERS if kind not in BNB and kind != "bnb-4bit-not-yet-moved"]
+TARGETS = pytest.mark.parametrize("targets", [["proj"], "all-linear", r"pro."], ids=["names", "all-linear", "regex"])
+
+
+@pytest.mark.parametrize("kind", REFUSED)
+@TARGETS
 def test_adapt_refuses_a_quantised_layer(kind, targets):
     model = quantised_net(kind)
     flags = flags_of(model)
@@ -117,10 +124,37 @@ def test_adapt_refuses_a_quantised_layer(kind, targets):
     assert_untouched(model, flags)
 
 
-def test_dora_on_8bit_is_refused_not_crashing():
-    model = quantised_net("bnb-int8")
-    with pytest.raises(ValueError, match=refusal("bnb-int8")):
-        rankwise.adapt(model, rankwise.DoRAConfig(r=4, targets=["proj"]))
+@pytest.mark.parametrize("kind", BNB)
+@TARGETS
+@pytest.mark.parametrize("config", [rankwise.LoRAConfig, rankwise.DoRAConfig])
+def test_adapt_wraps_a_quantised_bitsandbytes_layer(kind, targets, config):
+    model = rankwise.adapt(quantised_net(kind), config(r=2, targets=targets))
+    assert isinstance(model.proj, AdaptedLayer) and type(model.proj.base_layer).__module__.startswith("bitsandbytes")
+    assert model(torch.randn(2, 16)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("layer", [
+    lambda: bnb.nn.Linear4bit(16, 16),
+    lambda: bnb.nn.Linear8bitLt(16, 16, has_fp16_weights=False),
+], ids=["4bit", "int8"])
+@TARGETS
+def test_a_bitsandbytes_layer_not_quantised_yet_is_refused(layer, targets):
+    """bitsandbytes quantises on the move to a device; before it the weight is a float placeholder."""
+    torch.manual_seed(0)
+    model = Net(layer())
+    flags = flags_of(model)
+    with pytest.raises(ValueError, match=r"layer 'proj' \((Linear4bit|Linear8bitLt)\) cannot be adapted: its weight is "
+                                         r"not quantised yet .*call model\.to\(device\)"):
+        rankwise.adapt(model, rankwise.LoRAConfig(r=4, targets=targets))
+    assert_untouched(model, flags)
+
+
+def test_an_8bit_layer_with_trainable_float16_weights_is_refused():
+    torch.manual_seed(0)
+    model = Net(bnb.nn.Linear8bitLt(16, 16, has_fp16_weights=True).to("cpu"))
+    with pytest.raises(ValueError, match=r"layer 'proj' \(Linear8bitLt\) cannot be adapted: it keeps trainable float16 "
+                                         r"weights \(has_fp16_weights=True\)"):
+        rankwise.adapt(model, rankwise.LoRAConfig(r=4, targets=["proj"]))
 
 
 def test_excluding_the_quantised_layer_adapts_the_rest():
@@ -135,7 +169,7 @@ def test_float_modules_of_quantisation_packages_are_not_taken_for_linears():
     assert [name for name, _ in rankwise.adapted_layers(model)] == ["1"]
 
 
-@pytest.mark.parametrize("kind", ["bnb-int8", "bnb-4bit", "torchao"])
+@pytest.mark.parametrize("kind", ["torchao", "gptq"])
 def test_load_and_import_peft_refuse_a_quantised_base(kind, tmp_path):
     torch.manual_seed(0)
     trained = rankwise.adapt(Net(nn.Linear(16, 16)), rankwise.LoRAConfig(r=4, targets=["proj", "out"]))

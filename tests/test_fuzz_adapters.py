@@ -110,6 +110,16 @@ OPTIONS: dict[str, st.SearchStrategy[dict[str, Any]]] = {
         "orth_reg_weight": st.sampled_from([0.5, 0.0]), "orth_reg": st.sampled_from(["peft", "paper"]),
         "alpha": ALPHA, "dropout": DROPOUT, "init_weights": st.booleans(),
     })),
+    "loha": st.fixed_dictionaries({  # module_dropout > 0 may skip the adapter, and check_gradients wants grads
+        "r": SMALL, "alpha": ALPHA, "rank_dropout": DROPOUT, "init_weights": st.booleans(),
+        "allow_excess_rank": st.sampled_from([False, False, True]),
+    }),
+    "lokr": st.fixed_dictionaries({
+        "r": SMALL, "alpha": ALPHA, "rank_dropout": DROPOUT, "rank_dropout_scale": st.booleans(),
+        "decompose_both": st.booleans(), "decompose_factor": st.sampled_from([-1, -1, 1, 2, 3, 4, 0]),
+        "init_weights": st.sampled_from([True, False, "lycoris"]), "allow_factor_fallback": st.booleans(),
+    }),
+    "kradapter": st.fixed_dictionaries({"scaling": st.sampled_from([2.0, 0.5, 0.0]), "init_weights": st.booleans()}),
     "elalora": st.fixed_dictionaries({
         "init_r": SMALL, "b": st.sampled_from([1, 2, 4, 0]), "k": st.sampled_from([1, 2, 0]),
         "scheduler": st.booleans(), "total_step": st.sampled_from([100, 100, 100, 10, None]),
@@ -128,7 +138,7 @@ def starts_at_zero(name: str, options: dict[str, Any]) -> bool:
         return init in (True, "zeros")
     if name == "singlora":
         return options["ramp_up_steps"] > 0  # u(0) = 0 in eval mode; 0 switches the ramp off
-    if name in ("lora", "dora", "bora", "gralora", "miss", "adalora", "elalora"):
+    if name in ("lora", "dora", "bora", "gralora", "miss", "adalora", "elalora", "loha", "lokr", "kradapter"):
         return init is not False  # PiSSA / OLoRA move their initial update out of the base weight
     return True  # surm, loldu
 

@@ -1,5 +1,5 @@
 """import_peft accounts for every field of PEFT's config classes (LoraConfig, C3AConfig, GraloraConfig,
-MissConfig): each is metadata, reproduced exactly, inert alone, or refused when set to a non-default value.
+MissConfig, LoHaConfig, LoKrConfig): each is metadata, reproduced exactly, inert alone, or refused when set to a non-default value.
 
 The test walks ``dataclasses.fields()`` of PEFT's own classes, so a field a later PEFT adds lands in the
 "refused" branch (or fails here) until someone decides what it means for rankwise.
@@ -18,7 +18,16 @@ import torch
 from torch import nn
 
 peft = pytest.importorskip("peft")
-from peft import C3AConfig, GraloraConfig, LoraConfig, MissConfig, PeftModel, get_peft_model
+from peft import (
+    C3AConfig,
+    GraloraConfig,
+    LoHaConfig,
+    LoKrConfig,
+    LoraConfig,
+    MissConfig,
+    PeftModel,
+    get_peft_model,
+)
 
 import rankwise
 from rankwise.core.registry import get_method
@@ -32,6 +41,10 @@ REPRODUCED = {
     "c3a": SHARED | {"block_size", "init_weights"},
     "gralora": SHARED | {"r", "alpha", "gralora_k", "hybrid_r", "gralora_dropout", "init_weights"},
     "miss": SHARED | {"r", "miss_dropout", "mini_r", "init_weights"},
+    # use_effective_conv2d changes Conv layers only, which rankwise does not adapt with LoHa / LoKr
+    "loha": SHARED | {"r", "alpha", "rank_dropout", "module_dropout", "use_effective_conv2d", "init_weights"},
+    "lokr": SHARED | {"r", "alpha", "rank_dropout", "module_dropout", "use_effective_conv2d", "init_weights",
+                      "decompose_both", "decompose_factor", "rank_dropout_scale"},
 }
 METADATA = {"peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
             "inference_mode"}
@@ -43,6 +56,8 @@ PEFT_CONFIGS = {
     "c3a": (C3AConfig, {"block_size": 4, "init_weights": "gaussian"}),
     "gralora": (GraloraConfig, {"r": 4, "alpha": 8, "gralora_k": 2, "init_weights": False}),
     "miss": (MissConfig, {"r": 4, "init_weights": False}),
+    "loha": (LoHaConfig, {"r": 2, "alpha": 3, "init_weights": False}),
+    "lokr": (LoKrConfig, {"r": 1, "alpha": 3, "decompose_both": True, "init_weights": False}),
 }
 
 
@@ -138,7 +153,11 @@ def test_every_peft_field_is_reproduced_inert_or_refused(method, tmp_path):
             rankwise.import_peft(model, tmp_path)
         assert not list(rankwise.adapted_layers(model))
         assert all(torch.equal(a, b) for a, b in zip(model.parameters(), base_model().parameters()))
-    assert "bias" in refused and "layers_to_transform" in refused
+    assert "layers_to_transform" in refused
+    if method in ("loha", "lokr"):  # PEFT's LyCORIS configs have no bias field; per-layer patterns are refused
+        assert {"rank_pattern", "alpha_pattern"} <= set(refused)
+    else:
+        assert "bias" in refused
     if method == "lora":
         assert {"use_qalora", "layer_replication", "target_parameters", "trainable_token_indices", "megatron_config",
                 "lora_ga_config", "arrow_config", "alora_invocation_tokens",
@@ -264,3 +283,12 @@ def test_bad_patterns_raise():
         rankwise.LoRAConfig(alpha_pattern={"(": 2.0})
     with pytest.raises(ValueError, match=r"layer '2'.*r=9 exceeds min\(out, in\)=8.*rank_pattern"):
         rankwise.adapt(base_model(), rankwise.LoRAConfig(r=2, targets=["0", "2"], rank_pattern={"2": 9}))
+
+
+@pytest.mark.parametrize("method", ["loha", "lokr"])
+def test_use_effective_conv2d_is_reproduced_on_linear_layers(method, tmp_path):
+    """PEFT ignores use_effective_conv2d on Linear layers, so rankwise reproduces any value there."""
+    saved = saved_peft_adapter(method, tmp_path)
+    write_config(tmp_path, {**saved, "use_effective_conv2d": True})
+    reference = outputs(PeftModel.from_pretrained(base_model(), tmp_path))
+    torch.testing.assert_close(outputs(rankwise.import_peft(base_model(), tmp_path)), reference, atol=1e-5, rtol=1e-5)

@@ -95,6 +95,7 @@ class AdaLoRAConfig(SVDConfig):
     """AdaLoRA hyper-parameters, named and defaulted as PEFT's ``AdaLoraConfig`` (``lora_alpha`` is ``alpha``)."""
 
     method = "adalora"
+    quantised_base = True  # runs on a bitsandbytes 4-/8-bit base (rankwise.core.quantised)
 
     target_r: int = config_field(8, "average rank per layer at the end of the budget phase")
     rank_pattern: dict[str, list[bool]] | None = field(  # field(): ruff wants a visible default for a dict
@@ -121,6 +122,7 @@ class AdaLoRAAdapter(RankComponents, Adapter):
     """ΔW = α/(init_r + 1e-5) · B (A ⊙ E): PEFT's ``SVDLinear``, with rank components for the allocator."""
 
     masked_tensor = "lora_E"
+    conv_as_patches = True  # ungrouped convolutions too, through their flattened kernel (core.layer.conv_patches)
 
     def __init__(self, base: nn.Module, config: AdaLoRAConfig, layer_name: str = "") -> None:
         super().__init__(base, config, layer_name)

@@ -60,6 +60,7 @@ class ARDLoRAConfig(AdapterConfig):
     """ARD-LoRA hyper-parameters (module docstring); ``r`` and ``alpha`` mean what they mean for LoRA."""
 
     method = "ardlora"
+    quantised_base = True  # runs on a bitsandbytes 4-/8-bit base (rankwise.core.quantised)
 
     r: int = config_field(8, "base rank r0: a unit with scaling factor 1 has rank r0")
     r_max: int | None = config_field(None, "components held per unit, the largest rank a unit can reach (2*r)")
@@ -125,6 +126,8 @@ class ARDLoRAConfig(AdapterConfig):
 
 class ARDLoRAAdapter(Adapter):
     """ΔW_u = s · B_u diag(g_u) A_u per unit u (module docstring), with α_u in ``ard_scale``."""
+
+    conv_as_patches = True  # ungrouped convolutions too, through their flattened kernel (core.layer.conv_patches)
 
     def __init__(self, base: nn.Module, config: ARDLoRAConfig, layer_name: str = "") -> None:
         super().__init__(base, config, layer_name)

@@ -73,6 +73,7 @@ class MissConfig(AdapterConfig):
     """
 
     method = "miss"
+    quantised_base = True  # runs on a bitsandbytes 4-/8-bit base (rankwise.core.quantised)
 
     r: int = config_field(64, "shard size along the input dimension (rank of ΔW is at most r)")
     dropout: float = config_field(0.0, "dropout on the input before the shard sum (not with bat)")
@@ -93,6 +94,8 @@ class MissConfig(AdapterConfig):
 
 class MissAdapter(Adapter):
     """One trainable block D shared by every shard; see the module docstring for the variants."""
+
+    conv_as_patches = True  # ungrouped convolutions too, through their flattened kernel (core.layer.conv_patches)
 
     def __init__(self, base: nn.Module, config: MissConfig, layer_name: str = "") -> None:
         super().__init__(base, config, layer_name)

@@ -99,6 +99,7 @@ class BoRAAdapter(LoRAAdapter):
     """W' = diag(d_out) (W0 + s·B·A) diag(d_in); the LoRA factors and forward come from LoRAAdapter."""
 
     uses_base_output = False  # the output is built from W itself; the wrapper skips its W x
+    conv_as_patches = True  # ungrouped convolutions too, through their flattened kernel (core.layer.conv_patches)
 
     def __init__(self, base: nn.Module, config: BoRAConfig, layer_name: str = "") -> None:
         super().__init__(base, config, layer_name)

@@ -126,6 +126,7 @@ class C3AConfig(AdapterConfig):
     """C3A hyper-parameters, named as in PEFT's ``C3AConfig``."""
 
     method = "c3a"
+    quantised_base = True  # runs on a bitsandbytes 4-/8-bit base (rankwise.core.quantised)
 
     block_size: int = config_field(
         64, "circulant block size b; must divide in and out width of every target (64 fits 384/768/1536/3072)"
@@ -150,6 +151,8 @@ class C3AConfig(AdapterConfig):
 
 class C3AAdapter(Adapter):
     """ΔW = C_blk(K)/n applied through FFTs; the dense ΔW is built only for merging."""
+
+    conv_as_patches = True  # ungrouped convolutions too, through their flattened kernel (core.layer.conv_patches)
 
     def __init__(self, base: nn.Module, config: C3AConfig, layer_name: str = "") -> None:
         super().__init__(base, config, layer_name)

@@ -60,6 +60,7 @@ class ElaLoRAConfig(SVDConfig):
     with AdaLoRA are :class:`~rankwise.adapters.adalora.SVDConfig`'s, some with ElaLoRA's defaults."""
 
     method = "elalora"
+    quantised_base = True  # runs on a bitsandbytes 4-/8-bit base (rankwise.core.quantised)
 
     init_r: int = config_field(10, "initial rank of every adapted layer; the total rank stays L * init_r")
     tinit: int = config_field(1, "warm-up steps before any reallocation")

@@ -28,6 +28,8 @@ class GoRAConfig(LoRAConfig):
     """
 
     method = "gora"
+    # GoRA's init needs ∂L/∂W of the base weight, which a quantised (non-differentiable) weight cannot give.
+    quantised_base = False
 
     alpha: float = config_field(16.0, "scaling numerator: s = alpha / sqrt(r_l) (rsLoRA, as in GoRA's scripts)")
     use_rslora: bool = config_field(True, "s = alpha / sqrt(r_l) (GoRA's scaling); False: alpha / r_l")

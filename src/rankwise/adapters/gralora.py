@@ -60,6 +60,7 @@ class GraLoRAConfig(AdapterConfig):
     """GraLoRA hyper-parameters, named and defaulted as in PEFT's ``GraloraConfig``."""
 
     method = "gralora"
+    quantised_base = True  # runs on a bitsandbytes 4-/8-bit base (rankwise.core.quantised)
 
     r: int = config_field(32, "GraLoRA rank (divisible by gralora_k); each of the k*k blocks gets rank r/k")
     alpha: float = config_field(64.0, "scaling numerator: s = alpha / (r + hybrid_r)")
@@ -91,6 +92,8 @@ class GraLoRAConfig(AdapterConfig):
 
 class GraLoRAAdapter(Adapter):
     """k×k block-wise LoRA with information exchange, plus an optional dense hybrid LoRA."""
+
+    conv_as_patches = True  # ungrouped convolutions too, through their flattened kernel (core.layer.conv_patches)
 
     def __init__(self, base: nn.Module, config: GraLoRAConfig, layer_name: str = "") -> None:
         super().__init__(base, config, layer_name)

@@ -57,6 +57,7 @@ class LoLDUConfig(AdapterConfig):
     """LoLDU hyper-parameters. LoLDU wants learning rates about 10× those of LoRA (paper: 3e-3 on ViT)."""
 
     method = "loldu"
+    quantised_base = True  # runs on a bitsandbytes 4-/8-bit base (rankwise.core.quantised)
 
     r: int = config_field(32, "number of LDU components whose diagonal is trained (r trainable scalars per layer)")
     alpha: float = config_field(32.0, "scale numerator: sigma = alpha / r (the paper uses alpha = r)")
@@ -82,6 +83,8 @@ def lu_permutation(pivots: Tensor, rows: int) -> Tensor:
 
 class LoLDUAdapter(Adapter):
     """ΔW = σ P L_r diag(z − D_r) Ū_r, with P stored as row indices."""
+
+    conv_as_patches = True  # ungrouped convolutions too, through their flattened kernel (core.layer.conv_patches)
 
     def __init__(self, base: nn.Module, config: LoLDUConfig, layer_name: str = "") -> None:
         super().__init__(base, config, layer_name)

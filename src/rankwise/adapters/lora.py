@@ -53,6 +53,23 @@ training with dropout x̃ = dropout(x) and W x̃ is recomputed: exactly PEFT's s
 differ from W' dropout(x) (paper §4.3 / PEFT ``DoraLinearVariant.forward``). Trainable parameters:
 r(m + n) + m.
 
+Quantised bases (QLoRA: bitsandbytes ``Linear4bit`` NF4 / FP4 and ``Linear8bitLt``, :mod:`rankwise.core.quantised`):
+the base output is the quantised layer's own forward, as in PEFT's ``lora.bnb`` layers; DoRA's W is the
+dequantised weight, read afresh at every forward (as PEFT does, never stored), with c computed in float32.
+PiSSA and OLoRA rewrite W and are refused on a quantised layer (PEFT refuses them too). Merging dequantises,
+merges and re-quantises with a warning stating the rounding error; unmerge restores the original quantised
+weight bit for bit (PEFT subtracts through a second re-quantisation).
+
+Convolution and embedding layers (targets that name them; ``"all-linear"`` does not), as PEFT 0.21.2's
+``lora.Conv1d/2d/3d`` and ``lora.Embedding``: ``LoRAAdapter(base, config)`` builds
+:class:`LoRAConvAdapter` / :class:`LoRAEmbeddingAdapter` (:class:`DoRAConvAdapter` /
+:class:`DoRAEmbeddingAdapter` for DoRA). Both are the formulas above on the layer's weight matrix
+(:func:`~rankwise.core.layer.weight_matrix`): the (C_out, C_in·∏k) flattened kernel, whose A and B are a
+C_in → r convolution and a 1×1 r → C_out convolution, and the (d, V) transposed embedding table, whose
+A (r, V) and B (d, r) are PEFT's ``lora_embedding_A`` / ``lora_embedding_B`` (zero A, N(0, 1) B at init). DoRA
+takes one magnitude per output channel / embedding dimension. See the classes for grouped convolutions,
+dilation and padding modes, and what is refused.
+
 Where we differ from PEFT, on purpose:
     * c is computed without the m×n matrix W + sBA:
       c_i² = ‖W_i‖² + 2s ⟨(W Aᵀ)_i, B_i⟩ + s² B_i (A Aᵀ) B_iᵀ, O(mnr) flops and O(mr) memory.
@@ -81,7 +98,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import torch
 import torch.nn.functional as F
@@ -95,11 +112,13 @@ from ..core.config import (
     check_positive_number,
     config_field,
 )
-from ..core.layer import Adapter
+from ..core.layer import Adapter, add_into_output, layer_kind
 from ..core.rank import RankComponents
 from ..core.registry import PeftFormat, register
 
 BASE_CHANGING_INITS = ("pissa", "olora")
+# (method, layer kind) -> the adapter class LoRAAdapter(...) builds for it (filled below the classes).
+_LAYER_VARIANTS: dict[tuple[str, str | None], type[LoRAAdapter]] = {}
 
 
 @dataclass(kw_only=True)
@@ -107,6 +126,7 @@ class LoRAConfig(AdapterConfig):
     """LoRA hyper-parameters, named and defaulted as in PEFT's ``LoraConfig``."""
 
     method = "lora"
+    quantised_base = True  # runs on a bitsandbytes 4-/8-bit base (rankwise.core.quantised)
 
     r: int = config_field(8, "rank of the update B·A")
     alpha: float = config_field(8.0, "scaling numerator: s = alpha / r (alpha / sqrt(r) with use_rslora)")
@@ -229,6 +249,12 @@ class LoRAAdapter(RankComponents, Adapter):
 
     masked_tensor = "lora_B.weight"
 
+    def __new__(cls, base: nn.Module | None = None, config: LoRAConfig | None = None, layer_name: str = "") -> Self:
+        """``LoRAAdapter(base, config)`` builds the class for the base's layer kind: :class:`LoRAConvAdapter` or
+        :class:`LoRAEmbeddingAdapter` (DoRA's subclasses for ``dora``), else ``cls`` itself."""
+        variant = None if base is None or config is None else _LAYER_VARIANTS.get((config.method, layer_kind(base)))
+        return super().__new__(variant if variant is not None and issubclass(variant, cls) else cls)
+
     def __init__(self, base: nn.Module, config: LoRAConfig, layer_name: str = "") -> None:
         super().__init__(base, config, layer_name)
         smallest = min(self.out_features, self.in_features)
@@ -244,9 +270,13 @@ class LoRAAdapter(RankComponents, Adapter):
         self.init = config.init_weights
         width = config.factor_width(self.out_features, self.in_features, layer_name)
         self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.lora_A = nn.Linear(self.in_features, width, bias=False)
-        self.lora_B = nn.Linear(width, self.out_features, bias=config.lora_bias)
+        self._build_factors(width, config.lora_bias)
         self._init_factors(config.init_weights)
+
+    def _build_factors(self, width: int, bias: bool) -> None:
+        """Create A (``lora_A``) and B (``lora_B``, with a bias when ``bias``) for this layer kind."""
+        self.lora_A = nn.Linear(self.in_features, width, bias=False)
+        self.lora_B = nn.Linear(width, self.out_features, bias=bias)
 
     @torch.no_grad()
     def _init_factors(self, init: bool | str) -> None:
@@ -299,9 +329,22 @@ class LoRAAdapter(RankComponents, Adapter):
     def forward(self, x: Tensor, base_out: Tensor) -> Tensor:
         return self.low_rank_output(self.lora_dropout(x), base_out)
 
+    def factor_matrices(self) -> tuple[Tensor, Tensor]:
+        """(A, B) as the (r, in_features) and (out_features, r) matrices of the update ΔW = s·B·A."""
+        return self.lora_A.weight, self.lora_B.weight
+
+    @torch.no_grad()
+    def set_factor_matrices(self, A: Tensor, B: Tensor) -> None:
+        """Write an (r, in_features) A and an (out_features, r) B into the factors, in their layout (a kernel for a
+        convolution): the inverse of :meth:`factor_matrices`, for code that builds a LoRA from matrices."""
+        (a, _), (b, _) = self.rank_tensors().values()
+        a.copy_(A.reshape(a.shape))
+        b.copy_(B.reshape(b.shape))
+
     def low_rank_weight(self) -> Tensor:
         """s·B·A, the dense low-rank update."""
-        return self.scaling * (self.lora_B.weight @ self.lora_A.weight)
+        A, B = self.factor_matrices()
+        return self.scaling * (B @ A)
 
     def delta_weight(self) -> Tensor:
         return self.low_rank_weight()
@@ -354,7 +397,7 @@ class DoRAAdapter(LoRAAdapter):
         Computed in the adapter's dtype (float32 for a half-precision base): a bfloat16 norm would be
         off by ~4e-3, and g/c − 1 with it.
         """
-        A, B, s = self.lora_A.weight, self.lora_B.weight, self.scaling
+        (A, B), s = self.factor_matrices(), self.scaling
         weight = weight.to(A.dtype)
         base_sq = torch.linalg.vector_norm(weight, dim=1).square()
         cross = ((weight @ A.T) * B).sum(dim=1)
@@ -409,6 +452,202 @@ class DoRAAdapter(LoRAAdapter):
     @classmethod
     def expected_num_params(cls, out_features: int, in_features: int, config: DoRAConfig) -> int:
         return super().expected_num_params(out_features, in_features, config) + out_features
+
+
+# ----------------------------------------------------------------------------------------------
+# Convolution and embedding layers (PEFT 0.21.2's lora.Conv1d/2d/3d and lora.Embedding)
+# ----------------------------------------------------------------------------------------------
+
+_CONV_CLASSES: dict[int, type[nn.Module]] = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}
+
+
+class LoRAConvAdapter(LoRAAdapter):
+    """LoRA on ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` (C_in → C_out, kernel k, ``groups`` G), as PEFT's ``_ConvNd``.
+
+    A (``lora_A``) is a C_in → r convolution with the base's kernel size, stride, padding, dilation and
+    padding mode; B (``lora_B``) a 1×1 C_out ← r convolution with the base's ``groups`` (and a bias with
+    ``lora_bias``); y = base(x) + s·B(A(dropout(x))). With G = 1 this is LoRA on the flattened kernel
+    W ∈ R^{C_out × C_in·∏k}: ΔW = s·B A with A, B the kernels flattened to (r, C_in·∏k) and (C_out, r), the
+    matrix :func:`~rankwise.core.layer.weight_matrix` shows, so merging, DoRA's norms and the rank check
+    (r ≤ min(C_out, C_in/G·∏k)) are the linear ones. Init as PEFT: kaiming-uniform A over its fan-in C_in·∏k
+    (``"gaussian"``: N(0, 1/r²)), zero B. Parameters: r·C_in·∏k + C_out·r/G (+ C_out with ``lora_bias``), which
+    for G = 1 is LoRA's r(out + in) on that matrix (``expected_num_params``).
+
+    Grouped convolutions (G > 1, as PEFT: r must be a multiple of G): output channel o of group g reads the
+    A channels g·r/G … (g+1)·r/G − 1, which see *every* input channel, so the update is a dense C_in → C_out
+    convolution that no grouped kernel holds; it trains and runs, but merging it (PEFT: NotImplementedError)
+    and DoRA (whose norms need that kernel; PEFT's reshapes the wrong numbers without an error) are refused.
+
+    Where we differ from PEFT 0.21.2: A takes the base's dilation and padding mode (PEFT drops them,
+    peft#3697: a dilated base fails at the forward, a reflect-padded one computes a different function than
+    its merge); ``export_peft`` / ``import_peft`` refuse such layers, which PEFT does not reproduce. PiSSA and
+    OLoRA are refused (PEFT raises for convolutions too).
+    """
+
+    layer_kinds = ("conv",)
+
+    def _build_factors(self, width: int, bias: bool) -> None:
+        base = self.base_layer
+        if self.init in BASE_CHANGING_INITS:
+            raise self.fail(f"init_weights={self.init!r} factorises a weight matrix, not a convolution kernel "
+                            "(PEFT refuses it too)", "Use init_weights=True or 'gaussian' for convolution layers")
+        if self.r % base.groups:
+            raise self.fail(f"rank r={self.r} is not a multiple of groups={base.groups}",
+                            f"Use r divisible by {base.groups} (as PEFT requires), or exclude this layer")
+        conv = _CONV_CLASSES[base.weight.dim()]
+        self.lora_A = conv(base.in_channels, width, base.kernel_size, base.stride, base.padding, base.dilation,
+                           bias=False, padding_mode=base.padding_mode)
+        self.lora_B = conv(width, base.out_channels, 1, groups=base.groups, bias=bias)
+
+    def low_rank_output(self, x: Tensor, base_out: Tensor) -> Tensor:
+        """base_out + s·B(A(x)) (B's bias scaled too, as PEFT)."""
+        return add_into_output(base_out, self.lora_B(self.lora_A(x)), alpha=self.scaling)
+
+    def factor_matrices(self) -> tuple[Tensor, Tensor]:
+        """The kernels as (r, C_in·∏k) and (C_out, r) matrices; refused for a grouped convolution."""
+        groups = self.base_layer.groups
+        if groups > 1:
+            raise self.fail(
+                f"a LoRA update on a grouped convolution (groups={groups}) reads every input channel, so no grouped "
+                "kernel holds it: it cannot be merged, and DoRA (whose norms need it) cannot adapt the layer",
+                "Keep the adapter unmerged (plain LoRA), or exclude this layer",
+            )
+        return self.lora_A.weight.flatten(1), self.lora_B.weight.flatten(1)
+
+    def check_mergeable(self) -> None:
+        self.factor_matrices()
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        raise self.fail("the factors of a convolution LoRA are kernels, not the two matrices that optimisers "
+                        "such as LoRA-Pro adjust", "Leave convolution layers out of targets for LoRA-Pro")
+
+    def rank_tensors(self) -> dict[str, tuple[nn.Parameter, int]]:
+        self.factor_matrices()  # the rank dim of a grouped B holds r/groups entries: refused there
+        return super().rank_tensors()
+
+    def new_components(self, count: int) -> dict[str, Tensor]:
+        A, B = self.lora_A.weight, self.lora_B.weight
+        a = A.new_empty(count, *A.shape[1:])
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as the init's A kernels (fan-in C_in·∏k)
+        return {"lora_A.weight": a, "lora_B.weight": B.new_zeros(B.shape[0], count, *B.shape[2:])}
+
+
+class LoRAEmbeddingAdapter(LoRAAdapter):
+    """LoRA on ``nn.Embedding`` (V tokens, dimension d), as PEFT's ``lora.Embedding``.
+
+    In the linear view (W = E ∈ R^{d×V}, a token is a one-hot x): ΔW = s·B A with A = ``lora_embedding_A`` ∈
+    R^{r×V} and B = ``lora_embedding_B`` ∈ R^{d×r}, stored as plain tensors under PEFT's names and shapes, so
+    merging adds s·(B A)ᵀ to the stored (V, d) table. Forward: y = E[x] + s·(Aᵀ[x] Bᵀ)·embed_scale, the
+    lookup Aᵀ[x] made with the base's ``padding_idx`` (no gradient into that token's column of A) and
+    ``scale_grad_by_freq``; ``embed_scale`` is the scalar a scaled embedding class
+    (transformers' Gemma3) multiplies its output by, 1 otherwise. Init (PEFT, after loralib, the reverse of
+    Linear): A = 0, B ~ N(0, 1) for ``init_weights`` True and ``"gaussian"``; ``False`` draws both from
+    N(0, 1). Parameters: r(V + d).
+
+    As PEFT: no dropout on this path (``dropout`` is ignored, which is also loralib's behaviour), and
+    ``lora_bias`` is refused. Unlike PEFT, a ``sparse`` base gets a dense gradient for A (r×V, small): a sparse
+    gradient cannot flow back through the transpose Aᵀ, and PEFT's backward raises there. Refused where PEFT is silent: PiSSA / OLoRA (PEFT quietly uses the plain init
+    instead), ``max_norm`` (PEFT's lookup would renormalise the columns of A in place) and an ``embed_scale``
+    with more than one element (PEFT warns and leaves the adapter unscaled).
+    """
+
+    layer_kinds = ("embedding",)
+    masked_tensor = "lora_embedding_B"
+
+    def _build_factors(self, width: int, bias: bool) -> None:
+        base = self.base_layer
+        scale = getattr(base, "embed_scale", None)
+        refusals = [
+            (bias, "lora_bias=True (PEFT refuses it for embeddings too)", "Set lora_bias=False"),
+            (self.init in BASE_CHANGING_INITS,
+             f"init_weights={self.init!r} is not defined for embeddings (PEFT silently uses the plain init)",
+             "Use init_weights=True or 'gaussian'"),
+            (base.max_norm is not None,
+             (f"max_norm={base.max_norm} renormalises looked-up rows in place (PEFT's lookup would renormalise the "
+             "adapter's own A)"), "Adapt an embedding without max_norm"),
+            (isinstance(scale, Tensor) and scale.numel() != 1, "its embed_scale has more than one element",
+             "Adapt an embedding with a scalar embed_scale"),
+        ]
+        for refused, problem, fix in refusals:
+            if refused:
+                raise self.fail(problem, fix)
+        self.lora_embedding_A = nn.Parameter(torch.randn(width, self.in_features))
+        self.lora_embedding_B = nn.Parameter(torch.randn(self.out_features, width))
+
+    @torch.no_grad()
+    def _init_factors(self, init: bool | str) -> None:
+        if init is not False:
+            nn.init.zeros_(self.lora_embedding_A)
+            nn.init.normal_(self.lora_embedding_B)
+
+    def low_rank_output(self, x: Tensor, base_out: Tensor) -> Tensor:
+        """base_out + s·(Aᵀ[x] Bᵀ)·embed_scale."""
+        base = self.base_layer
+        rows = F.embedding(x, self.lora_embedding_A.T, base.padding_idx, None, 2.0, base.scale_grad_by_freq)
+        update = (rows @ self.lora_embedding_B.T) * self.scaling
+        scale = getattr(base, "embed_scale", None)
+        if scale is not None:
+            update = update * (scale.to(update.dtype) if isinstance(scale, Tensor) else scale)
+        return add_into_output(base_out, update)
+
+    def forward(self, x: Tensor, base_out: Tensor) -> Tensor:
+        return self.low_rank_output(x, base_out)
+
+    def factor_matrices(self) -> tuple[Tensor, Tensor]:
+        return self.lora_embedding_A, self.lora_embedding_B
+
+    def delta_bias(self) -> Tensor | None:
+        return None
+
+    def rank_tensors(self) -> dict[str, tuple[nn.Parameter, int]]:
+        return {"lora_embedding_A": (self.lora_embedding_A, 0), "lora_embedding_B": (self.lora_embedding_B, 1)}
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        return self.factor_matrices()
+
+    def new_components(self, count: int) -> dict[str, Tensor]:
+        """Components as at init: zero rows of A, N(0, 1) columns of B (they add nothing to ΔW)."""
+        A, B = self.factor_matrices()
+        return {"lora_embedding_A": A.new_zeros(count, A.shape[1]),
+                "lora_embedding_B": torch.randn(B.shape[0], count, dtype=B.dtype, device=B.device)}
+
+
+class DoRAConvAdapter(DoRAAdapter, LoRAConvAdapter):
+    """DoRA on a convolution (G = 1): one magnitude per output channel, c_o = ‖W_o + s(BA)_o‖ over (C_in, k…).
+
+    PEFT's forward, with x̃ as in the linear DoRA (dropout(x) in training with dropout, else x):
+    y = base(x) + (g/c − 1)·conv(x̃, W) + (g/c)·s·B(A(x̃)), where conv(x̃, W) = base(x) − b without dropout.
+    The magnitude is stored as a vector (C_out); PEFT files hold it as (1, C_out, 1, …), which
+    ``import_peft`` / ``export_peft`` reshape.
+    """
+
+    def forward(self, x: Tensor, base_out: Tensor) -> Tensor:
+        base = self.base_layer
+        channel = (-1,) + (1,) * (base_out.dim() - 2)
+        scale = self.magnitude_scale(self.weight_norm(self.base_weight())).view(channel)
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            plain = base_out if base.bias is None else base_out - base.bias.to(base_out.dtype).view(channel)
+        else:
+            x = self.lora_dropout(x)
+            plain = base._conv_forward(x, base.weight.to(x.dtype), None)
+        return base_out + (scale - 1) * plain + scale * self.scaling * self.lora_B(self.lora_A(x))
+
+
+class DoRAEmbeddingAdapter(DoRAAdapter, LoRAEmbeddingAdapter):
+    """DoRA on an embedding: one magnitude per embedding dimension, c_j = ‖E_j + s(BA)_j‖ over the vocabulary
+    (rows of the (d, V) linear view). y = (g/c) ⊙ (E[x] + s·(Aᵀ[x] Bᵀ)·embed_scale), as PEFT (no dropout, no bias)."""
+
+    def forward(self, x: Tensor, base_out: Tensor) -> Tensor:
+        scale = self.magnitude_scale(self.weight_norm(self.base_weight()))
+        return self.low_rank_output(x, base_out) * scale
+
+
+_LAYER_VARIANTS.update({
+    ("lora", "conv"): LoRAConvAdapter,
+    ("lora", "embedding"): LoRAEmbeddingAdapter,
+    ("dora", "conv"): DoRAConvAdapter,
+    ("dora", "embedding"): DoRAEmbeddingAdapter,
+})
 
 
 # ----------------------------------------------------------------------------------------------

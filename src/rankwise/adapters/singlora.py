@@ -79,6 +79,7 @@ class SingLoRAConfig(AdapterConfig):
     """SingLoRA hyper-parameters (paper defaults: r = α = 8, lr 1e-3 for A)."""
 
     method = "singlora"
+    quantised_base = True  # runs on a bitsandbytes 4-/8-bit base (rankwise.core.quantised)
 
     r: int = config_field(8, "rank of A (trainable parameters per layer: max(out, in) * r)")
     alpha: float = config_field(8.0, "scaling numerator: s = alpha / r; negative flips the sign of the update")
@@ -111,6 +112,8 @@ class SingLoRAConfig(AdapterConfig):
 
 class SingLoRAAdapter(Adapter):
     """ΔW = (α/r)·u(t)·A[:m]A[:n]ᵀ applied as two thin matmuls; the clock advances with the optimizer."""
+
+    conv_as_patches = True  # ungrouped convolutions too, through their flattened kernel (core.layer.conv_patches)
 
     def __init__(self, base: nn.Module, config: SingLoRAConfig, layer_name: str = "") -> None:
         super().__init__(base, config, layer_name)

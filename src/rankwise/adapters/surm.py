@@ -230,6 +230,7 @@ class SURMConfig(AdapterConfig):
     """SURM hyper-parameters; ``structure`` picks the matrix family (see the module docstring)."""
 
     method = "surm"
+    quantised_base = True  # runs on a bitsandbytes 4-/8-bit base (rankwise.core.quantised)
     comparison_defaults: ClassVar[dict[str, Any]] = {"rectangular": "native"}
 
     structure: str = config_field("circulant", "structured family of ΔW: circulant, toeplitz, kronecker or ldr")
@@ -309,6 +310,8 @@ def native_num_params(out_features: int, in_features: int, config: SURMConfig) -
 
 class SURMAdapter(Adapter):
     """ΔW from one structured family, applied by its fast matvec; dense only for merging."""
+
+    conv_as_patches = True  # ungrouped convolutions too, through their flattened kernel (core.layer.conv_patches)
 
     def __init__(self, base: nn.Module, config: SURMConfig, layer_name: str = "") -> None:
         super().__init__(base, config, layer_name)

@@ -26,7 +26,8 @@ class AdapterConfig:
         targets: which layers to adapt: a list of module-name suffixes (``["query", "value"]``
             matches ``encoder.layer.0.attention.self.query``), a regular expression string that
             must match the whole module name, or ``"all-linear"`` for every Linear / Conv1D layer
-            except the model's output head.
+            except the model's output head. Names and regexes may also select convolution and embedding
+            layers, for the methods that adapt them (``"all-linear"`` never does).
         exclude: module names (same forms as ``targets``, but no ``"all-linear"``) to leave alone
             even when ``targets`` matches them.
         modules_to_save: modules trained in full and saved with the adapter, typically a freshly
@@ -38,6 +39,10 @@ class AdapterConfig:
     # them: a method whose safe default refuses some layers names here the explicit choice that lets it run
     # on every layer the others adapt (SURM: rectangular layers).
     comparison_defaults: ClassVar[dict[str, Any]] = {}
+    # True for a method that runs on a quantised bitsandbytes base layer (QLoRA): its forward needs only x, the
+    # base output and the dequantised weight (``weight_matrix``), and its merge goes through ``merged_weight``.
+    # ``adapt`` refuses a quantised target for every other method, naming the ones that support it.
+    quantised_base: ClassVar[bool] = False
 
     targets: Targets = "all-linear"
     exclude: Targets = None

@@ -4,7 +4,8 @@
 model is touched, so a config that does not fit some layer raises without leaving the model half
 adapted. ``unload`` gives back the plain model with the original ``requires_grad`` flags.
 ``modules_to_save`` modules train as a copy beside the untouched original (:class:`SavedModule`).
-Quantised layers are refused, never wrapped as float layers (:mod:`rankwise.core.quantised`).
+Quantised layers are refused, never wrapped as float layers, except bitsandbytes 4-/8-bit layers for the
+methods that support them (:mod:`rankwise.core.quantised`).
 """
 
 from __future__ import annotations
@@ -12,18 +13,18 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 from torch import nn
 
 from .config import AdapterConfig
-from .layer import AdaptedLayer, SavedModule, is_supported_layer, linear_shape
-from .quantised import check_not_quantised, is_quantised_linear
-from .registry import get_method
+from .layer import DEFAULT_ADAPTER, AdaptedLayer, SavedModule, is_adaptable_layer, is_supported_layer, linear_shape
+from .quantised import bnb_kind, bnb_settings, check_adaptable, check_not_quantised, is_quantised_linear
+from .registry import get_method, registered
 
 ALL_LINEAR = "all-linear"
-_CONFIG_ATTR = "_rankwise_config"
+_CONFIGS_ATTR = "_rankwise_configs"  # {adapter name: config}, in the order the adapters were added
+_ACTIVE_ATTR = "_rankwise_active"  # the active adapter's name
 _FLAGS_ATTR = "_rankwise_requires_grad"
 
 
@@ -59,14 +60,31 @@ def output_head_names(model: nn.Module) -> set[str]:
     return heads
 
 
+def layer_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """``{name: module}`` of the model as targeting sees it: an adapted layer as its base layer, and nothing
+    inside an adapted layer or a ``modules_to_save`` wrapper (an adapter's own ``lora_A`` is no target). For a
+    model without adapters this is ``dict(model.named_modules())``."""
+    found: dict[str, nn.Module] = {}
+    inside = None  # named_modules is a pre-order walk, so a wrapper's contents directly follow it
+    for name, module in model.named_modules():
+        if inside is not None and name.startswith(inside):
+            continue
+        inside = name + "." if isinstance(module, (AdaptedLayer, SavedModule)) else None
+        found[name] = module.base_layer if isinstance(module, AdaptedLayer) else module
+    return found
+
+
 def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     """Names of the layers ``config`` selects, in model order; ``ValueError`` if the selection is bad.
 
     Modules in ``config.modules_to_save`` (and everything inside them) are never targets. A quantised
     layer that the selection reaches (bitsandbytes, torchao, GPTQ, ...: see :mod:`rankwise.core.quantised`)
-    is refused with a ``ValueError`` rather than wrapped as if it were a float ``nn.Linear``, or skipped.
+    is refused with a ``ValueError`` rather than wrapped as if it were a float ``nn.Linear``, or skipped;
+    only a method whose config sets ``quantised_base`` may target a quantised bitsandbytes layer
+    (:func:`check_target`).
+    On an adapted model an adapted layer counts as its base layer (:func:`layer_modules`).
     """
-    modules = dict(model.named_modules())
+    modules = layer_modules(model)
     supported = [name for name, m in modules.items() if name and is_supported_layer(m)]
     saved = list(_modules_to_save(model, config))
 
@@ -80,7 +98,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
         names = [n for n, m in modules.items()
                  if n and (is_supported_layer(m) or is_quantised_linear(m)) and n not in heads and not excluded(n)]
         for name in names:  # "all-linear" never skips a quantised linear layer in silence
-            check_not_quantised(name, modules[name])
+            check_target(name, modules[name], config)
     else:
         names, named = [], []  # named: every layer a target names, excluded ones too (PEFT accepts those)
         for name, module in modules.items():
@@ -89,12 +107,13 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
             named.append(name)
             if excluded(name):
                 continue
-            check_not_quantised(name, module)
-            if not is_supported_layer(module):
+            check_target(name, module, config)
+            if not is_adaptable_layer(module):
                 raise ValueError(
                     f"target {config.targets!r} matches '{name}', a {type(module).__name__}, but rankwise "
-                    "adapters wrap nn.Linear and transformers Conv1D layers only. Name its linear "
-                    f"sub-layers instead, e.g. {_examples([n for n in supported if n.startswith(name + '.')])}."
+                    "adapters wrap nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d and nn.Embedding layers only. "
+                    "Name its linear sub-layers instead, e.g. "
+                    f"{_examples([n for n in supported if n.startswith(name + '.')])}."
                 )
             names.append(name)
         if isinstance(config.targets, list):
@@ -110,6 +129,33 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
             f"Candidate layers: {_examples(supported)}; available suffixes: {_suffixes(supported)}."
         )
     return names
+
+
+def check_target(name: str, module: nn.Module, config: AdapterConfig) -> None:
+    """``ValueError`` unless ``config``'s method may wrap ``module`` as far as quantisation goes.
+
+    Without a method (compression's target selection) every quantised layer is refused. A method may wrap a
+    quantised bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` when its config sets ``quantised_base`` and its init
+    leaves the base weight alone (PiSSA / OLoRA rewrite it, which a quantised weight cannot hold exactly; PEFT
+    refuses them too); the error names the method, the layer and the methods that can.
+    """
+    if not config.method:
+        check_not_quantised(name, module)
+        return
+    check_adaptable(name, module)
+    if bnb_kind(module) is None:
+        return
+    why = None if config.quantised_base else f"{config.method} has no quantised-base path"
+    if config.quantised_base and config.changes_base_weights:
+        why = ("its init rewrites the base weight (PiSSA / OLoRA), which a quantised layer cannot hold exactly; "
+               "initialise on the float model and quantise the residual, or use another init")
+    if why is not None:
+        supported = sorted(m.name for m in registered() if m.config_cls.quantised_base)
+        raise ValueError(
+            f"method {config.method!r} cannot adapt layer '{name}', a bitsandbytes {bnb_settings(module)} layer: "
+            f"{why}. Methods that adapt quantised bitsandbytes layers: {supported}. Load the model in floating "
+            "point, or leave this layer out (exclude=...)"
+        )
 
 
 def _examples(names: list[str], limit: int = 8) -> str:
@@ -133,7 +179,15 @@ def _suffixes(names: list[str]) -> str:
 
 
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
-    """(name, wrapper) for every adapted layer; the name is the original layer's path."""
+    """(name, wrapper) for every layer that holds the active adapter (``wrapper.adapter``); the name is the
+    original layer's path. With one adapter per model: every adapted layer."""
+    for name, module in wrappers(model):
+        if module.adapter is not None:
+            yield name, module
+
+
+def wrappers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
+    """(name, wrapper) for every adapted layer, whichever adapters it holds."""
     for name, module in model.named_modules():
         if isinstance(module, AdaptedLayer):
             yield name, module
@@ -146,12 +200,29 @@ def saved_modules(model: nn.Module) -> Iterator[tuple[str, SavedModule]]:
             yield name, module
 
 
-def adapter_config(model: nn.Module) -> AdapterConfig:
-    """The config the model was adapted with; ``ValueError`` if it carries no rankwise adapter."""
-    config = getattr(model, _CONFIG_ATTR, None)
-    if config is None:
+def adapter_configs(model: nn.Module) -> dict[str, AdapterConfig]:
+    """``{adapter name: config}`` of every adapter of the model, in the order they were added (the model's own
+    record: change it through the model-level verbs); ``ValueError`` if it carries no rankwise adapter."""
+    configs = getattr(model, _CONFIGS_ATTR, None)
+    if not configs:
         raise ValueError(f"{type(model).__name__} carries no rankwise adapter; call rankwise.adapt(model, config) first")
-    return config
+    return configs
+
+
+def active_adapter(model: nn.Module) -> str:
+    """The name of the model's active adapter (``"default"`` for a model adapted by ``rankwise.adapt``)."""
+    adapter_configs(model)  # a model without adapters raises its own clear error
+    return getattr(model, _ACTIVE_ATTR)
+
+
+def adapter_config(model: nn.Module, adapter_name: str | None = None) -> AdapterConfig:
+    """The config of adapter ``adapter_name`` (default: the active adapter); ``ValueError`` if the model carries
+    no rankwise adapter or none of that name."""
+    configs = adapter_configs(model)
+    name = active_adapter(model) if adapter_name is None else adapter_name
+    if name not in configs:
+        raise ValueError(f"{type(model).__name__} has no adapter named {name!r}; its adapters are {list(configs)}")
+    return configs[name]
 
 
 def replace_adapter_config(model: nn.Module, config: AdapterConfig) -> None:
@@ -160,11 +231,11 @@ def replace_adapter_config(model: nn.Module, config: AdapterConfig) -> None:
     if adapter_config(model).method != config.method:
         raise ValueError(f"replace_adapter_config: the model is adapted with {adapter_config(model).method!r}, "
                          f"not {config.method!r}")
-    setattr(model, _CONFIG_ATTR, config)
+    adapter_configs(model)[active_adapter(model)] = config
 
 
 def is_adapted(model: nn.Module) -> bool:
-    return getattr(model, _CONFIG_ATTR, None) is not None or any(True for _ in adapted_layers(model))
+    return bool(getattr(model, _CONFIGS_ATTR, None)) or any(True for _ in wrappers(model))
 
 
 def _set_child(model: nn.Module, name: str, child: nn.Module) -> None:
@@ -184,31 +255,51 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
 
     The model is changed in place and returned. Each module in ``config.modules_to_save`` is wrapped
     in a :class:`SavedModule`: the forward runs a trainable copy, the original stays frozen and as it was.
+    The adapter is named ``"default"`` and is active; ``rankwise.add_adapter`` adds more beside it.
     """
     if not isinstance(config, AdapterConfig):
         raise ValueError(f"adapt expects a rankwise config (e.g. rankwise.LoRAConfig), got {type(config).__name__}")
     if is_adapted(model):
         raise ValueError(
             f"{type(model).__name__} already carries a rankwise adapter; rankwise.unload(model) it first, "
-            "or adapt a fresh copy of the base model"
+            "adapt a fresh copy of the base model, or add a second one with rankwise.add_adapter(model, name, config)"
         )
+    return inject(model, config, DEFAULT_ADAPTER)
+
+
+def inject(model: nn.Module, config: AdapterConfig, name: str) -> nn.Module:
+    """Build adapter ``name`` for every layer ``config`` targets, then put it in place (nothing changes if a
+    layer refuses the config). On a model without adapters this is ``adapt``, and ``name`` becomes the active
+    adapter; on an adapted one (``rankwise.add_adapter``, which checks the rest) the new adapter sits beside
+    the others, inactive, and ``config.modules_to_save`` is not used."""
+    first = not is_adapted(model)
     method = get_method(config.method)
     names = find_targets(model, config)
-    adapters = {name: method.adapter_cls(model.get_submodule(name), config, name) for name in names}
-    saved = {name: SavedModule(model.get_submodule(name)) for name in _modules_to_save(model, config)}
+    layers = layer_modules(model)
+    adapters = {target: method.adapter_cls(layers[target], config, target) for target in names}
+    saved = {target: SavedModule(layers[target]) for target in _modules_to_save(model, config)} if first else {}
 
-    setattr(model, _FLAGS_ATTR, {n: p.requires_grad for n, p in model.named_parameters()})
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    for name, adapter in adapters.items():
-        base = model.get_submodule(name)
+    if first:
+        setattr(model, _FLAGS_ATTR, {n: p.requires_grad for n, p in model.named_parameters()})
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        setattr(model, _CONFIGS_ATTR, {})
+        setattr(model, _ACTIVE_ATTR, name)
+    for target, adapter in adapters.items():
+        base = layers[target]
         adapter.to(device=base.weight.device, dtype=adapter_dtype(base.weight.dtype))
         adapter.train(base.training)  # a model adapted in eval mode stays in eval mode
         adapter.attach()
-        _set_child(model, name, AdaptedLayer(base, adapter))
-    for name, module in saved.items():
-        _set_child(model, name, module)
-    setattr(model, _CONFIG_ATTR, config)
+        wrapper = model.get_submodule(target)
+        if isinstance(wrapper, AdaptedLayer):
+            wrapper.add_adapter(name, adapter)
+        else:
+            wrapper = AdaptedLayer(base, adapter, name)
+            wrapper.active_adapter = getattr(model, _ACTIVE_ATTR)
+            _set_child(model, target, wrapper)
+    for target, module in saved.items():
+        _set_child(model, target, module)
+    getattr(model, _CONFIGS_ATTR)[name] = config
     return model
 
 
@@ -227,7 +318,11 @@ def _modules_to_save(model: nn.Module, config: AdapterConfig) -> list[str]:
 
 
 def merge(model: nn.Module, safe: bool = False) -> nn.Module:
-    """Fold every adapter into its base weight (idempotent)."""
+    """Fold the active adapter into its base weights (idempotent). An adapter that cannot be merged (LoRA on a
+    grouped convolution) raises ``ValueError`` before any layer is merged."""
+    for _, layer in adapted_layers(model):
+        if layer.adapter is not None and not layer.merged:
+            layer.adapter.check_mergeable()
     for _, layer in adapted_layers(model):
         layer.merge(safe=safe)
     return model
@@ -235,26 +330,30 @@ def merge(model: nn.Module, safe: bool = False) -> nn.Module:
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo :func:`merge` (idempotent)."""
-    for _, layer in adapted_layers(model):
+    for _, layer in wrappers(model):
         layer.unmerge()
     return model
 
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
-    """Remove every adapter, merging it first when ``merge``; restore the original trainable flags.
+    """Remove every adapter, merging the active one first when ``merge``; restore the original trainable flags.
 
     ``modules_to_save``: with ``merge`` the trained copy takes the original's place (PEFT's
     ``merge_and_unload`` keeps it too); without, the original module comes back and the model is the
     one that was adapted. (PEFT's ``unload()`` keeps the trained copy either way; rankwise's
     ``unload(merge=False)`` means "discard what was trained".)
     """
-    wrappers: list[tuple[str, AdaptedLayer | SavedModule]] = [*adapted_layers(model), *saved_modules(model)]
-    for name, wrapper in wrappers:
+    found: list[tuple[str, AdaptedLayer | SavedModule]] = [*wrappers(model), *saved_modules(model)]
+    if merge:  # an adapter that cannot be merged refuses before any layer is unloaded
+        for _, layer in adapted_layers(model):
+            if layer.adapter is not None and not layer.merged:
+                layer.adapter.check_mergeable()
+    for name, wrapper in found:
         _set_child(model, name, wrapper.unload(merge=merge))
     flags: dict[str, bool] = getattr(model, _FLAGS_ATTR, {})
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(flags.get(name, parameter.requires_grad))
-    for attr in (_CONFIG_ATTR, _FLAGS_ATTR):
+    for attr in (_CONFIGS_ATTR, _ACTIVE_ATTR, _FLAGS_ATTR):
         if hasattr(model, attr):
             delattr(model, attr)
     return model
@@ -264,7 +363,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model alone inside the block: no adapter (merged adapters are taken out and put back)
     and the original ``modules_to_save`` modules instead of their trained copies."""
-    layers = [layer for _, layer in adapted_layers(model)]
+    layers = [layer for _, layer in wrappers(model)]
     saved = [module for _, module in saved_modules(model)]
     merged = [layer.merged for layer in layers]
     try:
@@ -293,11 +392,13 @@ def summary(model: nn.Module) -> str:
 
     As in PEFT's ``print_trainable_parameters``, "all params" counts every parameter the model holds (a
     ``modules_to_save`` module's frozen original and its trained copy both) and "trainable params" the
-    parameters that require gradients (the copy, once).
+    parameters that require gradients (the copy, once). The rows show the active adapter; a model with
+    several adapters gets a line naming them all.
     """
     rows: list[tuple[str, ...]] = [("layer", "method", "shape (out x in)", "adapter", "trainable")]
-    config: Any = getattr(model, _CONFIG_ATTR, None)
-    method = config.method if config else "?"
+    configs: dict[str, AdapterConfig] = getattr(model, _CONFIGS_ATTR, None) or {}
+    active = getattr(model, _ACTIVE_ATTR, None)
+    method = configs[active].method if active in configs else "?"
     for name, layer in adapted_layers(model):
         out_f, in_f = linear_shape(layer.base_layer)
         count = sum(p.numel() for p in layer.adapter.parameters() if p.requires_grad)
@@ -312,5 +413,8 @@ def summary(model: nn.Module) -> str:
     total = sum(p.numel() for p in model.parameters())
     percent = 100.0 * trainable / total if total else 0.0
     lines.append("")
+    if len(configs) > 1:
+        lines.append("adapters: " + ", ".join(f"{n} ({c.method}{', active' if n == active else ''})"
+                                             for n, c in configs.items()))
     lines.append(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {percent:.4f}")
     return "\n".join(lines)

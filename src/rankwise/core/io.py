@@ -3,9 +3,15 @@
 ``save`` writes each file to a temporary name in the target directory and renames it into place,
 so a crash never leaves a half-written file under the real name. ``load`` reads and checks
 everything (config, method, tensor file, layer names and shapes against the base model, no quantised
-layer) before it changes the model, then adapts it and checks every tensor (key, shape, dtype, NaN/Inf)
+layer other than bitsandbytes') before it changes the model, then adapts it and checks every tensor (key, shape, dtype, NaN/Inf)
 before copying the first one, and takes the adapters back out if anything fails; tensors are read with
 safetensors only, never with pickle.
+
+Named adapters (:mod:`rankwise.core.multi`) use PEFT's layout: one directory per adapter, the adapter's name
+not in its keys (``<path>.adapter.<tensor>`` whatever the name, so every adapter file reads like a
+single-adapter one). ``save`` writes the adapter ``"default"`` to the directory itself and every other
+adapter ``name`` to ``<directory>/<name>/``; ``load(model, directory, adapter_name=...)`` reads one directory
+and names the adapter, adding it beside the others when ``model`` is adapted already.
 """
 
 from __future__ import annotations
@@ -22,10 +28,21 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .._version import __version__
-from .inject import adapt, adapted_layers, adapter_config, find_targets, saved_modules, unload
-from .layer import is_supported_layer, linear_shape
-from .quantised import FLOAT_DTYPES, check_not_quantised
-from .rank import load_allocator, save_allocator
+from .inject import (
+    active_adapter,
+    adapter_config,
+    adapter_configs,
+    find_targets,
+    is_adapted,
+    layer_modules,
+    saved_modules,
+    unload,
+    wrappers,
+)
+from .layer import DEFAULT_ADAPTER, is_adaptable_layer, linear_shape
+from .multi import add_adapter, delete_adapter
+from .quantised import FLOAT_DTYPES, check_adaptable
+from .rank import ALLOCATOR_FILE, load_allocator, save_allocator
 from .registry import get_method
 
 CONFIG_FILE = "adapter_config.json"
@@ -33,18 +50,21 @@ WEIGHTS_FILE = "adapter.safetensors"
 FORMAT = "rankwise-adapter"
 
 
-def adapter_state(model: nn.Module, keep_vars: bool = False) -> dict[str, Tensor]:
-    """Every adapter tensor and every ``modules_to_save`` tensor, keyed by its path in the model.
+def adapter_state(model: nn.Module, keep_vars: bool = False, adapter_name: str | None = None) -> dict[str, Tensor]:
+    """Every tensor of adapter ``adapter_name`` (default: the active one) and every ``modules_to_save`` tensor,
+    keyed by its path in the model as a single adapter's: ``<layer path>.adapter.<tensor>``, whatever the name.
 
     A ``modules_to_save`` tensor is the trained copy's, keyed by the original module's path
     (``classifier.weight``), as before the copy existed and as PEFT names it on disk. ``keep_vars``
     gives the parameters themselves (as ``state_dict(keep_vars=True)``) instead of detached tensors.
     """
-    adapter_config(model)  # a model without a rankwise adapter raises its own clear error
+    adapter_config(model, adapter_name)  # no rankwise adapter, or none of that name: its own clear error
+    name = active_adapter(model) if adapter_name is None else adapter_name
     state: dict[str, Tensor] = {}
-    for name, layer in adapted_layers(model):
-        for key, value in layer.adapter.state_dict(keep_vars=keep_vars).items():
-            state[f"{name}.adapter.{key}"] = value
+    for path, layer in wrappers(model):
+        adapter = layer.get_adapter(name)
+        for key, value in ({} if adapter is None else adapter.state_dict(keep_vars=keep_vars)).items():
+            state[f"{path}.adapter.{key}"] = value
     for name, module in saved_modules(model):
         for key, value in module.trained_module.state_dict(keep_vars=keep_vars).items():
             state[f"{name}.{key}"] = value
@@ -143,11 +163,24 @@ def check_loadable(name: str, value: Tensor, target: Tensor, source: str) -> Non
         )
 
 
-def save(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
-    """Write the model's adapter to ``directory`` (created if needed) and return the directory."""
-    config = adapter_config(model)
-    layers = {name: dict(zip(("out_features", "in_features"), linear_shape(layer.base_layer)))
-              for name, layer in adapted_layers(model)}
+def save(model: nn.Module, directory: str | os.PathLike[str], adapter_name: str | None = None) -> Path:
+    """Write the model's adapters to ``directory`` (created if needed) and return the directory.
+
+    Every adapter, or only ``adapter_name``; ``"default"`` (the one ``rankwise.adapt`` makes) goes to
+    ``directory`` itself, any other adapter ``name`` to ``directory/name`` (PEFT's ``save_pretrained`` layout).
+    """
+    names = list(adapter_configs(model)) if adapter_name is None else [adapter_name]
+    adapter_config(model, adapter_name)  # an unknown name raises before anything is written
+    directory = Path(directory)
+    for name in names:
+        _save_adapter(model, name, directory if name == DEFAULT_ADAPTER else directory / name)
+    return directory
+
+
+def _save_adapter(model: nn.Module, name: str, directory: Path) -> None:
+    config = adapter_config(model, name)
+    layers = {path: dict(zip(("out_features", "in_features"), linear_shape(layer.base_layer)))
+              for path, layer in wrappers(model) if layer.get_adapter(name) is not None}
     base_name = getattr(getattr(model, "config", None), "_name_or_path", None)
     payload = {
         "format": FORMAT,
@@ -157,18 +190,31 @@ def save(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
         "layers": layers,
         "base_model": base_name if isinstance(base_name, str) else None,
     }
-    directory = Path(directory)
-    save_tensors(directory / WEIGHTS_FILE, adapter_state(model), metadata={"format": FORMAT, "method": config.method})
+    tensors = adapter_state(model, adapter_name=name)
+    save_tensors(directory / WEIGHTS_FILE, tensors, metadata={"format": FORMAT, "method": config.method})
     save_json(directory / CONFIG_FILE, payload)
-    save_allocator(model, directory)
-    return directory
+    if name == active_adapter(model):
+        save_allocator(model, directory)
+    else:  # the allocator belongs to the active adapter; a state left by an earlier save is not this one's
+        (directory / ALLOCATOR_FILE).unlink(missing_ok=True)
 
 
-def load(base_model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
-    """Adapt ``base_model`` as saved in ``directory`` and load the saved tensors into it."""
+def load(base_model: nn.Module, directory: str | os.PathLike[str], adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
+    """Adapt ``base_model`` as saved in ``directory`` and load the saved tensors into it.
+
+    The adapter is named ``adapter_name``. A ``base_model`` that already carries rankwise adapters gets this
+    one added beside them, inactive (PEFT's ``load_adapter``), so a model saved with several adapters comes
+    back as ``load(base, d)`` followed by ``load(model, d / name, adapter_name=name)`` for each other one.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"adapter directory {directory} does not exist")
+    named = sorted(d.name for d in directory.iterdir() if (d / CONFIG_FILE).is_file())
+    if not (directory / CONFIG_FILE).is_file() and named:
+        raise FileNotFoundError(
+            f"rankwise.load: {directory} holds no adapter of its own, only named adapters in subdirectories "
+            f"{named}; load one with rankwise.load(model, {str(directory / named[0])!r}, adapter_name={named[0]!r})"
+        )
     payload = read_json(directory / CONFIG_FILE, "rankwise.load")
     if payload.get("format") != FORMAT or "method" not in payload or "config" not in payload:
         raise ValueError(
@@ -179,23 +225,33 @@ def load(base_model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
     config = method.config_cls.from_dict(payload["config"])
     tensors = read_tensors(directory / WEIGHTS_FILE, "rankwise.load")
     check_layers_fit(base_model, payload.get("layers", {}), directory)
-    model = load_state_into(base_model, config, tensors, source=str(directory))
+    first = not is_adapted(base_model)
+    model = load_state_into(base_model, config, tensors, source=str(directory), adapter_name=adapter_name)
     try:
         load_allocator(model, directory)
     except BaseException:
-        unload(model, merge=False)
+        _discard(model, adapter_name, first)
         raise
     return model
 
 
+def _discard(model: nn.Module, name: str, first: bool) -> None:
+    """Take a just-loaded adapter back out: the whole adaptation when it was the first one."""
+    if first:
+        unload(model, merge=False)
+    else:
+        delete_adapter(model, name)
+
+
 def check_layers_fit(base_model: nn.Module, layers: dict[str, dict[str, int]], source: Any) -> None:
-    """Every saved layer exists in ``base_model``, is not quantised, and has the same (out, in) shape."""
-    modules = dict(base_model.named_modules())
+    """Every saved layer exists in ``base_model``, is a float or quantised bitsandbytes layer (``adapt`` then checks
+    that the method supports the latter), and has the same (out, in) shape."""
+    modules = layer_modules(base_model)
     for name, shape in layers.items():
         module = modules.get(name)
         if module is not None:
-            check_not_quantised(name, module)
-        if module is None or not is_supported_layer(module):
+            check_adaptable(name, module)
+        if module is None or not is_adaptable_layer(module):
             raise ValueError(
                 f"the adapter in {source} was trained on a base model with a layer '{name}', which "
                 f"{type(base_model).__name__} does not have; load it onto the base model it was trained on"
@@ -215,8 +271,11 @@ def load_state_into(
     tensors: dict[str, Tensor],
     source: str,
     key_map: Callable[[str], str | None] | None = None,
+    adapter_name: str = DEFAULT_ADAPTER,
 ) -> nn.Module:
-    """Adapt ``base_model`` with ``config`` and copy ``tensors`` in; on any failure the model is restored.
+    """Adapt ``base_model`` with ``config`` as adapter ``adapter_name`` and copy ``tensors`` in; on any failure
+    the model is restored. On an adapted model the adapter is added beside the others
+    (:func:`rankwise.add_adapter`) and deleted again on failure.
 
     Every tensor is checked (names, shapes, dtypes and NaN/Inf: :func:`check_loadable`) before the first
     one is copied.
@@ -228,11 +287,12 @@ def load_state_into(
     ``unload`` does.
     """
     kept = {}
-    if config.changes_base_weights:
+    first = not is_adapted(base_model)
+    if config.changes_base_weights and first:  # add_adapter refuses such a config on an adapted model
         kept = {name: base_model.get_submodule(name).weight.detach().clone() for name in find_targets(base_model, config)}
-    model = adapt(base_model, config)
+    model = add_adapter(base_model, adapter_name, config)  # on a model without adapters: adapt
     try:
-        expected = adapter_state(model)
+        expected = adapter_state(model, adapter_name=adapter_name)
         mapped = {key: (key_map(key) if key_map else key) for key in expected}
         missing = sorted(m for m in mapped.values() if m is not None and m not in tensors)
         unexpected = sorted(set(tensors) - {m for m in mapped.values() if m is not None})
@@ -254,7 +314,7 @@ def load_state_into(
             for target, value, _ in pairs:
                 target.copy_(value)
     except BaseException:
-        unload(model, merge=False)
+        _discard(model, adapter_name, first)
         with torch.no_grad():
             for name, weight in kept.items():
                 model.get_submodule(name).weight.copy_(weight)

@@ -3,26 +3,44 @@
 Every method implements :class:`Adapter`. rankwise wraps each targeted layer as
 ``AdaptedLayer(base_layer, adapter)``: the base module is kept as it is (same class, same
 parameters, frozen) under ``base_layer``, so its state-dict keys read ``<path>.base_layer.weight``
-like PEFT's, and the adapter's tensors read ``<path>.adapter.<name>``. A ``modules_to_save`` module is
+like PEFT's, and the adapter's tensors read ``<path>.adapter.<name>``. A layer may hold several named
+adapters (:mod:`rankwise.core.multi`); the one named ``"default"`` keeps those keys, the others read
+``<path>.extra_adapters.<adapter name>.<name>``, and the forward runs the active one. A ``modules_to_save`` module is
 wrapped as ``SavedModule(original)``: the forward runs a trainable copy, the original stays frozen and
 unchanged, so disabling or unloading the adapter gives the base model back.
 
 Adapters see every supported base layer as a linear map ``y = x Wᵀ + b`` with ``W`` of shape
 ``(out_features, in_features)``: :func:`weight_matrix` hides the transposed storage of
 transformers' ``Conv1D`` (GPT-2 style, ``fan_in_fan_out``), so a method written for ``nn.Linear``
-works on ``Conv1D`` without a line of its own.
+works on ``Conv1D`` without a line of its own, and hands over the dequantised weight of a
+bitsandbytes 4-/8-bit layer (:mod:`rankwise.core.quantised`), so a method that reads W works on a
+quantised base too.
+
+Two more layer kinds can be targeted by name (``"all-linear"`` never selects them): convolutions
+(``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d``), seen as the (C_out, C_in/groups·∏kernel) matrix of their
+flattened kernel (the map from one input patch to one output pixel), and ``nn.Embedding``, seen as the
+(embedding_dim, num_embeddings) matrix Wᵀ that maps a one-hot token to its vector (the stored weight is
+(num_embeddings, embedding_dim), Conv1D's transposed layout). :func:`layer_kind` names the kind; a method
+adapts the kinds its adapter class lists in ``Adapter.layer_kinds`` and refuses the others with a
+``ValueError`` (LoRA and DoRA adapt all three, :mod:`rankwise.adapters.lora`). A linear method that sets
+``Adapter.conv_as_patches`` also adapts an ungrouped convolution through that matrix: the wrapper cuts the
+input into patches (:func:`conv_patches`, the im2col of the convolution), so the adapter sees the linear
+layer y = patch · Wᵀ + b it was written for, one row per output pixel, and merging writes the flattened
+kernel back (:func:`stored_weight`).
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import AdapterConfig
+from .quantised import bnb_kind, dequantised_weight, kept_weight, merge_into_quantised, set_weight
 
 
 @functools.lru_cache(maxsize=1)
@@ -45,15 +63,87 @@ def is_supported_layer(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_fan_in_fan_out(module)
 
 
+#: What each layer kind covers, for error messages.
+LAYER_KINDS = {
+    "linear": "nn.Linear / transformers Conv1D",
+    "conv": "nn.Conv1d / nn.Conv2d / nn.Conv3d",
+    "embedding": "nn.Embedding",
+}
+
+
+def is_conv_layer(module: nn.Module) -> bool:
+    """``nn.Conv1d``, ``nn.Conv2d`` or ``nn.Conv3d`` (transposed convolutions are not included)."""
+    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """``"linear"`` (nn.Linear, Conv1D), ``"conv"``, ``"embedding"``, or None for a layer no adapter wraps."""
+    if is_supported_layer(module):
+        return "linear"
+    if is_conv_layer(module):
+        return "conv"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    return None
+
+
+def is_adaptable_layer(module: nn.Module) -> bool:
+    """A layer some method can adapt when a target names it: a linear, convolution or embedding layer."""
+    return layer_kind(module) is not None
+
+
+def _stored_transposed(module: nn.Module) -> bool:
+    """True when the stored weight is (in_features, out_features): Conv1D and nn.Embedding."""
+    return is_fan_in_fan_out(module) or isinstance(module, nn.Embedding)
+
+
 def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """``(out_features, in_features)`` of a supported layer."""
+    """``(out_features, in_features)`` of an adaptable layer: of its weight matrix (:func:`weight_matrix`)."""
+    if bnb_kind(module) is not None:  # a packed 4-bit weight is (out·in/2, 1): the layer knows its shape
+        return module.out_features, module.in_features
     weight = module.weight
-    return (weight.shape[1], weight.shape[0]) if is_fan_in_fan_out(module) else (weight.shape[0], weight.shape[1])
+    if _stored_transposed(module):
+        return weight.shape[1], weight.shape[0]
+    return weight.shape[0], weight[0].numel()
 
 
 def weight_matrix(module: nn.Module) -> Tensor:
-    """The layer's weight as an (out_features, in_features) view (a transpose view for Conv1D)."""
-    return module.weight.T if is_fan_in_fan_out(module) else module.weight
+    """The layer's weight as an (out_features, in_features) matrix: a transpose view for Conv1D and
+    nn.Embedding, the kernel flattened per output channel, (C_out, C_in/groups·∏kernel), for a convolution;
+    for a bitsandbytes layer a fresh dequantised copy (writing to it changes nothing)."""
+    if bnb_kind(module) is not None:
+        return dequantised_weight(module)
+    weight = module.weight
+    if _stored_transposed(module):
+        return weight.T
+    return weight.flatten(1) if weight.dim() > 2 else weight
+
+
+def conv_patches(conv: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """The batched input of ``conv`` cut into (N, L, C_in·∏kernel) patches, and the output's spatial shape (L = ∏).
+
+    Patch ℓ holds, in the order of the flattened kernel (channel, then kernel positions), the inputs that output
+    pixel ℓ reads: the input padded as the layer pads it (its padding and padding mode), then windows of
+    (k − 1)·dilation + 1 every ``stride``, keeping every ``dilation``-th element. So for an ungrouped convolution
+    ``conv(x) = patches @ weight_matrix(conv)ᵀ + b`` (moved back to channels-first). Memory: ∏kernel times the
+    input (no stride) -- the price of running a linear method on a convolution.
+    """
+    dims = conv.weight.dim() - 2
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+    for d in range(dims):
+        dilation = conv.dilation[d]
+        x = x.unfold(2 + d, (conv.kernel_size[d] - 1) * dilation + 1, conv.stride[d])[..., ::dilation]
+    spatial = tuple(x.shape[2:2 + dims])
+    order = (0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims))
+    return x.permute(order).reshape(x.shape[0], -1, conv.weight[0].numel()), spatial
+
+
+def stored_weight(module: nn.Module, matrix: Tensor) -> Tensor:
+    """The inverse of :func:`weight_matrix`: an (out_features, in_features) matrix in the layout the layer stores."""
+    if _stored_transposed(module):
+        return matrix.T
+    return matrix.reshape(module.weight.shape)
 
 
 def add_into_output(base_out: Tensor, update: Tensor, alpha: float = 1.0) -> Tensor:
@@ -87,9 +177,31 @@ class Adapter(nn.Module):
     """
 
     uses_base_output: bool = True
+    #: The layer kinds (:func:`layer_kind`) this class adapts; a method that adapts more kinds builds a
+    #: class per kind (LoRA's ``LoRAConvAdapter``, ...).
+    layer_kinds: ClassVar[tuple[str, ...]] = ("linear",)
+    #: True: a linear method that also adapts ungrouped convolutions, on their patches (:func:`conv_patches`).
+    conv_as_patches: ClassVar[bool] = False
 
     def __init__(self, base: nn.Module, config: AdapterConfig, layer_name: str = "") -> None:
         super().__init__()
+        kind = layer_kind(base)
+        if kind == "conv" and self.conv_as_patches and base.groups > 1:
+            raise ValueError(
+                f"method {config.method!r} cannot adapt layer '{layer_name or '<unnamed layer>'}' ({type(base).__name__} "
+                f"with groups={base.groups}): {config.method} adapts a convolution through its flattened kernel "
+                "matrix, and a grouped convolution is not one matrix on its patches. Exclude this layer, or use lora"
+            )
+        if kind not in self.layer_kinds and not (kind == "conv" and self.conv_as_patches):
+            cls = type(base)
+            kinds = (*self.layer_kinds, "conv") if self.conv_as_patches else self.layer_kinds
+            supported = " and ".join(LAYER_KINDS[k] for k in kinds)
+            raise ValueError(
+                f"method {config.method!r} cannot adapt layer '{layer_name or '<unnamed layer>'}' "
+                f"({cls.__module__}.{cls.__qualname__}): {config.method} adapts {supported} layers only. "
+                "Leave this layer out of targets (or exclude it), or use a method that adapts this layer kind "
+                "(the README's support table lists them)"
+            )
         self.layer_name = layer_name
         self.out_features, self.in_features = linear_shape(base)
         # A plain tuple keeps the base layer out of this module's children (and state dict):
@@ -126,6 +238,10 @@ class Adapter(nn.Module):
         """Dense ΔW of shape (out_features, in_features) such that the merged weight is W + ΔW."""
         raise NotImplementedError
 
+    def check_mergeable(self) -> None:
+        """Raise ``ValueError`` (via :meth:`fail`) when the update has no form in the base's weight; ``rankwise.merge``
+        asks every layer first, so a model is merged whole or not at all. The default accepts."""
+
     def delta_bias(self) -> Tensor | None:
         """Update of the bias on merge, or None when the method leaves the bias alone."""
         return None
@@ -161,33 +277,149 @@ class Adapter(nn.Module):
         return next(self.parameters()).dtype
 
 
+DEFAULT_ADAPTER = "default"
+BASE_ADAPTER = "__base__"  # in a per-example adapter list: this example runs the base layer alone (PEFT's name)
+
+
 class AdaptedLayer(nn.Module):
-    """A frozen layer plus one adapter. ``forward`` = ``adapter(x, base_layer(x))`` unless merged.
+    """A frozen layer plus one or more named adapters; ``forward`` = ``adapter(x, base_layer(x))`` unless merged.
+
+    ``adapter`` is the *active* adapter (``active_adapter`` names it; None when this layer has no adapter of
+    that name, then the layer computes the base alone), so code written for one adapter per layer reads and
+    replaces the active one. The adapters are stored by name at fixed state-dict keys: the one named
+    ``"default"`` under ``adapter`` (``<path>.adapter.<tensor>``, the single-adapter key), every other under
+    ``extra_adapters.<name>`` (created with the first such adapter). At most the active adapter is merged.
+
+    ``example_adapters`` (set by :func:`rankwise.adapter_per_example`) gives one adapter name per example
+    of the batch (dimension 0 of the input): each example then runs with its own adapter, or with the base
+    layer alone for :data:`BASE_ADAPTER` or a name this layer does not hold (PEFT's mixed-batch forward).
 
     An empty input (a zero-size batch) goes through the base layer alone: the adapters' FFTs and
     reshapes need at least one token, and there is nothing to add to an empty output.
     """
 
-    def __init__(self, base_layer: nn.Module, adapter: Adapter) -> None:
+    def __init__(self, base_layer: nn.Module, adapter: Adapter, name: str = DEFAULT_ADAPTER) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.adapter = adapter
+        self.active_adapter = name
+        self.add_adapter(name, adapter)
         self.merged = False
         self.disabled = False
+        self.example_adapters: list[str] | None = None
+        # A quantised base's weight before the merge re-quantised it, which unmerge puts back (a tuple: no parameter).
+        self._unmerged_quantised: tuple[nn.Parameter, Tensor | None] | None = None
+
+    # -- the named adapters ------------------------------------------------------------------------
+
+    def _slot(self, name: str) -> tuple[dict[str, nn.Module], str]:
+        """The module dict and key that hold (or would hold) adapter ``name``."""
+        if name == DEFAULT_ADAPTER:
+            return self._modules, "adapter"
+        if "extra_adapters" not in self._modules:
+            self.extra_adapters = nn.ModuleDict()
+        return self._modules["extra_adapters"]._modules, name
+
+    def adapters(self) -> dict[str, Adapter]:
+        """``{name: adapter}`` of every adapter this layer holds, the default one first."""
+        found = {DEFAULT_ADAPTER: self._modules["adapter"]} if self._modules.get("adapter") is not None else {}
+        extra = self._modules.get("extra_adapters")
+        return {**found, **(dict(extra.items()) if extra is not None else {})}
+
+    def get_adapter(self, name: str) -> Adapter | None:
+        """Adapter ``name``, or None when this layer does not hold it."""
+        if name == DEFAULT_ADAPTER:
+            return self._modules.get("adapter")  # type: ignore[return-value]
+        extra = self._modules.get("extra_adapters")
+        return None if extra is None else extra._modules.get(name)  # type: ignore[return-value]
+
+    def add_adapter(self, name: str, adapter: Adapter) -> None:
+        """Hold ``adapter`` under ``name`` (replacing an adapter of that name)."""
+        modules, key = self._slot(name)
+        modules[key] = adapter
+
+    def remove_adapter(self, name: str) -> None:
+        """Drop adapter ``name`` (not merged; the caller checks)."""
+        modules, key = self._slot(name)
+        del modules[key]
+
+    @property
+    def adapter(self) -> Adapter | None:
+        """The active adapter, None when this layer holds none of that name."""
+        return self.get_adapter(self.active_adapter)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "adapter":  # replacing the adapter means replacing the active one (GoRA rebuilds them)
+            self.add_adapter(self.active_adapter, value)
+        else:
+            super().__setattr__(name, value)
+
+    # -- forward -----------------------------------------------------------------------------------
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        if self.merged or self.disabled or x.numel() == 0:  # an empty batch: nothing for the adapter to add
+        adapter = self.adapter
+        if self.example_adapters is not None and not self.disabled and x.numel() != 0:
+            return self._per_example_forward(self.example_adapters, x, *args, **kwargs)
+        if adapter is None or self.merged or self.disabled or x.numel() == 0:
             return self.base_layer(x, *args, **kwargs)
-        base_out = self.base_layer(x, *args, **kwargs) if self.adapter.uses_base_output else None
+        base_out = self.base_layer(x, *args, **kwargs) if adapter.uses_base_output else None
+        return self._run(adapter, x, base_out)
+
+    def _run(self, adapter: Adapter, x: Tensor, base_out: Tensor | None) -> Tensor:
+        """``adapter(x, base_out)`` in the adapter's dtype, returned in the output's; ``base_out`` must be fresh."""
         out_dtype = x.dtype if base_out is None else base_out.dtype
-        adapter_dtype = self.adapter._apply_dtype()
-        if x.dtype != adapter_dtype:
+        adapter_dtype = adapter._apply_dtype()
+        if x.dtype != adapter_dtype and x.is_floating_point():  # an embedding's token ids stay integers
             x = x.to(adapter_dtype)
-            base_out = None if base_out is None else base_out.to(adapter_dtype)
+        if base_out is not None and base_out.dtype != adapter_dtype:
+            base_out = base_out.to(adapter_dtype)
         if base_out is not None:
             base_out._rankwise_scratch = True  # fresh and ours: see add_into_output
-        out = self.adapter(x, base_out)
+        if adapter.conv_as_patches and is_conv_layer(self.base_layer):
+            out = self._patch_forward(adapter, x, base_out)
+        else:
+            out = adapter(x, base_out)
         return out if out.dtype == out_dtype else out.to(out_dtype)
+
+    def _patch_forward(self, adapter: Adapter, x: Tensor, base_out: Tensor | None) -> Tensor:
+        """A linear adapter on a convolution: its forward on the (N, L, C_in·∏k) patches and the (N, L, C_out)
+        output pixels, moved back to (N, C_out, *spatial). An unbatched input gets a batch of one."""
+        unbatched = x.dim() == self.base_layer.weight.dim() - 1
+        if unbatched:
+            x, base_out = x.unsqueeze(0), None if base_out is None else base_out.unsqueeze(0)
+        patches, spatial = conv_patches(self.base_layer, x)
+        pixels = None if base_out is None else base_out.flatten(2).transpose(1, 2)
+        out = adapter(patches, pixels)
+        out = out.transpose(1, 2).reshape(out.shape[0], out.shape[2], *spatial)
+        return out.squeeze(0) if unbatched else out
+
+    def _per_example_forward(self, names: list[str], x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """Example i of the batch through adapter ``names[i]``: each group of examples that shares an adapter
+        runs as one sub-batch, as PEFT's ``_mixed_batch_forward``."""
+        if x.shape[0] != len(names):
+            raise ValueError(
+                f"layer '{self.adapter_layer_name()}' got a batch of {x.shape[0]} examples (input shape "
+                f"{tuple(x.shape)}) but rankwise.adapter_per_example named {len(names)} adapters; pass one "
+                "adapter name per example (dimension 0 of the input)"
+            )
+        if self.merged:
+            raise ValueError(
+                f"layer '{self.adapter_layer_name()}' has adapter '{self.active_adapter}' merged into its weight, "
+                "so examples cannot run with other adapters; rankwise.unmerge(model) first"
+            )
+        base_out = self.base_layer(x, *args, **kwargs)
+        out = base_out.clone()
+        for name in dict.fromkeys(names):
+            adapter = self.get_adapter(name)
+            if adapter is None:  # BASE_ADAPTER, or an adapter that does not target this layer
+                continue
+            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+            sub_base = base_out[rows] if adapter.uses_base_output else None  # indexing copies: fresh
+            out[rows] = self._run(adapter, x[rows], sub_base).to(out.dtype)
+        return out
+
+    def adapter_layer_name(self) -> str:
+        """The layer's path in the model, as its adapters know it."""
+        return next((a.layer_name for a in self.adapters().values() if a.layer_name), "<unnamed layer>")
 
     @property
     def weight(self) -> Tensor:
@@ -200,8 +432,8 @@ class AdaptedLayer(nn.Module):
 
     @torch.no_grad()
     def merge(self, safe: bool = False) -> None:
-        """Fold the adapter into the base weight. Idempotent. ``safe`` refuses non-finite results."""
-        if self.merged:
+        """Fold the active adapter into the base weight. Idempotent. ``safe`` refuses non-finite results."""
+        if self.merged or self.adapter is None:
             return
         self._write_weights(self.adapter.merged_weight, sign=1, safe=safe)
         self.merged = True
@@ -215,22 +447,37 @@ class AdaptedLayer(nn.Module):
         self.merged = False
 
     def _write_weights(self, transform: Any, sign: int, safe: bool) -> None:
-        weight = self.base_layer.weight
-        # Merging arithmetic in half precision drifts; do it in float32 and cast back.
-        compute_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-        new_weight = transform(weight_matrix(self.base_layer).to(compute_dtype))
+        """Apply ``transform`` (merged / unmerged weight) to the base weight and ``sign`` · Δb to its bias.
+
+        A bitsandbytes base is dequantised, transformed and re-quantised with a warning stating the rounding
+        error (:func:`~rankwise.core.quantised.merge_into_quantised`); its unmerge puts the quantised weight
+        from before the merge back bit for bit instead of subtracting through a second rounding.
+        """
+        quantised = bnb_kind(self.base_layer) is not None
         delta_bias = self.adapter.delta_bias()
         if delta_bias is not None and self.base_layer.bias is None:
             raise ValueError(
                 f"{type(self.adapter).__name__} has a bias update but the base layer has no bias; "
                 "it cannot be merged. Build the adapter without a bias term to merge it."
             )
-        if safe and not torch.isfinite(new_weight).all():
-            raise ValueError(
-                f"merging {type(self.adapter).__name__} into layer '{self.adapter.layer_name}' gives "
-                "non-finite weights; the adapter is left unmerged. Check the adapter for NaN/inf."
-            )
-        weight.copy_(new_weight.T if is_fan_in_fan_out(self.base_layer) else new_weight)
+        if quantised and sign < 0:
+            set_weight(self.base_layer, *self._unmerged_quantised)
+            self._unmerged_quantised = None
+        else:
+            current = weight_matrix(self.base_layer)
+            # Merging arithmetic in half precision drifts; do it in float32 and cast back.
+            compute_dtype = torch.float32 if current.dtype in (torch.float16, torch.bfloat16) else current.dtype
+            new_weight = transform(current.to(compute_dtype))
+            if safe and not torch.isfinite(new_weight).all():
+                raise ValueError(
+                    f"merging {type(self.adapter).__name__} into layer '{self.adapter.layer_name}' gives "
+                    "non-finite weights; the adapter is left unmerged. Check the adapter for NaN/inf."
+                )
+            if quantised:
+                self._unmerged_quantised = kept_weight(self.base_layer)
+                merge_into_quantised(self.base_layer, new_weight, self.adapter.layer_name, type(self.adapter).__name__)
+            else:
+                self.base_layer.weight.copy_(stored_weight(self.base_layer, new_weight))
         if delta_bias is not None:
             self.base_layer.bias.add_(sign * delta_bias.to(self.base_layer.bias.dtype))
 

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .inject import adapted_layers, adapter_config
+from .inject import adapted_layers, adapter_config, adapter_configs
 from .registry import get_method, registered
 
 ALLOCATOR_FILE = "allocator.safetensors"
@@ -245,6 +245,12 @@ def allocator(model: nn.Module) -> Allocator | None:
     factory = get_method(config.method).allocator
     if factory is None:
         return None
+    if len(adapter_configs(model)) > 1:
+        raise ValueError(
+            f"rank allocation ({config.method}) works on a model with one adapter, but {type(model).__name__} has "
+            f"{list(adapter_configs(model))}; rankwise.delete_adapter the others, or train this adapter on its own "
+            "copy of the base model and add it afterwards"
+        )
     held = model.__dict__.get(_ALLOCATOR_ATTR)
     if held is None or held[0] is not config:  # none yet, or left from an adapter since unloaded
         held = (config, factory(model, config))

@@ -11,6 +11,13 @@ or a field rankwise reproduces exactly (the shared ones below, and every field t
 ``to_peft_config`` writes), or it must be at its PEFT default, else ``import_peft`` raises a
 ``ValueError`` naming it. A field is never silently ignored, so a PEFT release that adds one fails
 ``tests/test_peft_audit.py`` until someone decides what it means for rankwise.
+
+Convolution and embedding layers keep PEFT's tensor names and shapes (``lora_A.weight`` / ``lora_B.weight``
+kernels, ``lora_embedding_A`` / ``lora_embedding_B``), except DoRA's magnitude on a convolution: rankwise keeps
+one vector (C_out) per layer as on every layer, PEFT stores it as (1, C_out, 1, …); the two directions
+reshape it (:func:`_to_peft_layout`). A convolution PEFT 0.21.2 does not adapt as rankwise does is refused both
+ways (:func:`check_peft_reproduces`): with LoRA / DoRA one with dilation ≠ 1 or a padding mode other than zeros
+(its ``lora_A`` drops both, peft#3697), with the methods rankwise runs on convolution patches every one.
 """
 
 from __future__ import annotations
@@ -19,11 +26,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
-from ..core.inject import adapted_layers, adapter_config
+from ..core.inject import active_adapter, adapted_layers, adapter_config, find_targets, layer_modules, wrappers
 from ..core.io import adapter_state, load_state_into, read_json, read_tensors, save_json, save_tensors
-from ..core.layer import is_fan_in_fan_out
+from ..core.layer import DEFAULT_ADAPTER, is_conv_layer, is_fan_in_fan_out
 from ..core.registry import Method, registered
 
 PEFT_CONFIG = "adapter_config.json"
@@ -31,9 +38,9 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 
 
-def _peft_key_map(model: nn.Module, method: Method):
-    """Our adapter-state key -> PEFT's on-disk key (None for tensors PEFT does not store)."""
-    layers = [name for name, _ in adapted_layers(model)]
+def _peft_key_map(model: nn.Module, method: Method, adapter_name: str):
+    """Our adapter-state key -> PEFT's on-disk key (None for tensors PEFT does not store), for adapter ``adapter_name``."""
+    layers = [name for name, layer in wrappers(model) if layer.get_adapter(adapter_name) is not None]
     names = method.peft.tensor_names if method.peft else {}
 
     def to_peft(key: str) -> str | None:
@@ -48,8 +55,41 @@ def _peft_key_map(model: nn.Module, method: Method):
     return to_peft
 
 
+def check_peft_reproduces(layers: dict[str, nn.Module], method: Method, source: object) -> None:
+    """``ValueError`` for a convolution that PEFT 0.21.2 does not adapt as rankwise does: any convolution for a
+    method rankwise runs on convolution patches (PEFT's C3A, MiSS, GraLoRA have no convolution layers), and for
+    LoRA / DoRA one with dilation ≠ 1 or a padding mode other than zeros (PEFT's ``lora_A`` drops both:
+    a shape error at PEFT's forward, or a function different from its merge, peft#3697)."""
+    for name, module in layers.items():
+        if is_conv_layer(module) and method.adapter_cls.conv_as_patches:
+            raise ValueError(
+                f"{source}: layer '{name}' is a {type(module).__name__}; PEFT's {method.peft.peft_type} adapts no "
+                "convolution layers (rankwise adapts it through its flattened kernel). Use rankwise.save / "
+                "rankwise.load for this model, or leave the layer out of targets"
+            )
+        if is_conv_layer(module) and (any(d != 1 for d in module.dilation) or module.padding_mode != "zeros"):
+            raise ValueError(
+                f"{source}: layer '{name}' is a {type(module).__name__} with dilation={module.dilation} and "
+                f"padding_mode={module.padding_mode!r}; PEFT 0.21.2's LoRA drops both from lora_A (peft#3697), so a "
+                "PEFT adapter on it does not compute what rankwise does. Use rankwise.save / rankwise.load for this "
+                "model, or leave the layer out of targets"
+            )
+
+
+def _to_peft_layout(layers: dict[str, nn.Module], tensors: dict[str, Tensor], to_peft: bool) -> None:
+    """Reshape, in place, the DoRA magnitude of each convolution in ``layers`` (PEFT key
+    ``base_model.model.<layer>.lora_magnitude_vector``) to PEFT's (1, C_out, 1, …) when ``to_peft``, else to rankwise's (C_out)."""
+    for name, module in layers.items():
+        key = f"{PEFT_PREFIX}{name}.lora_magnitude_vector"
+        if is_conv_layer(module) and key in tensors:
+            peft_shape = (1, module.out_channels) + (1,) * (module.weight.dim() - 2)
+            if to_peft or tuple(tensors[key].shape) == peft_shape:  # another shape: the load reports it
+                tensors[key] = tensors[key].reshape(peft_shape if to_peft else (-1,))
+
+
 def export_peft(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
-    """Write the model's adapter as a PEFT adapter directory that ``PeftModel.from_pretrained`` loads.
+    """Write the model's active adapter as a PEFT adapter directory that ``PeftModel.from_pretrained`` loads
+    (another adapter: ``rankwise.set_adapter`` it first).
 
     The written config is checked with the method's import reader first, so a model PEFT would not
     reload as rankwise computes it (e.g. OLoRA on a Conv1D layer) raises ``ValueError`` and nothing is
@@ -79,7 +119,9 @@ def export_peft(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
         payload["fan_in_fan_out"] = True
     # What import_peft would refuse, PEFT would not reload as this model computes it (e.g. OLoRA on Conv1D).
     method.peft.from_peft_config(payload)
-    to_peft = _peft_key_map(model, method)
+    bases = {name: layer.base_layer for name, layer in layers}
+    check_peft_reproduces(bases, method, "export_peft")
+    to_peft = _peft_key_map(model, method, active_adapter(model))
     state = adapter_state(model)
     if method.peft.prepare_export is not None:
         method.peft.prepare_export(model, payload, state)
@@ -88,6 +130,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
         peft_key = to_peft(key)
         if peft_key is not None:
             tensors[peft_key] = value
+    _to_peft_layout(bases, tensors, to_peft=True)
     directory = Path(directory)
     save_tensors(directory / PEFT_WEIGHTS, tensors, metadata={"format": "pt"})
     save_json(directory / PEFT_CONFIG, payload)
@@ -161,8 +204,13 @@ def _method_for(peft_config: dict[str, Any], source: Path) -> Method:
     raise ValueError(f"{source}: PEFT adapter type {peft_type!r} is not supported; rankwise imports {supported}")
 
 
-def import_peft(base_model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
+def import_peft(
+    base_model: nn.Module, directory: str | os.PathLike[str], adapter_name: str = DEFAULT_ADAPTER
+) -> nn.Module:
     """Adapt ``base_model`` with an adapter saved by PEFT's ``save_pretrained`` and load its tensors.
+
+    The adapter is named ``adapter_name``; on a model that carries rankwise adapters already it is added
+    beside them, inactive (PEFT's ``load_adapter``).
 
     The result computes what ``PeftModel.from_pretrained(base_model, directory)`` computes. Every PEFT
     config field is audited first (:func:`audit_peft_config`); an adapter with a field rankwise cannot
@@ -193,14 +241,19 @@ def import_peft(base_model: nn.Module, directory: str | os.PathLike[str]) -> nn.
         **method.peft.from_peft_config(peft_config),
     )
     audit_peft_config(peft_config, method, config, directory)
+    modules = layer_modules(base_model)  # an adapted layer as its base layer (a second, named adapter)
+    bases = {name: modules[name] for name in find_targets(base_model, config)}
+    check_peft_reproduces(bases, method, directory)
     tensors = read_tensors(directory / PEFT_WEIGHTS, "rankwise.import_peft")
+    _to_peft_layout(bases, tensors, to_peft=False)
     # The key map reads the adapted layers, which exist only once load_state_into has adapted the
     # model (in place), so it is built on first use.
     built: dict[str, Any] = {}
 
     def key_map(key: str) -> str | None:
         if "map" not in built:
-            built["map"] = _peft_key_map(base_model, method)
+            built["map"] = _peft_key_map(base_model, method, adapter_name)
         return built["map"](key)
 
-    return load_state_into(base_model, config, tensors, source=str(directory), key_map=key_map)
+    return load_state_into(base_model, config, tensors, source=str(directory), key_map=key_map,
+                           adapter_name=adapter_name)
