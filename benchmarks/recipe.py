@@ -4,9 +4,10 @@ Each seed is one full ``rankwise.experiment.finetune`` run (its own split, head 
 order), without the probe. By default it measures the CLI's defaults (LoRA r 8, α 8, the default lr,
 schedule and warm-up of ``TrainSettings``); ``--lr``, ``--schedule``, ``--warmup`` and ``--alpha``
 measure another recipe, e.g. PEFT's usual one: ``--alpha 16 --lr 5e-4 --schedule constant --warmup 0``.
-The runs are sequential (the default of ``--threads``); ``--out`` writes the table under results/.
+The runs are sequential, with ``rankwise finetune``'s default thread count (``--threads`` changes it; export
+``OMP_WAIT_POLICY=PASSIVE`` on a shared machine, see results/threads.md); ``--out`` writes the table under results/.
 
-    OMP_NUM_THREADS=2 python benchmarks/recipe.py --out recipe.md        # about 3 x 4 minutes on 2 idle cores
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/recipe.py --out recipe.md     # about 3 x 4 minutes on 2 idle cores
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 from common import publish
 
 from rankwise.experiment.pipeline import RunConfig, finetune
+from rankwise.experiment.threads import default_threads
 from rankwise.experiment.train import TrainSettings
 
 
@@ -43,13 +45,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--schedule", default=defaults.schedule)
     parser.add_argument("--warmup", type=float, default=defaults.warmup)
     parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the config's, = r)")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: rankwise finetune's)")
     parser.add_argument("--out", default="", help="file name under benchmarks/results/")
     args = parser.parse_args(argv)
     settings = dataclasses.replace(defaults, lr=args.lr, schedule=args.schedule, warmup=args.warmup)
+    threads = args.threads or default_threads()
     rows, accuracies = [], []
     for seed in (int(s) for s in args.seeds.split(",")):
-        accuracy, macro_f1, seconds = measure(seed, settings, args.alpha, args.threads)
+        accuracy, macro_f1, seconds = measure(seed, settings, args.alpha, threads)
         accuracies.append(accuracy)
         rows.append(f"| {seed} | {accuracy:.4f} | {macro_f1:.4f} | {seconds:.0f} |")
         print(rows[-1], file=sys.stderr)
@@ -61,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         (f"# rankwise finetune recipe: LoRA r 8, {alpha}, lr {settings.lr:g} {settings.schedule} after "
         f"{settings.warmup:g} warm-up, {settings.epochs:g} epochs of batch {settings.batch_size}"),
         "",
-        f"Regenerate: `OMP_NUM_THREADS=2 {command}` (movie-reviews, 3,000 training examples, test split of finetune).",
+        f"Regenerate: `OMP_WAIT_POLICY=PASSIVE {command}` (movie-reviews, 3,000 training examples, test split of finetune).",
         "",
         "| seed | test accuracy | macro-F1 | wall s |",
         "|---:|---:|---:|---:|",
