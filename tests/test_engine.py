@@ -47,7 +47,7 @@ def test_engine_options_reach_trainer(tmp_path: Path) -> None:
     assert trainer_args.eval_strategy == "epoch" and trainer_args.report_to == []
     plain = training_arguments(finetune_cli.run_config(_parse()).settings, tmp_path, n_train=100, validate=False)
     assert (plain.bf16, plain.gradient_accumulation_steps, plain.torch_compile, plain.save_strategy) == (False, 1, False, "no")
-    assert (plain.lr_scheduler_type, plain.eval_strategy) == ("constant_with_warmup", "no")
+    assert (plain.lr_scheduler_type, plain.eval_strategy, plain.learning_rate) == ("linear", "no", 2e-3)
 
 
 @pytest.mark.parametrize(

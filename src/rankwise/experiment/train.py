@@ -98,11 +98,11 @@ class TrainSettings:
     epochs: float = 2.0
     steps: int | None = None
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 2e-3
     seed: int = 0
     weight_decay: float = 0.0
     optimizer: str = "adamw"
-    schedule: str = "constant"
+    schedule: str = "linear"
     warmup: float = 0.06
     grad_accum: int = 1
     precision: str = "fp32"
