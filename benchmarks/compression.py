@@ -22,8 +22,8 @@ from pathlib import Path
 import common
 import torch
 
+from rankwise.cli.compress import add_parser
 from rankwise.compress import compress, compression_report
-from rankwise.compress.cli import add_parser
 from rankwise.compress.evaluate import embed, fidelity, load_minilm, tokenize, tweet_splits
 from rankwise.experiment.report import markdown_table
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 import rankwise
-from rankwise.experiment.finetune import LONG_RUN, with_run_length
+from rankwise.experiment.pipeline import LONG_RUN, with_run_length
 
 
 def layer_step(model: nn.Module, tokens: int, width: int) -> common.Step:

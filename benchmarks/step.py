@@ -28,7 +28,7 @@ from torch import nn
 
 import rankwise
 from rankwise.core.registry import get_method
-from rankwise.experiment.finetune import LONG_RUN, with_run_length
+from rankwise.experiment.pipeline import LONG_RUN, with_run_length
 
 
 @dataclass(frozen=True)

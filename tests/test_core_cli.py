@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 
 from rankwise import cli
-from rankwise.experiment import bench, compare, data, finetune
+from rankwise.experiment import bench, data
+from rankwise.experiment import comparison as compare
+from rankwise.experiment import pipeline as finetune
 
 
 class Loaded(Exception):

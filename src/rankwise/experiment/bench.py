@@ -1,51 +1,23 @@
-"""``rankwise bench``: how much a training step costs with each method, on your model, side by side.
-
-Every method (default: all of ``rankwise.methods()``, each at its registry defaults unless
-``--set METHOD.KEY=VALUE``) is put on its own copy of one base model and timed with the frozen
-floor (the base model's forward + backward to its input embeddings, no trainable weight) in one
-process, interleaved round by round after warm-up, medians (:mod:`rankwise.experiment.timing`).
-Printed per method: trainable parameters, the median step (forward, loss, backward, AdamW), the
-step as a multiple of the floor, and merged inference as a multiple of the plain model's.
-A method that does not fit the model is an error row. For rankwise against HF PEFT on the same
-configs, and peak memory, use the repository's ``benchmarks/step.py``.
-"""
+"""Side-by-side step times of every method against the frozen floor: ``bench(BenchConfig(...))``, the
+pipeline of ``rankwise bench`` (:mod:`rankwise.cli.bench`)."""
 
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..core.config import AdapterConfig
 from ..core.inject import adapt, merge, trainable_parameters
 from ..core.registry import config as make_config
-from .compare import per_method_options, selected_methods
-from .finetune import LONG_RUN, SHIPPED_MODEL, model_path, parse_targets, with_run_length
-from .report import markdown_table
+from .pipeline import LONG_RUN, SHIPPED_MODEL, model_path, with_run_length
 from .timing import floor_step, inference_step, interleaved_times, medians, random_batch, training_step
 
 logger = logging.getLogger(__name__)
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``bench`` on the CLI's subparsers."""
-    parser = subparsers.add_parser("bench", help="time a training step of every method against the frozen floor",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", help="comma list of registered methods; default: all of rankwise.methods()")
-    parser.add_argument("--targets", default="all-linear", help="layers to adapt: suffixes, a regex, or all-linear")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="METHOD.KEY=VALUE",
-                        help="change one method's config field (repeatable), e.g. --set lora.r=16")
-    parser.add_argument("--model", default=SHIPPED_MODEL, help="model id or local path (an encoder or decoder)")
-    parser.add_argument("--batch", type=int, default=32, help="sequences per step")
-    parser.add_argument("--seq", type=int, default=64, help="tokens per sequence")
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (each runs every candidate once)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
-    parser.set_defaults(func=run)
-    return parser
 
 
 def load_base(model: str) -> nn.Module:
@@ -86,23 +58,39 @@ def benchmark(base: nn.Module, configs: dict[str, Any], batch: int, seq: int, ro
     return rows, floor * 1e3
 
 
-def run(args: argparse.Namespace) -> int:
-    """Build every method's config, time them against the floor, print the table; 1 if any method failed."""
-    for option in ("batch", "seq", "rounds", "threads"):
-        if getattr(args, option) <= 0:
-            raise ValueError(f"--{option} must be a positive integer, got {getattr(args, option)}")
-    if args.warmup < 0:
-        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
-    names = selected_methods(args.methods)
-    options = per_method_options(args.overrides, names)
-    targets = parse_targets(args.targets)
-    # A schedule that needs the run length (AdaLoRA, ElaLoRA) gets a long one: timing never steps the allocator.
-    configs = {name: make_config(name, **{"targets": targets, **with_run_length(name, options[name], LONG_RUN)})
-               for name in names}
-    torch.set_num_threads(args.threads)
+@dataclass(frozen=True)
+class BenchConfig:
+    """What ``bench`` times: ``configs`` (one adapter config per method, by name) on ``model``'s backbone,
+    with random batches of ``batch`` x ``seq`` tokens, ``rounds`` timed rounds after ``warmup``."""
+
+    configs: dict[str, AdapterConfig]
+    model: str = SHIPPED_MODEL
+    batch: int = 32
+    seq: int = 64
+    rounds: int = 5
+    warmup: int = 1
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        for option in ("batch", "seq", "rounds"):
+            if getattr(self, option) <= 0:
+                raise ValueError(f"--{option} must be a positive integer, got {getattr(self, option)}")
+        if self.threads is not None and self.threads <= 0:
+            raise ValueError(f"--threads must be a positive integer, got {self.threads}")
+        if self.warmup < 0:
+            raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
+
+
+def method_configs(options: dict[str, dict[str, Any]], targets: list[str] | str) -> dict[str, AdapterConfig]:
+    """One config per method from its options; a schedule that needs the run length (AdaLoRA, ElaLoRA) gets a
+    long one: timing never steps the allocator."""
+    return {name: make_config(name, **{"targets": targets, **with_run_length(name, values, LONG_RUN)})
+            for name, values in options.items()}
+
+
+def bench(config: BenchConfig) -> tuple[list[list[str]], float]:
+    """Time every config against the floor: the table rows (see :func:`benchmark`) and the floor in ms."""
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     torch.manual_seed(0)
-    rows, _ = benchmark(load_base(args.model), configs, args.batch, args.seq, args.rounds, args.warmup)
-    print(f"Training step, {args.model}, batch {args.batch} x seq {args.seq}, {args.threads} threads, "
-          f"{args.rounds} interleaved rounds after {args.warmup} warm-up, medians:\n")
-    print(markdown_table(["method", "trainable", "step ms", "x floor", "merged inference x base"], rows))
-    return 1 if any(row[1].startswith("error") for row in rows) else 0
+    return benchmark(load_base(config.model), config.configs, config.batch, config.seq, config.rounds, config.warmup)

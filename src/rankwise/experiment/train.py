@@ -1,35 +1,50 @@
-"""The training loop, evaluation and metrics for sequence classification.
+"""The training engine of ``finetune`` and ``compare``: ``transformers.Trainer`` with rankwise's callback.
 
-The loop is deterministic given its seed: the example order of epoch ``e`` is a permutation drawn
-from ``seed + e``, the learning rate is a pure function of the step (linear decay to zero), and a
-checkpoint holds the adapter (``rankwise.save``), the optimizer state and the RNG state. So a run
-saved at step ``k`` and resumed on a fresh base model continues with the same numbers as a run that
-never stopped.
+rankwise trains through :class:`~rankwise.integrations.trainer.RankwiseTrainer` (a Trainer whose
+checkpoints hold the adapter only and appear atomically) with
+:class:`~rankwise.integrations.trainer.RankwiseCallback` (allocators, checks) and
+:class:`~rankwise.integrations.trainer.DivergenceGuard` (NaN/Inf stop). Trainer, through accelerate,
+brings what a user of this field expects and what a hand-written loop would have to re-implement:
+warm-up + decay schedules (``get_scheduler``), gradient accumulation, DDP/FSDP on any launcher
+(``torchrun``, ``accelerate launch``, several machines), bf16 autocast, ``torch.compile``, activation
+checkpointing, resumable checkpoints (optimizer, scheduler, every rank's RNG state, data position) and
+the experiment trackers (``report_to``). rankwise keeps what is its own: tasks and splits, method
+options, baselines and reports. Padding is ``DataCollatorWithPadding``; accuracy and macro-F1 are
+scikit-learn's.
 
-An allocating method (``rankwise.allocator(model)``, e.g. AdaLoRA) is stepped after every optimizer
-step; a run that reaches its last step without the allocator ever having allocated raises
-``ValueError``, as ``RankwiseCallback`` does under ``transformers.Trainer``.
+``TrainSettings.batch_size`` is the global batch of one optimizer step: each of ``world_size``
+processes takes ``batch_size / (world_size * grad_accum)`` examples per forward, so the same settings
+train the same model on any number of processes (up to floating-point summation order).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import statistics
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib.util import find_spec
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
-from torch import Tensor, nn
-from tqdm.auto import tqdm
+from torch import nn
+from transformers import TrainerCallback
 
-from ..core.inject import adapter_config, is_adapted
-from ..core.io import load, save
-from ..core.rank import allocator as model_allocator
+from ..core.inject import trainable_parameters
 
 logger = logging.getLogger(__name__)
 
-TRAINING_STATE_FILE = "training_state.pt"
 OPTIMIZERS = ("adamw", "lorapro")
+#: ``--schedule``: the learning rate after warm-up (transformers' ``get_scheduler`` names in brackets).
+SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+PRECISIONS = ("fp32", "bf16")
+#: ``--report-to``: Trainer's integration name and the package it needs.
+TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
 
 
 @dataclass(frozen=True)
@@ -43,41 +58,80 @@ class Encoded:
         return len(self.labels)
 
 
+class EncodedDataset(torch.utils.data.Dataset):
+    """:class:`Encoded` as the map-style dataset Trainer reads: ``{"input_ids": [...], "labels": y}`` per example."""
+
+    def __init__(self, data: Encoded) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"input_ids": self.data.input_ids[index], "labels": self.data.labels[index]}
+
+
 @dataclass(frozen=True)
 class TrainSettings:
-    """How long and how fast to train.
+    """How long, how fast and on what machinery to train.
 
     Args:
         epochs: passes over the training set (ignored when ``steps`` is set).
         steps: total optimizer steps, overriding ``epochs``.
-        batch_size: examples per step.
-        lr: peak learning rate of AdamW; it decays linearly to zero at the last step.
-        seed: seeds the example order and dropout.
+        batch_size: examples per optimizer step, over all processes and accumulated micro-batches.
+        lr: peak learning rate.
+        seed: seeds the example order, dropout and the head's initialisation.
         weight_decay: AdamW weight decay.
         optimizer: ``"adamw"``, or ``"lorapro"`` (:class:`rankwise.optim.LoRAPro`: AdamW on LoRA-Pro's
             equivalent gradient for the two-factor adapters, DoRA's and BoRA's on their direction
             (``directions=True``), plain AdamW for every other trainable tensor).
+        schedule: the learning rate after warm-up: ``constant``, ``linear`` decay to zero or ``cosine``.
+        warmup: linear warm-up from 0 over this fraction of the steps.
+        grad_accum: micro-batches accumulated per optimizer step.
+        precision: ``fp32``, or ``bf16`` (autocast; the weights and optimizer stay float32).
+        gradient_checkpointing: recompute activations in the backward pass (non-reentrant).
+        compile: ``torch.compile`` the model.
+        save_every: write a checkpoint every this many optimizer steps (None: no checkpoints).
+        report_to: ``none``, ``tensorboard``, ``mlflow`` or ``wandb`` (Trainer's integrations).
+        max_grad_norm: gradient clipping (0: none).
     """
 
     epochs: float = 2.0
     steps: int | None = None
     batch_size: int = 32
-    lr: float = 5e-4
+    lr: float = 2e-3
     seed: int = 0
     weight_decay: float = 0.0
     optimizer: str = "adamw"
+    schedule: str = "linear"
+    warmup: float = 0.06
+    grad_accum: int = 1
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    save_every: int | None = None
+    report_to: str = "none"
+    max_grad_norm: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.steps is not None and self.steps <= 0:
-            raise ValueError(f"steps must be a positive integer, got {self.steps}")
-        if self.steps is None and not self.epochs > 0:
-            raise ValueError(f"epochs must be > 0, got {self.epochs}")
-        if self.batch_size <= 0:
-            raise ValueError(f"batch size must be a positive integer, got {self.batch_size}")
-        if not self.lr > 0:
-            raise ValueError(f"learning rate must be > 0, got {self.lr}")
+        checks = [
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}"),
+            (self.steps is None or self.steps > 0, f"steps must be a positive integer, got {self.steps}"),
+            (self.steps is not None or self.epochs > 0, f"epochs must be > 0, got {self.epochs}"),
+            (self.batch_size > 0, f"batch size must be a positive integer, got {self.batch_size}"),
+            (self.lr > 0, f"learning rate must be > 0, got {self.lr}"),
+            (self.schedule in SCHEDULES, f"schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}"),
+            (0 <= self.warmup < 1, f"warmup is a fraction of the steps in [0, 1), got {self.warmup}"),
+            (self.grad_accum > 0, f"grad_accum must be a positive integer, got {self.grad_accum}"),
+            (self.precision in PRECISIONS, f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}"),
+            (self.save_every is None or self.save_every > 0, f"save_every must be >= 1, got {self.save_every}"),
+            (self.report_to == "none" or self.report_to in TRACKERS,
+             f"report_to must be none or one of {list(TRACKERS)}, got {self.report_to!r}"),
+            (self.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {self.max_grad_norm}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
 
     def steps_per_epoch(self, n_examples: int) -> int:
         return max(1, math.ceil(n_examples / self.batch_size))
@@ -86,6 +140,17 @@ class TrainSettings:
         if self.steps is not None:
             return self.steps
         return max(1, math.ceil(self.epochs * self.steps_per_epoch(n_examples)))
+
+    def per_device_batch(self, world_size: int) -> int:
+        """Examples per process and forward: ``batch_size / (world_size * grad_accum)``, which must be whole."""
+        share = world_size * self.grad_accum
+        if self.batch_size % share:
+            raise ValueError(
+                f"batch size {self.batch_size} is the global batch of one optimizer step; it must divide evenly "
+                f"over {world_size} process(es) x {self.grad_accum} accumulated micro-batch(es). Use a multiple "
+                f"of {share}"
+            )
+        return self.batch_size // share
 
 
 @dataclass(frozen=True)
@@ -105,23 +170,47 @@ class History:
     evaluations: list[tuple[int, Metrics]] = field(default_factory=list)
 
 
+@dataclass
+class Trained:
+    """A classifier after training, with its test metrics and how long its training steps took.
+
+    ``train_seconds`` is the whole ``Trainer.train`` (with the validation passes, when there are any);
+    ``step_seconds`` holds the time of each optimizer step, from one step's start to the next's.
+    """
+
+    model: nn.Module
+    trainable: int
+    history: History
+    test: Metrics
+    train_seconds: float
+    step_seconds: list[float]
+    world_size: int = 1
+
+    @property
+    def steps(self) -> int:
+        return len(self.history.losses)
+
+    @property
+    def seconds_per_step(self) -> float:
+        """The median step time: the first step's warm-up and other programs' bursts do not move it."""
+        return statistics.median(self.step_seconds) if self.step_seconds else self.train_seconds / max(1, self.steps)
+
+
 # ----------------------------------------------------------------------------------------------
-# Metrics and evaluation
+# Metrics
 # ----------------------------------------------------------------------------------------------
 
 
-def classification_metrics(predictions: list[int], labels: list[int], num_labels: int) -> tuple[float, float]:
-    """Accuracy and macro-F1 (the unweighted mean of per-class F1; a class never predicted nor present scores 0)."""
-    if not labels:
+def classification_metrics(predictions: Sequence[int], labels: Sequence[int], num_labels: int) -> tuple[float, float]:
+    """Accuracy and macro-F1 (scikit-learn; the unweighted mean of per-class F1 over all ``num_labels``
+    classes, a class never predicted nor present scoring 0)."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    if len(labels) == 0:
         raise ValueError("cannot compute metrics on an empty dataset")
-    accuracy = sum(p == y for p, y in zip(predictions, labels)) / len(labels)
-    f1s = []
-    for c in range(num_labels):
-        tp = sum(p == c and y == c for p, y in zip(predictions, labels))
-        predicted = sum(p == c for p in predictions)
-        actual = sum(y == c for y in labels)
-        f1s.append(2 * tp / (predicted + actual) if predicted + actual else 0.0)
-    return accuracy, sum(f1s) / num_labels
+    accuracy = float(accuracy_score(labels, predictions))
+    macro_f1 = float(f1_score(labels, predictions, labels=list(range(num_labels)), average="macro", zero_division=0))
+    return accuracy, macro_f1
 
 
 def majority_metrics(train_labels: list[int], test_labels: list[int], num_labels: int) -> Metrics:
@@ -131,150 +220,152 @@ def majority_metrics(train_labels: list[int], test_labels: list[int], num_labels
     return Metrics(accuracy=accuracy, macro_f1=macro_f1, loss=float("nan"))
 
 
-def collate(data: Encoded, indices: list[int], pad_id: int) -> dict[str, Tensor]:
-    """A padded batch (padded to its own longest example)."""
-    rows = [data.input_ids[i] for i in indices]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for j, row in enumerate(rows):
-        ids[j, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[j, : len(row)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([data.labels[i] for i in indices])}
+def _metric_function(num_labels: int) -> Any:
+    def compute(prediction: Any) -> dict[str, float]:
+        accuracy, macro_f1 = classification_metrics(np.argmax(prediction.predictions, axis=-1).tolist(),
+                                                    np.asarray(prediction.label_ids).tolist(), num_labels)
+        return {"accuracy": accuracy, "macro_f1": macro_f1}
+
+    return compute
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, data: Encoded, pad_id: int, num_labels: int, batch_size: int = 64) -> Metrics:
-    """Accuracy, macro-F1 and mean cross-entropy of ``model`` on ``data`` (eval mode, restored after)."""
-    was_training = model.training
-    model.eval()
-    predictions: list[int] = []
-    total_loss = 0.0
-    try:
-        for start in range(0, len(data), batch_size):
-            batch = collate(data, list(range(start, min(start + batch_size, len(data)))), pad_id)
-            output = model(**batch)
-            total_loss += float(output.loss) * len(batch["labels"])
-            predictions.extend(output.logits.argmax(-1).tolist())
-    finally:
-        model.train(was_training)
-    accuracy, macro_f1 = classification_metrics(predictions, data.labels, num_labels)
-    return Metrics(accuracy=accuracy, macro_f1=macro_f1, loss=total_loss / len(data))
+def _metrics(values: dict[str, float], prefix: str) -> Metrics:
+    return Metrics(accuracy=values[f"{prefix}_accuracy"], macro_f1=values[f"{prefix}_macro_f1"],
+                   loss=values.get(f"{prefix}_loss", float("nan")))
 
 
 # ----------------------------------------------------------------------------------------------
-# Training
+# The run
 # ----------------------------------------------------------------------------------------------
 
 
-def epoch_order(n_examples: int, seed: int, epoch: int) -> list[int]:
-    """The example order of one epoch: a permutation that depends only on ``seed`` and ``epoch``."""
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n_examples, generator=generator).tolist()
+def world_size() -> int:
+    """The number of processes of this run (``WORLD_SIZE``, set by torchrun / accelerate launch)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def make_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
-    """``settings.optimizer`` over the parameters that require gradients (AdamW, or LoRA-Pro)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters; adapt it or unfreeze a module first")
+def check_tracker(name: str) -> None:
+    """``ValueError`` with the install line unless the package of tracker ``name`` is installed."""
+    if name != "none" and find_spec(TRACKERS[name]) is None:
+        raise ValueError(f"--report-to {name} needs the '{TRACKERS[name]}' package, which is not installed: "
+                         f"pip install {TRACKERS[name]} (or --report-to none)")
+
+
+def training_arguments(settings: TrainSettings, output_dir: Path, n_train: int, validate: bool) -> Any:
+    """Trainer's arguments for ``settings`` (``max_steps`` from the data size, the global batch split over the ranks)."""
+    from transformers import TrainingArguments
+
+    check_tracker(settings.report_to)
+    save = settings.save_every is not None
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=settings.total_steps(n_train),
+        per_device_train_batch_size=settings.per_device_batch(world_size()),
+        per_device_eval_batch_size=64,
+        gradient_accumulation_steps=settings.grad_accum,
+        learning_rate=settings.lr,
+        weight_decay=settings.weight_decay,
+        lr_scheduler_type=SCHEDULES[settings.schedule],
+        warmup_steps=settings.warmup,
+        max_grad_norm=settings.max_grad_norm,
+        seed=settings.seed,
+        bf16=settings.precision == "bf16",
+        use_cpu=not torch.cuda.is_available(),
+        torch_compile=settings.compile,
+        activation_checkpointing=settings.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if settings.gradient_checkpointing else None,
+        save_strategy="steps" if save else "no",
+        save_steps=settings.save_every or 500,
+        eval_strategy="epoch" if validate else "no",
+        logging_strategy="steps",
+        logging_steps=1,
+        logging_nan_inf_filter=False,
+        report_to=settings.report_to,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+
+
+class _Recorder(TrainerCallback):
+    """Fills a :class:`History` from Trainer's logs and evaluations and times every optimizer step."""
+
+    def __init__(self, history: History) -> None:
+        self.history = history
+        self.starts: list[float] = []
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.starts.append(time.perf_counter())
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        if logs and "loss" in logs:
+            self.history.losses.append(float(logs["loss"]))
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None,
+                    **kwargs: Any) -> None:
+        if metrics and "eval_accuracy" in metrics:
+            self.history.evaluations.append((state.global_step, _metrics(metrics, "eval")))
+
+    def step_seconds(self, ended: float) -> list[float]:
+        return [b - a for a, b in zip(self.starts, [*self.starts[1:], ended])]
+
+
+def build_trainer(model: nn.Module, settings: TrainSettings, train: Encoded, tokenizer: Any, output_dir: Path,
+                  num_labels: int, validation: Encoded | None = None, callbacks: Sequence[Any] = (),
+                  adapter: bool = True) -> Any:
+    """A Trainer for ``model`` on ``train`` with the divergence guard and ``callbacks``, evaluating on
+    ``validation`` at epoch ends when given: a :class:`~rankwise.integrations.trainer.RankwiseTrainer`
+    for an adapted model, a plain ``Trainer`` (``adapter=False``) for the linear probe."""
+    from transformers import DataCollatorWithPadding, PrinterCallback, Trainer
+
+    from ..integrations.trainer import DivergenceGuard, RankwiseCallback, RankwiseTrainer
+
+    if len(train) == 0:
+        raise ValueError("the training set is empty")
+    args = training_arguments(settings, output_dir, len(train), validate=validation is not None)
+    optimizers: tuple[Any, Any] = (None, None)
     if settings.optimizer == "lorapro":
         from ..optim import LoRAPro
 
-        return LoRAPro(model, lr=settings.lr, weight_decay=settings.weight_decay, directions=True)
-    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        optimizers = (LoRAPro(model, lr=settings.lr, weight_decay=settings.weight_decay, directions=True), None)
+    guards = [DivergenceGuard(), *([RankwiseCallback(save_final=False)] if adapter else [])]
+    trainer = (RankwiseTrainer if adapter else Trainer)(
+        model=model, args=args, train_dataset=EncodedDataset(train),
+        eval_dataset=EncodedDataset(validation) if validation is not None else None,
+        data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=_metric_function(num_labels),
+        optimizers=optimizers, callbacks=[*guards, *callbacks],
+    )
+    trainer.remove_callback(PrinterCallback)  # the logs go to the History (and report_to), not to stdout
+    # A sequence classifier's forward takes **kwargs, so Trainer assumes its loss sums over num_items_in_batch and
+    # skips dividing by the accumulation steps (and multiplies by the processes under DDP); the loss is a batch
+    # mean, so that would make gradients K (or N) times too large, which clipping turns into a different update.
+    trainer.model_accepts_loss_kwargs = False
+    return trainer
 
 
-def train(
-    model: nn.Module,
-    train_data: Encoded,
-    settings: TrainSettings,
-    pad_id: int,
-    validation: Encoded | None = None,
-    num_labels: int = 2,
-    optimizer: torch.optim.Optimizer | None = None,
-    start_step: int = 0,
-    stop_step: int | None = None,
-    history: History | None = None,
-    description: str = "train",
-) -> tuple[History, torch.optim.Optimizer]:
-    """Train from ``start_step`` to ``stop_step`` (default: the last step); evaluate on ``validation`` at epoch ends.
+def train_and_test(model: nn.Module, settings: TrainSettings, train: Encoded, test: Encoded, tokenizer: Any,
+                   output_dir: Path, num_labels: int, validation: Encoded | None = None,
+                   resume: str | Path | None = None, before_training: Any = None,
+                   callbacks: Sequence[Any] = (), adapter: bool = True) -> Trained:
+    """Train ``model`` (evaluating on ``validation`` at epoch ends when given), then test it.
 
-    Pass the ``optimizer`` and ``start_step`` of a checkpoint (see :func:`load_checkpoint`) to resume.
-    A fresh run (``start_step == 0``) seeds torch with ``settings.seed``. ``ValueError`` when the last
-    step is reached and the model's allocator (if it has one) never allocated.
+    ``resume``: a checkpoint folder to continue from (Trainer's resume: adapter, optimizer, scheduler,
+    RNG states and data position). ``before_training(trainer)`` runs once the Trainer exists and before
+    it trains (GoRA's gradient init takes its first batches there). Checkpoints (``settings.save_every``)
+    go to ``output_dir``. ``adapter=False`` trains a model without adapter (the probe) with a plain Trainer. Raises :class:`~rankwise.integrations.trainer.TrainingDiverged` at a NaN/Inf.
     """
-    if len(train_data) == 0:
-        raise ValueError("the training set is empty")
-    total = settings.total_steps(len(train_data))
-    stop = total if stop_step is None else min(stop_step, total)
-    per_epoch = settings.steps_per_epoch(len(train_data))
-    optimizer = optimizer or make_optimizer(model, settings)
-    history = history or History()
-    if start_step == 0:
-        torch.manual_seed(settings.seed)
-    model.train()
-    allocator = model_allocator(model) if is_adapted(model) else None  # AdaLoRA: stepped in PEFT's order below
-    if allocator is not None:
-        allocator.attach_optimizer(optimizer)  # ElaLoRA resizes the optimizer's state with the adapter
-    progress = tqdm(range(start_step, stop), desc=description, unit="step", leave=False)
-    for step in progress:
-        epoch, offset = divmod(step, per_epoch)
-        order = epoch_order(len(train_data), settings.seed, epoch)
-        batch = collate(train_data, order[offset * settings.batch_size : (offset + 1) * settings.batch_size], pad_id)
-        for group in optimizer.param_groups:
-            group["lr"] = settings.lr * (1.0 - step / total)
-        loss = model(**batch).loss
-        if allocator is not None and (term := allocator.regularizer()) is not None:
-            loss = loss + term
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if allocator is not None:
-            allocator.step(step)
-        history.losses.append(loss.item())
-        progress.set_postfix(loss=f"{history.losses[-1]:.4f}")
-        if validation is not None and ((step + 1) % per_epoch == 0 or step + 1 == total):
-            metrics = evaluate(model, validation, pad_id, num_labels)
-            history.evaluations.append((step + 1, metrics))
-            logger.info("step %d: validation accuracy %.4f, macro-F1 %.4f", step + 1, metrics.accuracy, metrics.macro_f1)
-    progress.close()
-    if allocator is not None and stop == total:
-        if allocator.allocations == 0:
-            raise ValueError(
-                f"training ended after {total} steps but the {adapter_config(model).method} allocator never "
-                "allocated, so the adapter kept its initial rank everywhere (a fixed-rank adapter, which PEFT trains "
-                "silently). Set the config's total_step to the run's steps and tinit / tfinal / deltaT so that the "
-                "budget phase falls inside the run"
-            )
-        allocator.finalize()  # ARD-LoRA shrinks its adapters to their final ranks; the optimizer is done with them
-    return history, optimizer
+    history = History()
+    recorder = _Recorder(history)
+    trainer = build_trainer(model, settings, train, tokenizer, output_dir, num_labels, validation,
+                            callbacks=[recorder, *callbacks], adapter=adapter)
+    if before_training is not None:
+        before_training(trainer)
+    trainable = trainable_parameters(model)
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    ended = time.perf_counter()
+    tested = trainer.predict(EncodedDataset(test), metric_key_prefix="test").metrics
+    return Trained(model=model, trainable=trainable, history=history, test=_metrics(tested, "test"),
+                   train_seconds=ended - started, step_seconds=recorder.step_seconds(ended),
+                   world_size=trainer.args.world_size)
 
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------
-
-
-def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, step: int, directory: str | Path) -> Path:
-    """Write the adapter (``rankwise.save``) plus optimizer and RNG state, enough to resume exactly."""
-    directory = save(model, directory)
-    state = {"step": step, "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}
-    torch.save(state, directory / TRAINING_STATE_FILE)
-    return directory
-
-
-def load_checkpoint(
-    base_model: nn.Module, directory: str | Path, settings: TrainSettings
-) -> tuple[nn.Module, torch.optim.Optimizer, int]:
-    """Adapt ``base_model`` from a checkpoint; return it with its optimizer and the step to resume from."""
-    directory = Path(directory)
-    state_path = directory / TRAINING_STATE_FILE
-    if not state_path.is_file():
-        raise FileNotFoundError(f"{state_path} does not exist; {directory} is not a checkpoint written by save_checkpoint")
-    model = load(base_model, directory)
-    state = torch.load(state_path, weights_only=True)
-    optimizer = make_optimizer(model, settings)
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])
-    return model, optimizer, int(state["step"])

@@ -1,15 +1,18 @@
 """Train rankwise adapters with ``transformers.Trainer``: adapter files in every checkpoint, checked
-start, exact resume.
+start, exact resume, adapter-only atomic checkpoints (:class:`RankwiseTrainer`), a NaN/Inf stop
+(:class:`DivergenceGuard`).
 
 Usage::
 
     import rankwise
-    from rankwise.integrations import RankwiseCallback
+    from rankwise.integrations import RankwiseCallback, RankwiseTrainer
     from transformers import Trainer, TrainingArguments
 
     model = rankwise.adapt(model, rankwise.LoRAConfig(r=8, alpha=16, targets=["query", "value"]))
     args = TrainingArguments(output_dir="out", save_steps=500, report_to=[])
-    Trainer(model=model, args=args, train_dataset=train, callbacks=[RankwiseCallback()]).train()
+    RankwiseTrainer(model=model, args=args, train_dataset=train).train()   # adds a RankwiseCallback
+    # or a plain Trainer, whose checkpoints also hold the full model:
+    # Trainer(model=model, args=args, train_dataset=train, callbacks=[RankwiseCallback()]).train()
     model = rankwise.load(fresh_base_model, "out/adapter")    # or "out/checkpoint-500/adapter"
 
 What the callback writes (``rankwise.save``: ``adapter_config.json`` + ``adapter.safetensors``,
@@ -32,12 +35,14 @@ What it checks (``ValueError`` with the offending names and what to do):
     The gradient and optimizer checks are skipped under DeepSpeed and FSDP, whose optimizers and
     gradients live in flattened or partitioned copies.
 
-How resume works, and why no rankwise code is needed for it (checked on transformers 5.24): a
+How resume works (checked on transformers 5.24). With a plain ``Trainer`` no rankwise code is needed: a
 rankwise-adapted ``PreTrainedModel`` is still that ``PreTrainedModel`` (rankwise wraps layers, not
 the model), so each checkpoint's ``model.safetensors`` is its full state dict, written by
 ``save_pretrained``: frozen base, adapter tensors and buffers (SingLoRA's int64 ``singlora_step``
-included). No tensor is shared: an adapter keeps its base layer outside its own state dict. Resume
-restores that file, the optimizer, the scheduler, the RNG states and the data position, so N steps
+included), which makes every checkpoint as large as the model. :class:`RankwiseTrainer` writes and
+reads ``checkpoint-<step>/adapter`` instead (the frozen base is never copied) and makes each checkpoint
+appear atomically. No tensor is shared: an adapter keeps its base layer outside its own state dict. Resume
+restores the model's tensors, the optimizer, the scheduler, the RNG states and the data position, so N steps
 straight and N/2 steps then a resumed run to N give the same adapter (``tests/test_trainer.py``,
 bit-identical on CPU). SingLoRA's ramp-up clock counts calls of ``torch.optim.Optimizer.step`` on
 the optimizer that holds its A; Trainer's accelerate wrapper (``AcceleratedOptimizer``) does not
@@ -73,6 +78,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -80,24 +86,28 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import (
+    Trainer,
     TrainerCallback,
     TrainerControl,
     TrainerState,
     TrainingArguments,
 )
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from ..core.inject import adapted_layers, adapter_config, is_adapted, unload
 from ..core.io import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     adapter_state,
+    check_loadable,
     load,
     read_json,
     read_tensors,
     save,
 )
 from ..core.rank import Allocator, allocator, load_allocator
+from . import TrainingDiverged
 
 ADAPTER_SUBDIR = "adapter"
 
@@ -451,4 +461,174 @@ def _checkpoint_dir(args: TrainingArguments, state: TrainerState) -> Path | None
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
-__all__ = ["RankwiseCallback", "load_checkpoint_adapter"]
+# ----------------------------------------------------------------------------------------------
+# Adapter-only, atomic checkpoints; a guard against divergence
+# ----------------------------------------------------------------------------------------------
+
+
+def load_adapter_tensors(model: nn.Module, directory: Path) -> None:
+    """Copy the adapter tensors saved in ``directory`` (``rankwise.save``) into the already adapted ``model``.
+
+    ``ValueError`` naming the tensors when the keys or shapes differ from the model's adapter (the
+    checkpoint belongs to another method, config or base model), before any tensor is copied."""
+    model = _adapted(model)
+    tensors = read_tensors(directory / WEIGHTS_FILE, "RankwiseTrainer")
+    state = adapter_state(model, keep_vars=True)
+    differ = sorted(set(tensors) ^ set(state))
+    differ += [k for k in sorted(set(tensors) & set(state)) if tuple(tensors[k].shape) != tuple(state[k].shape)]
+    if differ:
+        raise ValueError(
+            f"RankwiseTrainer: the adapter in {directory} does not fit the model's adapter ({_limited(differ)} "
+            "differ in name or shape). Adapt the same base model with the checkpoint's config before resuming "
+            "(ElaLoRA changes ranks while training: resume it on rankwise.load(base, <checkpoint>/adapter))"
+        )
+    for key, value in tensors.items():
+        check_loadable(key, value, state[key], str(directory))
+    with torch.no_grad():
+        for key, value in tensors.items():
+            state[key].copy_(value)
+
+
+class RankwiseTrainer(Trainer):
+    """``transformers.Trainer`` whose checkpoints hold the adapter only and appear atomically.
+
+    * Every checkpoint and ``save_model`` writes ``rankwise.save(model, <dir>/adapter)`` (adapter and
+      ``modules_to_save`` tensors, allocator state) instead of ``save_pretrained``'s full
+      ``model.safetensors``: the frozen base model is never copied into a checkpoint. The optimizer,
+      scheduler, RNG states and ``trainer_state.json`` (data position) are Trainer's own files.
+    * A checkpoint is written in full under ``<run dir>/.partial-checkpoint-<step>/`` and renamed to
+      ``checkpoint-<step>`` only when every file (every rank's RNG state included) is there, so a process
+      killed while saving leaves the previous checkpoints intact and the partial folder is never taken
+      for a checkpoint (Trainer resumes only from ``checkpoint-<digits>``). The rename is atomic on one
+      file system; files are not fsync'ed, so this protects against a killed process, not a power loss.
+    * Resume (``train(resume_from_checkpoint=...)``) copies the checkpoint's adapter tensors into the
+      model (strict: names and shapes must match) and ``load_best_model_at_end`` does the same with the
+      best checkpoint; a checkpoint written by a plain Trainer (``model.safetensors``) still loads the
+      plain way.
+
+    A :class:`RankwiseCallback` is added unless ``callbacks`` holds one (it writes the final adapter,
+    steps allocators and runs the checks).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        callbacks = list(kwargs.pop("callbacks", None) or [])
+        if not any(isinstance(c, RankwiseCallback) or c is RankwiseCallback for c in callbacks):
+            callbacks.append(RankwiseCallback())
+        super().__init__(*args, callbacks=callbacks, **kwargs)
+        self._staging: str | None = None
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if self.args.should_save:
+            save(_adapted(self.accelerator.unwrap_model(self.model)), Path(output_dir or self.args.output_dir) / ADAPTER_SUBDIR)
+
+    def _get_output_dir(self, trial: Any) -> str:
+        run_dir = super()._get_output_dir(trial)
+        return run_dir if self._staging is None else os.path.join(run_dir, self._staging)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        run_dir = Path(self._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = run_dir / f".partial-{name}"
+        if self.args.should_save and staging.exists():
+            shutil.rmtree(staging)  # left by a process killed while saving this step
+        self.accelerator.wait_for_everyone()
+        self._staging = staging.name
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = None
+        self.accelerator.wait_for_everyone()  # every rank's RNG file is in the staging folder
+        if self.args.should_save:
+            final = run_dir / name
+            if self.state.best_model_checkpoint == str(staging / name):
+                self.state.best_model_checkpoint = str(final)
+                self.state.save_to_json(str(staging / name / TRAINER_STATE_NAME))
+            if final.exists():
+                shutil.rmtree(final)  # the same step saved again (a resumed run that re-saves its start)
+            os.replace(staging / name, final)
+            staging.rmdir()
+            rotate_checkpoints(str(run_dir), self.args.save_total_limit, self.state.best_model_checkpoint,
+                               use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        saved = Path(resume_from_checkpoint) / ADAPTER_SUBDIR
+        if not (saved / CONFIG_FILE).is_file():
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
+        load_adapter_tensors(self.accelerator.unwrap_model(model if model is not None else self.model), saved)
+
+    def _load_best_model(self) -> None:
+        best = self.state.best_model_checkpoint
+        if best is None or not (Path(best) / ADAPTER_SUBDIR / CONFIG_FILE).is_file():
+            super()._load_best_model()
+            return
+        load_adapter_tensors(self.accelerator.unwrap_model(self.model), Path(best) / ADAPTER_SUBDIR)
+
+
+class DivergenceGuard(TrainerCallback):
+    """Stop training at the first NaN or Inf training loss or gradient, before the optimizer applies it.
+
+    A forward hook notes a non-finite ``outputs.loss`` of the model in training mode; before every
+    optimizer step the gradients of the trainable parameters are checked. Either raises
+    :class:`TrainingDiverged` naming the optimizer step (1-based, the number of the checkpoint it would
+    have produced) and the parameters whose gradient is not finite. Nothing is saved after the raise,
+    so the last checkpoint on disk is the last good one. Under DDP the gradients are averaged over the
+    ranks before the check, so a NaN on one rank stops every rank at the same step.
+    """
+
+    def __init__(self) -> None:
+        self._bad_loss: float | None = None
+        self._hook: Any = None
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       model: nn.Module | None = None, **kwargs: Any) -> None:
+        self._bad_loss = None
+
+        def note(module: nn.Module, inputs: Any, outputs: Any) -> None:
+            loss = getattr(outputs, "loss", None)
+            if (module.training and self._bad_loss is None and isinstance(loss, torch.Tensor)
+                    and not bool(torch.isfinite(loss.detach()).all())):
+                self._bad_loss = float(loss.detach().float().sum())
+
+        if self._hook is None and model is not None:
+            self._hook = model.register_forward_hook(note)
+
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                              model: nn.Module | None = None, **kwargs: Any) -> None:
+        if model is None:
+            return
+        bad = [name for name, p in model.named_parameters()
+               if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        if self._bad_loss is None and not bad:
+            return
+        self._remove()
+        step = state.global_step + 1
+        loss = "" if self._bad_loss is None else f"the training loss was {self._bad_loss}"
+        grads = f"the gradient of {_limited(bad)} is not finite" if bad else ""
+        raise TrainingDiverged(
+            f"training diverged at optimizer step {step}: {' and '.join(p for p in (loss, grads) if p)}. The step "
+            f"was not applied and nothing was saved after it; the last checkpoint (if any) is step "
+            f"{_last_saved(args, state)}. Lower the learning rate (or add warm-up) and resume from it"
+        )
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+
+def _last_saved(args: TrainingArguments, state: TrainerState) -> int | str:
+    """The step of the newest complete checkpoint under ``args.output_dir``, or ``none``."""
+    root = Path(args.output_dir)
+    steps = [int(p.name.rsplit("-", 1)[1]) for p in root.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+             if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit()] if root.is_dir() else []
+    return max(steps) if steps else "none"
+
+
+__all__ = ["DivergenceGuard", "RankwiseCallback", "RankwiseTrainer", "TrainingDiverged", "load_adapter_tensors",
+           "load_checkpoint_adapter"]

@@ -1,7 +1,8 @@
-"""The ``rankwise`` command line: one subcommand per module listed in :data:`SUBCOMMANDS`.
+"""The ``rankwise`` command line: one module per subcommand (:data:`SUBCOMMANDS`).
 
-Each module exposes ``add_parser(subparsers)``, which adds its subparser and sets a ``func``
-default taking the parsed arguments and returning an exit status.
+Each module parses its options into the dataclass of its pipeline (``rankwise.experiment`` or
+``rankwise.compress``), calls it and prints; it exposes ``add_parser(subparsers)``, which adds its
+subparser and sets a ``func`` default taking the parsed arguments and returning an exit status.
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ import importlib
 import logging
 import sys
 
-from ._version import __version__
+from .._version import __version__
+from ..integrations import TrainingDiverged
 
 SUBCOMMANDS = [
-    "rankwise.experiment.finetune",
-    "rankwise.experiment.compare",
-    "rankwise.experiment.bench",
-    "rankwise.inspect_cli",
-    "rankwise.compress.cli",
+    "rankwise.cli.finetune",
+    "rankwise.cli.compare",
+    "rankwise.cli.bench",
+    "rankwise.cli.inspect",
+    "rankwise.cli.compress",
 ]
 
 
@@ -34,18 +36,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; bad input prints a one-line error and returns 2."""
+    """Run the command line; bad input prints a one-line error and returns 2, a diverged run returns 1."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
+    args.argv = argv  # --nproc re-launches the same command line under torchrun
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as error:
         print(f"rankwise: error: {error}", file=sys.stderr)
         return 2
+    except TrainingDiverged as error:
+        print(f"rankwise: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -11,18 +11,11 @@ Defaults run in a few minutes on 2 CPU cores with the shipped all-MiniLM-L6-v2.
 from __future__ import annotations
 
 import argparse
-import copy
-import random
 import re
 from typing import Any
 
-import torch
-from torch import nn
-
-from .calibration import Batch
-from .evaluate import embed, fidelity, load_minilm, probe_accuracy, time_ratio, tokenize, tweet_splits
-from .storage import save_compressed
-from .svd import ALLOCATIONS, METHODS, compress, compression_report
+from ..compress.svd import ALLOCATIONS, METHODS
+from ..experiment.compression import CompressJob, compress_and_measure
 
 
 def _fraction(text: str) -> float:
@@ -65,73 +58,34 @@ def _targets(text: str) -> str | list[str]:
     return text
 
 
-def _parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def _adapt_and_train(model: nn.Module, method: str, batches: list[Batch], labels: list[list[int]], steps: int,
-                     seed: int) -> nn.Module:
-    """Adapter + linear head on the mean-pooled embedding, cross-entropy, AdamW; returns the adapted model."""
-    import rankwise
-
-    torch.manual_seed(seed)
-    model = rankwise.adapt(model, rankwise.config(method))
-    head = nn.Linear(model.config.hidden_size, 1 + max(max(y) for y in labels))
-    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=1e-3)
-    order = random.Random(seed)
-    model.train()
-    for _ in range(steps):
-        index = order.randrange(len(batches))
-        batch = batches[index]
-        hidden = model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-        loss = nn.functional.cross_entropy(head(pooled), torch.tensor(labels[index]))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
+def job(args: argparse.Namespace) -> CompressJob:
+    """The parsed options as the pipeline's :class:`CompressJob`."""
+    return CompressJob(ratio=args.ratio, energy=args.energy, method=args.method, sequential=args.sequential,
+                       allocation=args.allocation, targets=_targets(args.targets),
+                       exclude=_targets(args.exclude) if args.exclude else None, force=args.force,
+                       calibration=args.calibration, held_out=args.held_out, probe_train=args.probe_train,
+                       seed=args.seed, output=args.output, then_adapt=args.then_adapt, adapt_steps=args.adapt_steps)
 
 
 def run(args: argparse.Namespace) -> int:
     """Compress, measure, print; returns the exit status."""
-    torch.manual_seed(args.seed)
-    splits = tweet_splits(args.calibration, args.probe_train, args.held_out, seed=args.seed)
-    original, tokenizer = load_minilm()
-    calibration = tokenize(tokenizer, splits.calibration)
-    train = tokenize(tokenizer, splits.train[0], batch_size=32)
-    test = tokenize(tokenizer, splits.test[0])
-    reference_test, reference_train = embed(original, test), embed(original, train)
-
-    allocation = args.allocation or ("uniform" if args.energy is not None else "sensitivity")
-    model = compress(copy.deepcopy(original), ratio=args.ratio, energy=args.energy, method=args.method,
-                     calibration=calibration, targets=_targets(args.targets),
-                     exclude=_targets(args.exclude) if args.exclude else None,
-                     allocation=allocation, sequential=args.sequential, force=args.force)
-    print(compression_report(model).table())
-    before, after = _parameters(original), _parameters(model)
+    result = compress_and_measure(job(args))
+    print(result.table)
+    before, after = result.parameters_before, result.parameters_after
     print(f"model parameters: {before:,} -> {after:,} ({after / before:.1%})")
-    print(f"CPU inference time ratio (compressed / original, interleaved): {time_ratio(original, model, test[:4]):.3f}")
-    compressed_test = embed(model, test)
-    print(f"fidelity (mean cosine to the original, {len(splits.test[0])} held-out tweets): "
-          f"{fidelity(reference_test, compressed_test):.4f}")
-    accuracy_before = probe_accuracy(reference_train, splits.train[1], reference_test, splits.test[1])
-    accuracy_after = probe_accuracy(embed(model, train), splits.train[1], compressed_test, splits.test[1])
-    print(f"linear-probe accuracy: original {accuracy_before:.4f}, compressed {accuracy_after:.4f}")
-    if args.output:
-        print(f"saved to {save_compressed(model, args.output)}")
-    if args.then_adapt:
-        train_labels = [splits.train[1][i:i + 32] for i in range(0, len(splits.train[1]), 32)]
-        adapted = _adapt_and_train(model, args.then_adapt, train, train_labels, args.adapt_steps, args.seed)
-        accuracy_adapted = probe_accuracy(embed(adapted, train), splits.train[1], embed(adapted, test), splits.test[1])
+    print(f"CPU inference time ratio (compressed / original, interleaved): {result.time_ratio:.3f}")
+    print(f"fidelity (mean cosine to the original, {result.held_out} held-out tweets): {result.fidelity:.4f}")
+    print(f"linear-probe accuracy: original {result.accuracy_before:.4f}, compressed {result.accuracy_after:.4f}")
+    if result.saved is not None:
+        print(f"saved to {result.saved}")
+    if result.accuracy_adapted is not None:
         print(f"linear-probe accuracy after {args.adapt_steps} steps of {args.then_adapt} on the compressed model: "
-              f"{accuracy_adapted:.4f}")
+              f"{result.accuracy_adapted:.4f}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``compress`` on its own (``python -m rankwise.compress.cli``)."""
+    """Run ``compress`` on its own (``python -m rankwise.cli.compress``)."""
     parser = argparse.ArgumentParser(prog="rankwise")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
