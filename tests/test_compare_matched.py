@@ -31,6 +31,24 @@ def _argv(tiny: tuple[Path, Path], output: Path, *extra: str) -> list[str]:
             "--threads", "1", "--output-dir", str(output), *extra]
 
 
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--budget", "1000", "--budget-like", "lora:r=2"], "not both"),
+    (["--budget-like", "lora:r=2", "--methods", "lora,nope"], "unknown method 'nope'"),
+])
+def test_bad_sweep_options_fail_before_anything_is_written(argv: list[str], message: str, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["compare", *argv, "--output-dir", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("option", ["--seeds", "--workers", "--budget"])
+def test_counts_must_be_positive(option: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["compare", option, "0"])
+    assert "expected a positive integer, got '0'" in capsys.readouterr().err
+
+
 def test_lr_is_chosen_by_the_last_validation_macro_f1() -> None:
     def tried(method: str, lr: float, scores: list[float]) -> dict:
         return {"method": method, "lr": lr, "validation": [{"step": i, "macro_f1": f} for i, f in enumerate(scores)]}

@@ -118,6 +118,8 @@ def sweep_mode(args: argparse.Namespace) -> bool:
 def compare_config(args: argparse.Namespace) -> CompareConfig:
     """The parsed options as the pipeline's :class:`CompareConfig` (every value checked, nothing loaded)."""
     names = selected_methods(args.methods)
+    if args.budget is not None and args.budget_like is not None:
+        raise ValueError("compare: give --budget N or --budget-like METHOD:KEY=VALUE, not both")
     return CompareConfig(methods=names, options=per_method_options(args.overrides, names, training_keys=("lr",)),
                          targets=parse_targets(args.targets), data=data_config(args), model=args.model,
                          settings=train_settings(args), lrs=args.lrs, probe=not args.no_probe, probe_lr=args.probe_lr,
@@ -130,8 +132,6 @@ def run(args: argparse.Namespace) -> int:
     """The ``compare`` subcommand: exit status 1 when a method failed."""
     config = compare_config(args)
     if sweep_mode(args):
-        if config.budget is not None and config.budget_like is not None:
-            raise ValueError("compare: give --budget or --budget-like, not both")
         result = compare_matched(config)
         print(result["table"])
         failed = [row["method"] for row in result["rows"] if row["error"]]
