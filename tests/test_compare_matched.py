@@ -81,6 +81,7 @@ def test_tiny_sweep_writes_consistent_outputs_and_resumes(tiny: tuple[Path, Path
     assert cli.main(_argv(tiny, out, "--lrs", "1e-6,5e-2")) == 0
     printed = capsys.readouterr().out
     assert "| method" in printed and "× budget" in printed
+    assert "- lora: " in printed and " adapter parameters (1.000 × budget)" in printed  # the achieved counts
 
     payload = json.loads((out / plots.JSON_FILE).read_text())
     rows = {row["method"]: row for row in payload["rows"]}

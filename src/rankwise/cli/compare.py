@@ -134,6 +134,10 @@ def run(args: argparse.Namespace) -> int:
     if sweep_mode(args):
         result = compare_matched(config)
         print(result["table"])
+        for method, match in result["matches"].items():
+            count = "—" if match["count"] is None else f"{match['count']:,}"
+            ratio = "" if match["ratio"] is None else f" ({match['ratio']:.3f} × budget)"
+            print(f"- {method}: {count} adapter parameters{ratio}" + (f" † {match['reason']}" if match["reason"] else ""))
         failed = [row["method"] for row in result["rows"] if row["error"]]
         print(f"wrote {', '.join(sorted(result['paths']))} to {result['output_dir']}")
         return 1 if failed else 0
