@@ -105,6 +105,9 @@ def test_tiny_sweep_writes_consistent_outputs_and_resumes(tiny: tuple[Path, Path
 
     # lr tuned once, on seed 0's validation: every seed of a method runs at its chosen lr, which is in the grid
     runs = payload["runs"]
+    for run in runs:  # each run's own peak resident-set growth, so the memory column and plot are filled
+        assert (run["peak_memory_bytes"] or 0) > 0 or run["method"] == matched.MAJORITY, run
+    assert rows["miss"]["peak_memory_mb"] > 0 and rows["miss"]["peak_memory_vs_lora"] > 0
     for method in ("lora", "miss"):
         rates = {run["lr"] for run in runs if run["method"] == method}
         assert len(rates) == 1 and rates <= {1e-6, 5e-2}

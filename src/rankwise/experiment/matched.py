@@ -48,6 +48,31 @@ MAJORITY = "majority class"
 PROBE = "linear probe"
 
 
+def _status_bytes(field: str) -> int | None:
+    """A ``/proc/self/status`` memory line (``VmRSS``, ``VmHWM``) in bytes; None where there is no such file."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return None
+    return next((int(line.split()[1]) * 1024 for line in lines if line.startswith(field + ":")), None)
+
+
+def _reset_peak() -> int | None:
+    """Reset this process's resident-set high-water mark (``VmHWM``) to its current size and return that size
+    (Linux only: writing 5 to ``/proc/self/clear_refs``; None elsewhere)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return _status_bytes("VmRSS")
+
+
+def _peak_growth(before: int | None) -> int | None:
+    """Bytes by which the resident set's high-water mark rose above ``before`` (from :func:`_reset_peak`)."""
+    peak = _status_bytes("VmHWM") if before is not None else None
+    return None if peak is None or before is None else peak - before
+
+
 def _quiet(_: str) -> None:
     """A log that drops the line (a run in a worker repeats the data summary the parent printed)."""
 
@@ -57,19 +82,25 @@ def _quiet(_: str) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _record(spec: dict[str, Any], trained: Trained) -> dict[str, Any]:
+def _record(spec: dict[str, Any], trained: Trained, peak_memory: int | None) -> dict[str, Any]:
     validation = [{"step": step, "accuracy": m.accuracy, "macro_f1": m.macro_f1} for step, m in trained.history.evaluations]
     return {"method": spec["method"], "seed": spec["seed"], "kind": spec["kind"], "trainable": trained.trainable,
             "accuracy": trained.test.accuracy, "macro_f1": trained.test.macro_f1, "lr": spec["lr"],
             "budget_ratio": spec.get("budget_ratio"), "budget_note": spec.get("budget_note"),
             "train_loss": list(trained.history.losses), "validation": validation,
-            "step_seconds": trained.seconds_per_step, "error": None}
+            "step_seconds": trained.seconds_per_step, "peak_memory_bytes": peak_memory, "error": None}
 
 
 def run(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """The sweep's run function: one method (or baseline) at one seed and lr; returns a
     :class:`~rankwise.experiment.plots.RunRecord` as a dict. A method that fails returns a record with its error
-    (its result file is written, so a restart does not retry it)."""
+    (its result file is written, so a restart does not retry it).
+
+    ``peak_memory_bytes`` is the growth of the process's resident-set high-water mark while the adapted model is
+    built and trained (and tested), above the resident set just before: the high-water mark is reset per run
+    (``/proc/self/clear_refs``), so runs that share a process each get their own peak. Memory the allocator
+    kept from an earlier run in the same process can be reused without growth, so the figure is a lower bound
+    there; ``--workers`` runs each in a worker whose earlier runs were the same kind of job. None off Linux."""
     setup = spec["setup"]
     seed = spec["seed"]
     settings = dataclasses.replace(TrainSettings(**setup["settings"]), seed=seed)
@@ -79,12 +110,15 @@ def run(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
         metrics = majority_metrics(prepared.splits.train.labels, prepared.test.labels, prepared.num_labels)
         return {"method": MAJORITY, "seed": seed, "kind": "baseline", "trainable": 0, "accuracy": metrics.accuracy,
                 "macro_f1": metrics.macro_f1}
+    before = _reset_peak()
     if spec["method"] == PROBE:
-        return _record(spec, linear_probe(prepared, settings, spec["lr"], workdir))
+        trained = linear_probe(prepared, settings, spec["lr"], workdir)
+        return _record(spec, trained, _peak_growth(before))
     try:
         model, _ = adapted_classifier(prepared, spec["method"], spec["options"], setup["targets"], seed,
                                       settings.total_steps(len(prepared.train)))
-        return _record(spec, train_method(model, prepared, dataclasses.replace(settings, lr=spec["lr"]), workdir))
+        trained = train_method(model, prepared, dataclasses.replace(settings, lr=spec["lr"]), workdir)
+        return _record(spec, trained, _peak_growth(before))
     except Exception as error:  # noqa: BLE001 -- one method failing must not end the comparison of the others
         return {"method": spec["method"], "seed": seed, "kind": "method", "lr": spec["lr"],
                 "budget_ratio": spec.get("budget_ratio"), "budget_note": spec.get("budget_note"),
