@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -79,8 +80,11 @@ def test_tiny_sweep_writes_consistent_outputs_and_resumes(tiny: tuple[Path, Path
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cmp"
     assert cli.main(_argv(tiny, out, "--lrs", "1e-6,5e-2")) == 0
-    printed = capsys.readouterr().out
+    printed, bars = capsys.readouterr()
     assert "| method" in printed and "× budget" in printed
+    assert not re.search(r"\[\d+/\d+\] ", printed)  # no per-run line: the sweep's bar instead
+    assert "tune.json: 100%" in bars and "4/4" in bars and "sweep.json: 100%" in bars and "8/8 [" in bars
+    assert "lora,seed=1,lr=" in bars and "8/8" in bars  # each run's step bar
     assert "- lora: " in printed and " adapter parameters (1.000 × budget)" in printed  # the achieved counts
 
     payload = json.loads((out / plots.JSON_FILE).read_text())
@@ -131,9 +135,13 @@ def test_tiny_sweep_writes_consistent_outputs_and_resumes(tiny: tuple[Path, Path
     assert json.loads((out / plots.JSON_FILE).read_text())["rows"] == payload["rows"]
 
 
-def test_two_workers_give_the_numbers_of_one(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+def test_two_workers_give_the_numbers_of_one(tiny: tuple[Path, Path], tmp_path: Path,
+                                            capfd: pytest.CaptureFixture[str]) -> None:
     assert cli.main(_argv(tiny, tmp_path / "one", "--workers", "1", "--no-probe")) == 0
+    assert "lora,seed=0,lr=" in capfd.readouterr().err  # one process: the run's step bar shows
     assert cli.main(_argv(tiny, tmp_path / "two", "--workers", "2", "--no-probe")) == 0
+    bars = capfd.readouterr().err
+    assert "sweep.json: 100%" in bars and "step/s" not in bars and "s/step" not in bars  # the parent's sweep bar only, no run's step bar
     one, two = (json.loads((tmp_path / name / plots.JSON_FILE).read_text())["runs"] for name in ("one", "two"))
     keys = ("method", "seed", "trainable", "accuracy", "macro_f1", "lr", "train_loss", "validation", "budget_ratio")
     assert [{k: r[k] for k in keys} for r in one] == [{k: r[k] for k in keys} for r in two]

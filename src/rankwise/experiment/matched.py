@@ -13,6 +13,9 @@
    ``tune.json``), sharing the result folder ``results/``: a finished run is never redone on restart, the
    tuning run at the chosen lr is seed 0's final run, and ``workers`` runs them in that many processes.
    Seed ``s`` draws the split, the head initialisation and the example order, so runs with one seed are paired.
+   Progress (tqdm, on stderr): one bar per sweep file (runs finished / total) and, in one process, one bar for the
+   current run's optimizer steps; under ``workers`` the runs stay quiet and only the parent's sweep bar shows.
+   Each run records its peak memory (:func:`run`) for the memory column and plot.
 4. Outputs (:func:`rankwise.experiment.plots.write_comparison`): ``comparison.json``, ``comparison.csv``, the
    PNG plots and ``report.md``; mean ± sample standard deviation per method and the tie marks of
    :mod:`rankwise.experiment.stats`.
@@ -21,10 +24,14 @@
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
 
 from . import plots, sweep
 from .budget import Match, match_budget
@@ -73,6 +80,32 @@ def _peak_growth(before: int | None) -> int | None:
     return None if peak is None or before is None else peak - before
 
 
+class _StepBar(TrainerCallback):
+    """A tqdm bar over the current run's optimizer steps (below the sweep's bar, removed when the run ends)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.bar: tqdm | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.name, unit="step", position=1,
+                        leave=False, dynamic_ncols=True)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _step_bars(spec: dict[str, Any]) -> list[TrainerCallback]:
+    """The current run's step bar, in the main process only: the runs of ``--workers`` stay quiet (the parent
+    shows the sweep's bar)."""
+    return [_StepBar(_run_name(spec))] if multiprocessing.parent_process() is None else []
+
+
 def _quiet(_: str) -> None:
     """A log that drops the line (a run in a worker repeats the data summary the parent printed)."""
 
@@ -112,12 +145,13 @@ def run(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
                 "macro_f1": metrics.macro_f1}
     before = _reset_peak()
     if spec["method"] == PROBE:
-        trained = linear_probe(prepared, settings, spec["lr"], workdir)
+        trained = linear_probe(prepared, settings, spec["lr"], workdir, callbacks=_step_bars(spec))
         return _record(spec, trained, _peak_growth(before))
     try:
         model, _ = adapted_classifier(prepared, spec["method"], spec["options"], setup["targets"], seed,
                                       settings.total_steps(len(prepared.train)))
-        trained = train_method(model, prepared, dataclasses.replace(settings, lr=spec["lr"]), workdir)
+        trained = train_method(model, prepared, dataclasses.replace(settings, lr=spec["lr"]), workdir,
+                               callbacks=_step_bars(spec))
         return _record(spec, trained, _peak_growth(before))
     except Exception as error:  # noqa: BLE001 -- one method failing must not end the comparison of the others
         return {"method": spec["method"], "seed": seed, "kind": "method", "lr": spec["lr"],
@@ -163,11 +197,15 @@ def _execute(directory: Path, name: str, specs: list[dict[str, Any]], workers: i
     planned = sweep.write_sweep(directory / name, RUN_FUNCTION, specs, ids=[_run_name(s) for s in specs])
     left = len(sweep.pending(planned))
     log(f"{name}: {len(specs)} runs, {len(specs) - left} already finished")
+    with tqdm(total=len(specs), initial=len(specs) - left, desc=name, unit="run", position=0,
+              dynamic_ncols=True) as bar:
 
-    def progress(result: dict[str, Any], done: int, total: int) -> None:
-        log(f"[{done}/{total}] {result['id']} ({result['seconds']:.1f} s)")
+        def progress(result: dict[str, Any], done: int, total: int) -> None:
+            bar.set_postfix_str(f"{result['id']} {result['seconds']:.1f} s", refresh=False)
+            bar.update(done - bar.n)
 
-    return [r["result"] for r in sweep.run_sweep(planned, workers=workers, threads=threads, on_result=progress)]
+        results = sweep.run_sweep(planned, workers=workers, threads=threads, on_result=progress)
+    return [r["result"] for r in results]
 
 
 def _rates(config: CompareConfig) -> Callable[[str], list[float]]:
