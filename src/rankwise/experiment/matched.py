@@ -129,11 +129,11 @@ def run(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
     :class:`~rankwise.experiment.plots.RunRecord` as a dict. A method that fails returns a record with its error
     (its result file is written, so a restart does not retry it).
 
-    ``peak_memory_bytes`` is the growth of the process's resident-set high-water mark while the adapted model is
-    built and trained (and tested), above the resident set just before: the high-water mark is reset per run
-    (``/proc/self/clear_refs``), so runs that share a process each get their own peak. Memory the allocator
-    kept from an earlier run in the same process can be reused without growth, so the figure is a lower bound
-    there; ``--workers`` runs each in a worker whose earlier runs were the same kind of job. None off Linux."""
+    ``peak_memory_bytes`` is the growth of the process's resident-set high-water mark while the adapted model (or
+    the probe) is built, trained and tested, above the resident set just before: the high-water mark is reset
+    per run (``/proc/self/clear_refs``), so runs that share a process (one after the other, or in one
+    ``--workers`` worker) each get their own peak. Memory the allocator kept from an earlier run in the same
+    process can be reused without growth, so the figure is a lower bound on the run's own need. None off Linux."""
     setup = spec["setup"]
     seed = spec["seed"]
     settings = dataclasses.replace(TrainSettings(**setup["settings"]), seed=seed)
