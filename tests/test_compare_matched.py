@@ -5,11 +5,18 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from tiny_run import tiny_data, tiny_model
 
+import rankwise
 from rankwise import cli
 from rankwise.experiment import budget, matched, plots, sweep
 from rankwise.experiment.pipeline import DataConfig, load_classifier
@@ -79,8 +86,11 @@ def test_tiny_sweep_writes_consistent_outputs_and_resumes(tiny: tuple[Path, Path
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cmp"
     assert cli.main(_argv(tiny, out, "--lrs", "1e-6,5e-2")) == 0
-    printed = capsys.readouterr().out
+    printed, bars = capsys.readouterr()
     assert "| method" in printed and "× budget" in printed
+    assert not re.search(r"\[\d+/\d+\] ", printed)  # no per-run line: the sweep's bar instead
+    assert "tune.json: 100%" in bars and "4/4" in bars and "sweep.json: 100%" in bars and "8/8 [" in bars
+    assert "lora,seed=1,lr=" in bars and "8/8" in bars  # each run's step bar
     assert "- lora: " in printed and " adapter parameters (1.000 × budget)" in printed  # the achieved counts
 
     payload = json.loads((out / plots.JSON_FILE).read_text())
@@ -105,6 +115,9 @@ def test_tiny_sweep_writes_consistent_outputs_and_resumes(tiny: tuple[Path, Path
 
     # lr tuned once, on seed 0's validation: every seed of a method runs at its chosen lr, which is in the grid
     runs = payload["runs"]
+    for run in runs:  # each run's own peak resident-set growth, so the memory column and plot are filled
+        assert (run["peak_memory_bytes"] or 0) > 0 or run["method"] == matched.MAJORITY, run
+    assert rows["miss"]["peak_memory_mb"] > 0 and rows["miss"]["peak_memory_vs_lora"] > 0
     for method in ("lora", "miss"):
         rates = {run["lr"] for run in runs if run["method"] == method}
         assert len(rates) == 1 and rates <= {1e-6, 5e-2}
@@ -128,9 +141,57 @@ def test_tiny_sweep_writes_consistent_outputs_and_resumes(tiny: tuple[Path, Path
     assert json.loads((out / plots.JSON_FILE).read_text())["rows"] == payload["rows"]
 
 
-def test_two_workers_give_the_numbers_of_one(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+def test_two_workers_give_the_numbers_of_one(tiny: tuple[Path, Path], tmp_path: Path,
+                                            capfd: pytest.CaptureFixture[str]) -> None:
     assert cli.main(_argv(tiny, tmp_path / "one", "--workers", "1", "--no-probe")) == 0
+    assert "lora,seed=0,lr=" in capfd.readouterr().err  # one process: the run's step bar shows
     assert cli.main(_argv(tiny, tmp_path / "two", "--workers", "2", "--no-probe")) == 0
+    bars = capfd.readouterr().err
+    assert "sweep.json: 100%" in bars and "step/s" not in bars and "s/step" not in bars  # the parent's sweep bar only, no run's step bar
     one, two = (json.loads((tmp_path / name / plots.JSON_FILE).read_text())["runs"] for name in ("one", "two"))
     keys = ("method", "seed", "trainable", "accuracy", "macro_f1", "lr", "train_loss", "validation", "budget_ratio")
     assert [{k: r[k] for k in keys} for r in one] == [{k: r[k] for k in keys} for r in two]
+
+
+def _complete_results(output: Path) -> dict[str, tuple[int, bytes]]:
+    """Every result file (mtime, bytes), each checked to be whole JSON: a result file is never half-written."""
+    found = {}
+    for path in (output / "results").glob("*.json"):
+        try:
+            content = path.read_bytes()
+            modified = path.stat().st_mtime_ns
+        except FileNotFoundError:  # only os.replace creates result files and nothing deletes them
+            raise AssertionError(f"{path} vanished") from None
+        json.loads(content)
+        found[path.name] = (modified, content)
+    return found
+
+
+def test_a_sweep_killed_after_its_first_finished_runs_resumes_without_redoing_them(
+        tiny: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """SIGKILL the real command once a trained run's result file appears; the same command then finishes the sweep,
+    keeping every finished run's file as it was (no run is redone)."""
+    out = tmp_path / "cmp"
+    argv = _argv(tiny, out)
+    environment = {**os.environ, "PYTHONPATH": str(Path(rankwise.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-c", "import sys; from rankwise import cli; sys.exit(cli.main(sys.argv[1:]))",
+                                *argv], env=environment,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        results: dict[str, tuple[int, bytes]] = {}
+        while not any(name.startswith(matched.PROBE.replace(" ", "_")) for name in results):
+            assert process.poll() is None, "the sweep ended before it was killed"
+            results = _complete_results(out) if (out / "results").is_dir() else {}
+            time.sleep(0.005)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    killed = _complete_results(out)
+    assert 2 <= len(killed) < 8 and not (out / plots.JSON_FILE).exists()  # killed in the middle of the sweep
+
+    assert cli.main(argv) == 0
+    assert f"sweep.json: 8 runs, {len(killed)} already finished" in capsys.readouterr().out
+    resumed = _complete_results(out)
+    assert len(resumed) == 8 and {name: resumed[name] for name in killed} == killed  # finished runs kept as they were
+    assert len(json.loads((out / plots.JSON_FILE).read_text())["runs"]) == 8

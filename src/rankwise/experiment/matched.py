@@ -13,6 +13,9 @@
    ``tune.json``), sharing the result folder ``results/``: a finished run is never redone on restart, the
    tuning run at the chosen lr is seed 0's final run, and ``workers`` runs them in that many processes.
    Seed ``s`` draws the split, the head initialisation and the example order, so runs with one seed are paired.
+   Progress (tqdm, on stderr): one bar per sweep file (runs finished / total) and, in one process, one bar for the
+   current run's optimizer steps; under ``workers`` the runs stay quiet and only the parent's sweep bar shows.
+   Each run records its peak memory (:func:`run`) for the memory column and plot.
 4. Outputs (:func:`rankwise.experiment.plots.write_comparison`): ``comparison.json``, ``comparison.csv``, the
    PNG plots and ``report.md``; mean ± sample standard deviation per method and the tie marks of
    :mod:`rankwise.experiment.stats`.
@@ -21,10 +24,14 @@
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
 
 from . import plots, sweep
 from .budget import Match, match_budget
@@ -48,6 +55,57 @@ MAJORITY = "majority class"
 PROBE = "linear probe"
 
 
+def _status_bytes(field: str) -> int | None:
+    """A ``/proc/self/status`` memory line (``VmRSS``, ``VmHWM``) in bytes; None where there is no such file."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return None
+    return next((int(line.split()[1]) * 1024 for line in lines if line.startswith(field + ":")), None)
+
+
+def _reset_peak() -> int | None:
+    """Reset this process's resident-set high-water mark (``VmHWM``) to its current size and return that size
+    (Linux only: writing 5 to ``/proc/self/clear_refs``; None elsewhere)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return _status_bytes("VmRSS")
+
+
+def _peak_growth(before: int | None) -> int | None:
+    """Bytes by which the resident set's high-water mark rose above ``before`` (from :func:`_reset_peak`)."""
+    peak = _status_bytes("VmHWM") if before is not None else None
+    return None if peak is None or before is None else peak - before
+
+
+class _StepBar(TrainerCallback):
+    """A tqdm bar over the current run's optimizer steps (below the sweep's bar, removed when the run ends)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.bar: tqdm | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.name, unit="step", position=1,
+                        leave=False, dynamic_ncols=True)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _step_bars(spec: dict[str, Any]) -> list[TrainerCallback]:
+    """The current run's step bar, in the main process only: the runs of ``--workers`` stay quiet (the parent
+    shows the sweep's bar)."""
+    return [_StepBar(_run_name(spec))] if multiprocessing.parent_process() is None else []
+
+
 def _quiet(_: str) -> None:
     """A log that drops the line (a run in a worker repeats the data summary the parent printed)."""
 
@@ -57,19 +115,25 @@ def _quiet(_: str) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _record(spec: dict[str, Any], trained: Trained) -> dict[str, Any]:
+def _record(spec: dict[str, Any], trained: Trained, peak_memory: int | None) -> dict[str, Any]:
     validation = [{"step": step, "accuracy": m.accuracy, "macro_f1": m.macro_f1} for step, m in trained.history.evaluations]
     return {"method": spec["method"], "seed": spec["seed"], "kind": spec["kind"], "trainable": trained.trainable,
             "accuracy": trained.test.accuracy, "macro_f1": trained.test.macro_f1, "lr": spec["lr"],
             "budget_ratio": spec.get("budget_ratio"), "budget_note": spec.get("budget_note"),
             "train_loss": list(trained.history.losses), "validation": validation,
-            "step_seconds": trained.seconds_per_step, "error": None}
+            "step_seconds": trained.seconds_per_step, "peak_memory_bytes": peak_memory, "error": None}
 
 
 def run(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """The sweep's run function: one method (or baseline) at one seed and lr; returns a
     :class:`~rankwise.experiment.plots.RunRecord` as a dict. A method that fails returns a record with its error
-    (its result file is written, so a restart does not retry it)."""
+    (its result file is written, so a restart does not retry it).
+
+    ``peak_memory_bytes`` is the growth of the process's resident-set high-water mark while the adapted model (or
+    the probe) is built, trained and tested, above the resident set just before: the high-water mark is reset
+    per run (``/proc/self/clear_refs``), so runs that share a process (one after the other, or in one
+    ``--workers`` worker) each get their own peak. Memory the allocator kept from an earlier run in the same
+    process can be reused without growth, so the figure is a lower bound on the run's own need. None off Linux."""
     setup = spec["setup"]
     seed = spec["seed"]
     settings = dataclasses.replace(TrainSettings(**setup["settings"]), seed=seed)
@@ -79,12 +143,16 @@ def run(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
         metrics = majority_metrics(prepared.splits.train.labels, prepared.test.labels, prepared.num_labels)
         return {"method": MAJORITY, "seed": seed, "kind": "baseline", "trainable": 0, "accuracy": metrics.accuracy,
                 "macro_f1": metrics.macro_f1}
+    before = _reset_peak()
     if spec["method"] == PROBE:
-        return _record(spec, linear_probe(prepared, settings, spec["lr"], workdir))
+        trained = linear_probe(prepared, settings, spec["lr"], workdir, callbacks=_step_bars(spec))
+        return _record(spec, trained, _peak_growth(before))
     try:
         model, _ = adapted_classifier(prepared, spec["method"], spec["options"], setup["targets"], seed,
                                       settings.total_steps(len(prepared.train)))
-        return _record(spec, train_method(model, prepared, dataclasses.replace(settings, lr=spec["lr"]), workdir))
+        trained = train_method(model, prepared, dataclasses.replace(settings, lr=spec["lr"]), workdir,
+                               callbacks=_step_bars(spec))
+        return _record(spec, trained, _peak_growth(before))
     except Exception as error:  # noqa: BLE001 -- one method failing must not end the comparison of the others
         return {"method": spec["method"], "seed": seed, "kind": "method", "lr": spec["lr"],
                 "budget_ratio": spec.get("budget_ratio"), "budget_note": spec.get("budget_note"),
@@ -129,11 +197,15 @@ def _execute(directory: Path, name: str, specs: list[dict[str, Any]], workers: i
     planned = sweep.write_sweep(directory / name, RUN_FUNCTION, specs, ids=[_run_name(s) for s in specs])
     left = len(sweep.pending(planned))
     log(f"{name}: {len(specs)} runs, {len(specs) - left} already finished")
+    with tqdm(total=len(specs), initial=len(specs) - left, desc=name, unit="run", position=0,
+              dynamic_ncols=True) as bar:
 
-    def progress(result: dict[str, Any], done: int, total: int) -> None:
-        log(f"[{done}/{total}] {result['id']} ({result['seconds']:.1f} s)")
+        def progress(result: dict[str, Any], done: int, total: int) -> None:
+            bar.set_postfix_str(f"{result['id']} {result['seconds']:.1f} s", refresh=False)
+            bar.update(done - bar.n)
 
-    return [r["result"] for r in sweep.run_sweep(planned, workers=workers, threads=threads, on_result=progress)]
+        results = sweep.run_sweep(planned, workers=workers, threads=threads, on_result=progress)
+    return [r["result"] for r in results]
 
 
 def _rates(config: CompareConfig) -> Callable[[str], list[float]]:

@@ -19,7 +19,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -301,11 +301,12 @@ def final_ranks(model: nn.Module) -> dict[str, int] | None:
 
 
 def train_method(model: nn.Module, prepared: Prepared, settings: TrainSettings, output_dir: Path,
-                 validate: bool = True, resume: str | Path | None = None) -> Trained:
-    """Train an adapted classifier on the training split (validation at epoch ends when ``validate``), test it."""
+                 validate: bool = True, resume: str | Path | None = None, callbacks: Sequence[Any] = ()) -> Trained:
+    """Train an adapted classifier on the training split (validation at epoch ends when ``validate``), test it;
+    ``callbacks``: extra Trainer callbacks (a progress bar)."""
     return train_and_test(model, settings, prepared.train, prepared.test, prepared.tokenizer, output_dir,
                           prepared.num_labels, validation=prepared.validation if validate else None, resume=resume,
-                          before_training=allocate_before_training)
+                          before_training=allocate_before_training, callbacks=callbacks)
 
 
 def probe_classifier(prepared: Prepared, seed: int) -> nn.Module:
@@ -318,12 +319,13 @@ def probe_classifier(prepared: Prepared, seed: int) -> nn.Module:
     return model
 
 
-def linear_probe(prepared: Prepared, settings: TrainSettings, probe_lr: float, output_dir: Path) -> Trained:
+def linear_probe(prepared: Prepared, settings: TrainSettings, probe_lr: float, output_dir: Path,
+                 callbacks: Sequence[Any] = ()) -> Trained:
     """Train only the classification head on the frozen encoder, same examples, steps and batch size, with AdamW
-    at ``probe_lr`` (no checkpoints, no validation, no tracker)."""
+    at ``probe_lr`` (no checkpoints, no validation, no tracker); ``callbacks``: extra Trainer callbacks."""
     settings = dataclasses.replace(settings, lr=probe_lr, optimizer="adamw", save_every=None, report_to="none")
     return train_and_test(probe_classifier(prepared, settings.seed), settings, prepared.train, prepared.test,
-                          prepared.tokenizer, output_dir, prepared.num_labels, adapter=False)
+                          prepared.tokenizer, output_dir, prepared.num_labels, callbacks=callbacks, adapter=False)
 
 
 # ----------------------------------------------------------------------------------------------
