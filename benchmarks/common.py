@@ -32,7 +32,9 @@ from rankwise.experiment.timing import (  # noqa: F401  (re-exported for step.py
     inference_step,
     interleaved_times,
     medians,
+    peak_rss_growth,
     random_batch,
+    reset_peak_rss,
     scalar_loss,
     training_step,
 )
@@ -66,13 +68,6 @@ def load_model(quick: bool = False) -> nn.Module:
     return model.train()
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field} line")
-
-
 def peak_rss_growth_mib(step: Step, calls: int = 3) -> float:
     """Peak resident-set growth (MiB) over ``calls`` calls of ``step``, from the current RSS.
 
@@ -80,11 +75,12 @@ def peak_rss_growth_mib(step: Step, calls: int = 3) -> float:
     loading does not count. Run it in a fresh process per candidate, so that the allocator's
     cached memory from earlier candidates does not hide growth.
     """
-    Path("/proc/self/clear_refs").write_text("5")
-    before = _status_kib("VmRSS")
+    before = reset_peak_rss()
+    if before is None:
+        raise RuntimeError("peak memory needs Linux's /proc/self/status and /proc/self/clear_refs")
     for _ in range(calls):
         step()
-    return (_status_kib("VmHWM") - before) / 1024
+    return peak_rss_growth(before) / 2**20
 
 
 def step_parser(doc: str | None, rounds: int, out: str) -> argparse.ArgumentParser:

@@ -46,6 +46,7 @@ from .pipeline import (
     setup_torch,
     train_method,
 )
+from .timing import peak_rss_growth, reset_peak_rss
 from .train import Trained, TrainSettings, majority_metrics
 
 RUN_FUNCTION = "rankwise.experiment.matched:run"
@@ -53,31 +54,6 @@ SWEEP_FILE = "sweep.json"
 TUNE_FILE = "tune.json"
 MAJORITY = "majority class"
 PROBE = "linear probe"
-
-
-def _status_bytes(field: str) -> int | None:
-    """A ``/proc/self/status`` memory line (``VmRSS``, ``VmHWM``) in bytes; None where there is no such file."""
-    try:
-        lines = Path("/proc/self/status").read_text().splitlines()
-    except OSError:
-        return None
-    return next((int(line.split()[1]) * 1024 for line in lines if line.startswith(field + ":")), None)
-
-
-def _reset_peak() -> int | None:
-    """Reset this process's resident-set high-water mark (``VmHWM``) to its current size and return that size
-    (Linux only: writing 5 to ``/proc/self/clear_refs``; None elsewhere)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return None
-    return _status_bytes("VmRSS")
-
-
-def _peak_growth(before: int | None) -> int | None:
-    """Bytes by which the resident set's high-water mark rose above ``before`` (from :func:`_reset_peak`)."""
-    peak = _status_bytes("VmHWM") if before is not None else None
-    return None if peak is None or before is None else peak - before
 
 
 class _StepBar(TrainerCallback):
@@ -143,16 +119,16 @@ def run(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
         metrics = majority_metrics(prepared.splits.train.labels, prepared.test.labels, prepared.num_labels)
         return {"method": MAJORITY, "seed": seed, "kind": "baseline", "trainable": 0, "accuracy": metrics.accuracy,
                 "macro_f1": metrics.macro_f1}
-    before = _reset_peak()
+    before = reset_peak_rss()
     if spec["method"] == PROBE:
         trained = linear_probe(prepared, settings, spec["lr"], workdir, callbacks=_step_bars(spec))
-        return _record(spec, trained, _peak_growth(before))
+        return _record(spec, trained, peak_rss_growth(before))
     try:
         model, _ = adapted_classifier(prepared, spec["method"], spec["options"], setup["targets"], seed,
                                       settings.total_steps(len(prepared.train)))
         trained = train_method(model, prepared, dataclasses.replace(settings, lr=spec["lr"]), workdir,
                                callbacks=_step_bars(spec))
-        return _record(spec, trained, _peak_growth(before))
+        return _record(spec, trained, peak_rss_growth(before))
     except Exception as error:  # noqa: BLE001 -- one method failing must not end the comparison of the others
         return {"method": spec["method"], "seed": seed, "kind": "method", "lr": spec["lr"],
                 "budget_ratio": spec.get("budget_ratio"), "budget_note": spec.get("budget_note"),

@@ -3,7 +3,9 @@
 Every published figure is a *ratio* between candidates timed in one process, interleaved round by
 round after warm-up and reduced to the median (the machines are shared, so absolute times mean
 little). The reference is the **frozen floor**: the same model's forward + backward to its input
-embeddings with no trainable weight, the least any adapter's training step can cost.
+embeddings with no trainable weight, the least any adapter's training step can cost. Peak memory is the
+growth of the resident set's high-water mark from a reset (:func:`reset_peak_rss`, :func:`peak_rss_growth`;
+Linux), shared by ``benchmarks/`` and ``rankwise compare``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -97,3 +100,28 @@ def interleaved_times(steps: dict[str, Step], rounds: int, warmup: int) -> dict[
 def medians(times: dict[str, list[float]]) -> dict[str, float]:
     """The median of every candidate's samples."""
     return {name: statistics.median(samples) for name, samples in times.items()}
+
+
+def _status_bytes(field: str) -> int | None:
+    """A ``/proc/self/status`` memory line (``VmRSS``, ``VmHWM``) in bytes; None where there is no such file."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return None
+    return next((int(line.split()[1]) * 1024 for line in lines if line.startswith(field + ":")), None)
+
+
+def reset_peak_rss() -> int | None:
+    """Reset this process's resident-set high-water mark (``VmHWM``) to its current size and return that size
+    (Linux only: writing 5 to ``/proc/self/clear_refs``; None elsewhere)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return _status_bytes("VmRSS")
+
+
+def peak_rss_growth(before: int | None) -> int | None:
+    """Bytes by which the resident set's high-water mark rose above ``before`` (from :func:`reset_peak_rss`)."""
+    peak = _status_bytes("VmHWM") if before is not None else None
+    return None if peak is None or before is None else peak - before
