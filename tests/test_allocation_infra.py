@@ -244,11 +244,12 @@ def test_compare_runs_an_allocating_method_beside_a_fixed_rank_one(tmp_path):
 
     out = tmp_path / "cmp"
     argv = ["compare", "--methods", "lora,adalora", "--set", "adalora.init_r=4", "--set", "adalora.target_r=2",
-            "--set", "lora.r=2", *TINY_RUN, "--output-dir", str(out)]
+            "--set", "lora.r=2", "--budget-like", "none", "--seeds", "1", "--no-full-finetune", *TINY_RUN,
+            "--output-dir", str(out)]
     assert cli.main(argv) == 0
-    rows = {row["name"]: row for row in json.loads((out / "comparison.json").read_text())["rows"]}
+    rows = {row["method"]: row for row in json.loads((out / "comparison.json").read_text())["runs"]}
     assert rows["adalora"]["error"] is None and rows["adalora"]["steps"] == 3
-    assert rows["adalora"]["method_config"]["total_step"] == 3
+    assert "total_step=3" in rows["adalora"]["config"]
     ranks = rows["adalora"]["ranks"]
     assert sum(ranks.values()) == int(2 * len(ranks) + 2 * len(ranks) / 27)
-    assert "ranks" not in rows["lora"]
+    assert rows["lora"]["ranks"] is None

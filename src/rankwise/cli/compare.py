@@ -1,45 +1,45 @@
-"""``rankwise compare``: fine-tune several methods on one task under one budget and tabulate them.
+"""``rankwise compare``: which low-rank method for my model and budget? Every method fine-tuned on one task at a
+matched budget over paired seeds, with baselines, ties, plots and a resumable sweep.
 
-Every method gets the same split, examples, seed, classifier-head initialisation, epochs or steps,
-batch size, learning-rate schedule and target layers (``--targets``, default ``all-linear``: the
-default of every method's own config, so no method is judged on layers it was not designed for);
-its hyper-parameters are its registry defaults (with the method's ``comparison_defaults``, e.g. SURM's
-``rectangular="native"``, so that it runs on rectangular layers) unless ``--set METHOD.KEY=VALUE`` changes them
-(``--set METHOD.lr=...`` gives one method its own peak learning rate). The
-table gives each method's key hyper-parameters, trainable parameters (adapter + head), test accuracy,
-macro-F1, the training loss over the last tenth of the steps, the wall time of its training loop and
-its median step time, beside the majority-class and linear-probe baselines. A method that allocates
-rank (AdaLoRA) runs like the others (its schedule fitted to the run's length) and its row in
-``comparison.json`` also holds its final per-layer ``ranks``.
-A method that fails (say a config that does not fit the model) becomes an error row; the others still
-run, and the exit status is 1. ``comparison.json`` and ``comparison.md`` go to ``--output-dir``.
+Every entry (default: every registered method and ``lorapro``, LoRA trained with the LoRA-Pro optimizer) gets the
+same split, examples, schedule, batch size and target layers (``--targets``, default ``all-linear``); its
+hyper-parameters are its registry defaults (with the method's ``comparison_defaults``, e.g. SURM's
+``rectangular="native"``) unless ``--set METHOD.KEY=VALUE`` changes them (``--set METHOD.lr=...`` gives one its own
+peak learning rate).
 
-Matched budgets and seeds (``--budget N`` or ``--budget-like lora:r=8``, ``--seeds K``, ``--workers N``): every
-method's size hyper-parameter is chosen so that its trainable adapter parameters on ``--targets`` land closest to
-the budget; the table prints the achieved count's ratio to the budget, and a method more than 10 % off or
-without a size knob is marked † with its reason. Each method x seed (seeds --seed, --seed+1, ...; a seed draws
-the split, head initialisation and example order, so runs are paired by seed) is one run of a resumable sweep
-(OUTPUT/sweep.json, one result file per finished run in OUTPUT/results/; rerunning the same command skips the
-finished runs; ``python -m rankwise.experiment.sweep OUTPUT/sweep.json INDEX`` runs one of them, e.g. per SLURM
-array task). Rows: mean ± standard deviation of test accuracy and macro-F1; the best method in bold and every
-method within two standard errors of the paired per-seed differences marked (tie); the majority-class and
-linear-probe baselines in the same table. ``--lrs`` is tuned ONCE per method on seed 0's validation macro-F1
-(not per seed: that would multiply the cost by the seeds, and seeds should differ only in their randomness).
-Outputs: comparison.json, comparison.csv, report.md and PNG plots in OUTPUT. Without --budget, --budget-like,
---seeds and --workers the command runs the single-seed comparison below (comparison.json, comparison.md).
+Budget: ``--budget-like lora:r=8`` (the default) or ``--budget N``: every entry's size hyper-parameter (rank,
+block size, MiSS's r, GraLoRA's r and k, SURM's block, ...) is chosen so that its trainable adapter parameters on
+``--targets`` land closest to the budget; the table prints the achieved count's ratio to the budget, and an entry
+more than 10 % off or without a size knob is marked † with its reason. ``--budget-like none``: every entry at its
+own size.
 
-One learning rate for all is a same-budget comparison, not a tuned one: a method whose best rate
-differs from ``--lr`` is shown at a disadvantage. Times come from whatever else runs on the machine.
+Seeds: ``--seeds 3`` (seeds --seed, --seed+1, ...; a seed draws the split, head initialisation and example order, so
+runs are paired by seed). Rows: mean ± standard deviation of test accuracy and macro-F1; the best method in bold and
+every method within two standard errors of the paired per-seed differences marked (tie); the majority-class,
+linear-probe and full fine-tuning (every weight trained, the upper reference; ``--full-lrs``) baselines in the same
+table. ``--lrs`` is tuned ONCE per method on the first seed's validation macro-F1 (not per seed: that would multiply
+the cost by the seeds, and seeds should differ only in their randomness); the table prints each chosen lr.
+
+Defaults that finish: with no options (movie-reviews, every entry, 3 seeds) the run is sized to finish in about
+30 minutes on 2 CPU cores (the default scale: ``--max-examples``, ``--epochs``,
+``--batch-size``, ``--max-length``; ``--workers`` defaults to one run per core, up to 4, on a machine without
+a GPU); ``--full`` trains on the whole training split (and tests on the whole test split).
+
+Resumable: each entry x seed is one run of a sweep (OUTPUT/sweep.json, one result file per finished run in
+OUTPUT/results/); the same command after a crash or kill skips the finished runs. ``--workers N`` runs N at a time;
+``python -m rankwise.experiment.sweep OUTPUT/sweep.json [INDEX]`` runs one of them, e.g. per SLURM array task or
+torchrun rank on other machines sharing the folder. Outputs in --output-dir: comparison.json, comparison.csv,
+report.md, claims.md (each paper's headline claim over LoRA: holds / tie / does not hold) and PNG plots.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
-from ..experiment.comparison import JSON_FILE, MARKDOWN_FILE, CompareConfig, compare, markdown_report
-from ..experiment.matched import compare_matched
-from ..experiment.pipeline import is_main_process, parse_targets
-from . import launch
+from ..experiment.comparison import SKIPPED, CompareConfig, compare, entries, entry_method
+from ..experiment.pipeline import parse_targets
+from ..experiment.threads import available_cores, default_threads
 from .options import (
     add_data_options,
     add_targets_option,
@@ -51,6 +51,13 @@ from .options import (
     train_settings,
 )
 
+#: The scale of a default run: every entry x 3 seeds on 2 CPU cores in about 30 minutes
+#: (benchmarks/results/compare_default.md measures it).
+DEFAULT_SCALE = {"max_examples": 800, "epochs": 2.0, "batch_size": 16, "max_length": 48}
+DEFAULT_BUDGET_LIKE = "lora:r=8"
+#: The most runs at a time without ``--workers`` (each holds its own copy of the model).
+MAX_DEFAULT_WORKERS = 4
+
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """The description as written, and each option's default."""
@@ -60,31 +67,39 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     """Register ``compare`` on the CLI's subparsers."""
     parser = subparsers.add_parser(
         "compare",
-        help="fine-tune several methods on one task under one budget, side by side",
+        help="which method for my model and budget: every method at a matched budget over seeds, side by side",
         description=__doc__,
         formatter_class=_HelpFormatter,
     )
     add_data_options(parser)
+    parser.add_argument_group("data").add_argument(
+        "--full", action="store_true", help="use the whole training split (no --max-examples cap)")
     method = parser.add_argument_group("methods")
-    method.add_argument("--methods", help="comma list of registered methods; default: all of rankwise.methods()")
+    method.add_argument("--methods", help="comma list of registered methods and lorapro; default: all of them")
     add_targets_option(method, default="all-linear")
     method.add_argument("--set", dest="overrides", action="append", default=[], metavar="METHOD.KEY=VALUE",
                         help="change one method's config field or its peak lr (repeatable), "
-                             "e.g. --set lora.r=16 --set miss.lr=3e-3")
+                             "e.g. --set lora.alpha=16 --set miss.lr=3e-3")
     method.add_argument("--lrs", type=learning_rates, default=None, metavar="LR,LR,...",
-                        help="tune each method's peak lr: train at each, keep the best validation macro-F1, report "
-                             "its test scores (methods given --set METHOD.lr keep theirs)")
+                        help="tune each method's peak lr once, on the first seed's validation macro-F1 "
+                             "(methods given --set METHOD.lr keep theirs)")
     method.add_argument("--budget", type=positive_int, default=None, metavar="N",
                         help="match every method's size to N trainable adapter parameters on --targets")
-    method.add_argument("--budget-like", default=None, metavar="METHOD:KEY=VALUE,...",
-                        help="match every method's size to the count of this configuration, e.g. lora:r=8")
-    method.add_argument("--seeds", type=positive_int, default=None, metavar="K",
-                        help="paired seeds per method (sweep mode; 3 when --budget/--budget-like/--workers is given)")
+    method.add_argument("--budget-like", default=None, metavar="METHOD:KEY=VALUE,...|none",
+                        help=f"match every method's size to the count of this configuration (without --budget: "
+                             f"{DEFAULT_BUDGET_LIKE}); none: each method at its own size")
+    method.add_argument("--seeds", type=positive_int, default=3, metavar="K", help="paired seeds per method")
     method.add_argument("--workers", type=positive_int, default=None, metavar="N",
-                        help="run the sweep's runs in N processes (each with --threads threads)")
-    method.add_argument("--save-adapters", action="store_true", help="also save each trained adapter to OUTPUT/<method>")
-    add_training_options(parser, output_help="where comparison.json and comparison.md go; unset: runs/compare-<task>")
-    parser.set_defaults(func=run)
+                        help="run the sweep's runs in N processes, each with --threads threads (default: "
+                             f"min({MAX_DEFAULT_WORKERS}, cores) on a machine without a GPU, each with cores / N threads; "
+                             "1 with a GPU)")
+    method.add_argument("--full-lrs", type=learning_rates, default=[1e-4], metavar="LR,LR,...",
+                        help="learning rate(s) of the full fine-tuning baseline (several: tuned like --lrs)")
+    method.add_argument("--no-full-finetune", action="store_true", help="skip the full fine-tuning baseline")
+    method.add_argument("--save-adapters", action="store_true",
+                        help="also save each trained adapter to OUTPUT/results/<run>/adapter")
+    add_training_options(parser, output_help="where the comparison's files go; unset: runs/compare-<task>")
+    parser.set_defaults(func=run, **DEFAULT_SCALE)
     return parser
 
 
@@ -110,45 +125,52 @@ def positive_int(text: str) -> int:
     return value
 
 
-def sweep_mode(args: argparse.Namespace) -> bool:
-    """Whether the options ask for the matched-budget, multi-seed sweep."""
-    return any(getattr(args, name) is not None for name in ("budget", "budget_like", "seeds", "workers"))
-
-
 def compare_config(args: argparse.Namespace) -> CompareConfig:
     """The parsed options as the pipeline's :class:`CompareConfig` (every value checked, nothing loaded)."""
-    names = selected_methods(args.methods)
+    if args.nproc != 1:
+        raise ValueError("compare runs many independent runs: spread them with --workers N (processes on this "
+                         "machine) or `python -m rankwise.experiment.sweep OUTPUT/sweep.json` under torchrun / SLURM, "
+                         "not --nproc (which splits one run's batches)")
+    names = selected_methods(args.methods, everything=entries, method_of=entry_method)
     if args.budget is not None and args.budget_like is not None:
         raise ValueError("compare: give --budget N or --budget-like METHOD:KEY=VALUE, not both")
-    return CompareConfig(methods=names, options=per_method_options(args.overrides, names, training_keys=("lr",)),
-                         targets=parse_targets(args.targets), data=data_config(args), model=args.model,
+    budget_like = None if args.budget is not None or args.budget_like == "none" else (args.budget_like or DEFAULT_BUDGET_LIKE)
+    workers = args.workers if args.workers is not None else default_workers()
+    data = data_config(args)
+    if args.full:
+        data = dataclasses.replace(data, max_examples=0)
+    return CompareConfig(methods=names,
+                         options=per_method_options(args.overrides, names, training_keys=("lr",), method_of=entry_method),
+                         targets=parse_targets(args.targets), data=data, model=args.model,
                          settings=train_settings(args), lrs=args.lrs, probe=not args.no_probe, probe_lr=args.probe_lr,
-                         threads=threads(args), output_dir=args.output_dir, save_adapters=args.save_adapters,
-                         budget=args.budget, budget_like=args.budget_like,
-                         seeds=args.seeds or (3 if sweep_mode(args) else 1), workers=args.workers or 1)
+                         full_finetune=not args.no_full_finetune, full_lrs=args.full_lrs,
+                         threads=threads(args) if args.threads is not None else default_threads(workers),
+                         output_dir=args.output_dir, save_adapters=args.save_adapters,
+                         budget=args.budget, budget_like=budget_like,
+                         seeds=args.seeds, workers=workers)
+
+
+def default_workers() -> int:
+    """Runs at a time by default: one per core up to :data:`MAX_DEFAULT_WORKERS` on a machine without a GPU (a small
+    model's run uses one core better than several: benchmarks/results/threads.md times a step at 10.7 s on 1 thread and
+    6.9 s on 2, so two 1-thread runs make 1.3x the steps of one 2-thread run), 1 with a GPU (runs would share it)."""
+    import torch
+
+    return 1 if torch.cuda.is_available() else max(1, min(MAX_DEFAULT_WORKERS, available_cores()))
 
 
 def run(args: argparse.Namespace) -> int:
-    """The ``compare`` subcommand: exit status 1 when a method failed."""
-    config = compare_config(args)
-    if sweep_mode(args):
-        result = compare_matched(config)
-        print(result["table"])
-        for method, match in result["matches"].items():
-            count = "—" if match["count"] is None else f"{match['count']:,}"
-            ratio = "" if match["ratio"] is None else f" ({match['ratio']:.3f} × budget)"
-            print(f"- {method}: {count} adapter parameters{ratio}" + (f" † {match['reason']}" if match["reason"] else ""))
-        failed = [row["method"] for row in result["rows"] if row["error"]]
-        print(f"wrote {', '.join(sorted(result['paths']))} to {result['output_dir']}")
-        return 1 if failed else 0
-    if (status := launch.launch_workers(args, config.threads)) is not None:
-        return status
-    main = is_main_process()
-    payload = compare(config, log=launch.rank_zero_print)
-    failed = [row["name"] for row in payload["rows"] if row["error"]]
-    if main:
-        print(markdown_report(payload))
-        output = payload["output_dir"]
-        print(f"wrote {output}/{JSON_FILE} and {output}/{MARKDOWN_FILE} in {payload['wall_seconds']:.0f} s"
-              + (f"; {len(failed)} of {len(config.methods)} methods failed: {', '.join(failed)}" if failed else ""))
+    """The ``compare`` subcommand: exit status 1 when a run failed."""
+    result = compare(compare_config(args))
+    print(result["table"])
+    for method, match in result["matches"].items():
+        count = "—" if match["count"] is None else f"{match['count']:,}"
+        ratio = "" if match["ratio"] is None else f" ({match['ratio']:.3f} × budget)"
+        print(f"- {method}: {count} adapter parameters{ratio}" + (f" † {match['reason']}" if match["reason"] else ""))
+    for line in result["claims"]:
+        print(line)
+    failed = [row for row in result["rows"] if row["error"] and not row["error"].startswith(SKIPPED)]
+    if failed:
+        print(f"{len(failed)} failed: " + "; ".join(f"{row['method']}: {row['error']}" for row in failed))
+    print(f"wrote {', '.join(sorted(result['paths']))} to {result['output_dir']}")
     return 1 if failed else 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from ..core.registry import get_method, methods
@@ -118,29 +119,32 @@ def parse_assignment(item: str, form: str = "KEY=VALUE") -> tuple[str, Any]:
     return key.strip(), parse_value(value)
 
 
-def selected_methods(text: str | None) -> list[str]:
-    """The methods named by ``--methods`` (each checked against the registry), or all registered ones."""
+def selected_methods(text: str | None, everything: Callable[[], list[str]] = methods,
+                     method_of: Callable[[str], Any] = get_method) -> list[str]:
+    """The methods named by ``--methods`` (each checked by ``method_of``: against the registry), or
+    ``everything()`` (all registered methods)."""
     if text is None:
-        return methods()
+        return everything()
     names = [name.strip() for name in text.split(",") if name.strip()]
     if not names:
         raise ValueError("--methods needs at least one method name")
     for name in names:
-        get_method(name)
+        method_of(name)
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise ValueError(f"--methods names {duplicates} more than once")
     return names
 
 
-def per_method_options(items: list[str], names: list[str],
-                       training_keys: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
+def per_method_options(items: list[str], names: list[str], training_keys: tuple[str, ...] = (),
+                       method_of: Callable[[str], str] = str) -> dict[str, dict[str, Any]]:
     """``--set METHOD.KEY=VALUE`` items as {method: {key: value}}, each key checked against that method's config,
     over the method's ``comparison_defaults`` (SURM: ``rectangular="native"``, so it runs on all-linear).
 
-    Keys in ``training_keys`` (``lr`` for ``compare``) are training settings, not config fields.
+    Keys in ``training_keys`` (``lr`` for ``compare``) are training settings, not config fields. ``method_of``
+    maps a name to the registered method whose config it uses (``compare``'s ``lorapro`` -> ``lora``).
     """
-    options = {name: dict(get_method(name).config_cls.comparison_defaults) for name in names}
+    options = {name: dict(get_method(method_of(name)).config_cls.comparison_defaults) for name in names}
     for item in items:
         target, value = parse_assignment(item, form="METHOD.KEY=VALUE")
         method, dot, key = target.partition(".")
@@ -150,7 +154,7 @@ def per_method_options(items: list[str], names: list[str],
             raise ValueError(f"--set {item!r} names method {method!r}, which is not compared (--methods: {names})")
         options[method][key] = value
     for method, values in options.items():
-        check_options(method, {k: v for k, v in values.items() if k not in training_keys})
+        check_options(method_of(method), {k: v for k, v in values.items() if k not in training_keys})
         if "lr" in training_keys and "lr" in values:
             lr = values["lr"]
             if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:

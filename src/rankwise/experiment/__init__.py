@@ -5,7 +5,7 @@
     result = finetune(RunConfig(method="dora", data=DataConfig(task="tweets"), settings=TrainSettings(epochs=1)))
     result.metrics["test"], result.output_dir
 
-``compare(CompareConfig(...))`` runs several methods side by side. The command line (:mod:`rankwise.cli`)
+``compare(CompareConfig(...))`` runs every method at a matched budget over paired seeds, as a resumable sweep. The command line (:mod:`rankwise.cli`)
 parses its options into these dataclasses and prints what they return.
 """
 

@@ -301,12 +301,14 @@ def final_ranks(model: nn.Module) -> dict[str, int] | None:
 
 
 def train_method(model: nn.Module, prepared: Prepared, settings: TrainSettings, output_dir: Path,
-                 validate: bool = True, resume: str | Path | None = None, callbacks: Sequence[Any] = ()) -> Trained:
-    """Train an adapted classifier on the training split (validation at epoch ends when ``validate``), test it;
-    ``callbacks``: extra Trainer callbacks (a progress bar)."""
+                 validate: bool = True, resume: str | Path | None = None, callbacks: Sequence[Any] = (),
+                 adapter: bool = True) -> Trained:
+    """Train an adapted classifier (or, ``adapter=False``, a plain one: full fine-tuning) on the training split
+    (validation at epoch ends when ``validate``), test it; ``callbacks``: extra Trainer callbacks (a progress bar)."""
     return train_and_test(model, settings, prepared.train, prepared.test, prepared.tokenizer, output_dir,
                           prepared.num_labels, validation=prepared.validation if validate else None, resume=resume,
-                          before_training=allocate_before_training, callbacks=callbacks)
+                          before_training=allocate_before_training if adapter else None, callbacks=callbacks,
+                          adapter=adapter)
 
 
 def probe_classifier(prepared: Prepared, seed: int) -> nn.Module:
@@ -316,6 +318,14 @@ def probe_classifier(prepared: Prepared, seed: int) -> nn.Module:
     heads = set(head_modules(model))
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name.split(".")[0] in heads)
+    return model
+
+
+def full_classifier(prepared: Prepared, seed: int) -> nn.Module:
+    """A fresh classifier (head initialised from ``seed``) with every weight trainable: full fine-tuning."""
+    torch.manual_seed(seed)
+    model = load_classifier(prepared.model_path, prepared.splits.train.label_names)
+    model.requires_grad_(True)
     return model
 
 

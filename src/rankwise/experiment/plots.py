@@ -43,7 +43,7 @@ REFERENCE = "lora"
 
 #: The columns of every row, in ``comparison.json`` and ``comparison.csv`` alike.
 COLUMNS = (
-    "method", "kind", "seeds", "trainable", "budget_ratio", "budget_note", "lr",
+    "method", "kind", "config", "seeds", "trainable", "budget_ratio", "budget_note", "lr",
     "accuracy_mean", "accuracy_std", "accuracy_mark", "macro_f1_mean", "macro_f1_std", "macro_f1_mark",
     "step_seconds", "step_time_vs_lora", "peak_memory_mb", "peak_memory_vs_lora", "failed_runs", "error",
 )
@@ -54,7 +54,7 @@ class RunRecord:
     """One finished run.
 
     Args:
-        method: method name (``"lora"``) or baseline name (``"linear probe"``).
+        method: entry name (``"lora"``, ``"lorapro"``) or baseline name (``"linear probe"``).
         seed: the run's seed (runs of two methods with one seed are paired).
         kind: ``"method"`` (ranked) or ``"baseline"`` (shown, not ranked).
         trainable: trainable parameters (adapter and head).
@@ -67,6 +67,11 @@ class RunRecord:
         step_seconds: median wall time of one optimizer step.
         peak_memory_bytes: peak memory of the run (allocator or resident set, as the engine measures it).
         error: the failure message of a run that failed.
+        config: the adapter's own hyper-parameters as ``k=v`` (``r=8 alpha=8``).
+        ranks: ``{layer: rank}`` after training, for a method that allocates rank.
+        steps: optimizer steps trained.
+        train_seconds: wall time of the training loop.
+        optimizer: what trained the adapter (``adamw``, ``lorapro``).
     """
 
     method: str
@@ -83,6 +88,11 @@ class RunRecord:
     step_seconds: float | None = None
     peak_memory_bytes: int | None = None
     error: str | None = None
+    config: str | None = None
+    ranks: dict[str, int] | None = None
+    steps: int | None = None
+    train_seconds: float | None = None
+    optimizer: str | None = None
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> RunRecord:
@@ -142,6 +152,7 @@ def comparison_rows(records: Sequence[RunRecord]) -> tuple[list[dict[str, Any]],
         row: dict[str, Any] = {
             "method": name,
             "kind": group[0].kind,
+            "config": next((r.config for r in ok if r.config), None),
             "seeds": len(ok),
             "trainable": group[0].trainable,
             "budget_ratio": group[0].budget_ratio,
@@ -190,7 +201,7 @@ def _score(row: dict[str, Any], metric: str) -> str:
     return f"**{text}**" if mark == "best" else (f"{text} (tie)" if mark == "tie" else text)
 
 
-TABLE_HEADERS = ("method", "seeds", "trainable", "× budget", "lr", "test accuracy", "macro-F1", "step time × LoRA",
+TABLE_HEADERS = ("method", "config", "seeds", "trainable", "× budget", "lr", "test accuracy", "macro-F1", "step time × LoRA",
                  "peak memory × LoRA")
 
 
@@ -201,7 +212,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         name = row["method"] if row["kind"] == "method" else f"*{row['method']}*"
         ratio = _number(row["budget_ratio"], ".3f") + (" †" if row["budget_note"] else "")
-        body.append([name, row["seeds"], _number(row["trainable"], ","), ratio, row["lr"] or "—",
+        body.append([name, row["config"] or "—", row["seeds"], _number(row["trainable"], ","), ratio, row["lr"] or "—",
                      _score(row, "accuracy"), _score(row, "macro_f1"),
                      _number(row["step_time_vs_lora"], ".2f"), _number(row["peak_memory_vs_lora"], ".2f")])
     return markdown_table(TABLE_HEADERS, body)

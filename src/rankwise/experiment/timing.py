@@ -125,3 +125,17 @@ def peak_rss_growth(before: int | None) -> int | None:
     """Bytes by which the resident set's high-water mark rose above ``before`` (from :func:`reset_peak_rss`)."""
     peak = _status_bytes("VmHWM") if before is not None else None
     return None if peak is None or before is None else peak - before
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for a new allocation on ``device``: the GPU's free memory, or on CPU the kernel's
+    ``MemAvailable`` (Linux; None elsewhere or for other devices)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:
+        return None
+    return next((int(line.split()[1]) * 1024 for line in lines if line.startswith("MemAvailable:")), None)

@@ -1,4 +1,4 @@
-"""``rankwise compare --budget-like/--seeds/--workers``: a tiny matched-budget sweep on tests/tiny_run.py's model."""
+"""``rankwise compare``: a tiny matched-budget sweep on tests/tiny_run.py's model (outputs, resume, workers, kill)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from tiny_run import tiny_data, tiny_model
 
 import rankwise
 from rankwise import cli
-from rankwise.experiment import budget, matched, plots, sweep
+from rankwise.experiment import budget, comparison, plots, sweep
 from rankwise.experiment.pipeline import DataConfig, load_classifier
 from rankwise.experiment.train import TrainSettings
 
@@ -62,7 +62,7 @@ def test_lr_is_chosen_by_the_last_validation_macro_f1() -> None:
 
     tuning = [tried("lora", 1e-3, [0.9, 0.5]), tried("lora", 3e-3, [0.1, 0.6]), tried("lora", 1e-2, [0.2, 0.6]),
               tried("miss", 1e-3, []), tried("miss", 3e-3, [0.0])]
-    assert matched.choose_lrs(tuning) == {"lora": 3e-3, "miss": 3e-3}  # last evaluation; first of equals; failed last
+    assert comparison.choose_lrs(tuning) == {"lora": 3e-3, "miss": 3e-3}  # last evaluation; first of equals; failed last
 
 
 def test_the_spec_seed_governs_the_whole_run(tiny: tuple[Path, Path], tmp_path: Path) -> None:
@@ -72,7 +72,7 @@ def test_the_spec_seed_governs_the_whole_run(tiny: tuple[Path, Path], tmp_path: 
                  "model": str(tiny[0]), "targets": "all-linear",
                  "settings": dataclasses.asdict(TrainSettings(steps=3, batch_size=16, seed=settings_seed))}
         spec = {"method": "lora", "kind": "method", "seed": 1, "lr": 5e-3, "options": {"r": 2}, "setup": setup}
-        return matched.run(spec, tmp_path / str(settings_seed))
+        return comparison.run(spec, tmp_path / str(settings_seed))
 
     assert run(0)["train_loss"] == run(7)["train_loss"]
 
@@ -89,13 +89,14 @@ def test_tiny_sweep_writes_consistent_outputs_and_resumes(tiny: tuple[Path, Path
     printed, bars = capsys.readouterr()
     assert "| method" in printed and "× budget" in printed
     assert not re.search(r"\[\d+/\d+\] ", printed)  # no per-run line: the sweep's bar instead
-    assert "tune.json: 100%" in bars and "4/4" in bars and "sweep.json: 100%" in bars and "8/8 [" in bars
-    assert "lora,seed=1,lr=" in bars and "8/8" in bars  # each run's step bar
+    assert "tune.json: 100%" in bars and "5/5" in bars and "sweep.json: 100%" in bars and "10/10 [" in bars
+    assert "lora,seed=1,lr=" in bars
+    assert "/8 [" in bars  # each run's step bar (8 steps)
     assert "- lora: " in printed and " adapter parameters (1.000 × budget)" in printed  # the achieved counts
 
     payload = json.loads((out / plots.JSON_FILE).read_text())
     rows = {row["method"]: row for row in payload["rows"]}
-    assert list(rows) == [matched.MAJORITY, matched.PROBE, "lora", "miss"]
+    assert list(rows) == [comparison.MAJORITY, comparison.PROBE, comparison.FULL, "lora", "miss"]
     with (out / plots.CSV_FILE).open(newline="") as handle:
         table = {row["method"]: row for row in csv.DictReader(handle)}
     for name, row in rows.items():  # the CSV holds the JSON's numbers
@@ -104,27 +105,31 @@ def test_tiny_sweep_writes_consistent_outputs_and_resumes(tiny: tuple[Path, Path
         assert row["seeds"] == 2 and row["failed_runs"] == 0
     assert rows["lora"]["budget_ratio"] == 1.0 and rows["lora"]["budget_note"] is None  # lora r=2 is the budget
     base = load_classifier(str(tiny[0]), ["neg", "pos"])
-    head = rows[matched.PROBE]["trainable"]
+    head = rows[comparison.PROBE]["trainable"]
     assert rows["lora"]["trainable"] - head == budget.reference_count(base, "lora:r=2")  # trained at the matched size
     miss = budget.match_budget(base, ["miss"], budget_like="lora:r=2")["miss"]
     assert rows["miss"]["trainable"] - head == miss.count and rows["miss"]["budget_ratio"] == miss.ratio
     assert abs(rows["miss"]["budget_ratio"] - 1) <= 0.10 or rows["miss"]["budget_note"]
     assert {rows[m]["accuracy_mark"] for m in ("lora", "miss")} <= {"best", "tie", ""}
     assert "best" in {rows[m]["accuracy_mark"] for m in ("lora", "miss")}
-    assert rows[matched.MAJORITY]["accuracy_mark"] == ""  # baselines are not ranked
+    assert rows[comparison.MAJORITY]["accuracy_mark"] == rows[comparison.FULL]["accuracy_mark"] == ""  # not ranked
+    full = rows[comparison.FULL]  # every weight of the classifier trained, at the default full fine-tuning lr
+    assert full["kind"] == "baseline" and full["trainable"] == sum(p.numel() for p in base.parameters())
+    assert full["lr"] == "0.0001" and full["seeds"] == 2 and full["config"] is None
+    assert rows["lora"]["config"] == "r=2 alpha=8 dropout=0" and rows["miss"]["config"].startswith("r=")
 
     # lr tuned once, on seed 0's validation: every seed of a method runs at its chosen lr, which is in the grid
     runs = payload["runs"]
     for run in runs:  # each run's own peak resident-set growth, so the memory column and plot are filled
-        assert (run["peak_memory_bytes"] or 0) > 0 or run["method"] == matched.MAJORITY, run
+        assert (run["peak_memory_bytes"] or 0) > 0 or run["method"] == comparison.MAJORITY, run
     assert rows["miss"]["peak_memory_mb"] > 0 and rows["miss"]["peak_memory_vs_lora"] > 0
     for method in ("lora", "miss"):
         rates = {run["lr"] for run in runs if run["method"] == method}
         assert len(rates) == 1 and rates <= {1e-6, 5e-2}
         assert all(run["validation"] and run["train_loss"] for run in runs if run["method"] == method)
-    tuned = sweep.load_sweep(out / matched.TUNE_FILE)
-    assert len(tuned.runs) == 4 and all(spec["seed"] == 0 for _, spec in tuned.runs)
-    chosen = matched.choose_lrs([sweep.finished(tuned, i)["result"] for i in range(len(tuned.runs))])
+    tuned = sweep.load_sweep(out / comparison.TUNE_FILE)
+    assert len(tuned.runs) == 5 and all(spec["seed"] == 0 for _, spec in tuned.runs)
+    chosen = comparison.choose_lrs([sweep.finished(tuned, i)["result"] for i in range(len(tuned.runs))])
     for method in ("lora", "miss"):
         assert {run["lr"] for run in runs if run["method"] == method} == {chosen[method]}
 
@@ -134,9 +139,9 @@ def test_tiny_sweep_writes_consistent_outputs_and_resumes(tiny: tuple[Path, Path
 
     # the same command again redoes nothing: every result file is kept as it was, the numbers are the same
     before = _results(out)
-    assert len(before) == 2 * 4 + 2  # 2 seeds x (majority, probe, lora, miss) + the 2 tuning runs at the other lr
+    assert len(before) == 2 * 5 + 2  # 2 seeds x (majority, probe, full, lora, miss) + 2 tuning runs at the other lr
     assert cli.main(_argv(tiny, out, "--lrs", "1e-6,5e-2")) == 0
-    assert "tune.json: 4 runs, 4 already finished" in capsys.readouterr().out
+    assert "tune.json: 5 runs, 5 already finished" in capsys.readouterr().out
     assert _results(out) == before
     assert json.loads((out / plots.JSON_FILE).read_text())["rows"] == payload["rows"]
 
@@ -179,7 +184,7 @@ def test_a_sweep_killed_after_its_first_finished_runs_resumes_without_redoing_th
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         results: dict[str, tuple[int, bytes]] = {}
-        while not any(name.startswith(matched.PROBE.replace(" ", "_")) for name in results):
+        while not any(name.startswith(comparison.PROBE.replace(" ", "_")) for name in results):
             assert process.poll() is None, "the sweep ended before it was killed"
             results = _complete_results(out) if (out / "results").is_dir() else {}
             time.sleep(0.005)
@@ -188,10 +193,10 @@ def test_a_sweep_killed_after_its_first_finished_runs_resumes_without_redoing_th
         process.wait()
     assert process.returncode == -signal.SIGKILL
     killed = _complete_results(out)
-    assert 2 <= len(killed) < 8 and not (out / plots.JSON_FILE).exists()  # killed in the middle of the sweep
+    assert 2 <= len(killed) < 10 and not (out / plots.JSON_FILE).exists()  # killed in the middle of the sweep
 
     assert cli.main(argv) == 0
-    assert f"sweep.json: 8 runs, {len(killed)} already finished" in capsys.readouterr().out
+    assert f"sweep.json: 10 runs, {len(killed)} already finished" in capsys.readouterr().out
     resumed = _complete_results(out)
-    assert len(resumed) == 8 and {name: resumed[name] for name in killed} == killed  # finished runs kept as they were
-    assert len(json.loads((out / plots.JSON_FILE).read_text())["runs"]) == 8
+    assert len(resumed) == 10 and {name: resumed[name] for name in killed} == killed  # finished runs kept as they were
+    assert len(json.loads((out / plots.JSON_FILE).read_text())["runs"]) == 10
