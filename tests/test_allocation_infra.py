@@ -244,7 +244,7 @@ def test_compare_runs_an_allocating_method_beside_a_fixed_rank_one(tmp_path):
 
     out = tmp_path / "cmp"
     argv = ["compare", "--methods", "lora,adalora", "--set", "adalora.init_r=4", "--set", "adalora.target_r=2",
-            "--set", "lora.r=2", "--budget-like", "none", "--seeds", "1", "--no-full-finetune", *TINY_RUN,
+            "--set", "lora.r=2", "--budget-like", "none", "--seeds", "1", "--no-full-finetune", "--workers", "1", *TINY_RUN,
             "--output-dir", str(out)]
     assert cli.main(argv) == 0
     rows = {row["method"]: row for row in json.loads((out / "comparison.json").read_text())["runs"]}

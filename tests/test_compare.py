@@ -199,8 +199,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def _tiny_argv(tiny: tuple[Path, Path], output: Path, *extra: str) -> list[str]:
     model, data = tiny
     return ["compare", "--model", str(model), "--data", str(data), "--seeds", "1", "--max-examples", "64",
-            "--max-length", "16", "--steps", "4", "--batch-size", "16", "--threads", "1", "--output-dir", str(output),
-            *extra]
+            "--max-length", "16", "--steps", "4", "--batch-size", "16", "--threads", "1", "--workers", "1",
+            "--output-dir", str(output), *extra]
 
 
 def test_lora_pro_trains_lora_with_its_optimizer_and_allocators_keep_their_ranks(
@@ -270,7 +270,7 @@ def test_compare_end_to_end_on_minilm(tmp_path: Path, capsys: pytest.CaptureFixt
     out = tmp_path / "cmp"
     argv = ["compare", "--methods", "lora,miss", "--set", "miss.lr=0.004", "--seeds", "1", "--no-full-finetune",
             "--max-examples", "32", "--steps", "2", "--batch-size", "16", "--max-length", "16",
-            "--threads", "1", "--output-dir", str(out)]
+            "--threads", "1", "--workers", "1", "--output-dir", str(out)]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "| method" in printed and "- miss: " in printed and "× budget" in printed

@@ -35,7 +35,7 @@ def _argv(tiny: tuple[Path, Path], output: Path, *extra: str) -> list[str]:
     model, data = tiny
     return ["compare", "--model", str(model), "--data", str(data), "--methods", "lora,miss", "--budget-like", "lora:r=2",
             "--seeds", "2", "--max-examples", "64", "--max-length", "16", "--steps", "8", "--batch-size", "16",
-            "--threads", "1", "--output-dir", str(output), *extra]
+            "--threads", "1", "--output-dir", str(output), *(() if "--workers" in extra else ("--workers", "1")), *extra]
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -85,11 +85,11 @@ def _results(output: Path) -> dict[str, float]:
 def test_tiny_sweep_writes_consistent_outputs_and_resumes(tiny: tuple[Path, Path], tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cmp"
-    assert cli.main(_argv(tiny, out, "--lrs", "1e-6,5e-2")) == 0
+    assert cli.main(_argv(tiny, out, "--lrs", "1e-6,5e-2", "--full-lrs", "1e-4,1e-3")) == 0
     printed, bars = capsys.readouterr()
     assert "| method" in printed and "× budget" in printed
     assert not re.search(r"\[\d+/\d+\] ", printed)  # no per-run line: the sweep's bar instead
-    assert "tune.json: 100%" in bars and "5/5" in bars and "sweep.json: 100%" in bars and "10/10 [" in bars
+    assert "tune.json: 100%" in bars and "6/6" in bars and "sweep.json: 100%" in bars and "10/10 [" in bars
     assert "lora,seed=1,lr=" in bars
     assert "/8 [" in bars  # each run's step bar (8 steps)
     assert "- lora: " in printed and " adapter parameters (1.000 × budget)" in printed  # the achieved counts
@@ -115,7 +115,7 @@ def test_tiny_sweep_writes_consistent_outputs_and_resumes(tiny: tuple[Path, Path
     assert rows[comparison.MAJORITY]["accuracy_mark"] == rows[comparison.FULL]["accuracy_mark"] == ""  # not ranked
     full = rows[comparison.FULL]  # every weight of the classifier trained, at the default full fine-tuning lr
     assert full["kind"] == "baseline" and full["trainable"] == sum(p.numel() for p in base.parameters())
-    assert full["lr"] == "0.0001" and full["seeds"] == 2 and full["config"] is None
+    assert full["lr"] in ("0.0001", "0.001") and full["seeds"] == 2 and full["config"] is None  # one tuned lr
     assert rows["lora"]["config"] == "r=2 alpha=8 dropout=0" and rows["miss"]["config"].startswith("r=")
 
     # lr tuned once, on seed 0's validation: every seed of a method runs at its chosen lr, which is in the grid
@@ -128,9 +128,9 @@ def test_tiny_sweep_writes_consistent_outputs_and_resumes(tiny: tuple[Path, Path
         assert len(rates) == 1 and rates <= {1e-6, 5e-2}
         assert all(run["validation"] and run["train_loss"] for run in runs if run["method"] == method)
     tuned = sweep.load_sweep(out / comparison.TUNE_FILE)
-    assert len(tuned.runs) == 5 and all(spec["seed"] == 0 for _, spec in tuned.runs)
+    assert len(tuned.runs) == 6 and all(spec["seed"] == 0 for _, spec in tuned.runs)
     chosen = comparison.choose_lrs([sweep.finished(tuned, i)["result"] for i in range(len(tuned.runs))])
-    for method in ("lora", "miss"):
+    for method in ("lora", "miss", comparison.FULL):  # full fine-tuning tuned on its own grid the same way
         assert {run["lr"] for run in runs if run["method"] == method} == {chosen[method]}
 
     for name in (plots.ACCURACY_PLOT, plots.VALIDATION_PLOT, plots.LOSS_PLOT, plots.COST_PLOT):
@@ -139,9 +139,9 @@ def test_tiny_sweep_writes_consistent_outputs_and_resumes(tiny: tuple[Path, Path
 
     # the same command again redoes nothing: every result file is kept as it was, the numbers are the same
     before = _results(out)
-    assert len(before) == 2 * 5 + 2  # 2 seeds x (majority, probe, full, lora, miss) + 2 tuning runs at the other lr
-    assert cli.main(_argv(tiny, out, "--lrs", "1e-6,5e-2")) == 0
-    assert "tune.json: 5 runs, 5 already finished" in capsys.readouterr().out
+    assert len(before) == 2 * 5 + 3  # 2 seeds x (majority, probe, full, lora, miss) + 3 tuning runs at the other lr
+    assert cli.main(_argv(tiny, out, "--lrs", "1e-6,5e-2", "--full-lrs", "1e-4,1e-3")) == 0
+    assert "tune.json: 6 runs, 6 already finished" in capsys.readouterr().out
     assert _results(out) == before
     assert json.loads((out / plots.JSON_FILE).read_text())["rows"] == payload["rows"]
 
