@@ -248,7 +248,10 @@ def test_a_failing_method_is_an_error_row_and_exit_status_1(tiny: tuple[Path, Pa
     assert "1 failed: c3a: ValueError" in printed and "| method" in printed
     rows = {row["method"]: row for row in json.loads((out / plots.JSON_FILE).read_text())["rows"]}
     assert rows["c3a"]["failed_runs"] == 1 and "block_size=7" in rows["c3a"]["error"]
-    assert rows["lora"]["error"] is None and rows["lora"]["config"] == "r=8 alpha=8 dropout=0"  # its own size
+    assert rows["lora"]["error"] is None and rows["lora"]["config"] == "defaults"  # its own size: nothing set
+    assert rows["c3a"]["config"] == "block_size=7"
+    runs = {run["method"]: run for run in json.loads((out / plots.JSON_FILE).read_text())["runs"]}
+    assert runs["lora"]["config"] == "r=8 alpha=8 dropout=0" and runs["lora"]["options"] == {}  # the whole config
     assert "c3a: 1 run(s) failed" in (out / plots.REPORT_FILE).read_text()
 
 

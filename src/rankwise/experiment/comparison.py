@@ -323,7 +323,7 @@ def _execute(directory: Path, name: str, specs: list[dict[str, Any]], workers: i
             bar.update(done - bar.n)
 
         results = sweep.run_sweep(planned, workers=workers, threads=threads, on_result=progress)
-    return [r["result"] for r in results]
+    return [{**r["result"], "options": r["spec"].get("options")} for r in results]
 
 
 def _rates(config: CompareConfig) -> Callable[[str], list[float]]:

@@ -67,7 +67,9 @@ class RunRecord:
         step_seconds: median wall time of one optimizer step.
         peak_memory_bytes: peak memory of the run (allocator or resident set, as the engine measures it).
         error: the failure message of a run that failed.
-        config: the adapter's own hyper-parameters as ``k=v`` (``r=8 alpha=8``).
+        config: the adapter's own hyper-parameters as ``k=v`` (``r=8 alpha=8``), all of them.
+        options: the hyper-parameters the comparison set (the budget's size knob, ``--set``, comparison defaults);
+            the table's ``config`` column shows these.
         ranks: ``{layer: rank}`` after training, for a method that allocates rank.
         steps: optimizer steps trained.
         train_seconds: wall time of the training loop.
@@ -89,6 +91,7 @@ class RunRecord:
     peak_memory_bytes: int | None = None
     error: str | None = None
     config: str | None = None
+    options: dict[str, Any] | None = None
     ranks: dict[str, int] | None = None
     steps: int | None = None
     train_seconds: float | None = None
@@ -103,6 +106,12 @@ class RunRecord:
     def __post_init__(self) -> None:
         if self.kind not in ("method", "baseline"):
             raise ValueError(f"RunRecord {self.method!r}: kind must be 'method' or 'baseline', got {self.kind!r}")
+
+
+def options_text(values: Mapping[str, Any]) -> str:
+    """Hyper-parameters as ``k=v k=v`` (floats in ``%g``), ``defaults`` when there are none."""
+    shown = [f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}" for key, value in values.items()]
+    return " ".join(shown) or "defaults"
 
 
 def _mean(values: list[float]) -> float | None:
@@ -152,7 +161,7 @@ def comparison_rows(records: Sequence[RunRecord]) -> tuple[list[dict[str, Any]],
         row: dict[str, Any] = {
             "method": name,
             "kind": group[0].kind,
-            "config": next((r.config for r in ok if r.config), None),
+            "config": options_text(group[0].options) if group[0].options is not None else None,
             "seeds": len(ok),
             "trainable": group[0].trainable,
             "budget_ratio": group[0].budget_ratio,
@@ -289,27 +298,37 @@ def _save(figure: Any, path: Path) -> Path:
 
 
 def plot_accuracy_vs_parameters(rows: list[dict[str, Any]], path: Path) -> Path:
-    """Mean test accuracy (± std) against trainable parameters on a log axis, one labelled point per row."""
+    """Left: mean test accuracy (± std) against trainable parameters on a log axis, one labelled point per row.
+    Right: the same accuracies sorted, one line per row (at a matched budget the methods share one x on the left)."""
     plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    shown = [row for row in rows if row["accuracy_mean"] is not None]
+    figure, (axis, ranked) = plt.subplots(1, 2, figsize=(13, max(4.5, 0.3 * len(shown) + 1.5)),
+                                          gridspec_kw={"width_ratios": [3, 2]})
     colours = {"best": "tab:red", "tie": "tab:orange", "": "tab:blue"}
-    for row in rows:
-        if row["accuracy_mean"] is None:
-            continue
+
+    def colour(row: dict[str, Any]) -> str:
+        return "grey" if row["kind"] == "baseline" else colours[row["accuracy_mark"]]
+
+    for row in shown:
         if not row["trainable"]:  # nothing trained (majority class): a level, not a point on a log axis
             axis.axhline(row["accuracy_mean"], color="grey", linestyle="--", linewidth=1)
             axis.annotate(row["method"], (0.01, row["accuracy_mean"]), xycoords=("axes fraction", "data"),
                           fontsize=8, color="grey", va="bottom")
             continue
-        colour = "grey" if row["kind"] == "baseline" else colours[row["accuracy_mark"]]
         axis.errorbar(row["trainable"], row["accuracy_mean"], yerr=row["accuracy_std"] or 0.0, fmt="o",
-                      color=colour, capsize=3)
+                      color=colour(row), capsize=3)
         axis.annotate(row["method"], (row["trainable"], row["accuracy_mean"]), textcoords="offset points",
                       xytext=(4, 4), fontsize=8)
     axis.set_xscale("log")
     axis.set_xlabel("trainable parameters (log scale)")
     axis.set_ylabel("test accuracy (mean ± std over seeds)")
     axis.set_title("accuracy vs trainable parameters (red: best, orange: tied with it)")
+    order = sorted(shown, key=lambda row: row["accuracy_mean"])
+    for i, row in enumerate(order):
+        ranked.errorbar(row["accuracy_mean"], i, xerr=row["accuracy_std"] or 0.0, fmt="o", color=colour(row), capsize=3)
+    ranked.set_yticks(range(len(order)), [row["method"] for row in order], fontsize=8)
+    ranked.set_xlabel("test accuracy (mean ± std over seeds)")
+    ranked.set_title("sorted (grey: baselines)")
     return _save(figure, path)
 
 
@@ -364,5 +383,5 @@ def plot_cost(rows: list[dict[str, Any]], path: Path) -> Path:
     return _save(figure, path)
 
 
-__all__ = ["COLUMNS", "RunRecord", "comparison_rows", "plot_accuracy_vs_parameters", "plot_cost", "plot_curves",
+__all__ = ["COLUMNS", "RunRecord", "comparison_rows", "options_text", "plot_accuracy_vs_parameters", "plot_cost", "plot_curves",
            "table", "write_comparison"]
