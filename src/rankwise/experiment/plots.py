@@ -233,7 +233,9 @@ def _report(title: str, rows: list[dict[str, Any]], notes: list[str], context: M
     lines += [f"- {key}: {value}" for key, value in context.items()]
     legend = (f"Mean ± sample standard deviation over seeds. A difference to the best method smaller than "
               f"{stats.TIE_SE:g} standard errors of the paired per-seed differences is a tie (marked); the best "
-              "method is in bold. Baselines (in italics) are not ranked. † not at the budget (notes below).")
+              "method is in bold. Baselines (in italics) are not ranked. † not at the budget (notes below). trainable: "
+              "adapter and classification head; config: what the comparison set (the budget's size knob, --set); "
+              "peak memory: the growth of the run's resident-set high-water mark, a lower bound.")
     lines += ["", table(rows), "", legend, ""]
     lines += [f"- {row['method']} †: {row['budget_note']}" for row in rows if row["budget_note"]]
     lines += [f"- {row['method']}: {row['failed_runs']} run(s) failed: {row['error']}" for row in rows if row["error"]]
