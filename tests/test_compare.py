@@ -182,6 +182,8 @@ def test_verdicts_pair_each_claimed_method_with_lora_seed_by_seed() -> None:
     assert "DoRA" in line and "2402.09353" in line and "+0.0533" in line and line.endswith("**holds**")
     text = claims.claims_markdown(list(found.values()), {"task": "movie-reviews"})
     assert "task movie-reviews" in text and text.count("\n- **") == 2
+    assert "| DoRA (dora, arXiv 2402.09353) | better | +0.0533 ± 0.0033 | 3 | **holds** |" in text  # the table
+    assert "| LoLDU (loldu, arXiv 2410.13618) | match | -0.1000 ± 0.0058 † | 3 | **does not hold** |" in text
     assert claims.verdicts([record("dora", 0, 0.7)]) == []  # no LoRA runs, nothing to measure against
 
 

@@ -36,6 +36,7 @@ from typing import Any
 
 from . import stats
 from .plots import RunRecord
+from .report import markdown_table
 
 
 @dataclass(frozen=True)
@@ -245,5 +246,12 @@ def claims_markdown(found: Sequence[Verdict], context: Mapping[str, Any]) -> str
              f"difference method − LoRA against {stats.TIE_SE:g} standard errors (the table's tie rule); a claim of "
              "higher accuracy holds only beyond a tie, a claim of parity at a smaller budget or cost holds on a tie "
              "or better. This is one task, one model, one budget and one run length, not the papers' settings."), ""]
-    lines += [v.line() for v in found] or ["No claimed method has paired runs with LoRA."]
+    if not found:
+        return "\n".join([*lines, "No claimed method has paired runs with LoRA."]) + "\n"
+    rows = [[f"{v.claim.paper} ({v.claim.method}, arXiv {v.claim.arxiv})", v.claim.kind,
+             f"{v.difference:+.4f}" + ("" if v.standard_error is None else f" ± {v.standard_error:.4f}")
+             + (" †" if v.budget_note else ""), v.seeds, f"**{v.outcome}**"] for v in found]
+    lines += [markdown_table(("paper (method)", "claim", "Δ test accuracy vs LoRA ± SE", "seeds", "verdict"), rows), "",
+              "† not at the matched budget (see the lines below). Claims, in our words, with the details:", ""]
+    lines += [v.line() for v in found]
     return "\n".join(lines) + "\n"
