@@ -220,6 +220,7 @@ def test_lora_pro_trains_lora_with_its_optimizer_and_allocators_keep_their_ranks
     for method in ("lora", "lorapro", "adalora"):
         adapter = out / "results" / comparison._run_name({"method": method, "seed": 0, "lr": 2e-3}) / "adapter"
         assert (adapter / "adapter.safetensors").is_file(), method
+    assert f"[{comparison.CLAIMS_FILE}]({comparison.CLAIMS_FILE})" in (out / plots.REPORT_FILE).read_text()
     claimed = (out / comparison.CLAIMS_FILE).read_text()
     assert "**LoRA-Pro** (lorapro" in claimed and "**AdaLoRA**" in claimed and "undecided" in claimed  # one seed
 

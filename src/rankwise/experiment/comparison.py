@@ -389,11 +389,12 @@ def compare(config: CompareConfig, log: Log = print) -> dict[str, Any]:
                "seeds": ",".join(map(str, seeds)), "train examples": len(prepared.train.labels),
                "steps": config.settings.total_steps(len(prepared.train)), "batch size": config.settings.batch_size,
                "max length": config.data.max_length, "lr": _lr_text(config, seeds[0])}
-    paths = plots.write_comparison(records, directory, title=f"rankwise compare: {context['task']}", context=context)
     loaded = [plots.RunRecord.from_dict(r) for r in records]
     found = claims.verdicts(loaded)
     text = claims.claims_markdown(found, context)
     atomic_write(directory / CLAIMS_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    paths = plots.write_comparison(loaded, directory, title=f"rankwise compare: {context['task']}", context=context,
+                                   links={CLAIMS_FILE: "each paper's headline claim over LoRA against this run"})
     paths[CLAIMS_FILE] = directory / CLAIMS_FILE
     rows, notes = plots.comparison_rows(loaded)
     return {"rows": rows, "notes": notes, "claims": [v.line() for v in found], "paths": paths,

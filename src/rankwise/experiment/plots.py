@@ -228,7 +228,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def _report(title: str, rows: list[dict[str, Any]], notes: list[str], context: Mapping[str, Any],
-            plots: list[str]) -> str:
+            plots: list[str], links: Mapping[str, str]) -> str:
     lines = [f"# {title}", ""]
     lines += [f"- {key}: {value}" for key, value in context.items()]
     legend = (f"Mean ± sample standard deviation over seeds. A difference to the best method smaller than "
@@ -242,6 +242,7 @@ def _report(title: str, rows: list[dict[str, Any]], notes: list[str], context: M
     lines += [f"- {note}" for note in notes]
     lines += ["", *[f"![{name}]({name})" for name in plots], "",
               f"Data: [{JSON_FILE}]({JSON_FILE}), [{CSV_FILE}]({CSV_FILE}).", ""]
+    lines += [f"See also: [{name}]({name}): {what}." for name, what in links.items()]
     return "\n".join(lines)
 
 
@@ -250,8 +251,11 @@ def write_comparison(
     directory: str | Path,
     title: str = "rankwise compare",
     context: Mapping[str, Any] | None = None,
+    links: Mapping[str, str] | None = None,
 ) -> dict[str, Path]:
     """Write ``comparison.json``, ``comparison.csv``, the four PNGs and ``report.md`` to ``directory``.
+
+    ``links``: other files of the folder the report links to, ``{file name: what it holds}``.
 
     ``context`` (task, model, budget, command, ...) goes into the JSON and heads the report. Every file is
     written atomically. Returns ``{file name: path}``.
@@ -273,7 +277,7 @@ def write_comparison(
     paths[JSON_FILE] = directory / JSON_FILE
     _write_text(directory / CSV_FILE, _csv_text(rows))
     paths[CSV_FILE] = directory / CSV_FILE
-    _write_text(directory / REPORT_FILE, _report(title, rows, notes, context, list(paths)[:4]))
+    _write_text(directory / REPORT_FILE, _report(title, rows, notes, context, list(paths)[:4], links or {}))
     paths[REPORT_FILE] = directory / REPORT_FILE
     return paths
 
