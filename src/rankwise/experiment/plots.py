@@ -242,7 +242,7 @@ def _report(title: str, rows: list[dict[str, Any]], notes: list[str], context: M
     lines += [f"- {note}" for note in notes]
     lines += ["", *[f"![{name}]({name})" for name in plots], "",
               f"Data: [{JSON_FILE}]({JSON_FILE}), [{CSV_FILE}]({CSV_FILE}).", ""]
-    lines += [f"See also: [{name}]({name}): {what}." for name, what in links.items()]
+    lines += [*(f"See also: [{name}]({name}): {what}." for name, what in links.items()), ""] if links else []
     return "\n".join(lines)
 
 
