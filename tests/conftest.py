@@ -9,6 +9,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """tests/tiny_run.py's tiny BERT classifier folder (dropout 0.1) and labelled CSV, built once per session."""
+    from tiny_run import tiny_data, tiny_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    return tiny_model(root / "model"), tiny_data(root / "data.csv")
+
+
 @pytest.fixture
 def one_thread():
     """MKL's FFT pays ~30 ms per call to wake a second thread on a busy 2-core box; tiny FFTs need one."""

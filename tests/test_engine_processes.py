@@ -67,11 +67,6 @@ def _adapter(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(str(directory / "adapter.safetensors"))
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("tiny")
-    return tiny_model(root / "model"), tiny_data(root / "data.csv")  # with dropout: resume must restore the RNG
-
 
 @pytest.fixture(scope="module")
 def straight(tiny, tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_run import tiny_argv, tiny_data, tiny_model
+from tiny_run import tiny_argv
 
 import rankwise.experiment
 from rankwise import cli
@@ -82,11 +82,6 @@ def test_finetune_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert set(metrics["test"]) == {"majority class", "linear probe (head only)", "lora + head"}
     assert metrics["split_sizes"] == {"train": 64, "validation": 100, "test": 100}
 
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("tiny")
-    return tiny_model(root / "model"), tiny_data(root / "data.csv")
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "lorapro"])
