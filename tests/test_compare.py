@@ -150,18 +150,15 @@ def _paired(differences: list[float]) -> stats.Paired:
     return stats.paired(dict(enumerate(differences)), dict.fromkeys(range(len(differences)), 0.0))
 
 
-@pytest.mark.parametrize(("kind", "differences", "outcome"), [
-    ("better", [0.05, 0.06, 0.04], claims.HOLDS),  # beyond two standard errors, for the method
-    ("better", [-0.05, -0.06, -0.04], claims.DOES_NOT_HOLD),
-    ("better", [0.05, -0.04, 0.01], claims.TIE),
-    ("match", [0.05, -0.04, 0.01], claims.HOLDS),  # parity is the claim
-    ("match", [0.05, 0.06, 0.04], claims.HOLDS),
-    ("match", [-0.05, -0.06, -0.04], claims.DOES_NOT_HOLD),
-    ("better", [0.05], claims.UNDECIDED),  # one seed: no standard error
+@pytest.mark.parametrize(("differences", "outcome"), [
+    ([0.05, 0.06, 0.04], claims.HOLDS),  # beyond two standard errors, for the method
+    ([-0.05, -0.06, -0.04], claims.DOES_NOT_HOLD),
+    ([0.05, -0.04, 0.01], claims.TIE),  # a parity claim is consistent with it, but it is no evidence of parity
+    ([0.0, 0.0, 0.0], claims.TIE),
+    ([0.05], claims.UNDECIDED),  # one seed: no standard error
 ])
-def test_verdict_follows_the_tie_rule(kind: str, differences: list[float], outcome: str) -> None:
-    claim = claims.Claim("x", "X", "2401.00001", "claims something", kind)
-    assert claims.verdict(claim, _paired(differences)) == outcome
+def test_verdict_follows_the_tie_rule(differences: list[float], outcome: str) -> None:
+    assert claims.verdict(_paired(differences)) == outcome
 
 
 def test_verdicts_pair_each_claimed_method_with_lora_seed_by_seed() -> None:

@@ -18,13 +18,14 @@ the abstract says.
 * ``"better"``: the paper claims higher accuracy than LoRA at a comparable (or smaller) budget, so
   only a win over LoRA supports it; a tie does not.
 * ``"match"``: the paper claims LoRA's accuracy at a smaller budget or a lower cost, so a tie with
-  LoRA, or a win, supports it.
+  LoRA is consistent with it, and a win supports it.
 
 How a measured difference becomes "holds", "tie" or "does not hold": :func:`verdict`, on the paired per-seed
 test-accuracy differences method − LoRA of one ``compare`` sweep (:func:`rankwise.experiment.stats.paired`,
-the tie rule of the table): a tie supports a ``"match"`` claim (holds) and leaves a ``"better"`` claim
-undecided (tie); a difference beyond the tie threshold holds when it favours the method and does not hold
-otherwise. With one seed there is no standard error: ``undecided``. The verdict is about this task, model,
+the tie rule of the table): a difference beyond the tie threshold holds when it favours the method and
+does not hold otherwise; within it the verdict is ``tie`` whatever the kind (consistent with a ``"match"``
+claim, but a tie from a wide spread is no evidence of parity, so it is not called ``holds``). With one seed
+there is no standard error: ``undecided``. The verdict is about this task, model,
 budget and run length only: :func:`claims_markdown` says so above the lines.
 """
 
@@ -210,12 +211,13 @@ class Verdict:
                 f"{budget} → **{self.outcome}**")
 
 
-def verdict(claim: Claim, comparison: stats.Paired) -> str:
-    """The outcome of ``claim`` given the paired comparison method − LoRA (module docstring)."""
+def verdict(comparison: stats.Paired) -> str:
+    """The outcome of a claim over LoRA given the paired comparison method − LoRA (module docstring): the same rule
+    for both kinds."""
     if comparison.tie is None:
         return UNDECIDED
     if comparison.tie:
-        return HOLDS if claim.kind == "match" else TIE
+        return TIE
     return HOLDS if comparison.mean_difference > 0 else DOES_NOT_HOLD
 
 
@@ -233,7 +235,7 @@ def verdicts(records: Sequence[RunRecord], claims: Mapping[str, Claim] = CLAIMS)
     for method, values in scores.items():
         if method in claims and set(values) & set(reference):
             comparison = stats.paired(values, reference)
-            found.append(Verdict(claims[method], verdict(claims[method], comparison), comparison.mean_difference,
+            found.append(Verdict(claims[method], verdict(comparison), comparison.mean_difference,
                                  comparison.standard_error, len(comparison.seeds), notes[method]))
     return found
 
@@ -243,9 +245,10 @@ def claims_markdown(found: Sequence[Verdict], context: Mapping[str, Any]) -> str
     setting = ", ".join(f"{key} {value}" for key, value in context.items())
     lines = ["# Papers' headline claims over LoRA on this run", "",
              (f"Measured in one `rankwise compare` sweep ({setting}). Outcome: the paired per-seed test-accuracy "
-             f"difference method − LoRA against {stats.TIE_SE:g} standard errors (the table's tie rule); a claim of "
-             "higher accuracy holds only beyond a tie, a claim of parity at a smaller budget or cost holds on a tie "
-             "or better. This is one task, one model, one budget and one run length, not the papers' settings."), ""]
+             f"difference method − LoRA against {stats.TIE_SE:g} standard errors (the table's tie rule); a claim holds "
+             "beyond the threshold in the method's favour and does not hold beyond it against; within it: tie (which "
+             "a claim of parity at a smaller budget or cost, kind match, is consistent with). This is one task, one "
+             "model, one budget and one run length, not the papers' settings."), ""]
     if not found:
         return "\n".join([*lines, "No claimed method has paired runs with LoRA."]) + "\n"
     rows = [[f"{v.claim.paper} ({v.claim.method}, arXiv {v.claim.arxiv})", v.claim.kind,
