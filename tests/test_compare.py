@@ -232,6 +232,17 @@ def test_full_fine_tuning_that_does_not_fit_is_skipped_not_failed(
     assert comparison.full_finetune_fits(model) is None
 
 
+def test_available_memory_reads_the_kernels_estimate_on_cpu() -> None:
+    from rankwise.experiment.timing import available_memory
+
+    meminfo = Path("/proc/meminfo")
+    if not meminfo.is_file():
+        pytest.skip("no /proc/meminfo here")
+    total = next(int(line.split()[1]) * 1024 for line in meminfo.read_text().splitlines() if line.startswith("MemTotal:"))
+    assert 0 < available_memory(torch.device("cpu")) <= total
+    assert available_memory(torch.device("meta")) is None  # unknown for other devices
+
+
 def test_a_failing_method_is_an_error_row_and_exit_status_1(tiny: tuple[Path, Path], tmp_path: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cmp"

@@ -102,13 +102,18 @@ def medians(times: dict[str, list[float]]) -> dict[str, float]:
     return {name: statistics.median(samples) for name, samples in times.items()}
 
 
-def _status_bytes(field: str) -> int | None:
-    """A ``/proc/self/status`` memory line (``VmRSS``, ``VmHWM``) in bytes; None where there is no such file."""
+def _proc_bytes(path: str, field: str) -> int | None:
+    """A ``FIELD: N kB`` line of a Linux ``/proc`` file in bytes; None where there is no such file or line."""
     try:
-        lines = Path("/proc/self/status").read_text().splitlines()
+        lines = Path(path).read_text().splitlines()
     except OSError:
         return None
     return next((int(line.split()[1]) * 1024 for line in lines if line.startswith(field + ":")), None)
+
+
+def _status_bytes(field: str) -> int | None:
+    """A ``/proc/self/status`` memory line (``VmRSS``, ``VmHWM``) in bytes; None where there is no such file."""
+    return _proc_bytes("/proc/self/status", field)
 
 
 def reset_peak_rss() -> int | None:
@@ -132,10 +137,4 @@ def available_memory(device: torch.device) -> int | None:
     ``MemAvailable`` (Linux; None elsewhere or for other devices)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    if device.type != "cpu":
-        return None
-    try:
-        lines = Path("/proc/meminfo").read_text().splitlines()
-    except OSError:
-        return None
-    return next((int(line.split()[1]) * 1024 for line in lines if line.startswith("MemAvailable:")), None)
+    return _proc_bytes("/proc/meminfo", "MemAvailable") if device.type == "cpu" else None
