@@ -39,7 +39,7 @@ import dataclasses
 
 from ..experiment.comparison import SKIPPED, CompareConfig, compare, entries, entry_method
 from ..experiment.pipeline import parse_targets
-from ..experiment.threads import available_cores, default_threads
+from ..experiment.threads import available_cores
 from .options import (
     add_data_options,
     add_targets_option,
@@ -144,7 +144,7 @@ def compare_config(args: argparse.Namespace) -> CompareConfig:
                          targets=parse_targets(args.targets), data=data, model=args.model,
                          settings=train_settings(args), lrs=args.lrs, probe=not args.no_probe, probe_lr=args.probe_lr,
                          full_finetune=not args.no_full_finetune, full_lrs=args.full_lrs,
-                         threads=threads(args) if args.threads is not None else default_threads(workers),
+                         threads=threads(args, processes=workers),
                          output_dir=args.output_dir, save_adapters=args.save_adapters,
                          budget=args.budget, budget_like=budget_like,
                          seeds=args.seeds, workers=workers)

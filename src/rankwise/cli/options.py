@@ -89,15 +89,16 @@ def train_settings(args: argparse.Namespace) -> TrainSettings:
                          save_every=args.save_every, report_to=args.report_to)
 
 
-def threads(args: argparse.Namespace) -> int:
-    """``--threads``, or the default for this machine and ``--nproc`` (with a note on stderr when a busy machine
-    made it leave cores unused)."""
+def threads(args: argparse.Namespace, processes: int | None = None) -> int:
+    """``--threads``, or the default for this machine shared among ``processes`` (default ``--nproc``; ``compare``
+    passes its workers), with a note on stderr when a busy machine made it leave cores unused."""
     if args.threads is not None:
         if args.threads <= 0:
             raise ValueError(f"--threads must be a positive integer, got {args.threads}")
         return args.threads
-    count = default_threads(args.nproc)
-    note = advice(count, args.nproc)
+    processes = processes if processes is not None else args.nproc
+    count = default_threads(processes)
+    note = advice(count, processes)
     if note is not None:
         print(f"rankwise: note: {note}", file=sys.stderr)
     return count
