@@ -181,12 +181,9 @@ def _quiet(_: str) -> None:
 
 def config_summary(values: dict[str, Any]) -> str:
     """An adapter config's own hyper-parameters as ``k=v`` (shared fields, None and flags left out)."""
-    shown = []
-    for key, value in values.items():
-        if key in COMMON_FIELDS or value is None or isinstance(value, (bool, dict, list)):
-            continue
-        shown.append(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}")
-    return " ".join(shown)
+    own = {key: value for key, value in values.items()
+           if key not in COMMON_FIELDS and value is not None and not isinstance(value, (bool, dict, list))}
+    return plots.options_text(own) if own else ""
 
 
 def _record(spec: dict[str, Any], trained: Trained, peak_memory: int | None, **extra: Any) -> dict[str, Any]:

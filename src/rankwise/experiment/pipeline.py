@@ -173,6 +173,13 @@ def load_classifier(path: str, label_names: list[str]) -> nn.Module:
     )
 
 
+def fresh_classifier(prepared: Prepared, seed: int) -> nn.Module:
+    """The task's classifier with its new head initialised from ``seed`` (adapted, probed or fully trained alike, so
+    runs with one seed share the head)."""
+    torch.manual_seed(seed)
+    return load_classifier(prepared.model_path, prepared.splits.train.label_names)
+
+
 def head_modules(model: nn.Module) -> list[str]:
     """The top-level modules outside the backbone that hold parameters: the classification head."""
     prefix = getattr(model, "base_model_prefix", "")
@@ -268,8 +275,7 @@ def adapted_classifier(
     """A fresh classifier (head initialised from ``seed``) adapted with ``method`` for a run of ``steps``
     optimizer steps; its head is trained in full. ``saved``: an adapter folder (a checkpoint's) to load
     instead, with the ranks it was saved with (ElaLoRA moves rank while training)."""
-    torch.manual_seed(seed)
-    model = load_classifier(prepared.model_path, prepared.splits.train.label_names)
+    model = fresh_classifier(prepared, seed)
     if saved is not None:
         model = load(model, saved)
         if adapter_config(model).method != method:
@@ -313,8 +319,7 @@ def train_method(model: nn.Module, prepared: Prepared, settings: TrainSettings, 
 
 def probe_classifier(prepared: Prepared, seed: int) -> nn.Module:
     """A fresh classifier (head initialised from ``seed``) with only its head trainable: the linear probe."""
-    torch.manual_seed(seed)
-    model = load_classifier(prepared.model_path, prepared.splits.train.label_names)
+    model = fresh_classifier(prepared, seed)
     heads = set(head_modules(model))
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name.split(".")[0] in heads)
@@ -323,8 +328,7 @@ def probe_classifier(prepared: Prepared, seed: int) -> nn.Module:
 
 def full_classifier(prepared: Prepared, seed: int) -> nn.Module:
     """A fresh classifier (head initialised from ``seed``) with every weight trainable: full fine-tuning."""
-    torch.manual_seed(seed)
-    model = load_classifier(prepared.model_path, prepared.splits.train.label_names)
+    model = fresh_classifier(prepared, seed)
     model.requires_grad_(True)
     return model
 
