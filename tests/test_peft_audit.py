@@ -196,6 +196,43 @@ def test_modules_to_save_follow_peft_suffix_rule(tmp_path):
     imported_like_peft(base, theirs, tmp_path, torch.randn(3, 8))
 
 
+class Nested(nn.Module):
+    """A top-level ``up`` and a nested ``block.up``: PEFT's list ``["up"]`` selects both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(8, 8)
+        self.block = nn.Module()
+        self.block.up = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block.up(torch.tanh(self.up(x)))
+
+
+@pytest.mark.parametrize("targets, written", [("up", "up"), (r"block\.up", ["block.up"]), (r"up|block\.up", ["block.up", "up"])])
+def test_export_names_exactly_the_adapted_layers_for_peft(targets, written, tmp_path):
+    """A list PEFT would widen (its dot-boundary suffix rule) is written as a regex it full-matches; a list of
+    full names that selects nothing else stays a list. PEFT then adapts exactly the exported layers; with
+    random, non-zero B (init_weights=False) a widened reload would change the output."""
+    torch.manual_seed(0)
+    base = Nested()
+    torch.manual_seed(1)
+    ours = rankwise.adapt(copy.deepcopy(base), rankwise.LoRAConfig(r=2, targets=targets, init_weights=False))
+    rankwise.export_peft(ours, tmp_path / "export")
+    assert json.loads((tmp_path / "export" / "adapter_config.json").read_text())["target_modules"] == written
+    theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "export").eval()
+    adapted_by_peft = sorted(
+        name.removeprefix("base_model.model.") for name, module in theirs.named_modules()
+        if isinstance(module, peft.tuners.lora.LoraLayer)
+    )
+    assert adapted_by_peft == sorted(dict(rankwise.adapted_layers(ours)))
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(theirs(x), ours.eval()(x), atol=1e-6, rtol=0)
+    again = rankwise.import_peft(copy.deepcopy(base), tmp_path / "export").eval()
+    assert sorted(dict(rankwise.adapted_layers(again))) == adapted_by_peft
+    torch.testing.assert_close(again(x), ours(x), atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("exclude", [["0"], "^0$"], ids=["list", "regex"])
 def test_exclude_modules_forms_match_peft(exclude, tmp_path):
     base = base_model()

@@ -23,6 +23,7 @@ ways (:func:`check_peft_reproduces`): with LoRA / DoRA one with dilation ≠ 1 o
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,23 @@ def _to_peft_layout(layers: dict[str, nn.Module], tensors: dict[str, Tensor], to
                 tensors[key] = tensors[key].reshape(peft_shape if to_peft else (-1,))
 
 
+def peft_target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
+    """PEFT's ``target_modules`` that select exactly the layers ``names`` of ``model``.
+
+    PEFT reads a list as suffixes on a dot boundary: ``["up"]`` selects ``up`` and also ``block.up``. A
+    list of full names is written when it selects nothing else; otherwise a regex that PEFT full-matches
+    (``up|layer\\.0\\.up``), so a PEFT reload never adapts a layer the export did not (with a fresh,
+    possibly non-zero adapter, or an error on a module type it does not support)."""
+    wanted = set(names)
+    selected = {
+        key for key in layer_modules(model)
+        if key in wanted or any(key.endswith("." + name) for name in wanted)
+    }
+    if selected == wanted:
+        return sorted(wanted)
+    return "|".join(re.escape(name) for name in sorted(wanted))
+
+
 def export_peft(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     """Write the model's active adapter as a PEFT adapter directory that ``PeftModel.from_pretrained`` loads
     (another adapter: ``rankwise.set_adapter`` it first).
@@ -108,7 +126,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
         "task_type": None,
         "base_model_name_or_path": base_name if isinstance(base_name, str) else None,
         "inference_mode": True,
-        "target_modules": sorted(name for name, _ in layers),
+        "target_modules": peft_target_modules(model, [name for name, _ in layers]),
         "modules_to_save": config.modules_to_save,
         "bias": "none",
         "revision": None,
