@@ -3,6 +3,9 @@ tokeniser or model, so ``--r 0`` fails at once with the config's own message."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from rankwise import cli
@@ -37,3 +40,12 @@ def nothing_may_load(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_bad_config_values_fail_before_anything_loads(argv, message, nothing_may_load, capsys):
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_help_prints_nothing_on_stderr():
+    """A fresh ``rankwise --help`` is quiet: bitsandbytes' note that it could not fetch a hub kernel (printed at
+    its import on CPUs with AVX512-BF16) is silenced unless --verbose."""
+    done = subprocess.run([sys.executable, "-m", "rankwise", "--help"], check=True, capture_output=True, text=True,
+                          timeout=300)
+    assert "usage: rankwise" in done.stdout
+    assert done.stderr == ""

@@ -13,7 +13,6 @@ import logging
 import sys
 
 from .._version import __version__
-from ..integrations import TrainingDiverged
 
 SUBCOMMANDS = [
     "rankwise.cli.finetune",
@@ -22,6 +21,12 @@ SUBCOMMANDS = [
     "rankwise.cli.inspect",
     "rankwise.cli.compress",
 ]
+
+
+# bitsandbytes, imported through peft, logs on CPUs with AVX512-BF16 that it could not fetch an optional
+# 4-bit kernel from the Hugging Face hub ("pip install kernels"): rankwise never uses the hub, and the
+# built-in kernel computes the same thing. Shown with --verbose.
+HUB_KERNEL_LOGGER = "bitsandbytes.backends.cpu.ops"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; bad input prints a one-line error and returns 2, a diverged run returns 1."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if not {"-v", "--verbose"} & set(argv):
+        logging.getLogger(HUB_KERNEL_LOGGER).setLevel(logging.ERROR)
+    from ..integrations import TrainingDiverged  # imports transformers (and through it bitsandbytes)
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
