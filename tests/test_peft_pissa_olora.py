@@ -246,7 +246,7 @@ def test_import_with_rank_above_min_shape(init, tmp_path):
     assert rankwise.trainable_parameters(ours) == LoRAAdapter.expected_num_params(4, 6, config) == 4 * (4 + 6)
 
 
-@pytest.mark.parametrize("init", ["pissa_niter_4", "corda", "loftq", "eva", "orthogonal", "mica", "lora_ga", "unknown"])
+@pytest.mark.parametrize("init", ["pissa_niter_4", "corda", "loftq", "lora_ga", "unknown"])
 def test_inits_not_reproduced_are_refused(init, tmp_path):
     base = base_net()
     with warnings.catch_warnings():
@@ -255,11 +255,33 @@ def test_inits_not_reproduced_are_refused(init, tmp_path):
     path = tmp_path / "adapter_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "init_lora_weights": init}))
     model = copy.deepcopy(base)
-    fix = "set init_lora_weights to true" if init in ("eva", "orthogonal") else "path_initial_model_for_weight_conversion"
-    with pytest.raises(ValueError, match=f"init_lora_weights='{init}'.*{fix}"):
+    with pytest.raises(ValueError, match=f"init_lora_weights='{init}'.*path_initial_model_for_weight_conversion"):
         rankwise.import_peft(model, tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), base.parameters()))
     assert not list(rankwise.adapted_layers(model))
+
+
+@pytest.mark.parametrize(("init", "use_dora"), [("eva", False), ("eva", True), ("orthogonal", False),
+                                              ("orthogonal", True), ("mica", False)])
+def test_inits_that_leave_the_base_import_as_their_trained_tensors(init, use_dora, tmp_path):
+    """EVA, orthogonal and MiCA shape only the starting tensors and leave the base alone; PEFT's reload overwrites
+    every tensor from the file, so the import is exact (EVA's rank pattern and eva_config included). PEFT refuses
+    MiCA with DoRA ("unsupported variant combination"), so no such file exists."""
+    base = base_net()
+    extra = {"eva_config": peft.EvaConfig(rho=2.0), "rank_pattern": {"out": 2}} if init == "eva" else {}
+    theirs = peft_model(base, init, use_dora=use_dora, **extra)
+    perturb(theirs)  # training, and for EVA the data-driven init PEFT would compute from activations
+    theirs.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["init_lora_weights"] == init and (init != "eva" or saved["eva_config"]["rho"] == 2.0)
+    ours = rankwise.import_peft(copy.deepcopy(base), tmp_path).eval()
+    assert all(torch.equal(a, b) for a, b in zip(ours.head.parameters(), base.head.parameters()))
+    for name in ("proj", "out"):
+        assert torch.equal(layer(ours, name).base_layer.weight, getattr(base, name).weight)  # base untouched
+    if init == "eva":
+        assert layer(ours, "out").adapter.lora_A.weight.shape[0] == 2
+    torch.testing.assert_close(ours(inputs()), peft_reload(base, tmp_path)(inputs()), **TOL)
+    torch.testing.assert_close(ours(inputs()), theirs.eval()(inputs()), **TOL)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -40,7 +40,8 @@ validated; ``unmerge`` and ``unload(merge=False)`` leave the *residual* W_res in
 sense on the base it was initialised from: ``load`` / ``import_peft`` recompute W_res from the
 original base, which is how PEFT reloads such adapters (saved without conversion). With
 ``allow_excess_rank`` and r > min(m, n) the factors have min(m, n) columns (the SVD / QR has no
-more), while s still uses r, as in PEFT.
+more), while s still uses r, as in PEFT. PEFT's EVA, orthogonal and MiCA inits leave the base alone, so
+``import_peft`` loads their trained adapters as a plain LoRA (:data:`TRAINED_FROM_FILE_INITS`).
 
 DoRA (PEFT ``use_dora=True``)::
 
@@ -702,23 +703,27 @@ def _to_peft(config: LoRAConfig) -> dict[str, Any]:
     }
 
 
+# PEFT inits that shape only the adapter's starting tensors and leave the base weight alone (EVA: data-driven
+# SVD of activations, arXiv:2410.07170; orthogonal A and B; MiCA: minor singular vectors in a frozen B, with
+# vanilla LoRA's forward and merge). A saved adapter of these is its tensors: PEFT's reload initialises them and
+# then overwrites every one from the file, so import_peft loads them as a plain LoRA (init_weights=True).
+TRAINED_FROM_FILE_INITS = ("eva", "orthogonal", "mica")
+
+
 def _from_peft(peft_config: dict[str, Any]) -> dict[str, Any]:
     init = peft_config.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower() in ("gaussian", "olora"):
-        init = init.lower()  # PEFT compares these two case-insensitively
+    if isinstance(init, str) and init.lower() in ("gaussian", "olora", "mica"):
+        init = init.lower()  # PEFT compares these case-insensitively
+    if init in TRAINED_FROM_FILE_INITS:
+        init = True
     if init not in (True, False, "gaussian", *BASE_CHANGING_INITS):
         # pissa_niter_K (randomised SVD), corda, loftq and lora_ga change the base in ways the base alone does
-        # not determine; eva, orthogonal and mica are other training setups (mica also freezes lora_B).
-        fix = (
-            "PEFT's reload of this init leaves the base untouched, so if you only need the trained adapter, set "
-            "init_lora_weights to true in adapter_config.json"
-            if init in ("eva", "orthogonal")
-            else "Convert the adapter to a plain LoRA with PEFT (save_pretrained(..., "
-            "path_initial_model_for_weight_conversion=...)) or merge it with merge_and_unload"
-        )
+        # not determine.
         raise ValueError(
             f"PEFT LoRA field init_lora_weights={init!r} is not reproduced by rankwise (it imports True, False, "
-            f"'gaussian', 'pissa' and 'olora'). {fix}"
+            f"'gaussian', 'pissa', 'olora' and, as their trained tensors, {', '.join(map(repr, TRAINED_FROM_FILE_INITS))}). "
+            "Convert the adapter to a plain LoRA with PEFT (save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...)) or merge it with merge_and_unload"
         )
     if init == "olora" and peft_config.get("fan_in_fan_out"):
         raise ValueError(

@@ -164,10 +164,11 @@ METADATA_FIELDS = frozenset(
 # fan_in_fan_out (rankwise detects Conv1D layers itself, which is what PEFT's auto-correction of the
 # flag amounts to).
 SHARED_FIELDS = frozenset({"target_modules", "exclude_modules", "modules_to_save", "fan_in_fan_out"})
-# Fields that change nothing on their own: PEFT drops ``runtime_config`` when it reads a config, and
-# the others only qualify a field that is refused when set (layers_to_transform, megatron_config,
-# use_qalora).
-INERT_FIELDS = frozenset({"runtime_config", "layers_pattern", "megatron_core", "qalora_group_size"})
+# Fields that change nothing on their own: PEFT drops ``runtime_config`` when it reads a config,
+# ``eva_config`` only says how EVA computed its starting tensors from data (a reload never reads it; the
+# file's tensors replace them), and the others only qualify a field that is refused when set
+# (layers_to_transform, megatron_config, use_qalora).
+INERT_FIELDS = frozenset({"runtime_config", "eva_config", "layers_pattern", "megatron_core", "qalora_group_size"})
 # PEFT defaults that are not empty / None / False.
 _NON_EMPTY_DEFAULTS = {"bias": "none"}
 
