@@ -4,7 +4,7 @@ Papers: "FedPara: Low-Rank Hadamard Product for Communication-Efficient Federate
 Ye-Bin, Oh, arXiv:2108.06098 (the Hadamard parameterisation and its He init); "Navigating Text-To-Image
 Customization: From LyCORIS Fine-Tuning to Model Evaluation" (LyCORIS), Yeh et al., arXiv:2309.14859.
 Survey context: "Low-Rank Approximation, Adaptation, and Other Tales", Jun Lu, arXiv:2408.05883.
-Reference for tensors and numbers: PEFT 0.21.2 ``tuners/loha`` (Linear).
+Reference for tensors and numbers: PEFT 0.21.2 ``tuners/loha`` (Linear, Conv1d, Conv2d).
 
 Formula (W ∈ R^{m×n}, y = x Wᵀ + b, s = α/r, ⊙ the elementwise product)::
 
@@ -37,8 +37,22 @@ r for W1a, W2a (m × r) and n for W1b (r × n), drawn in that order; W2b = 0, so
 ``init_weights=False`` draws W2b ~ U(±1/√n) as well (tests only). Same seed, same tensors as PEFT.
 Trainable parameters per layer: 2r(m + n).
 
+Convolutions (``nn.Conv1d`` / ``nn.Conv2d`` with C_out, C = C_in/groups, kernel k; :class:`LoHaConvAdapter`, PEFT's
+``loha.Conv1d/2d``): ΔW is a kernel of the base's shape and y = base(x) + conv(x, ΔW), convolved as the base
+convolves (stride, padding, dilation, groups, padding mode); the kernel is built every forward, as PEFT does (it is
+C_out·C·∏k numbers, less than the convolution's own work)::
+
+    flattened (default, and any kernel of size 1):  the formula above on the (C_out, C·∏k) kernel matrix
+    Tucker (use_effective_conv2d=True, ∏k > 1):
+        ΔW = s · (T1 ×₁ W1aᵀ ×₂ W1bᵀ) ⊙ (T2 ×₁ W2aᵀ ×₂ W2bᵀ),   (T ×₁ Aᵀ ×₂ Bᵀ)[o, i, h] = Σ_{p,q} A[p,o] B[q,i] T[p,q,h]
+        T1, T2 = hada_t1, hada_t2 ∈ R^{r×r×k_h×k_w} (a Conv1d's (r, r, k, 1)), W1a, W2a ∈ R^{r×C_out}, W1b, W2b ∈ R^{r×C}
+
+The Tucker cores are drawn last (Kaiming-uniform, fan-in r·∏k). Parameters: 2r(C_out + C·∏k) flattened,
+2r(C_out + C) + 2r²∏k Tucker (:meth:`LoHaConvAdapter.expected_conv_params`). Rank dropout masks output channels.
+
 Oracle: PEFT 0.21.2 (outputs, gradients, ΔW, merged weights, seeded init, dropout masks under a
-shared seed, adapter files both ways) and the formula above computed densely.
+shared seed, adapter files both ways; on Linear, Conv1d and Conv2d layers, tests/test_loha.py and
+tests/test_lycoris_conv.py) and the formulas above computed densely.
 
 Differences from PEFT, on purpose:
     * If every row is dropped (all k_i = 0) the update is zero; PEFT divides by mean(k) = 0 and returns NaN.
@@ -47,8 +61,16 @@ Differences from PEFT, on purpose:
       accepts it, and ``import_peft`` sets it, so every file PEFT loads imports.
     * transformers ``Conv1D`` (GPT-2) layers work through rankwise's core; PEFT's LoHa raises TypeError
       on them, so ``export_peft`` refuses such a model.
-    * No ``rank_pattern`` / ``alpha_pattern`` and no Conv2d layers (``use_effective_conv2d`` is inert on
-      Linear layers); a PEFT file that sets the patterns is refused by ``import_peft``.
+    * No ``rank_pattern`` / ``alpha_pattern``; a PEFT file that sets the patterns is refused by ``import_peft``.
+    * Tucker gradients: PEFT's hand-written backward of the Tucker form (``HadaWeightCP``) returns wrong gradients
+      for ``hada_w1_a`` and ``hada_w2_a`` (it pairs each with the other Hadamard factor's core product), so PEFT
+      trains those two tensors on a wrong gradient; rankwise's are autograd's of the formula (outputs, every other
+      gradient and the files are PEFT's).
+    * A convolution with a padding mode other than zeros: PEFT convolves ΔW with zero padding, so its unmerged
+      forward differs from its merged layer; rankwise pads as the layer does (forward = merge), and ``export_peft``
+      / ``import_peft`` refuse such a layer.
+    * A fresh Tucker adapter refuses r above max(min(C_out, C·∏k), min(C, C_out·∏k)), the largest multilinear rank
+      of the kernel (PEFT accepts any r; ``allow_excess_rank=True`` does too). Conv3d is refused, as PEFT has none.
 """
 
 from __future__ import annotations

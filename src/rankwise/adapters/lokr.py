@@ -3,7 +3,8 @@
 Paper: "Navigating Text-To-Image Customization: From LyCORIS Fine-Tuning to Model Evaluation" (LyCORIS),
 Yeh et al., arXiv:2309.14859; Kronecker adapters: "KronA: Parameter Efficient Tuning with Kronecker
 Adapter", Edalati et al., arXiv:2212.10650. Survey context: "Low-Rank Approximation, Adaptation, and
-Other Tales", Jun Lu, arXiv:2408.05883. Reference for tensors and numbers: PEFT 0.21.2 ``tuners/lokr`` (Linear).
+Other Tales", Jun Lu, arXiv:2408.05883. Reference for tensors and numbers: PEFT 0.21.2 ``tuners/lokr`` (Linear,
+Conv1d, Conv2d).
 
 Formula (W ∈ R^{m×n}, y = x Wᵀ + b, s = α/r, ⊗ the Kronecker product)::
 
@@ -34,13 +35,29 @@ Init (PEFT ``init_weights``), Kaiming-uniform(a=√5) = U(±1/√fan_in) with fa
 Draws in PEFT's order (w1 or w1_a, w1_b, then w2 or w2_a, w2_b), so the same seed gives PEFT's tensors.
 Trainable parameters per layer: (a·c or r(a + c)) + (b·d or r(b + d)).
 
+Convolutions (``nn.Conv1d`` / ``nn.Conv2d`` with C_out = a·b, C = C_in/groups = c·d, kernel k;
+:class:`LoKrConvAdapter`, PEFT's ``lokr.Conv1d/2d``): the channels are split as the widths above and the kernel goes
+with W2, ΔW[(i, j), (p, q), h] = s · W1[i, p] · W2[j, q, h], i.e. s · W1 ⊗ W2 on the (C_out, C·∏k) kernel matrix
+with W2 ∈ R^{b×d·∏k}. W2 is ``lokr_w2`` (b, d, *k) when r ≥ max(b, d)/2; else with ``use_effective_conv2d`` and
+∏k > 1 the Tucker product T ×₁ W2aᵀ ×₂ W2bᵀ (core ``lokr_t2`` (r, r, k_h, k_w), a Conv1d's (r, r, k, 1),
+W2a = ``lokr_w2_a`` (r, b), W2b = ``lokr_w2_b`` (r, d)); else ``lokr_w2_a`` (b, r) @ ``lokr_w2_b`` (r, d·∏k).
+The forward builds the kernel (as PEFT) and computes y = base(x) + conv(x, ΔW) as the base convolves (stride,
+padding, dilation, groups, padding mode). A Conv1d with a full ``lokr_w2`` takes PEFT's order,
+ΔW[(j, i), (q, p), h] = s · W2[j, q, h] · W1[i, p] (PEFT's ``torch.kron`` of a matrix and a 3-D tensor puts W2's
+indices first): the same family of updates, reproduced so that PEFT's files mean the same here.
+
 Oracle: PEFT 0.21.2 (outputs, gradients, ΔW, merged weights, seeded init, factorization on every width
-up to 512, dropout masks under a shared seed, adapter files both ways) and torch.kron densely.
+up to 512, dropout masks under a shared seed, adapter files both ways; on Linear, Conv1d and Conv2d layers,
+tests/test_lokr.py and tests/test_lycoris_conv.py) and the Kronecker products densely.
 
 Differences from PEFT, on purpose: the forward never builds the m×n ΔW (PEFT builds it every forward);
 transformers ``Conv1D`` layers work through rankwise's core (PEFT raises TypeError, so ``export_peft``
-refuses them); no ``rank_pattern`` / ``alpha_pattern`` and no Conv2d layers (``use_effective_conv2d`` is
-inert on Linear layers); a PEFT file that sets the patterns is refused by ``import_peft``.
+refuses them); no ``rank_pattern`` / ``alpha_pattern``, so a PEFT file that sets the patterns is refused by
+``import_peft``. On convolutions: a padding mode other than zeros is padded as the layer pads (PEFT pads ΔW with
+zeros, so its forward is not its merge; such layers are refused by ``export_peft`` / ``import_peft``); a Tucker core
+on a kernel whose last size is 1 (a Conv1d, a (k, 1) Conv2d) is computed as the Kronecker kernel W1 ⊗ (T ×₁ W2aᵀ ×₂
+W2bᵀ), where PEFT's ``torch.kron`` raises at every forward and merge (so it is refused both ways too); Conv3d is
+refused, as PEFT has no LoKr for it.
 """
 
 from __future__ import annotations
@@ -220,7 +237,8 @@ class LoKrConvAdapter(LoKrAdapter):
       (r, r, k_h, k_w; a Conv1d's (r, r, k, 1)), ``lokr_w2_a`` (r, b), ``lokr_w2_b`` (r, d);
     * else ``lokr_w2_a`` (b, r) @ ``lokr_w2_b`` (r, d·∏k).
 
-    Init and draw order as on Linear layers, then the core (Kaiming-uniform, fan-in r·∏k). The forward builds the
+    A Conv1d with a full ``lokr_w2`` takes PEFT's order, ΔW[(j, i), (q, p), h] = s·W2[j, q, h]·W1[i, p]
+    (``swapped``; see the module docstring). Init and draw order as on Linear layers, then the core (Kaiming-uniform, fan-in r·∏k). The forward builds the
     kernel (as PEFT) and convolves the input with it as the base convolves (stride, padding, dilation, groups,
     padding mode): y = base(x) + conv(x, ΔW). Rank dropout masks output channels of ΔW; Conv3d is refused (PEFT
     has no LoKr for it). Parameters: (a·c or r(a + c)) + (b·d·∏k, r(b + d) + r²∏k, or r(b + d·∏k)).
