@@ -484,3 +484,18 @@ def test_lokr_decompose_factor_must_divide_the_channels_per_group():
 def test_use_effective_conv2d_is_validated():
     with pytest.raises(ValueError, match="use_effective_conv2d"):
         rankwise.config("loha", use_effective_conv2d="yes")
+
+
+@pytest.mark.parametrize("method", ["loha", "lokr"])
+def test_to_lora_is_exact_at_full_rank_and_refuses_grouped_convolutions(method):
+    """rankwise.to_lora factorises ΔW of each convolution into a LoRA conv adapter (exact at full rank); a grouped
+    convolution's update is a grouped kernel, which a LoRA (dense A kernel) cannot hold: refused by name."""
+    targets = ["seq", "img", "rect", "flat"]
+    ours, _ = pair(method, targets, r=1, use_effective_conv2d=True)
+    sequence, image = inputs()
+    with torch.no_grad():
+        lora = rankwise.to_lora(ours, rank=64)
+        torch.testing.assert_close(lora(sequence, image), ours(sequence, image), **TOL)
+    grouped, _ = pair(method, ["img", "grp"], r=1)
+    with pytest.raises(ValueError, match=rf"to_lora: layer 'grp' is a grouped convolution \(groups=2\).*'{method}'"):
+        rankwise.to_lora(grouped, rank=8)
