@@ -499,3 +499,28 @@ def test_to_lora_is_exact_at_full_rank_and_refuses_grouped_convolutions(method):
     grouped, _ = pair(method, ["img", "grp"], r=1)
     with pytest.raises(ValueError, match=rf"to_lora: layer 'grp' is a grouped convolution \(groups=2\).*'{method}'"):
         rankwise.to_lora(grouped, rank=8)
+
+
+def test_svd_combination_of_conv_adapters_and_grouped_refusal():
+    """add_weighted_adapter(combination='svd') of a Tucker LoHa and a LoKr on convolutions: at full rank the combined
+    LoRA computes the weighted sum of the updates; a grouped convolution is refused before the model changes."""
+    ours = rankwise.adapt(base_net(), rankwise.config("loha", targets=["img", "seq"], init_weights=False, r=2,
+                                                      use_effective_conv2d=True))
+    rankwise.add_adapter(ours, "kron", rankwise.config("lokr", targets=["img", "seq"], init_weights=False, r=1))
+    sequence, image = inputs()
+    layers = {"img": image, "seq": sequence}
+    with torch.no_grad():
+        updates = {}
+        for adapter in ("default", "kron"):
+            rankwise.set_adapter(ours, adapter)
+            updates[adapter] = {n: getattr(ours, n)(x) - getattr(ours, n).base_layer(x) for n, x in layers.items()}
+        rankwise.add_weighted_adapter(ours, ["default", "kron"], [0.5, 2.0], "mix", combination="svd", svd_rank=8)
+        rankwise.set_adapter(ours, "mix")
+        for name, x in layers.items():
+            expected = 0.5 * updates["default"][name] + 2.0 * updates["kron"][name]
+            torch.testing.assert_close(getattr(ours, name)(x) - getattr(ours, name).base_layer(x), expected, **TOL)
+    grouped = rankwise.adapt(base_net(), rankwise.config("loha", targets=["grp"], r=2))
+    rankwise.add_adapter(grouped, "b", rankwise.config("lokr", targets=["grp"], r=1))
+    with pytest.raises(ValueError, match=r"layer 'grp' is a grouped convolution \(groups=2\)"):
+        rankwise.add_weighted_adapter(grouped, ["default", "b"], [1.0, 1.0], "mix", combination="svd", svd_rank=4)
+    assert set(grouped.grp.adapters()) == {"default", "b"}
