@@ -41,7 +41,7 @@ REPRODUCED = {
     "c3a": SHARED | {"block_size", "init_weights"},
     "gralora": SHARED | {"r", "alpha", "gralora_k", "hybrid_r", "gralora_dropout", "init_weights"},
     "miss": SHARED | {"r", "miss_dropout", "mini_r", "init_weights"},
-    # use_effective_conv2d changes Conv layers only, which rankwise does not adapt with LoHa / LoKr
+    # use_effective_conv2d: the Tucker cores on convolutions (tests/test_lycoris_conv.py), inert on Linear layers
     "loha": SHARED | {"r", "alpha", "rank_dropout", "module_dropout", "use_effective_conv2d", "init_weights"},
     "lokr": SHARED | {"r", "alpha", "rank_dropout", "module_dropout", "use_effective_conv2d", "init_weights",
                       "decompose_both", "decompose_factor", "rank_dropout_scale"},
@@ -325,8 +325,11 @@ def test_bad_patterns_raise():
 
 @pytest.mark.parametrize("method", ["loha", "lokr"])
 def test_use_effective_conv2d_is_reproduced_on_linear_layers(method, tmp_path):
-    """PEFT ignores use_effective_conv2d on Linear layers, so rankwise reproduces any value there."""
+    """PEFT ignores use_effective_conv2d on Linear layers, and so does rankwise; the value is imported all the same
+    (it builds the Tucker cores of any convolution the adapter also targets)."""
     saved = saved_peft_adapter(method, tmp_path)
     write_config(tmp_path, {**saved, "use_effective_conv2d": True})
     reference = outputs(PeftModel.from_pretrained(base_model(), tmp_path))
-    torch.testing.assert_close(outputs(rankwise.import_peft(base_model(), tmp_path)), reference, atol=1e-5, rtol=1e-5)
+    imported = rankwise.import_peft(base_model(), tmp_path)
+    torch.testing.assert_close(outputs(imported), reference, atol=1e-5, rtol=1e-5)
+    assert rankwise.adapter_config(imported).use_effective_conv2d is True

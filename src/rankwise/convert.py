@@ -61,7 +61,7 @@ from .compress.ranks import energy_rank
 from .compress.svd import plain_decomposition
 from .core.config import check_positive_int
 from .core.inject import adapt, adapted_layers, adapter_config, saved_modules, unload, unmerge
-from .core.layer import AdaptedLayer, Adapter, linear_shape, weight_matrix
+from .core.layer import AdaptedLayer, Adapter, is_conv_layer, linear_shape, weight_matrix
 from .core.rank import _ALLOCATOR_ATTR
 
 _REPORT_ATTR = "_rankwise_lora_report"
@@ -137,6 +137,13 @@ def _check_mergeable(method: str, name: str, layer: AdaptedLayer) -> None:
             f"to_lora: method {method!r} cannot merge ({cls.__name__} on layer '{name}', {out_features} x "
             f"{in_features}, has neither delta_weight nor merged_weight), so its update has no dense form to "
             "factorise. Only methods that rankwise.merge supports convert to LoRA"
+        )
+    groups = getattr(layer.base_layer, "groups", 1) if is_conv_layer(layer.base_layer) else 1
+    if groups > 1:  # LoHa / LoKr adapt grouped convolutions with a grouped kernel
+        raise ValueError(
+            f"to_lora: layer '{name}' is a grouped convolution (groups={groups}); a LoRA on it reads every input "
+            f"channel (its A kernel is not grouped), so no LoRA holds the grouped {method!r} update. Leave the "
+            "layer out of targets, or merge the adapter instead: rankwise.unload(model, merge=True)"
         )
 
 

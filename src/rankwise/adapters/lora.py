@@ -117,7 +117,7 @@ from ..core.config import (
     check_positive_number,
     config_field,
 )
-from ..core.layer import Adapter, add_into_output, layer_kind
+from ..core.layer import Adapter, add_into_output, is_conv_layer, layer_kind
 from ..core.rank import FactorProduct, RankComponents, TwoFactors
 from ..core.registry import PeftFormat, register
 
@@ -744,15 +744,26 @@ def _from_peft(peft_config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _peft_refusal(base: nn.Module, config: LoRAConfig) -> str | None:
+    """PEFT 0.21.2's conv ``lora_A`` drops the base's dilation and padding mode (peft#3697): such a layer is not
+    reproduced."""
+    if is_conv_layer(base) and (any(d != 1 for d in base.dilation) or base.padding_mode != "zeros"):
+        return (f"dilation={base.dilation} and padding_mode={base.padding_mode!r}; PEFT 0.21.2's LoRA drops both from "
+                "lora_A (peft#3697), so a PEFT adapter on it does not compute what rankwise does")
+    return None
+
+
 register(
     "lora",
     LoRAConfig,
     LoRAAdapter,
-    peft=PeftFormat("LORA", lambda c: not c.get("use_dora", False), _to_peft, _from_peft, {}),
+    peft=PeftFormat("LORA", lambda c: not c.get("use_dora", False), _to_peft, _from_peft, {},
+                    refuse_layer=_peft_refusal),
 )
 register(
     "dora",
     DoRAConfig,
     DoRAAdapter,
-    peft=PeftFormat("LORA", lambda c: bool(c.get("use_dora", False)), _to_peft, _from_peft, {}),
+    peft=PeftFormat("LORA", lambda c: bool(c.get("use_dora", False)), _to_peft, _from_peft, {},
+                    refuse_layer=_peft_refusal),
 )

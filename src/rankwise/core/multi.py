@@ -48,7 +48,7 @@ from .inject import (
     saved_modules,
     wrappers,
 )
-from .layer import BASE_ADAPTER, AdaptedLayer, Adapter, linear_shape
+from .layer import BASE_ADAPTER, AdaptedLayer, Adapter, is_conv_layer, linear_shape
 
 NAME_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9_-]*"
 COMBINATIONS = ("linear", "cat", "svd")
@@ -333,6 +333,11 @@ def _check_combinable(path: str, layer: AdaptedLayer, pairs: list[tuple[Adapter 
                          f"has ranks {ranks} (rank_pattern); "
                          "use 'cat' or 'svd'")
     if combination == "svd":
+        groups = layer.base_layer.groups if is_conv_layer(layer.base_layer) else 1
+        if groups > 1:  # LoHa / LoKr adapt grouped convolutions with a grouped kernel
+            raise ValueError(f"add_weighted_adapter: layer '{path}' is a grouped convolution (groups={groups}); the "
+                             "combined LoRA's A kernel reads every input channel, so it cannot hold the grouped "
+                             "updates. Leave the layer out of the adapters you combine")
         out_f, in_f = linear_shape(layer.base_layer)
         if rank > min(out_f, in_f):
             raise ValueError(f"add_weighted_adapter: svd_rank={rank} exceeds min(out, in)={min(out_f, in_f)} of "

@@ -37,6 +37,9 @@ class PeftFormat:
         prepare_export: ``(model, payload, tensors)`` -> None, called by ``export_peft`` to adjust the
             config payload and the adapter tensors (keyed as in ``rankwise.save``) in place, for
             methods whose PEFT file depends on training state (AdaLoRA's rank pattern).
+        refuse_layer: ``(base layer, config)`` -> why PEFT does not compute this layer's adapter as rankwise does
+            (a phrase starting with the layer's offending attributes), or None; ``export_peft`` and ``import_peft``
+            refuse a model with such a layer (e.g. LoRA on a dilated convolution, peft#3697).
     """
 
     peft_type: str
@@ -45,6 +48,7 @@ class PeftFormat:
     from_peft_config: Callable[[dict[str, Any]], dict[str, Any]]
     tensor_names: dict[str, str]
     prepare_export: Callable[[nn.Module, dict[str, Any], dict[str, Tensor]], None] | None = None
+    refuse_layer: Callable[[nn.Module, AdapterConfig], str | None] | None = None
 
 
 @dataclass(frozen=True)

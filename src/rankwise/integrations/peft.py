@@ -15,9 +15,13 @@ or a field rankwise reproduces exactly (the shared ones below, and every field t
 Convolution and embedding layers keep PEFT's tensor names and shapes (``lora_A.weight`` / ``lora_B.weight``
 kernels, ``lora_embedding_A`` / ``lora_embedding_B``), except DoRA's magnitude on a convolution: rankwise keeps
 one vector (C_out) per layer as on every layer, PEFT stores it as (1, C_out, 1, …); the two directions
-reshape it (:func:`_to_peft_layout`). A convolution PEFT 0.21.2 does not adapt as rankwise does is refused both
-ways (:func:`check_peft_reproduces`): with LoRA / DoRA one with dilation ≠ 1 or a padding mode other than zeros
-(its ``lora_A`` drops both, peft#3697), with the methods rankwise runs on convolution patches every one.
+reshape it (:func:`_to_peft_layout`). LoHa and LoKr on Conv1d / Conv2d keep PEFT's names and shapes too (the
+Tucker cores ``hada_t1`` / ``hada_t2`` / ``lokr_t2``, a Conv1d's core as (r, r, k, 1), a full ``lokr_w2`` with the
+kernel's dimensions), so they need no reshaping. A convolution PEFT 0.21.2 does not adapt as rankwise does is refused
+both ways (:func:`check_peft_reproduces`): with LoRA / DoRA one with dilation ≠ 1 or a padding mode other than zeros
+(its ``lora_A`` drops both, peft#3697), with LoHa / LoKr one with a padding mode other than zeros (PEFT convolves
+with ΔW under zero padding) or, for LoKr, a Tucker core on a kernel whose last size is 1 (PEFT raises), with the
+methods rankwise runs on convolution patches every one.
 """
 
 from __future__ import annotations
@@ -56,11 +60,13 @@ def _peft_key_map(model: nn.Module, method: Method, adapter_name: str):
     return to_peft
 
 
-def check_peft_reproduces(layers: dict[str, nn.Module], method: Method, source: object) -> None:
-    """``ValueError`` for a convolution that PEFT 0.21.2 does not adapt as rankwise does: any convolution for a
-    method rankwise runs on convolution patches (PEFT's C3A, MiSS, GraLoRA have no convolution layers), and for
-    LoRA / DoRA one with dilation ≠ 1 or a padding mode other than zeros (PEFT's ``lora_A`` drops both:
-    a shape error at PEFT's forward, or a function different from its merge, peft#3697)."""
+def check_peft_reproduces(layers: dict[str, nn.Module], method: Method, config: Any, source: object) -> None:
+    """``ValueError`` for a layer whose adapter PEFT 0.21.2 does not compute as rankwise does: any convolution for
+    a method rankwise runs on convolution patches (PEFT's C3A, MiSS, GraLoRA have no convolution layers), and
+    what the method's ``refuse_layer`` names: for LoRA / DoRA a convolution with dilation ≠ 1 or a padding mode
+    other than zeros (PEFT's ``lora_A`` drops both, peft#3697), for LoHa / LoKr one with a padding mode other than
+    zeros (PEFT convolves with ΔW under zero padding) and LoKr's Tucker core on a kernel whose last size is 1
+    (PEFT's ``torch.kron`` raises there)."""
     for name, module in layers.items():
         if is_conv_layer(module) and method.adapter_cls.conv_as_patches:
             raise ValueError(
@@ -68,12 +74,11 @@ def check_peft_reproduces(layers: dict[str, nn.Module], method: Method, source: 
                 "convolution layers (rankwise adapts it through its flattened kernel). Use rankwise.save / "
                 "rankwise.load for this model, or leave the layer out of targets"
             )
-        if is_conv_layer(module) and (any(d != 1 for d in module.dilation) or module.padding_mode != "zeros"):
+        reason = None if method.peft.refuse_layer is None else method.peft.refuse_layer(module, config.for_layer(name))
+        if reason is not None:
             raise ValueError(
-                f"{source}: layer '{name}' is a {type(module).__name__} with dilation={module.dilation} and "
-                f"padding_mode={module.padding_mode!r}; PEFT 0.21.2's LoRA drops both from lora_A (peft#3697), so a "
-                "PEFT adapter on it does not compute what rankwise does. Use rankwise.save / rankwise.load for this "
-                "model, or leave the layer out of targets"
+                f"{source}: layer '{name}' is a {type(module).__name__} with {reason}. Use rankwise.save / "
+                "rankwise.load for this model, or leave the layer out of targets"
             )
 
 
@@ -138,7 +143,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     # What import_peft would refuse, PEFT would not reload as this model computes it (e.g. OLoRA on Conv1D).
     method.peft.from_peft_config(payload)
     bases = {name: layer.base_layer for name, layer in layers}
-    check_peft_reproduces(bases, method, "export_peft")
+    check_peft_reproduces(bases, method, config, "export_peft")
     to_peft = _peft_key_map(model, method, active_adapter(model))
     state = adapter_state(model)
     if method.peft.prepare_export is not None:
@@ -262,7 +267,7 @@ def import_peft(
     audit_peft_config(peft_config, method, config, directory)
     modules = layer_modules(base_model)  # an adapted layer as its base layer (a second, named adapter)
     bases = {name: modules[name] for name in find_targets(base_model, config)}
-    check_peft_reproduces(bases, method, directory)
+    check_peft_reproduces(bases, method, config, directory)
     tensors = read_tensors(directory / PEFT_WEIGHTS, "rankwise.import_peft")
     _to_peft_layout(bases, tensors, to_peft=False)
     # The key map reads the adapted layers, which exist only once load_state_into has adapted the
