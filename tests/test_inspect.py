@@ -15,6 +15,7 @@ from rankwise import cli
 from rankwise.compress import save_compressed
 from rankwise.compress.storage import CONFIG_FILE as COMPRESSED_CONFIG
 from rankwise.core.io import CONFIG_FILE, WEIGHTS_FILE, adapter_state
+from rankwise.experiment.budget import count_parameters
 
 
 class Toy(nn.Module):
@@ -57,6 +58,76 @@ def test_every_method_counts_match_the_model(method: str, tmp_path: Path, capsys
     # The closed form (what inspect can compute without the model) equals the live trainable count.
     assert info["totals"]["trainable"] == rankwise.trainable_parameters(model)
     assert info["totals"]["modules_to_save"] == 32 * 3 + 3
+
+
+class Convs(nn.Module):
+    """A 3x3 convolution, a grouped one and a kernel-3 Conv1d: shapes where a flattened (out, in) does not fix the
+    adapter's size (Tucker cores, LoKr's factor split, LoRA's grouped B)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 12, 3, padding=1)
+        self.grouped = nn.Conv2d(12, 16, 3, padding=1, groups=4)
+        self.seq = nn.Conv1d(16, 24, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.seq(self.grouped(self.conv(x)).mean(dim=2))
+
+
+CONV_CASES = {
+    "lora": {"r": 4},
+    "loha": {"r": 2, "use_effective_conv2d": True},
+    "lokr": {"r": 2, "use_effective_conv2d": True, "decompose_both": True},
+    "lokr-flat": {"r": 2},
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONV_CASES))
+def test_convolution_counts_match_the_model(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The saved record keeps each convolution's kernel and groups, so inspect and the budget count (both on
+    weightless stand-ins) equal the adapted model's trainable count."""
+    torch.manual_seed(0)
+    method = case.split("-")[0]
+    targets = ["conv", "grouped", "seq"]
+    config = rankwise.config(method, targets=targets, **CONV_CASES[case])
+    model = rankwise.adapt(Convs(), config)
+    directory = rankwise.save(model, tmp_path / case)
+    layers = json.loads((directory / CONFIG_FILE).read_text())["layers"]
+    assert layers["grouped"] == {"out_features": 16, "in_features": 27, "kernel_size": [3, 3], "groups": 4}
+    assert layers["seq"]["kernel_size"] == [3]
+    info = inspect_json(directory, capsys)
+    live = rankwise.trainable_parameters(model)
+    assert info["totals"]["adapter_trainable"] == info["totals"]["adapter_stored"] == live
+    assert count_parameters(Convs(), config) == live
+
+
+def test_load_refuses_a_convolution_of_another_kernel_with_the_same_flattened_shape(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    directory = rankwise.save(rankwise.adapt(Convs(), rankwise.config("lora", targets=["conv"], r=2)), tmp_path / "a")
+    other = Convs()
+    other.conv = nn.Conv2d(24, 12, (3, 1), padding=(1, 0))  # in_features 24·3 = 72 = 8·3·3 as well
+    with pytest.raises(ValueError, match=r"expects layer 'conv' to be a convolution with \{'kernel_size': \[3, 3\]"):
+        rankwise.load(other, directory)
+    assert not list(rankwise.adapted_layers(other))
+
+
+@pytest.mark.parametrize("layers", [{"conv": 5}, {"conv": {"out_features": "12", "in_features": 72}}, ["conv"]])
+def test_a_malformed_layer_record_is_a_clear_error(layers, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    directory = rankwise.save(rankwise.adapt(Convs(), rankwise.config("lora", targets=["conv"], r=2)), tmp_path / "a")
+    payload = json.loads((directory / CONFIG_FILE).read_text())
+    (directory / CONFIG_FILE).write_text(json.dumps({**payload, "layers": layers}))
+    with pytest.raises(ValueError, match="'layers' must map each layer name"):
+        rankwise.load(Convs(), directory)
+
+
+def test_inspect_refuses_a_kernel_that_does_not_fit_the_shape(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    directory = rankwise.save(rankwise.adapt(Convs(), rankwise.config("lora", targets=["conv"], r=2)), tmp_path / "a")
+    payload = json.loads((directory / CONFIG_FILE).read_text())
+    payload["layers"]["conv"]["kernel_size"] = [5, 5]  # 72 is not a multiple of 25
+    (directory / CONFIG_FILE).write_text(json.dumps(payload))
+    assert cli.main(["inspect", str(directory)]) == 2
 
 
 def test_adapter_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,10 +4,10 @@ PATH is a directory written by ``rankwise.save`` (``adapter_config.json`` + ``ad
 by ``rankwise compress --output`` / ``save_compressed`` (``compress_config.json`` +
 ``compressed.safetensors``). Only the JSON and the safetensors *header* are read (names, shapes,
 dtypes; never the tensor data, never a pickle). Adapters: the method and its config, then each adapted
-layer with its tensors and its stored and closed-form trainable parameter counts, then the modules saved
-in full (the classification head). Compressed models: each factorised layer with its rank, its tensors
-and the parameters it keeps of the dense layer, then the rest of the model in one line (``--all-tensors``
-lists it).
+layer with its tensors, its stored values and its expected trainable parameter count (the method's adapter
+built on a weightless layer of the recorded shape, kernel and groups), then the modules saved in full (the
+classification head). Compressed models: each factorised layer with its rank, its tensors and the parameters
+it keeps of the dense layer, then the rest of the model in one line (``--all-tensors`` lists it).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def format_adapter(info: dict[str, Any]) -> str:
     for layer in info["layers"]:
         shape = f"{layer['out_features']} x {layer['in_features']}"
         rows += _tensor_rows(layer["layer"], layer["tensors"], [shape, f"{layer['stored']:,}", _count(layer["trainable"])])
-    lines += _table(["layer", "tensor", "shape", "dtype", "values", "out x in", "layer values", "trainable (closed form)"],
+    lines += _table(["layer", "tensor", "shape", "dtype", "values", "out x in", "layer values", "trainable (expected)"],
                     rows, right={4, 6, 7})
     if info["modules_to_save"]:
         lines += ["", "saved in full (modules_to_save):"]
@@ -82,7 +82,7 @@ def format_adapter(info: dict[str, Any]) -> str:
     lines += [
         "",
         (f"{totals['layers']} adapted layers: {_count(totals['adapter_stored'])} stored adapter values, "
-         f"{_count(totals['adapter_trainable'])} trainable by the closed form"),
+         f"{_count(totals['adapter_trainable'])} trainable expected from the layer shapes"),
         f"modules saved in full: {_count(totals['modules_to_save'])}",
         (f"total: {_count(totals['trainable'])} trainable parameters, {_count(totals['stored'])} stored values, "
          f"{totals['file_bytes']:,} bytes"),

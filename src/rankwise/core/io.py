@@ -44,7 +44,7 @@ from .inject import (
     unload,
     wrappers,
 )
-from .layer import DEFAULT_ADAPTER, is_adaptable_layer, linear_shape
+from .layer import DEFAULT_ADAPTER, is_adaptable_layer, layer_geometry
 from .multi import add_adapter, delete_adapter
 from .quantised import FLOAT_DTYPES, check_adaptable, is_sharded
 from .rank import ALLOCATOR_FILE, load_allocator, save_allocator
@@ -193,7 +193,7 @@ def save(model: nn.Module, directory: str | os.PathLike[str], adapter_name: str 
 
 def _save_adapter(model: nn.Module, name: str, directory: Path) -> None:
     config = adapter_config(model, name)
-    layers = {path: dict(zip(("out_features", "in_features"), linear_shape(layer.base_layer)))
+    layers = {path: layer_geometry(layer.base_layer)
               for path, layer in wrappers(model) if layer.get_adapter(name) is not None}
     base_name = getattr(getattr(model, "config", None), "_name_or_path", None)
     payload = {
@@ -265,9 +265,16 @@ def _discard(model: nn.Module, name: str, first: bool) -> None:
         delete_adapter(model, name)
 
 
-def check_layers_fit(base_model: nn.Module, layers: dict[str, dict[str, int]], source: Any) -> None:
+def check_layers_fit(base_model: nn.Module, layers: dict[str, dict[str, Any]], source: Any) -> None:
     """Every saved layer exists in ``base_model``, is a float or quantised bitsandbytes layer (``adapt`` then checks
-    that the method supports the latter), and has the same (out, in) shape."""
+    that the method supports the latter), and has the same (out, in) shape and, for a convolution saved with
+    them, the same kernel size and groups (:func:`~rankwise.core.layer.layer_geometry`)."""
+    if not isinstance(layers, dict) or not all(
+        isinstance(shape, dict) and all(type(shape.get(key)) is int for key in ("out_features", "in_features"))
+        for shape in layers.values()
+    ):
+        raise ValueError(f"the adapter config in {source} is malformed: 'layers' must map each layer name to its "
+                         "integer out_features and in_features; re-save the adapter with rankwise.save")
     modules = layer_modules(base_model)
     for name, shape in layers.items():
         module = modules.get(name)
@@ -278,12 +285,18 @@ def check_layers_fit(base_model: nn.Module, layers: dict[str, dict[str, int]], s
                 f"the adapter in {source} was trained on a base model with a layer '{name}', which "
                 f"{type(base_model).__name__} does not have; load it onto the base model it was trained on"
             )
-        have = linear_shape(module)
+        have = layer_geometry(module)
         want = (shape["out_features"], shape["in_features"])
-        if have != want:
+        if (have["out_features"], have["in_features"]) != want:
             raise ValueError(
                 f"the adapter in {source} expects layer '{name}' with (out, in) = {want}, but this base model "
-                f"has {have}; load it onto the base model it was trained on"
+                f"has {(have['out_features'], have['in_features'])}; load it onto the base model it was trained on"
+            )
+        kernel = {key: shape[key] for key in ("kernel_size", "groups") if key in shape}
+        if any(have.get(key) != value for key, value in kernel.items()):
+            raise ValueError(
+                f"the adapter in {source} expects layer '{name}' to be a convolution with {kernel}, but this base "
+                f"model has {({key: have.get(key) for key in kernel})}; load it onto the base model it was trained on"
             )
 
 

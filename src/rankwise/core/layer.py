@@ -32,6 +32,7 @@ kernel back (:func:`stored_weight`).
 from __future__ import annotations
 
 import copy
+import math
 import sys
 from typing import Any, ClassVar
 
@@ -104,6 +105,41 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     if _stored_transposed(module):
         return weight.shape[1], weight.shape[0]
     return weight.shape[0], weight[0].numel()
+
+
+def layer_geometry(module: nn.Module) -> dict[str, Any]:
+    """What a saved adapter records of its base layer: ``out_features`` and ``in_features`` (:func:`linear_shape`)
+    and, for a convolution, ``kernel_size`` and ``groups``, on which an adapter's size can depend (LoHa / LoKr
+    Tucker cores, LoKr's factor split, LoRA's grouped B)."""
+    out_features, in_features = linear_shape(module)
+    record: dict[str, Any] = {"out_features": out_features, "in_features": in_features}
+    if is_conv_layer(module):
+        record.update(kernel_size=list(module.kernel_size), groups=module.groups)
+    return record
+
+
+_CONV_BY_DIMS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+def meta_stand_in(record: dict[str, Any]) -> nn.Module:
+    """A layer on the meta device (no memory, no values) with the geometry of ``record`` (:func:`layer_geometry`):
+    an ``nn.Linear``, or the ``nn.Conv1d/2d/3d`` when it has a kernel. Adapters built on it have the real
+    layer's parameter shapes, so counting their parameters needs neither the model nor its weights."""
+    out_features, in_features = record["out_features"], record["in_features"]
+    kernel = record.get("kernel_size")
+    if kernel is None:
+        return nn.Linear(in_features, out_features, device="meta")
+    groups = record.get("groups", 1)
+    if not (isinstance(kernel, list) and len(kernel) in _CONV_BY_DIMS and _positive_ints(*kernel, groups)
+            and in_features % math.prod(kernel) == 0 and out_features % groups == 0):
+        raise ValueError(f"layer record {record} is not a convolution's: kernel_size must be 1 to 3 positive "
+                         "integers dividing in_features, and groups a positive integer dividing out_features")
+    channels = in_features // math.prod(kernel) * groups
+    return _CONV_BY_DIMS[len(kernel)](channels, out_features, tuple(kernel), groups=groups, device="meta")
+
+
+def _positive_ints(*values: Any) -> bool:
+    return all(type(value) is int and value > 0 for value in values)
 
 
 def weight_matrix(module: nn.Module) -> Tensor:

@@ -27,7 +27,8 @@ of increasing parameter count, and the options one value sets. Per layer of shap
     Toeplitz, LDR                         layer tiled with g×g blocks (rectangular="tile")
 
 Counting: for each candidate value the method's adapter is built on a weightless (``meta``) stand-in of
-every target layer's shape, so the count is the adapter's own parameter count and a value that does not
+every target layer's geometry (:func:`~rankwise.core.layer.meta_stand_in`: its shape, and a convolution's kernel
+and groups), so the count is the adapter's own parameter count and a value that does not
 fit a layer (LoRA's r > min(m, n), a block size that does not divide a width) is refused by the adapter's
 own check. An adapter that needs the weight's values at construction (DoRA's norms, LoLDU's LU) is counted
 with its closed form ``expected_num_params``; :func:`adapted_count` adapts a copy of the real model and is
@@ -62,7 +63,7 @@ from torch import nn
 
 from ..core.config import AdapterConfig
 from ..core.inject import adapt, find_targets, trainable_parameters
-from ..core.layer import linear_shape
+from ..core.layer import Adapter, layer_geometry, linear_shape, meta_stand_in
 from ..core.registry import config as make_config
 from ..core.registry import get_method, methods, option_names
 
@@ -205,15 +206,17 @@ class Match:
 
 @dataclass
 class _Layers:
-    """The target layers of one config: names and (out, in) shapes."""
+    """The target layers of one config: names, (out, in) shapes and weightless stand-ins."""
 
     names: list[str]
     shapes: list[tuple[int, int]]
+    stand_ins: list[nn.Module]
 
 
 def _layers(model: nn.Module, config: AdapterConfig) -> _Layers:
     names = find_targets(model, config)
-    return _Layers(names, [linear_shape(model.get_submodule(name)) for name in names])
+    modules = [model.get_submodule(name) for name in names]
+    return _Layers(names, [linear_shape(m) for m in modules], [meta_stand_in(layer_geometry(m)) for m in modules])
 
 
 class _Unfit(Exception):
@@ -226,28 +229,32 @@ def count_parameters(model: nn.Module, config: AdapterConfig) -> int:
     Raises the adapter's ``ValueError`` when the config does not fit a target layer.
     """
     try:
-        return _count(model, config, _layers(model, config))
+        return _count(config, _layers(model, config))
     except _Unfit as unfit:
         raise ValueError(str(unfit)) from None
 
 
-def _count(model: nn.Module, config: AdapterConfig, layers: _Layers) -> int:
+def layer_parameters(adapter_cls: type[Adapter], stand_in: nn.Module, config: AdapterConfig, name: str = "") -> int:
+    """Trainable parameters of ``adapter_cls`` with ``config`` on one layer, built on its weightless ``stand_in``
+    (:func:`~rankwise.core.layer.meta_stand_in`); the class's closed form ``expected_num_params`` where the adapter
+    reads the weight's values at construction, which a meta tensor does not have. Raises the adapter's
+    ``ValueError`` when the config does not fit the layer."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            adapter = adapter_cls(stand_in, config, name)
+    except (RuntimeError, NotImplementedError):
+        return adapter_cls.expected_num_params(*linear_shape(stand_in), config)
+    return sum(p.numel() for p in adapter.parameters() if p.requires_grad)
+
+
+def _count(config: AdapterConfig, layers: _Layers) -> int:
     adapter_cls = get_method(config.method).adapter_cls
-    total = 0
-    for name, (out_features, in_features) in zip(layers.names, layers.shapes):
-        stand_in = nn.Linear(in_features, out_features, device="meta")
-        layer_config = config.for_layer(name)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                adapter = adapter_cls(stand_in, layer_config, name)
-        except ValueError as error:
-            raise _Unfit(str(error)) from None
-        except (RuntimeError, NotImplementedError):  # the adapter reads the weight's values: use its closed form
-            total += adapter_cls.expected_num_params(out_features, in_features, layer_config)
-            continue
-        total += sum(p.numel() for p in adapter.parameters() if p.requires_grad)
-    return total
+    try:
+        return sum(layer_parameters(adapter_cls, stand_in, config.for_layer(name), name)
+                   for name, stand_in in zip(layers.names, layers.stand_ins))
+    except ValueError as error:
+        raise _Unfit(str(error)) from None
 
 
 def adapted_count(model: nn.Module, config: AdapterConfig) -> int:
@@ -337,7 +344,7 @@ def _match(model: nn.Module, method: str, target: int, targets: Any, given: Opti
 
     def count_at(index: int) -> int | None:
         try:
-            return _count(model, _build(method, targets, {**base, **knob.options(values[index], base)}), layers)
+            return _count(_build(method, targets, {**base, **knob.options(values[index], base)}), layers)
         except (_Unfit, ValueError):
             return None
 
@@ -374,5 +381,5 @@ def _own_budget(model: nn.Module, method: str, target: int, targets: Any, base: 
     return Match(method, base, count, count / target, None, reason)
 
 
-__all__ = ["TOLERANCE", "Match", "SizeKnob", "adapted_count", "count_parameters", "match_budget", "parse_reference",
-           "reference_count", "register_size_knob", "size_knob"]
+__all__ = ["TOLERANCE", "Match", "SizeKnob", "adapted_count", "count_parameters", "layer_parameters", "match_budget",
+           "parse_reference", "reference_count", "register_size_knob", "size_knob"]

@@ -12,7 +12,9 @@ from typing import Any
 
 from ..compress import storage
 from ..core import io
+from ..core.layer import meta_stand_in
 from ..core.registry import get_method
+from .budget import layer_parameters
 
 KINDS = {"adapter": (io.CONFIG_FILE, io.WEIGHTS_FILE, io.FORMAT),
          "compressed": (storage.CONFIG_FILE, storage.WEIGHTS_FILE, storage.FORMAT)}
@@ -116,8 +118,12 @@ def describe_adapter(directory: Path) -> dict[str, Any]:
         claimed.update(prefix + key for key in own)
         out_features, in_features = shape["out_features"], shape["in_features"]
         try:
-            closed = method.adapter_cls.expected_num_params(out_features, in_features, config.for_layer(name))
-        except NotImplementedError:
+            stand_in = meta_stand_in(shape)
+        except ValueError as error:
+            raise _malformed(config_path, str(error)) from None
+        try:
+            closed = layer_parameters(method.adapter_cls, stand_in, config.for_layer(name), name)
+        except (ValueError, NotImplementedError):
             closed = None
         rows.append({"layer": name, "out_features": out_features, "in_features": in_features,
                      "tensors": _tensor_list(own), "stored": sum(t.numel for t in own.values()), "trainable": closed})
