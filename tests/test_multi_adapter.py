@@ -274,6 +274,34 @@ def test_mixed_batch_runs_any_method_and_carries_gradients():
     torch.testing.assert_close(mixed[2:3], model(x[2:3]), **TOL)
 
 
+@pytest.mark.parametrize("names", [["default", "__base__", "__base__", "default"], ["__base__"] * 4, ["default"] * 4])
+def test_mixed_batch_runs_base_examples_through_the_original_saved_module_as_peft(names):
+    """With modules_to_save, a "__base__" example runs the original module (the base model), the others the trained
+    copy, as PEFT's mixed-batch forward; gradients reach the trained copy only through its own examples."""
+    base = base_net()
+    # modules_to_save "proj" (PEFT matches name endings without a dot boundary: "out" would also hit "lora_dropout")
+    config = LoraConfig(r=4, lora_alpha=6, target_modules=["out"], init_lora_weights=False, modules_to_save=["proj"])
+    theirs = get_peft_model(copy.deepcopy(base), config).eval()
+    ours = rankwise.adapt(copy.deepcopy(base), rankwise.LoRAConfig(r=4, alpha=6, targets=["out"], init_weights=False,
+                                                                   modules_to_save=["proj"])).eval()
+    copy_tensors(theirs, ours, ["default"])
+    with torch.no_grad():
+        theirs.base_model.model.proj.modules_to_save["default"].weight.add_(0.5)
+        ours.proj.trained_module.weight.add_(0.5)
+    x = inputs(4)
+    with rankwise.adapter_per_example(ours, names):
+        mixed = ours(x)
+    torch.testing.assert_close(mixed, theirs(x, adapter_names=names), **TOL)
+    for i, name in enumerate(names):
+        expected = base(x[i:i + 1]) if name == "__base__" else ours(x[i:i + 1])
+        torch.testing.assert_close(mixed[i:i + 1], expected, **TOL)
+    assert mixed.requires_grad == ("default" in names)  # all "__base__": the base model alone, nothing to train
+    if mixed.requires_grad:
+        mixed.square().sum().backward()
+        assert ours.proj.trained_module.weight.grad.abs().sum() > 0
+    assert ours.proj.example_adapters is None  # the block restores the saved module too
+
+
 def test_gpt2_conv1d_mixed_batch_and_svd_combination_match_peft():
     """A transformers model (GPT-2's Conv1D layers, stored transposed): PEFT's ``adapter_names`` forward and its
     SVD combination, which transposes the fan_in_fan_out update."""

@@ -567,6 +567,8 @@ class SavedModule(nn.Module):
         self.original_module = original
         self.trained_module = copy.deepcopy(original).requires_grad_(True)
         self.disabled = False
+        #: One adapter name per example (``rankwise.adapter_per_example``), or None: see :meth:`forward`.
+        self.example_adapters: list[str] | None = None
 
     @property
     def active_module(self) -> nn.Module:
@@ -574,7 +576,37 @@ class SavedModule(nn.Module):
         return self.original_module if self.disabled else self.trained_module
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.active_module(*args, **kwargs)
+        """The trained copy's output (the original's while disabled). Under ``rankwise.adapter_per_example``, as
+        PEFT's mixed-batch forward: the examples named ``"__base__"`` run through the original module and the
+        others (the model's only adapter, which owns the copy) through the trained copy, each group as one
+        sub-batch of the first argument (dimension 0); other arguments are passed to both whole."""
+        if self.example_adapters is None or self.disabled or not args:
+            return self.active_module(*args, **kwargs)
+        return self._per_example_forward(self.example_adapters, *args, **kwargs)
+
+    def _per_example_forward(self, names: list[str], x: Any, *args: Any, **kwargs: Any) -> Tensor:
+        if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[0] != len(names):
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(
+                f"a modules_to_save module ({type(self.original_module).__name__}) got input {shape}, but "
+                f"rankwise.adapter_per_example named {len(names)} adapters; its first argument must be a batch "
+                "with one example per name (dimension 0)"
+            )
+        base = [i for i, name in enumerate(names) if name == BASE_ADAPTER]
+        if len(base) in (0, len(names)):
+            return (self.original_module if base else self.trained_module)(x, *args, **kwargs)
+        trained = [i for i, name in enumerate(names) if name != BASE_ADAPTER]
+        base_rows = torch.tensor(base, device=x.device)
+        trained_rows = torch.tensor(trained, device=x.device)
+        base_out = self.original_module(x[base_rows], *args, **kwargs)
+        trained_out = self.trained_module(x[trained_rows], *args, **kwargs)
+        if not isinstance(base_out, Tensor):
+            raise ValueError(f"adapter_per_example: a modules_to_save module ({type(self.original_module).__name__}) "
+                             f"returned a {type(base_out).__name__}; per-example outputs are joined as tensors only")
+        out = base_out.new_empty((len(names), *base_out.shape[1:]))
+        out[base_rows] = base_out
+        out[trained_rows] = trained_out.to(out.dtype)
+        return out
 
     def __getattr__(self, name: str) -> Any:
         try:

@@ -187,8 +187,8 @@ def adapter_per_example(model: nn.Module, names: Sequence[str]) -> Iterator[nn.M
     """Inside the block, example ``i`` of every batch runs with adapter ``names[i]`` (PEFT's ``adapter_names``
     forward argument): one forward for a batch whose examples need different adapters.
 
-    ``"__base__"`` runs an example on the base model; a layer that does not hold an example's adapter
-    computes the base for it. Each group of examples that shares an adapter runs as one sub-batch through
+    ``"__base__"`` runs an example on the base model (``modules_to_save`` modules included: their original,
+    not the trained copy, as PEFT does); a layer that does not hold an example's adapter computes the base for it. Each group of examples that shares an adapter runs as one sub-batch through
     that adapter's own forward, so the result equals running each example alone with its adapter active
     (any method; dropout aside). The batch is dimension 0 of every adapted layer's input, so ``len(names)``
     must be the batch size. Refused while an adapter is merged. A context manager rather than a forward
@@ -202,7 +202,7 @@ def adapter_per_example(model: nn.Module, names: Sequence[str]) -> Iterator[nn.M
     if _merged_layers(model):
         raise ValueError(f"adapter_per_example: adapter {active_adapter(model)!r} is merged into the base weights, "
                          "so the examples cannot use other adapters; rankwise.unmerge(model) first")
-    layers = [layer for _, layer in wrappers(model)]
+    layers = [layer for _, layer in wrappers(model)] + [module for _, module in saved_modules(model)]
     before = [layer.example_adapters for layer in layers]
     try:
         for layer in layers:
