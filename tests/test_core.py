@@ -319,3 +319,22 @@ def test_in_place_output_add_never_touches_a_callers_tensor(method):
     assert torch.equal(base_out, kept)  # a direct caller's tensor is left alone
     assert not torch.allclose(direct, kept)
     torch.testing.assert_close(layer(x), direct)  # the wrapper's in-place path gives the same output
+
+
+def test_safe_merge_checks_every_layer_before_merging_any():
+    """merge(safe=True) with a non-finite update in the last layer only: it refuses naming that layer, and no
+    layer is merged (the earlier layers' finite merges are not written first)."""
+    torch.manual_seed(0)
+    model = rankwise.adapt(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)),
+                           rankwise.LoRAConfig(r=2, init_weights=False, targets=["0", "1", "2"]))
+    with torch.no_grad():
+        model[2].adapter.lora_B.weight[0, 0] = float("inf")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="layer '2' gives non-finite weights"):
+        rankwise.merge(model, safe=True)
+    assert not any(layer.merged for _, layer in rankwise.adapted_layers(model))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    with torch.no_grad():
+        model[2].adapter.lora_B.weight[0, 0] = 0.0
+    rankwise.merge(model, safe=True)
+    assert all(layer.merged for _, layer in rankwise.adapted_layers(model))

@@ -328,12 +328,21 @@ def _modules_to_save(model: nn.Module, config: AdapterConfig) -> list[str]:
     return [n for n in found if not any(n.startswith(outer + ".") for outer in found)]
 
 
-def merge(model: nn.Module, safe: bool = False) -> nn.Module:
-    """Fold the active adapter into its base weights (idempotent). An adapter that cannot be merged (LoRA on a
-    grouped convolution) raises ``ValueError`` before any layer is merged."""
+def check_merge(model: nn.Module, safe: bool = False) -> None:
+    """``ValueError`` if merging the active adapter would refuse in some layer; nothing changes.
+
+    Runs :meth:`AdaptedLayer.check_merge` on every layer (an adapter with no merged form, such as LoRA on a
+    grouped convolution; a bias update on a layer without bias; with ``safe``, a non-finite merged weight), so
+    :func:`merge` and ``unload(merge=True)`` refuse before the first layer is written rather than after some.
+    """
     for _, layer in adapted_layers(model):
-        if layer.adapter is not None and not layer.merged:
-            layer.adapter.check_mergeable()
+        layer.check_merge(safe=safe)
+
+
+def merge(model: nn.Module, safe: bool = False) -> nn.Module:
+    """Fold the active adapter into its base weights (idempotent). Any refusal (:func:`check_merge`: an adapter
+    that cannot be merged, a non-finite result with ``safe``) raises ``ValueError`` before any layer is merged."""
+    check_merge(model, safe=safe)
     for _, layer in adapted_layers(model):
         layer.merge(safe=safe)
     return model
@@ -355,10 +364,8 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     ``unload(merge=False)`` means "discard what was trained".)
     """
     found: list[tuple[str, AdaptedLayer | SavedModule]] = [*wrappers(model), *saved_modules(model)]
-    if merge:  # an adapter that cannot be merged refuses before any layer is unloaded
-        for _, layer in adapted_layers(model):
-            if layer.adapter is not None and not layer.merged:
-                layer.adapter.check_mergeable()
+    if merge:  # a layer that cannot be merged refuses before any layer is unloaded
+        check_merge(model)
     for name, wrapper in found:
         _set_child(model, name, wrapper.unload(merge=merge))
     flags: dict[str, bool] = getattr(model, _FLAGS_ATTR, {})
