@@ -339,6 +339,16 @@ def check_merge(model: nn.Module, safe: bool = False) -> None:
         layer.check_merge(safe=safe)
 
 
+def check_unmerge(model: nn.Module) -> None:
+    """``ValueError`` if some merged layer cannot be unmerged (MiSS "bat" with a singular I + D_i); nothing changes.
+
+    Runs :meth:`AdaptedLayer.check_unmerge` on every layer, so :func:`unmerge`, ``unload(merge=False)`` and
+    ``set_adapter`` refuse before the first layer is unmerged or unwrapped rather than after some.
+    """
+    for _, layer in wrappers(model):
+        layer.check_unmerge()
+
+
 def merge(model: nn.Module, safe: bool = False) -> nn.Module:
     """Fold the active adapter into its base weights (idempotent). Any refusal (:func:`check_merge`: an adapter
     that cannot be merged, a non-finite result with ``safe``) raises ``ValueError`` before any layer is merged."""
@@ -349,7 +359,8 @@ def merge(model: nn.Module, safe: bool = False) -> nn.Module:
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Undo :func:`merge` (idempotent)."""
+    """Undo :func:`merge` (idempotent). A layer that cannot be unmerged refuses before any is (:func:`check_unmerge`)."""
+    check_unmerge(model)
     for _, layer in wrappers(model):
         layer.unmerge()
     return model
@@ -364,8 +375,10 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     ``unload(merge=False)`` means "discard what was trained".)
     """
     found: list[tuple[str, AdaptedLayer | SavedModule]] = [*wrappers(model), *saved_modules(model)]
-    if merge:  # a layer that cannot be merged refuses before any layer is unloaded
+    if merge:  # a layer that cannot be merged (or unmerged) refuses before any layer is unloaded
         check_merge(model)
+    else:
+        check_unmerge(model)
     for name, wrapper in found:
         _set_child(model, name, wrapper.unload(merge=merge))
     flags: dict[str, bool] = getattr(model, _FLAGS_ATTR, {})
@@ -384,6 +397,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     layers = [layer for _, layer in wrappers(model)]
     saved = [module for _, module in saved_modules(model)]
     merged = [layer.merged for layer in layers]
+    check_unmerge(model)  # before any layer is unmerged
     try:
         for layer in layers:
             layer.unmerge()

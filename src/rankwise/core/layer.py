@@ -308,6 +308,13 @@ class Adapter(nn.Module):
         asks every layer first (:meth:`AdaptedLayer.check_merge`, which also checks the bias), so a model is merged
         whole or not at all. The default accepts."""
 
+    def check_unmergeable(self, dtype: torch.dtype) -> None:
+        """Raise ``ValueError`` (via :meth:`fail`) when this merged update cannot be taken back out of a base weight
+        whose merge arithmetic runs in ``dtype`` (:func:`merge_dtype`). ``rankwise.unmerge``, ``unload(merge=False)``
+        and ``set_adapter`` ask every merged layer first (:meth:`AdaptedLayer.check_unmerge`), so a model is
+        unmerged whole or not at all. The default accepts: an additive update is subtracted, which always works;
+        MiSS "bat" overrides it (its unmerge solves a system that may be singular)."""
+
     def delta_bias(self) -> Tensor | None:
         """Update of the bias on merge, or None when the method leaves the bias alone."""
         return None
@@ -539,6 +546,13 @@ class AdaptedLayer(nn.Module):
         self.check_merge()
         self._write_weights(self.adapter.merged_weight, sign=1, safe=safe)
         self.merged = True
+
+    def check_unmerge(self) -> None:
+        """Raise ``ValueError`` if :meth:`unmerge` would refuse (:meth:`Adapter.check_unmergeable`); change nothing.
+        A quantised base is never refused: its unmerge puts the kept pre-merge weight back."""
+        if not self.merged or bnb_kind(self.base_layer) is not None:
+            return
+        self.adapter.check_unmergeable(merge_dtype(weight_matrix(self.base_layer).dtype))
 
     @torch.no_grad()
     def unmerge(self) -> None:

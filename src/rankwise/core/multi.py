@@ -43,6 +43,7 @@ from .inject import (
     _set_child,
     active_adapter,
     adapter_configs,
+    check_unmerge,
     inject,
     is_adapted,
     saved_modules,
@@ -140,6 +141,7 @@ def set_adapter(model: nn.Module, name: str) -> nn.Module:
     if old == name:
         return model
     if _merged_layers(model):
+        check_unmerge(model)  # a layer that cannot be unmerged refuses before any is
         warnings.warn(f"adapter {old!r} is merged; unmerging it before switching to {name!r}", stacklevel=2)
         for _, layer in wrappers(model):
             layer.unmerge()
