@@ -338,3 +338,5 @@ def test_safe_merge_checks_every_layer_before_merging_any():
         model[2].adapter.lora_B.weight[0, 0] = 0.0
     rankwise.merge(model, safe=True)
     assert all(layer.merged for _, layer in rankwise.adapted_layers(model))
+    embedding = rankwise.adapt(nn.Sequential(nn.Embedding(10, 4)), rankwise.LoRAConfig(r=2, targets=["0"]))
+    assert rankwise.merge(embedding, safe=True)[0].merged  # no bias to check

@@ -529,8 +529,8 @@ class AdaptedLayer(nn.Module):
 
     def _check_finite(self, new_weight: Tensor, delta_bias: Tensor | None) -> None:
         """``ValueError`` unless the merged weight and the merged bias (base bias + Δb) are finite."""
-        bias = self.base_layer.bias
-        new_bias = None if delta_bias is None else bias + delta_bias.to(bias.dtype)
+        bias = getattr(self.base_layer, "bias", None)  # nn.Embedding has none (and no bias update)
+        new_bias = None if delta_bias is None or bias is None else bias + delta_bias.to(bias.dtype)
         if not torch.isfinite(new_weight).all() or (new_bias is not None and not torch.isfinite(new_bias).all()):
             raise ValueError(
                 f"merging {type(self.adapter).__name__} into layer '{self.adapter.layer_name}' gives non-finite "
