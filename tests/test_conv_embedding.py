@@ -508,6 +508,21 @@ def test_to_lora_and_weighted_combinations_on_convolutions_and_embeddings(varian
 
 
 @pytest.mark.parametrize("combination", ["cat", "linear"])
+def test_weighted_combination_on_a_grouped_convolution_refuses_before_adding(combination):
+    """A grouped convolution's LoRA factors are no matrices to join: 'cat' / 'linear' refuse naming the layer before
+    the new adapter exists (no half-built 'mix' with its fresh init left behind), and the model is unchanged."""
+    torch.manual_seed(0)
+    ours = rankwise.adapt(Net(groups=2), rankwise.LoRAConfig(r=2, init_weights=False, targets=["seq", "img"]))
+    rankwise.add_adapter(ours, "other", rankwise.LoRAConfig(r=2, init_weights=False, targets=["seq", "img"]))
+    before = copy.deepcopy(ours.state_dict())
+    with pytest.raises(ValueError, match=r"layer 'img'.* grouped convolution \(groups=2\)"):
+        rankwise.add_weighted_adapter(ours, ["default", "other"], [0.5, 0.5], "mix", combination=combination)
+    assert rankwise.adapter_names(ours) == ["default", "other"]
+    after = ours.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("combination", ["cat", "linear"])
 def test_weighted_combination_matches_peft(combination):
     """PEFT's add_weighted_adapter on the same two adapters (its 'svd' fails on this model in PEFT 0.21.2)."""
     _, theirs, ours = pair("lora")

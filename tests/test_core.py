@@ -319,3 +319,87 @@ def test_in_place_output_add_never_touches_a_callers_tensor(method):
     assert torch.equal(base_out, kept)  # a direct caller's tensor is left alone
     assert not torch.allclose(direct, kept)
     torch.testing.assert_close(layer(x), direct)  # the wrapper's in-place path gives the same output
+
+
+def test_safe_merge_checks_every_layer_before_merging_any():
+    """merge(safe=True) with a non-finite update in the last layer only: it refuses naming that layer, and no
+    layer is merged (the earlier layers' finite merges are not written first)."""
+    torch.manual_seed(0)
+    model = rankwise.adapt(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)),
+                           rankwise.LoRAConfig(r=2, init_weights=False, targets=["0", "1", "2"]))
+    with torch.no_grad():
+        model[2].adapter.lora_B.weight[0, 0] = float("inf")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="layer '2' gives non-finite weights"):
+        rankwise.merge(model, safe=True)
+    assert not any(layer.merged for _, layer in rankwise.adapted_layers(model))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    with torch.no_grad():
+        model[2].adapter.lora_B.weight[0, 0] = 0.0
+    rankwise.merge(model, safe=True)
+    assert all(layer.merged for _, layer in rankwise.adapted_layers(model))
+    embedding = rankwise.adapt(nn.Sequential(nn.Embedding(10, 4)), rankwise.LoRAConfig(r=2, targets=["0"]))
+    assert rankwise.merge(embedding, safe=True)[0].merged  # no bias to check
+
+
+def assert_state_equal(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize(("target", "other"), [("wte", "lm_head"), ("lm_head", "transformer.wte")])
+def test_merging_a_tied_weight_refuses_naming_what_shares_it(target, other):
+    """GPT-2 ties lm_head.weight to the input embeddings. Unmerged, a LoRA on one of them changes that use only;
+    merged, it would be written into the shared tensor and change both (PEFT merges anyway). merge and
+    unload(merge=True) refuse, naming the other parameter and the fix, and change nothing; untied as the message
+    says, the merge is exact."""
+    torch.manual_seed(0)
+    gpt = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2, n_positions=8)).eval()
+    assert gpt.lm_head.weight is gpt.transformer.wte.weight
+    model = rankwise.adapt(gpt, rankwise.LoRAConfig(r=2, init_weights=False, targets=[target]))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.normal_(0, 0.3)
+    ids = torch.randint(0, 40, (2, 5))
+    adapted = model(ids).logits.detach()
+    before = copy.deepcopy(model.state_dict())
+    untie = rf"model\.{other}\.weight = nn\.Parameter\(model\.{other}\.weight\.detach\(\)\.clone\(\)\)"
+    for verb in (rankwise.merge, lambda m: rankwise.unload(m, merge=True)):
+        with pytest.raises(ValueError, match=rf"layer '.*{target}'.* shares its weight tensor with \['{other}\.weight'\]"
+                                             rf".*Keep the adapter unmerged, or untie.*{untie}"):
+            verb(model)
+        assert rankwise.core.inject.is_adapted(model) and not any(layer.merged for _, layer in rankwise.adapted_layers(model))
+        assert_state_equal(model, before)
+    tied = model.get_submodule(other)
+    tied.weight = nn.Parameter(tied.weight.detach().clone())
+    plain = rankwise.unload(model, merge=True)
+    torch.testing.assert_close(plain(ids).logits, adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_merging_a_module_used_under_two_names_refuses():
+    """One nn.Linear reachable as 'enc' and 'dec': the adapter wraps 'enc' only, so merging into the shared weight
+    would change 'dec' too. Refused naming the other module; a copy of it makes the merge exact."""
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc = nn.Linear(8, 8)
+            self.dec = self.enc
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.dec(torch.tanh(self.enc(x)))
+
+    torch.manual_seed(0)
+    model = rankwise.adapt(Twice(), rankwise.LoRAConfig(r=2, init_weights=False, targets=["enc"]))
+    with torch.no_grad():
+        model.enc.adapter.lora_B.weight.normal_()
+    x = torch.randn(3, 8)
+    adapted = model(x).detach()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"layer 'enc'.* is the same module as \['dec'\].*model\.dec = copy\.deepcopy"):
+        rankwise.merge(model)
+    assert not model.enc.merged
+    assert_state_equal(model, before)
+    model.dec = copy.deepcopy(model.dec)
+    torch.testing.assert_close(rankwise.merge(model)(x), adapted, atol=1e-6, rtol=1e-6)

@@ -15,6 +15,7 @@ peft = pytest.importorskip("peft")
 from peft import LoraConfig, get_peft_model
 
 import rankwise
+from rankwise.core.layer import AdaptedLayer
 
 TOL = {"atol": 1e-6, "rtol": 1e-6}
 R, ALPHA = 4, 6.0  # s = 1.5: an unscaled bias cannot pass for a scaled one
@@ -120,3 +121,25 @@ def test_lora_bias_needs_the_default_init_like_peft(init):
         LoraConfig(r=2, target_modules=["0"], lora_bias=True, init_lora_weights=init)
     with pytest.raises(ValueError, match=f"lora_bias=True works with init_weights=True or False only.*{init}"):
         rankwise.LoRAConfig(r=2, lora_bias=True, init_weights=init)
+
+
+@pytest.mark.parametrize("verb", ["merge", "unload"])
+def test_bias_update_on_a_bias_less_layer_refuses_before_any_layer_merges(verb):
+    """lora_bias=True on a model whose *last* target has no bias: merge / unload(merge=True) refuse naming that
+    layer before the first layer is written or unwrapped, so the model is unchanged, still adapted, and
+    unload(merge=False) afterwards gives the base model back exactly."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 8, bias=False))
+    ours = rankwise.adapt(copy.deepcopy(base), rankwise.LoRAConfig(r=R, alpha=ALPHA, lora_bias=True, init_weights=False,
+                                                                     targets=["0", "2"]))
+    with torch.no_grad():
+        for _, layer in rankwise.adapted_layers(ours):
+            layer.adapter.lora_B.bias.normal_()
+    before = copy.deepcopy(ours.state_dict())
+    with pytest.raises(ValueError, match=r"layer '2' \(out_features=8, in_features=24\) has a bias update.*no bias"):
+        rankwise.merge(ours) if verb == "merge" else rankwise.unload(ours, merge=True)
+    assert all(isinstance(ours[i], AdaptedLayer) and not ours[i].merged for i in (0, 2))
+    after = ours.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(rankwise.unload(ours, merge=False)(x), base(x), atol=0, rtol=0)

@@ -234,3 +234,29 @@ def test_conv1d_layer_equals_the_same_linear_layer(kwargs):
         conv_model[0].adapter.miss_block.copy_(0.1 * block)
         x = x_in()
         torch.testing.assert_close(conv_model(x), lin_model(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("verb", ["unmerge", "unload", "set_adapter", "disable_adapters"])
+def test_bat_unmerge_refusal_in_the_last_layer_leaves_every_layer_merged(verb):
+    """A merged bat model whose *last* layer cannot be unmerged (I + D_0 = 0): unmerge, unload(merge=False),
+    set_adapter (which unmerges first) and disable_adapters refuse before the first layer is unmerged or
+    unwrapped, so the earlier layer stays merged with its weight bit for bit and the model stays adapted."""
+    _, ours = pair({"r": 8, "init_weights": "bat"})
+    rankwise.add_adapter(ours, "other", rankwise.LoRAConfig(r=2, targets=["up"]))
+    with torch.no_grad():
+        ours.down.adapter.miss_block[0] = -torch.eye(8)
+    rankwise.merge(ours)
+    before = copy.deepcopy(ours.state_dict())
+    with pytest.raises(ValueError, match=r"'down' \(out_features=16, in_features=48, r=8\): I \+ D_0 .*singular"):
+        if verb == "unmerge":
+            rankwise.unmerge(ours)
+        elif verb == "unload":
+            rankwise.unload(ours, merge=False)
+        elif verb == "set_adapter":
+            rankwise.set_adapter(ours, "other")
+        else:
+            with rankwise.disable_adapters(ours):
+                pass
+    assert ours.up.merged and ours.down.merged and rankwise.active_adapter(ours) == "default"
+    after = ours.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())

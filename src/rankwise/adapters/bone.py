@@ -30,7 +30,8 @@ weights, adapter files both ways), plus the index formula for the default ΔW. M
 of default and mini add and subtract ΔW: exact up to float rounding. Bat merge writes W' (it never
 refuses, except ``safe=True`` on non-finite results); bat unmerge solves X (I + D_i) = W'_ij − D_i
 per output block (PEFT multiplies by a float32 inverse instead). It refuses with a ValueError,
-leaving the merged weight untouched, exactly when some I + D_i has 2-norm condition number
+leaving the merged weights untouched (every merged layer is checked before any is unmerged:
+``check_unmergeable``), exactly when some I + D_i has 2-norm condition number
 ≥ 1/ε (ε: machine epsilon of the merge dtype, float32 for half-precision bases), i.e. is
 singular to working precision (this includes an exactly singular or non-finite I + D_i);
 otherwise it recovers W up to a relative error of order cond(I + D_i)·ε.
@@ -192,22 +193,35 @@ class MissAdapter(Adapter):
             return self.bat_weight(weight)
         return super().merged_weight(weight)
 
-    def unmerged_weight(self, weight: Tensor) -> Tensor:
-        if self.variant != "bat":
-            return super().unmerged_weight(weight)
-        block = self.miss_block.to(weight.dtype)
-        system = torch.eye(self.r, dtype=weight.dtype, device=weight.device) + block
+    def _unmerge_system(self, dtype: torch.dtype) -> Tensor:
+        """The (m/r, r, r) matrices I + D_i in ``dtype`` that bat's unmerge solves with; ``ValueError`` when one is
+        singular to working precision (2-norm condition number ≥ 1/ε of ``dtype``), as unmerging then fails."""
+        block = self.miss_block.detach().to(dtype)
+        system = torch.eye(self.r, dtype=dtype, device=block.device) + block
         condition = torch.linalg.cond(system)  # 2-norm; inf (or NaN) for a singular (or non-finite) I + D_i
-        limit = 1.0 / torch.finfo(weight.dtype).eps
+        limit = 1.0 / torch.finfo(dtype).eps
         if not bool((condition < limit).all()):
             worst = int(torch.nan_to_num(condition, nan=torch.inf).argmax())
             raise ValueError(
                 f"bat layer '{self.layer_name}' (out_features={self.out_features}, in_features={self.in_features}, "
                 f"r={self.r}): I + D_{worst} has condition number {condition[worst].item():.3g} >= 1/eps = {limit:.3g} "
-                f"({weight.dtype}), i.e. it is singular to working precision, so the merged weight cannot be "
+                f"({dtype}), i.e. it is singular to working precision, so the merged weight cannot be "
                 "unmerged (the merge lost information); the weight is left merged and unchanged. Reload the "
                 "original base weights to undo it."
             )
+        return system
+
+    def check_unmergeable(self, dtype: torch.dtype) -> None:
+        """Bat: refuse when some I + D_i is singular to working precision in ``dtype`` (:meth:`_unmerge_system`),
+        checked on every merged layer before any is unmerged. The other variants subtract ΔW, which always works."""
+        if self.variant == "bat":
+            self._unmerge_system(dtype)
+
+    def unmerged_weight(self, weight: Tensor) -> Tensor:
+        if self.variant != "bat":
+            return super().unmerged_weight(weight)
+        block = self.miss_block.to(weight.dtype)
+        system = self._unmerge_system(weight.dtype)
         # X (I + D_i) = W'_ij − D_i for every block (solved from the right).
         return self._unblocks(torch.linalg.solve(system.unsqueeze(1), self._blocks(weight) - block.unsqueeze(1), left=False))
 

@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterator
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .config import AdapterConfig
 from .layer import DEFAULT_ADAPTER, AdaptedLayer, SavedModule, is_adaptable_layer, is_supported_layer, linear_shape
@@ -328,19 +328,102 @@ def _modules_to_save(model: nn.Module, config: AdapterConfig) -> list[str]:
     return [n for n in found if not any(n.startswith(outer + ".") for outer in found)]
 
 
-def merge(model: nn.Module, safe: bool = False) -> nn.Module:
-    """Fold the active adapter into its base weights (idempotent). An adapter that cannot be merged (LoRA on a
-    grouped convolution) raises ``ValueError`` before any layer is merged."""
+def check_merge(model: nn.Module, safe: bool = False) -> None:
+    """``ValueError`` if merging the active adapter would refuse in some layer; nothing changes.
+
+    Runs :func:`check_unshared` (a weight tied to another part of the model) and :meth:`AdaptedLayer.check_merge` on
+    every layer (an adapter with no merged form, such as LoRA on a grouped convolution; a bias update on a layer
+    without bias; with ``safe``, a non-finite merged weight), so
+    :func:`merge` and ``unload(merge=True)`` refuse before the first layer is written rather than after some.
+    """
+    check_unshared(model)
     for _, layer in adapted_layers(model):
-        if layer.adapter is not None and not layer.merged:
-            layer.adapter.check_mergeable()
+        layer.check_merge(safe=safe)
+
+
+def check_unshared(model: nn.Module) -> None:
+    """``ValueError`` when a layer about to be merged shares a tensor the merge writes with another part of the model.
+
+    Merging writes the update into the base layer's weight (and bias, for a bias update) in place. When that
+    tensor is also used elsewhere -- tied input embeddings and ``lm_head`` of a language model, or one module
+    reachable under two names -- every use would change, while the unmerged adapter changes only the wrapped
+    path: the merged model would silently compute something else (PEFT 0.21.2 merges it anyway, with a warning
+    for ``lm_head`` only). Sharing is found with ``named_parameters(remove_duplicate=False)``: the layer's own
+    ``<name>.base_layer.weight`` appears once, any other name for the same tensor (the same parameter object, or
+    one aliasing its memory) shares it. A ``modules_to_save`` original does not count: the forward never runs it.
+    Adapting and training a tied layer stays allowed; only merging it is refused.
+    """
+    pending = [(name, layer) for name, layer in adapted_layers(model) if layer.adapter is not None and not layer.merged]
+    if not pending:
+        return
+    originals = tuple(f"{name}.original_module." for name, _ in saved_modules(model))
+    names: dict[object, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if not name.startswith(originals):
+            names.setdefault(_tensor_key(parameter), []).append(name)
+    modules = [(name, module) for name, module in model.named_modules(remove_duplicate=False)]
+    for name, layer in pending:
+        written = {"weight": layer.base_layer.weight}
+        bias = getattr(layer.base_layer, "bias", None)  # nn.Embedding has none
+        if bias is not None and layer.adapter.delta_bias() is not None:
+            written["bias"] = bias
+        for attr, tensor in written.items():
+            own = f"{name}.base_layer.{attr}"
+            others = [n for n in names.get(_tensor_key(tensor), []) if n != own]
+            if not others:
+                continue
+            same_module = [n for n, m in modules if m is layer.base_layer and n != f"{name}.base_layer"]
+            if same_module:
+                what = f"is the same module as {same_module} (one nn.Module used under two names)"
+                other = _python_path(same_module[0])
+                untie = f"{other} = copy.deepcopy({other})"
+            else:
+                what = f"shares its {attr} tensor with {others} (tied weights)"
+                other = _python_path(others[0])
+                untie = f"{other} = nn.Parameter({other}.detach().clone())"
+            raise ValueError(
+                f"cannot merge layer '{name}' ({type(layer.base_layer).__name__}): it {what}. Merging writes the "
+                f"update into that shared tensor, so every use of it would change, while the unmerged adapter changes "
+                f"only '{name}': the merged model would compute something else. Nothing was merged. Keep the adapter "
+                f"unmerged, or untie the weights before merging, e.g. {untie}"
+            )
+
+
+def _python_path(name: str) -> str:
+    """``model.<name>`` as Python reads it: ``h.0.mlp`` is ``model.h[0].mlp``."""
+    return "model" + "".join(f"[{part}]" if part.isdigit() else f".{part}" for part in name.split("."))
+
+
+def _tensor_key(tensor: Tensor) -> object:
+    """What identifies a tensor's memory: (device, address of its first element), or the object itself when it has
+    no address (meta tensors, empty tensors)."""
+    pointer = tensor.data_ptr()
+    return (tensor.device, pointer) if pointer and tensor.numel() else id(tensor)
+
+
+def check_unmerge(model: nn.Module) -> None:
+    """``ValueError`` if some merged layer cannot be unmerged (MiSS "bat" with a singular I + D_i); nothing changes.
+
+    Runs :meth:`AdaptedLayer.check_unmerge` on every layer, so :func:`unmerge`, ``unload(merge=False)`` and
+    ``set_adapter`` refuse before the first layer is unmerged or unwrapped rather than after some.
+    """
+    for _, layer in wrappers(model):
+        layer.check_unmerge()
+
+
+def merge(model: nn.Module, safe: bool = False) -> nn.Module:
+    """Fold the active adapter into its base weights (idempotent). Any refusal (:func:`check_merge`: an adapter
+    that cannot be merged, a weight shared with another layer, a non-finite result with ``safe``) raises
+    ``ValueError`` before any layer is merged."""
+    check_merge(model, safe=safe)
     for _, layer in adapted_layers(model):
         layer.merge(safe=safe)
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Undo :func:`merge` (idempotent)."""
+    """Undo :func:`merge` (idempotent). A layer that cannot be unmerged refuses before any is (:func:`check_unmerge`)."""
+    check_unmerge(model)
     for _, layer in wrappers(model):
         layer.unmerge()
     return model
@@ -355,10 +438,10 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     ``unload(merge=False)`` means "discard what was trained".)
     """
     found: list[tuple[str, AdaptedLayer | SavedModule]] = [*wrappers(model), *saved_modules(model)]
-    if merge:  # an adapter that cannot be merged refuses before any layer is unloaded
-        for _, layer in adapted_layers(model):
-            if layer.adapter is not None and not layer.merged:
-                layer.adapter.check_mergeable()
+    if merge:  # a layer that cannot be merged (or unmerged) refuses before any layer is unloaded
+        check_merge(model)
+    else:
+        check_unmerge(model)
     for name, wrapper in found:
         _set_child(model, name, wrapper.unload(merge=merge))
     flags: dict[str, bool] = getattr(model, _FLAGS_ATTR, {})
@@ -377,6 +460,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     layers = [layer for _, layer in wrappers(model)]
     saved = [module for _, module in saved_modules(model)]
     merged = [layer.merged for layer in layers]
+    check_unmerge(model)  # before any layer is unmerged
     try:
         for layer in layers:
             layer.unmerge()

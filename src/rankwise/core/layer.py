@@ -181,6 +181,12 @@ def stored_weight(module: nn.Module, matrix: Tensor) -> Tensor:
     return matrix.reshape(module.weight.shape)
 
 
+def merge_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype merge and unmerge compute in for a base weight of ``dtype``: float32 for float16 / bfloat16
+    (merging arithmetic in half precision drifts; the result is cast back), else ``dtype`` itself."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def linear_output_dtype(x: Tensor) -> torch.dtype:
     """The dtype a linear layer's output has for input ``x``: autocast's dtype while ``torch.autocast`` is on
     for ``x``'s device (and ``x`` is a float autocast casts), else ``x``'s own. The adapted output of a method
@@ -299,7 +305,15 @@ class Adapter(nn.Module):
 
     def check_mergeable(self) -> None:
         """Raise ``ValueError`` (via :meth:`fail`) when the update has no form in the base's weight; ``rankwise.merge``
-        asks every layer first, so a model is merged whole or not at all. The default accepts."""
+        asks every layer first (:meth:`AdaptedLayer.check_merge`, which also checks the bias), so a model is merged
+        whole or not at all. The default accepts."""
+
+    def check_unmergeable(self, dtype: torch.dtype) -> None:
+        """Raise ``ValueError`` (via :meth:`fail`) when this merged update cannot be taken back out of a base weight
+        whose merge arithmetic runs in ``dtype`` (:func:`merge_dtype`). ``rankwise.unmerge``, ``unload(merge=False)``
+        and ``set_adapter`` ask every merged layer first (:meth:`AdaptedLayer.check_unmerge`), so a model is
+        unmerged whole or not at all. The default accepts: an additive update is subtracted, which always works;
+        MiSS "bat" overrides it (its unmerge solves a system that may be singular)."""
 
     def delta_bias(self) -> Tensor | None:
         """Update of the bias on merge, or None when the method leaves the bias alone."""
@@ -490,12 +504,55 @@ class AdaptedLayer(nn.Module):
         return self.base_layer.bias
 
     @torch.no_grad()
+    def check_merge(self, safe: bool = False) -> None:
+        """Raise ``ValueError`` if :meth:`merge` would refuse; change nothing.
+
+        It checks the adapter's own condition (:meth:`Adapter.check_mergeable`), that a bias update has a base bias
+        to go into, and with ``safe`` that the merged weight and bias are finite (computed here and discarded).
+        ``rankwise.merge`` / ``unload(merge=True)`` run it on every layer before merging any, so a refusal in
+        the last layer cannot leave the earlier ones merged.
+        """
+        adapter = self.adapter
+        if self.merged or adapter is None:
+            return
+        adapter.check_mergeable()
+        delta_bias = adapter.delta_bias()
+        if delta_bias is not None and self.base_layer.bias is None:
+            raise ValueError(
+                f"{type(adapter).__name__} on layer '{adapter.layer_name}' (out_features={adapter.out_features}, "
+                f"in_features={adapter.in_features}) has a bias update (lora_bias) but the base layer has no bias, so "
+                "it cannot be merged; nothing was merged. Keep the adapter unmerged, or build it without a bias "
+                "term (lora_bias=False) to merge it"
+            )
+        if safe:
+            self._check_finite(self._transformed_weight(adapter.merged_weight), delta_bias)
+
+    def _check_finite(self, new_weight: Tensor, delta_bias: Tensor | None) -> None:
+        """``ValueError`` unless the merged weight and the merged bias (base bias + Δb) are finite."""
+        bias = getattr(self.base_layer, "bias", None)  # nn.Embedding has none (and no bias update)
+        new_bias = None if delta_bias is None or bias is None else bias + delta_bias.to(bias.dtype)
+        if not torch.isfinite(new_weight).all() or (new_bias is not None and not torch.isfinite(new_bias).all()):
+            raise ValueError(
+                f"merging {type(self.adapter).__name__} into layer '{self.adapter.layer_name}' gives non-finite "
+                "weights; the adapter is left unmerged. Check the adapter for NaN/inf."
+            )
+
+    @torch.no_grad()
     def merge(self, safe: bool = False) -> None:
-        """Fold the active adapter into the base weight. Idempotent. ``safe`` refuses non-finite results."""
+        """Fold the active adapter into the base weight. Idempotent. ``safe`` refuses non-finite results.
+        Refuses (:meth:`check_merge`; with ``safe`` on the weight it computes) before the weight changes."""
         if self.merged or self.adapter is None:
             return
+        self.check_merge()
         self._write_weights(self.adapter.merged_weight, sign=1, safe=safe)
         self.merged = True
+
+    def check_unmerge(self) -> None:
+        """Raise ``ValueError`` if :meth:`unmerge` would refuse (:meth:`Adapter.check_unmergeable`); change nothing.
+        A quantised base is never refused: its unmerge puts the kept pre-merge weight back."""
+        if not self.merged or bnb_kind(self.base_layer) is not None:
+            return
+        self.adapter.check_unmergeable(merge_dtype(weight_matrix(self.base_layer).dtype))
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -505,33 +562,29 @@ class AdaptedLayer(nn.Module):
         self._write_weights(self.adapter.unmerged_weight, sign=-1, safe=False)
         self.merged = False
 
+    def _transformed_weight(self, transform: Any) -> Tensor:
+        """``transform`` (merged / unmerged weight) of the current (out, in) base weight, in :func:`merge_dtype`."""
+        current = weight_matrix(self.base_layer)
+        return transform(current.to(merge_dtype(current.dtype)))
+
     def _write_weights(self, transform: Any, sign: int, safe: bool) -> None:
         """Apply ``transform`` (merged / unmerged weight) to the base weight and ``sign`` · Δb to its bias.
 
+        The caller has checked that the merge is possible (:meth:`check_merge`); ``safe`` refuses a non-finite
+        result, and an unmerge that cannot be done raises in ``transform``, both before anything is written.
         A bitsandbytes base is dequantised, transformed and re-quantised with a warning stating the rounding
         error (:func:`~rankwise.core.quantised.merge_into_quantised`); its unmerge puts the quantised weight
         from before the merge back bit for bit instead of subtracting through a second rounding.
         """
         quantised = bnb_kind(self.base_layer) is not None
         delta_bias = self.adapter.delta_bias()
-        if delta_bias is not None and self.base_layer.bias is None:
-            raise ValueError(
-                f"{type(self.adapter).__name__} has a bias update but the base layer has no bias; "
-                "it cannot be merged. Build the adapter without a bias term to merge it."
-            )
         if quantised and sign < 0:
             set_weight(self.base_layer, *self._unmerged_quantised)
             self._unmerged_quantised = None
         else:
-            current = weight_matrix(self.base_layer)
-            # Merging arithmetic in half precision drifts; do it in float32 and cast back.
-            compute_dtype = torch.float32 if current.dtype in (torch.float16, torch.bfloat16) else current.dtype
-            new_weight = transform(current.to(compute_dtype))
-            if safe and not torch.isfinite(new_weight).all():
-                raise ValueError(
-                    f"merging {type(self.adapter).__name__} into layer '{self.adapter.layer_name}' gives "
-                    "non-finite weights; the adapter is left unmerged. Check the adapter for NaN/inf."
-                )
+            new_weight = self._transformed_weight(transform)
+            if safe:
+                self._check_finite(new_weight, delta_bias)
             if quantised:
                 self._unmerged_quantised = kept_weight(self.base_layer)
                 merge_into_quantised(self.base_layer, new_weight, self.adapter.layer_name, type(self.adapter).__name__)

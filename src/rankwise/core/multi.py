@@ -43,6 +43,7 @@ from .inject import (
     _set_child,
     active_adapter,
     adapter_configs,
+    check_unmerge,
     inject,
     is_adapted,
     saved_modules,
@@ -140,6 +141,7 @@ def set_adapter(model: nn.Module, name: str) -> nn.Module:
     if old == name:
         return model
     if _merged_layers(model):
+        check_unmerge(model)  # a layer that cannot be unmerged refuses before any is
         warnings.warn(f"adapter {old!r} is merged; unmerging it before switching to {name!r}", stacklevel=2)
         for _, layer in wrappers(model):
             layer.unmerge()
@@ -298,6 +300,9 @@ def add_weighted_adapter(
               for path, layer in wrappers(model) if any(layer.get_adapter(n) is not None for n in names)]
     for path, layer, pairs in layers:
         _check_combinable(path, layer, pairs, combination, rank)
+    with torch.no_grad():  # every layer's factors before the new adapter exists: a failure adds nothing
+        combined = {path: _combine([(a, w) for a, w in pairs if a is not None], combination, rank)
+                    for path, _, pairs in layers}
 
     first = sources[0]
     base = {"dropout": first.dropout} if isinstance(first, LoRAConfig) else {}
@@ -305,16 +310,19 @@ def add_weighted_adapter(
     config = LoRAConfig(r=rank, alpha=float(rank), targets=targets, allow_excess_rank=True, **base)
     add_adapter(model, adapter_name, config)
     with torch.no_grad():
-        for _, layer, pairs in layers:
+        for path, layer, _ in layers:
             new: LoRAAdapter = layer.get_adapter(adapter_name)  # type: ignore[assignment]
-            present = [(a, w) for a, w in pairs if a is not None]
-            B, A = _combine(present, combination, rank)
+            B, A = combined[path]
             new.set_factor_matrices(A, B)
     return model
 
 
 def _check_combinable(path: str, layer: AdaptedLayer, pairs: list[tuple[Adapter | None, float]],
                       combination: str, rank: int) -> None:
+    """``ValueError`` naming ``path`` and the fix when the layer's adapters cannot be combined as asked: a non-additive
+    adapter, a trained bias, unequal ranks for ``"linear"``, a grouped convolution (its LoRA factors are no
+    matrices for ``"linear"`` / ``"cat"``; no LoRA holds the grouped update for ``"svd"``), an SVD rank above
+    min(out, in). :func:`add_weighted_adapter` runs it on every layer before the new adapter is added."""
     for adapter, _ in pairs:
         if adapter is None:
             continue
@@ -327,13 +335,17 @@ def _check_combinable(path: str, layer: AdaptedLayer, pairs: list[tuple[Adapter 
             raise ValueError(f"add_weighted_adapter: {kind} on layer '{path}' trains a bias, which a LoRA "
                              "combination cannot carry; combine adapters built with lora_bias=False")
     present = [adapter for adapter, _ in pairs if adapter is not None]
+    groups = layer.base_layer.groups if is_conv_layer(layer.base_layer) else 1
+    if combination in ("linear", "cat") and groups > 1:
+        raise ValueError(f"add_weighted_adapter: layer '{path}' is a grouped convolution (groups={groups}); a "
+                         f"{combination!r} combination joins the LoRA factors as matrices, which a grouped LoRA's B "
+                         "kernel does not hold. Leave the layer out of the adapters you combine")
     ranks = [adapter.factor_matrices()[0].shape[0] for adapter in present] if combination == "linear" else []  # type: ignore[union-attr]
     if len(set(ranks)) > 1:
         raise ValueError(f"add_weighted_adapter: combination='linear' needs one rank per layer, but layer '{path}' "
                          f"has ranks {ranks} (rank_pattern); "
                          "use 'cat' or 'svd'")
     if combination == "svd":
-        groups = layer.base_layer.groups if is_conv_layer(layer.base_layer) else 1
         if groups > 1:  # LoHa / LoKr adapt grouped convolutions with a grouped kernel
             raise ValueError(f"add_weighted_adapter: layer '{path}' is a grouped convolution (groups={groups}); the "
                              "combined LoRA's A kernel reads every input channel, so it cannot hold the grouped "
