@@ -77,6 +77,14 @@ def adapter_state(model: nn.Module, keep_vars: bool = False, adapter_name: str |
     return state
 
 
+def saved_parameter_names(model: nn.Module) -> list[str]:
+    """The keys, as :func:`adapter_state` writes them, of the ``modules_to_save`` tensors that are parameters; the
+    others are buffers (a BatchNorm's ``running_mean`` / ``running_var`` / ``num_batches_tracked``), saved but
+    never trained. A parameter shared under two names is listed once, as ``named_parameters`` lists it."""
+    return sorted(f"{name}.{key}" for name, module in saved_modules(model)
+                  for key, _ in module.trained_module.named_parameters())
+
+
 def full_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """``tensors`` with every sharded one (an FSDP2 ``DTensor``) gathered whole, e.g. ``full_tensors(adapter_state(model))``.
 
@@ -253,6 +261,9 @@ def _save_adapter(model: nn.Module, name: str, directory: Path) -> bool:
         "config": config.to_dict(),
         "layers": layers,
         "base_model": base_name if isinstance(base_name, str) else None,
+        # which modules_to_save tensors are parameters (trained), not buffers (BatchNorm's running statistics):
+        # ``rankwise inspect`` counts only these as trainable, having no model to ask
+        "modules_to_save_parameters": saved_parameter_names(model),
     }
     tensors = adapter_state(model, adapter_name=name)
     sharded = any(is_sharded(value) for value in tensors.values())
