@@ -395,9 +395,9 @@ def test_save_into_a_used_directory_removes_the_files_of_adapters_not_saved(tmp_
     assert (tmp_path / "alone" / "c" / "adapter_config.json").is_file()
     with pytest.raises(FileNotFoundError, match="holds no adapter of its own"):
         rankwise.load(copy.deepcopy(base), tmp_path)  # not the deleted "default"
-    # one adapter by name: the directory then holds that one alone
+    # one adapter by name: written beside what is there, nothing removed (adapters can be saved one at a time)
     rankwise.save(ours, tmp_path / "solo", adapter_name="b")
-    assert sorted(p.name for p in (tmp_path / "solo").iterdir()) == ["b"]
+    assert sorted(p.name for p in (tmp_path / "solo").iterdir()) == ["adapter.safetensors", "adapter_config.json", "b"]
 
 
 def test_failed_load_of_a_second_adapter_leaves_the_model_as_it_was(tmp_path):

@@ -192,11 +192,12 @@ def save(model: nn.Module, directory: str | os.PathLike[str], adapter_name: str 
     ``directory`` itself, any other adapter ``name`` to ``directory/name`` (PEFT's ``save_pretrained`` layout).
     A model sharded by FSDP2 is gathered first (every process must call ``save``); process 0 writes.
 
-    Afterwards ``directory`` holds the rankwise files of exactly the adapters just saved: the files an earlier
-    save left for an adapter not saved this time (one deleted since, or left out by ``adapter_name``) are removed
-    (:func:`_remove_stale`), so ``load(base, directory)`` never brings back an adapter the model no longer has.
-    The new files are all in place before anything is removed; nothing rankwise did not write is removed (nor a
-    named adapter's subdirectory written by a rankwise older than its ``adapter_name`` record).
+    Saving every adapter (no ``adapter_name``) leaves ``directory`` holding the rankwise files of exactly the
+    model's adapters: the files an earlier save left for an adapter the model no longer has (deleted since) are
+    removed (:func:`_remove_stale`), so ``load(base, directory)`` never brings back a deleted adapter. The new
+    files are all in place before anything is removed; nothing rankwise did not write is removed (nor a named
+    adapter's subdirectory written by a rankwise older than its ``adapter_name`` record). Saving one adapter
+    (``adapter_name``) writes its files and removes nothing, so adapters can be saved one at a time.
     """
     names = list(adapter_configs(model)) if adapter_name is None else [adapter_name]
     adapter_config(model, adapter_name)  # an unknown name raises before anything is written
@@ -205,7 +206,7 @@ def save(model: nn.Module, directory: str | os.PathLike[str], adapter_name: str 
     for name in names:
         sharded = _save_adapter(model, name, directory if name == DEFAULT_ADAPTER else directory / name) or sharded
     try:
-        if not sharded or dist.get_rank() == 0:
+        if adapter_name is None and (not sharded or dist.get_rank() == 0):
             _remove_stale(directory, names)
     finally:
         if sharded:
