@@ -490,6 +490,25 @@ def test_export_peft_loads_in_peft_with_the_rank_pattern(tmp_path, steps):
     assert shapes == rankwise.ranks(ours)
 
 
+def test_export_between_masking_steps_is_refused_when_masked_components_revived(tmp_path):
+    """audit p16: between two masking steps the optimizer trains the masked λ back; the PEFT file (the last masks as
+    rank_pattern, only the kept components) would not compute what the model computes, so export_peft refuses
+    and writes nothing. After the next masking step it exports exactly."""
+    ours = fresh_ours()
+    optimizer = adam(ours)
+    train_ours(ours, range(12), optimizer)  # masked at step 10 (deltaT = 2); step 11 trains them back
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    with pytest.raises(ValueError, match=r"masked have been trained back since \(non-zero λ\) in layer\(s\) "
+                                         r"'.+'.*Export right after a masking step.*rankwise.save"):
+        rankwise.export_peft(ours.eval(), tmp_path / "between")
+    assert not (tmp_path / "between").exists()
+    assert all(torch.equal(v, before[k]) for k, v in ours.state_dict().items())
+    train_ours(ours.train(), range(12, 13), optimizer)  # step 12 masks again
+    rankwise.export_peft(ours.eval(), tmp_path / "after")
+    theirs = PeftModel.from_pretrained(base(), tmp_path / "after").eval()
+    torch.testing.assert_close(logits(theirs), logits(ours), **TOL)
+
+
 def test_import_peft_with_rank_pattern_outputs_ranks_and_schedule(tmp_path):
     theirs, _ = pair()
     theirs.train()

@@ -60,6 +60,30 @@ def test_every_method_counts_match_the_model(method: str, tmp_path: Path, capsys
     assert info["totals"]["modules_to_save"] == 32 * 3 + 3
 
 
+def test_buffers_of_a_saved_module_are_not_counted_as_trainable(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """audit p17: a modules_to_save BatchNorm's running_mean / running_var / num_batches_tracked are saved but are
+    buffers; the saved config records which saved tensors are parameters and inspect counts only those."""
+    torch.manual_seed(0)
+    model = Toy()
+    model.head = nn.Sequential(nn.BatchNorm1d(32), nn.Linear(32, 3))
+    model = rankwise.adapt(model, rankwise.LoRAConfig(r=4, targets=["up"], modules_to_save=["head"]))
+    directory = rankwise.save(model, tmp_path / "bn")
+    info = inspect_json(directory, capsys)
+    assert info["totals"]["trainable"] == rankwise.trainable_parameters(model)
+    assert info["totals"]["modules_to_save_trainable"] == 2 * 32 + 32 * 3 + 3
+    assert info["totals"]["modules_to_save"] == 2 * 32 + 32 * 3 + 3 + 2 * 32 + 1  # the buffers are stored
+    assert cli.main(["inspect", str(directory)]) == 0
+    assert f"total: {rankwise.trainable_parameters(model):,} trainable parameters" in capsys.readouterr().out
+    # a file saved before the record: nothing tells parameters from buffers, every saved tensor counts as before
+    payload = json.loads((directory / CONFIG_FILE).read_text())
+    del payload["modules_to_save_parameters"]
+    (directory / CONFIG_FILE).write_text(json.dumps(payload))
+    assert inspect_json(directory, capsys)["totals"]["modules_to_save_trainable"] == 2 * 32 + 32 * 3 + 3 + 2 * 32 + 1
+    payload["modules_to_save_parameters"] = "head.1.weight"
+    (directory / CONFIG_FILE).write_text(json.dumps(payload))
+    assert cli.main(["inspect", str(directory)]) == 2
+
+
 class Convs(nn.Module):
     """A 3x3 convolution, a grouped one and a kernel-3 Conv1d: shapes where a flattened (out, in) does not fix the
     adapter's size (Tucker cores, LoKr's factor split, LoRA's grouped B)."""

@@ -399,6 +399,35 @@ def test_save_and_load_each_adapter_by_name(tmp_path):
     torch.testing.assert_close(alone(x), expected["b"], **TOL)
 
 
+def test_save_into_a_used_directory_removes_the_files_of_adapters_not_saved(tmp_path):
+    """audit p18: after delete_adapter, a save into the same directory left the deleted adapter's files, and
+    load(base, d) silently gave it back. Only rankwise's own files of adapters not saved go; nothing else."""
+    base, _, ours = pair()
+    rankwise.add_adapter(ours, "c", rankwise.LoRAConfig(r=2, targets=["out"]))
+    rankwise.save(ours, tmp_path)
+    # what rankwise did not write as a named adapter of this directory: a PEFT adapter, an adapter saved on its
+    # own into a subdirectory (it records "default"), a note
+    (tmp_path / "peft").mkdir()
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    rankwise.save(ours, tmp_path / "alone", adapter_name="c")
+    rankwise.save(rankwise.adapt(base_net(), rankwise.LoRAConfig(r=2, targets=["out"])), tmp_path / "solo")
+    (tmp_path / "notes.txt").write_text("keep")
+    (tmp_path / "c" / "notes.txt").write_text("keep")
+    with pytest.warns(UserWarning, match="was active"):
+        rankwise.delete_adapter(ours, "default")
+    rankwise.delete_adapter(ours, "c")
+    rankwise.save(ours, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alone", "b", "c", "notes.txt", "peft", "solo"]
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["notes.txt"]
+    assert (tmp_path / "peft" / "adapter_config.json").is_file() and (tmp_path / "solo" / "adapter_config.json").is_file()
+    assert (tmp_path / "alone" / "c" / "adapter_config.json").is_file()
+    with pytest.raises(FileNotFoundError, match="holds no adapter of its own"):
+        rankwise.load(copy.deepcopy(base), tmp_path)  # not the deleted "default"
+    # one adapter by name: written beside what is there, nothing removed (adapters can be saved one at a time)
+    rankwise.save(ours, tmp_path / "solo", adapter_name="b")
+    assert sorted(p.name for p in (tmp_path / "solo").iterdir()) == ["adapter.safetensors", "adapter_config.json", "b"]
+
+
 def test_failed_load_of_a_second_adapter_leaves_the_model_as_it_was(tmp_path):
     base, _, ours = pair()
     rankwise.save(ours, tmp_path)

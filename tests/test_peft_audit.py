@@ -197,6 +197,46 @@ def test_modules_to_save_follow_peft_suffix_rule(tmp_path):
     imported_like_peft(base, theirs, tmp_path, torch.randn(3, 8))
 
 
+def test_export_refuses_modules_to_save_that_peft_would_stretch_to_other_modules(tmp_path):
+    """audit p07: modules_to_save=["head"] beside an adapted "pre_head" (DistilBERT's pre_classifier / classifier).
+    PEFT's suffix rule has no dot boundary, so it would wrap the adapted pre_head too: PEFT itself raises a
+    TypeError on that selection, and an exported file would load in neither PEFT nor rankwise. export_peft refuses,
+    naming the module, and writes nothing; an unadapted module the rule reaches is refused as well."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Linear(16, 16)
+            self.pre_head = nn.Linear(16, 16)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.pre_head(torch.relu(self.body(x)))))
+
+    with pytest.raises(TypeError, match="modules_to_save cannot be applied"):  # PEFT's own reading of this config
+        peft_lora(Net(), r=2, target_modules=["body", "pre_head"], modules_to_save=["head"])
+    torch.manual_seed(0)
+    ours = rankwise.adapt(Net(), rankwise.LoRAConfig(r=2, targets=["body", "pre_head"], modules_to_save=["head"]))
+    with pytest.raises(ValueError, match=r"would also wrap 'pre_head' \(an adapted layer\), which rankwise does not "
+                                         r"save in full \(it saves \['head'\]\)"):
+        rankwise.export_peft(ours, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    ours = rankwise.adapt(Net(), rankwise.LoRAConfig(r=2, targets=["body"], modules_to_save=["head"]))
+    with pytest.raises(ValueError, match=r"would also wrap 'pre_head', which"):
+        rankwise.export_peft(ours, tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+    # entries PEFT reads as rankwise does export as before
+    base = Net()
+    config = rankwise.LoRAConfig(r=2, init_weights=False, targets=["body", "head"], modules_to_save=["pre_head"])
+    ours = rankwise.adapt(copy.deepcopy(base), config)
+    with torch.no_grad():
+        ours.pre_head.trained_module.weight.add_(0.5)
+    rankwise.export_peft(ours, tmp_path / "c")
+    assert json.loads((tmp_path / "c" / "adapter_config.json").read_text())["modules_to_save"] == ["pre_head"]
+    torch.testing.assert_close(PeftModel.from_pretrained(base, tmp_path / "c").eval()(torch.ones(2, 16)),
+                               ours.eval()(torch.ones(2, 16)), atol=1e-5, rtol=1e-5)
+
+
 class Nested(nn.Module):
     """A top-level ``up`` and a nested ``block.up``: PEFT's list ``["up"]`` selects both."""
 

@@ -235,11 +235,15 @@ def _layer_of(key: str) -> str:
 
 
 def _prepare_export(model: nn.Module, payload: dict[str, Any], tensors: dict[str, Tensor]) -> None:
-    """PEFT writes the latest allocation as ``rank_pattern`` and only the kept components' tensors."""
+    """PEFT writes the latest allocation as ``rank_pattern`` and only the kept components' tensors.
+
+    ``ValueError`` first (nothing is written) when a component the pattern drops has a non-zero λ
+    (:func:`_check_dropped_are_zero`)."""
     config: AdaLoRAConfig = adapter_config(model)
     held = allocator(model)
     if held is None or not held.masks:
         return
+    _check_dropped_are_zero(model, held.masks)
     pattern: dict[str, list[bool]] = {}
     for name, layer in adapted_layers(model):
         keep = held.masks[name].cpu()
@@ -250,6 +254,30 @@ def _prepare_export(model: nn.Module, payload: dict[str, Any], tensors: dict[str
             key = f"{name}.adapter.{tensor}"
             tensors[key] = tensors[key].index_select(dim, keep.nonzero().view(-1).to(tensors[key].device))
     payload["rank_pattern"] = _peft_pattern(pattern)
+
+
+def _check_dropped_are_zero(model: nn.Module, masks: dict[str, Tensor]) -> None:
+    """``ValueError`` naming the layers where a component the last allocation masked has a non-zero λ (``lora_E``).
+
+    A masking step zeroes the λ of every component it drops, but until the next one the optimizer revives them
+    (their gradient is not zero), and the model computes with them. A PEFT file holds the last masks as
+    ``rank_pattern`` and only the kept components, so it would compute something else (PEFT's own
+    ``save_pretrained`` loses the same components there). Right after a masking step, or once the final allocation
+    is fixed (it is re-applied at every step), the dropped λ are exactly zero and the export is exact."""
+    revived = []
+    for name, layer in adapted_layers(model):
+        values = layer.adapter.lora_E.detach().reshape(-1)[~masks[name].to(layer.adapter.lora_E.device)]
+        if bool((values != 0).any()):
+            revived.append(f"'{name}' ({int((values != 0).sum())} of {values.numel()} dropped components, "
+                           f"max |λ| {values.abs().max().item():.3g})")
+    if revived:
+        raise ValueError(
+            "export_peft: the AdaLoRA components the last allocation masked have been trained back since (non-zero "
+            f"λ) in layer(s) {', '.join(revived)}; the PEFT file keeps only the masked pattern (rank_pattern), so "
+            "it would not compute what this model computes. Export right after a masking step (allocator.step at a "
+            "masking step, after the optimizer step) or after the final allocation, or save with rankwise.save, "
+            "which keeps every component exactly"
+        )
 
 
 register(

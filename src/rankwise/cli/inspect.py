@@ -6,7 +6,8 @@ by ``rankwise compress --output`` / ``save_compressed`` (``compress_config.json`
 dtypes; never the tensor data, never a pickle). Adapters: the method and its config, then each adapted
 layer with its tensors, its stored values and its expected trainable parameter count (the method's adapter
 built on a weightless layer of the recorded shape, kernel and groups), then the modules saved in full (the
-classification head). Compressed models: each factorised layer with its rank, its tensors and the parameters
+classification head; only their parameters count as trainable, not buffers such as a BatchNorm's running
+statistics). Compressed models: each factorised layer with its rank, its tensors and the parameters
 it keeps of the dense layer, then the rest of the model in one line (``--all-tensors`` lists it).
 """
 
@@ -83,7 +84,9 @@ def format_adapter(info: dict[str, Any]) -> str:
         "",
         (f"{totals['layers']} adapted layers: {_count(totals['adapter_stored'])} stored adapter values, "
          f"{_count(totals['adapter_trainable'])} trainable expected from the layer shapes"),
-        f"modules saved in full: {_count(totals['modules_to_save'])}",
+        f"modules saved in full: {_count(totals['modules_to_save'])}" + (
+            "" if totals["modules_to_save_trainable"] == totals["modules_to_save"] else
+            f" values, {_count(totals['modules_to_save_trainable'])} of them trainable parameters (the rest buffers)"),
         (f"total: {_count(totals['trainable'])} trainable parameters, {_count(totals['stored'])} stored values, "
          f"{totals['file_bytes']:,} bytes"),
     ]

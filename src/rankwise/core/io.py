@@ -10,7 +10,8 @@ safetensors only, never with pickle.
 Named adapters (:mod:`rankwise.core.multi`) use PEFT's layout: one directory per adapter, the adapter's name
 not in its keys (``<path>.adapter.<tensor>`` whatever the name, so every adapter file reads like a
 single-adapter one). ``save`` writes the adapter ``"default"`` to the directory itself and every other
-adapter ``name`` to ``<directory>/<name>/``; ``load(model, directory, adapter_name=...)`` reads one directory
+adapter ``name`` to ``<directory>/<name>/`` (its config records the name), and removes what an earlier save
+left there for an adapter not saved this time; ``load(model, directory, adapter_name=...)`` reads one directory
 and names the adapter, adding it beside the others when ``model`` is adapted already.
 
 A model sharded by FSDP2's ``fully_shard`` saves the same files as the unsharded model: ``save`` gathers
@@ -74,6 +75,14 @@ def adapter_state(model: nn.Module, keep_vars: bool = False, adapter_name: str |
         for key, value in module.trained_module.state_dict(keep_vars=keep_vars).items():
             state[f"{name}.{key}"] = value
     return state
+
+
+def saved_parameter_names(model: nn.Module) -> list[str]:
+    """The keys, as :func:`adapter_state` writes them, of the ``modules_to_save`` tensors that are parameters; the
+    others are buffers (a BatchNorm's ``running_mean`` / ``running_var`` / ``num_batches_tracked``), saved but
+    never trained. A parameter shared under two names is listed once, as ``named_parameters`` lists it."""
+    return sorted(f"{name}.{key}" for name, module in saved_modules(model)
+                  for key, _ in module.trained_module.named_parameters())
 
 
 def full_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -182,34 +191,87 @@ def save(model: nn.Module, directory: str | os.PathLike[str], adapter_name: str 
     Every adapter, or only ``adapter_name``; ``"default"`` (the one ``rankwise.adapt`` makes) goes to
     ``directory`` itself, any other adapter ``name`` to ``directory/name`` (PEFT's ``save_pretrained`` layout).
     A model sharded by FSDP2 is gathered first (every process must call ``save``); process 0 writes.
+
+    Saving every adapter (no ``adapter_name``) leaves ``directory`` holding the rankwise files of exactly the
+    model's adapters: the files an earlier save left for an adapter the model no longer has (deleted since) are
+    removed (:func:`_remove_stale`), so ``load(base, directory)`` never brings back a deleted adapter. The new
+    files are all in place before anything is removed; nothing rankwise did not write is removed (nor a named
+    adapter's subdirectory written by a rankwise older than its ``adapter_name`` record). Saving one adapter
+    (``adapter_name``) writes its files and removes nothing, so adapters can be saved one at a time.
     """
     names = list(adapter_configs(model)) if adapter_name is None else [adapter_name]
     adapter_config(model, adapter_name)  # an unknown name raises before anything is written
     directory = Path(directory)
+    sharded = False
     for name in names:
-        _save_adapter(model, name, directory if name == DEFAULT_ADAPTER else directory / name)
+        sharded = _save_adapter(model, name, directory if name == DEFAULT_ADAPTER else directory / name) or sharded
+    try:
+        if adapter_name is None and (not sharded or dist.get_rank() == 0):
+            _remove_stale(directory, names)
+    finally:
+        if sharded:
+            dist.barrier()  # no process returns (and loads) before process 0 has cleaned up
     return directory
 
 
-def _save_adapter(model: nn.Module, name: str, directory: Path) -> None:
+def _saved_by_rankwise(folder: Path, name: str | None) -> bool:
+    """Whether ``folder`` holds an adapter config of rankwise's format; with ``name``, one that records it was
+    saved as the named adapter ``name`` (so a subdirectory holding an adapter saved on its own,
+    ``save(model, d / "x")``, which records ``"default"``, or written by an older rankwise, is not taken for one).
+    A missing or unreadable config is not rankwise's."""
+    try:
+        payload = read_json(folder / CONFIG_FILE, "rankwise.save")
+    except (OSError, ValueError):
+        return False
+    return payload.get("format") == FORMAT and (name is None or payload.get("adapter_name") == name)
+
+
+def _remove_stale(directory: Path, saved: list[str]) -> None:
+    """Remove rankwise's own files of every adapter in ``directory`` that is not in ``saved``: the top-level
+    config, tensors and allocator state when ``"default"`` is not saved, and those of each subdirectory holding
+    a named adapter not saved (the subdirectory too when that empties it). Only files whose config says rankwise
+    wrote them (:func:`_saved_by_rankwise`) are touched; a PEFT adapter, a symlink or any other file stays. The
+    config goes first, so an interrupted clean-up never leaves a config whose tensors are gone."""
+
+    def remove(folder: Path) -> None:
+        for file in (CONFIG_FILE, WEIGHTS_FILE, ALLOCATOR_FILE):
+            (folder / file).unlink(missing_ok=True)
+
+    if DEFAULT_ADAPTER not in saved and _saved_by_rankwise(directory, None):
+        remove(directory)
+    for child in sorted(directory.iterdir()):
+        if child.name in saved or child.name == DEFAULT_ADAPTER or child.is_symlink() or not child.is_dir():
+            continue
+        if _saved_by_rankwise(child, child.name):
+            remove(child)
+            if not any(child.iterdir()):
+                child.rmdir()
+
+
+def _save_adapter(model: nn.Module, name: str, directory: Path) -> bool:
+    """Write adapter ``name`` to ``directory``; whether the model is sharded (then process 0 alone wrote)."""
     config = adapter_config(model, name)
     layers = {path: layer_geometry(layer.base_layer)
               for path, layer in wrappers(model) if layer.get_adapter(name) is not None}
     base_name = getattr(getattr(model, "config", None), "_name_or_path", None)
     payload = {
         "format": FORMAT,
+        "adapter_name": name,
         "method": config.method,
         "rankwise_version": __version__,
         "config": config.to_dict(),
         "layers": layers,
         "base_model": base_name if isinstance(base_name, str) else None,
+        # which modules_to_save tensors are parameters (trained), not buffers (BatchNorm's running statistics):
+        # ``rankwise inspect`` counts only these as trainable, having no model to ask
+        "modules_to_save_parameters": saved_parameter_names(model),
     }
     tensors = adapter_state(model, adapter_name=name)
     sharded = any(is_sharded(value) for value in tensors.values())
     tensors = full_tensors(tensors)
     try:
         if sharded and dist.get_rank() != 0:
-            return
+            return sharded
         save_tensors(directory / WEIGHTS_FILE, tensors, metadata={"format": FORMAT, "method": config.method})
         save_json(directory / CONFIG_FILE, payload)
         if name == active_adapter(model):
@@ -219,6 +281,7 @@ def _save_adapter(model: nn.Module, name: str, directory: Path) -> None:
     finally:
         if sharded:
             dist.barrier()  # no process returns (and loads) before process 0 has written
+    return sharded
 
 
 def load(base_model: nn.Module, directory: str | os.PathLike[str], adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:

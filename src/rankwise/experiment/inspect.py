@@ -130,6 +130,7 @@ def describe_adapter(directory: Path) -> dict[str, Any]:
     saved = {name: tensors[name] for name in sorted(tensors, key=_natural) if name not in claimed}
     stored = sum(row["stored"] for row in rows)
     saved_params = sum(info.numel for info in saved.values())
+    saved_trainable = _saved_trainable(payload, saved, config_path)
     closed_total = None if any(r["trainable"] is None for r in rows) else sum(r["trainable"] for r in rows)
     return {
         "kind": "adapter",
@@ -145,11 +146,25 @@ def describe_adapter(directory: Path) -> dict[str, Any]:
             "adapter_stored": stored,
             "adapter_trainable": closed_total,
             "modules_to_save": saved_params,
+            "modules_to_save_trainable": saved_trainable,
             "stored": stored + saved_params,
-            "trainable": None if closed_total is None else closed_total + saved_params,
+            "trainable": None if closed_total is None else closed_total + saved_trainable,
             "file_bytes": (directory / io.WEIGHTS_FILE).stat().st_size,
         },
     }
+
+
+def _saved_trainable(payload: dict[str, Any], saved: dict[str, TensorInfo], config_path: Path) -> int:
+    """The trainable values among the ``modules_to_save`` tensors ``saved``: those the config's
+    ``modules_to_save_parameters`` names (``rankwise.save`` records which saved tensors are parameters, so a
+    BatchNorm's running statistics, buffers, are not counted); a file saved before that record counts every one."""
+    names = payload.get("modules_to_save_parameters")
+    if names is None:
+        return sum(info.numel for info in saved.values())
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise _malformed(config_path, "'modules_to_save_parameters' must be a list of tensor names")
+    parameters = set(names)
+    return sum(info.numel for name, info in saved.items() if name in parameters)
 
 
 def _dense_size(spec: dict[str, Any]) -> int:

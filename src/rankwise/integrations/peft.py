@@ -33,7 +33,15 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..core.inject import active_adapter, adapted_layers, adapter_config, find_targets, layer_modules, wrappers
+from ..core.inject import (
+    active_adapter,
+    adapted_layers,
+    adapter_config,
+    find_targets,
+    layer_modules,
+    saved_modules,
+    wrappers,
+)
 from ..core.io import adapter_state, load_state_into, read_json, read_tensors, save_json, save_tensors
 from ..core.layer import DEFAULT_ADAPTER, is_conv_layer, is_fan_in_fan_out
 from ..core.registry import Method, registered
@@ -115,8 +123,9 @@ def export_peft(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     (another adapter: ``rankwise.set_adapter`` it first).
 
     The written config is checked with the method's import reader first, so a model PEFT would not
-    reload as rankwise computes it (e.g. OLoRA on a Conv1D layer) raises ``ValueError`` and nothing is
-    written. A PiSSA / OLoRA adapter is written without conversion (``init_lora_weights`` kept): PEFT
+    reload as rankwise computes it (e.g. OLoRA on a Conv1D layer, or ``modules_to_save`` entries PEFT's
+    suffix rule stretches to other modules: :func:`check_peft_modules_to_save`) raises ``ValueError`` and
+    nothing is written. A PiSSA / OLoRA adapter is written without conversion (``init_lora_weights`` kept): PEFT
     reloads it onto the *original* base, recomputing the residual, as it does for its own files.
     """
     config = adapter_config(model)
@@ -144,6 +153,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     method.peft.from_peft_config(payload)
     bases = {name: layer.base_layer for name, layer in layers}
     check_peft_reproduces(bases, method, config, "export_peft")
+    check_peft_modules_to_save(model, config.modules_to_save)
     to_peft = _peft_key_map(model, method, active_adapter(model))
     state = adapter_state(model)
     if method.peft.prepare_export is not None:
@@ -214,9 +224,37 @@ def peft_modules_to_save(model: nn.Module, names: list[str] | None) -> list[str]
     outermost of nested hits."""
     if not names:
         return None
-    hits = [key for key, _ in model.named_modules() if key and any(key.endswith(name) for name in names)]
-    outermost = [key for key in hits if not any(key.startswith(other + ".") for other in hits)]
-    return outermost or list(names)
+    return _peft_wrapped([key for key, _ in model.named_modules()], names) or list(names)
+
+
+def _peft_wrapped(modules: list[str], names: list[str]) -> list[str]:
+    """Of the module names ``modules`` (in model order), those PEFT wraps for the ``modules_to_save`` entries
+    ``names``: every one ending with an entry, no dot boundary, the outermost of nested hits."""
+    hits = [key for key in modules if key and any(key.endswith(name) for name in names)]
+    return [key for key in hits if not any(key.startswith(other + ".") for other in hits)]
+
+
+def check_peft_modules_to_save(model: nn.Module, names: list[str] | None) -> None:
+    """``ValueError`` unless PEFT, reading ``modules_to_save=names``, wraps only modules this model saves in full.
+
+    PEFT selects every module whose name *ends with* an entry, with no dot boundary, where rankwise requires one:
+    ``"head"`` saves ``head`` here but also selects ``pre_head`` (DistilBERT's ``pre_classifier`` next to
+    ``classifier``) in PEFT. Such a file does not load: PEFT wraps an adapted layer as a module to save (a
+    TypeError) or expects tensors the file lacks, and ``import_peft`` reads the same selection. The names are
+    those of the base model (an adapted layer as its own name, nothing inside a wrapper), as PEFT sees them."""
+    if not names:
+        return
+    saved = {name for name, _ in saved_modules(model)}
+    adapted = {name for name, _ in wrappers(model)}
+    extra = [key for key in _peft_wrapped(list(layer_modules(model)), names) if key not in saved]
+    if extra:
+        what = ", ".join(f"'{key}'" + (" (an adapted layer)" if key in adapted else "") for key in extra)
+        raise ValueError(
+            f"export_peft: PEFT reads modules_to_save={names} as name endings without a dot boundary, so it would "
+            f"also wrap {what}, which rankwise does not save in full (it saves {sorted(saved)}); PEFT could not load "
+            "the file. Use rankwise.save / rankwise.load for this model, or name the saved modules by entries no "
+            "other module's name ends with"
+        )
 
 
 def _method_for(peft_config: dict[str, Any], source: Path) -> Method:
