@@ -11,6 +11,8 @@ from safetensors.torch import load_file
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -111,6 +113,18 @@ def test_merge_at_end_leaves_a_plain_model_with_the_trained_outputs(tmp_path):
     assert not list(rankwise.adapted_layers(model))
     want = logits(rankwise.load(tiny_bert(), tmp_path / "adapter"))
     torch.testing.assert_close(logits(model), want, atol=1e-5, rtol=0)
+
+
+def test_merge_at_end_refuses_a_tied_weight_before_training(tmp_path):
+    """A LoRA on a tied embedding cannot be merged exactly: refused when training begins, not after it."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=16))
+    rankwise.adapt(model, rankwise.LoRAConfig(r=2, targets=["lm_head"]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="cannot merge layer 'lm_head'.*tied weights"):
+        train(model, tmp_path, max_steps=2, callback=RankwiseCallback(merge_at_end=True))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # no step was taken
+    assert not (tmp_path / "adapter").exists()
 
 
 def singlora_model(adapter_seed: int):

@@ -95,7 +95,7 @@ from transformers import (
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from ..core.inject import adapted_layers, adapter_config, is_adapted, unload
+from ..core.inject import adapted_layers, adapter_config, check_merge, is_adapted, unload
 from ..core.io import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -139,7 +139,9 @@ class RankwiseCallback(TrainerCallback):
 
     Args:
         merge_at_end: when training ends, after the final adapter is written, fold the adapter into
-            the base weights and remove it (``rankwise.unload(model, merge=True)``): the Trainer's model
+            the base weights and remove it (``rankwise.unload(model, merge=True)``); a model that could not be
+            merged (a weight tied to another part of the model, an update with no merged form) is refused when
+            training begins, not after it (``rankwise.core.inject.check_merge``). The Trainer's model
             is then the plain architecture, and ``trainer.save_model()`` writes a standard checkpoint
             that ``from_pretrained`` loads. (A merged model that kept its adapter modules would be a
             trap: its full state dict holds the merged weights *and* the adapter, and loading it into
@@ -161,6 +163,8 @@ class RankwiseCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: nn.Module | None = None, optimizer: Any = None, **kwargs: Any) -> None:
         self._gradient_checked = not self.checks or _sharded(args)
+        if self.merge_at_end and model is not None:
+            check_merge(_adapted(model))  # a merge that would refuse at the end is refused before training
         self._start_allocation(args, state, _adapted(model), optimizer, kwargs.get("train_dataloader"))
         if not self.checks:
             return
