@@ -305,6 +305,25 @@ def test_compressing_twice_is_refused():
         compress(model, ratio=0.5)
 
 
+def test_an_adapted_layer_is_refused_before_anything_changes():
+    """audit p2: targeting sees an adapted layer as its base layer, so compress replaced wrapper and adapter by a
+    factorisation of the base weight alone: the adapter's update was lost and the model still listed it."""
+    model = rankwise.adapt(toy(), rankwise.LoRAConfig(r=4, targets=["first"]))
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    for targets in ("all-linear", ["first"]):
+        with pytest.raises(ValueError, match=r"\['first'\].*carry a rankwise adapter.*unload\(model, merge=True\)"):
+            compress(model, ranks={"first": 32}, targets=targets, force=True)
+    assert type(model.first).__name__ == "AdaptedLayer" and type(model.second) is nn.Linear
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+    # the fix the message names: merge, then compress (at full rank the function is kept)
+    with torch.no_grad():
+        model.first.adapter.lora_B.weight.normal_()
+    x = correlated_inputs(8)
+    adapted = model(x)
+    compress(rankwise.unload(model, merge=True), ranks={"first": 32, "second": 24}, force=True)
+    torch.testing.assert_close(model(x), adapted, atol=1e-4, rtol=1e-4)
+
+
 def test_the_package_is_callable_as_rankwise_compress():
     model = rankwise.compress(toy(), ratio=0.5)
     assert isinstance(model.first, FactorizedLinear)

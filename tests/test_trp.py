@@ -161,3 +161,21 @@ def test_bad_inputs_raise_clear_errors() -> None:
         TRP(nn.Sequential(nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3, groups=4)), TRPConfig(targets=["1"]))
     with pytest.raises(ValueError, match="do not exist"):
         TRP(nn.Sequential(nn.Linear(3, 3)), TRPConfig(targets=["missing"]))
+
+
+def test_a_layer_with_a_rankwise_adapter_is_refused() -> None:
+    """audit p2: TRP's default rule would pick an adapted layer's base_layer and the adapter's own factors, and a
+    layer adapted after TRP(...) would be replaced wrapper and all, dropping the adapter's update."""
+    import rankwise
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 2))
+    adapted = rankwise.adapt(model, rankwise.LoRAConfig(r=2, targets=["0"]))
+    for config in (TRPConfig(include_linear=True), TRPConfig(targets=["0"]), TRPConfig(targets=["0.base_layer"])):
+        with pytest.raises(ValueError, match=r"'0.*carry a rankwise adapter.*unload\(model, merge=True\)"):
+            TRP(adapted, config)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 2))
+    trp = TRP(model, TRPConfig(include_linear=True, final_threshold=0.0))
+    rankwise.adapt(model, rankwise.LoRAConfig(r=2, targets=["0"]))
+    with pytest.raises(ValueError, match=r"TRP.factorize.*\['0'\].*carry a rankwise adapter"):
+        trp.factorize()
+    assert type(model[0]).__name__ == "AdaptedLayer" and type(model[2]) is nn.Linear and not trp.factorized

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from .lowrank_conv import (
     Scheme,
     check_energy,
+    check_not_adapted,
     check_scheme,
     energy_rank,
     factorize_layer,
@@ -183,9 +184,12 @@ class TRP:
 
         Returns ``{name: {"rank": r, "factorized": bool}}``; a layer at or above break-even stays dense.
         Afterwards :attr:`layers` maps each target to the module now in the model (the pair, or the
-        dense layer kept), and the training hooks refuse to run.
+        dense layer kept), and the training hooks refuse to run. A target that now carries a rankwise adapter
+        (adapted after ``TRP(...)``) is refused before anything changes
+        (:func:`~rankwise.compress.lowrank_conv.check_not_adapted`).
         """
         self._check_dense("factorize")
+        check_not_adapted(self.model, list(self.layers), "TRP.factorize")
         report: dict[str, dict[str, object]] = {}
         for name, layer in list(self.layers.items()):
             rank = self.final_rank(name)
