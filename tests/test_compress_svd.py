@@ -299,6 +299,31 @@ def test_bad_inputs_raise_a_clear_value_error(kwargs, match):
         assert torch.equal(value, before[key])
 
 
+class WithUnused(Toy):
+    """Toy with a Linear layer its forward never calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = nn.Linear(32, 32)
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["unused"]])
+def test_whitening_refuses_a_targeted_layer_that_never_runs(targets):
+    """audit p1: a target with no calibration input raised a KeyError when other layers ran, and fell back to
+    plain SVD (the report still saying "whitened") when none did."""
+    torch.manual_seed(0)
+    model = WithUnused()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    for sequential in (False, True):
+        with pytest.raises(ValueError, match=r"\['unused'\].*never ran on the 4 calibration batch.*exclude them"):
+            compress(model, ratio=0.5, method="whitened", calibration=calibration(), targets=targets,
+                     sequential=sequential)
+        assert all(type(m) is nn.Linear for m in (model.first, model.second, model.unused))
+        assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+    compress(model, ratio=0.5, method="whitened", calibration=calibration(), exclude=["unused"])
+    assert isinstance(model.first, FactorizedLinear) and type(model.unused) is nn.Linear
+
+
 def test_compressing_twice_is_refused():
     model = compress(toy(), ratio=0.5)
     with pytest.raises(ValueError, match="already factorised"):

@@ -254,7 +254,8 @@ def compress(
         ratio: fraction of the targeted layers' weights to keep (default 0.5 when neither
             ``energy`` nor ``ranks`` is given).
         method: ``"svd"`` (LoRD, data-free) or ``"whitened"`` (SVD-LLM, needs ``calibration``).
-        calibration: iterable of model-input dicts (``input_ids``, ``attention_mask``, ...).
+        calibration: iterable of model-input dicts (``input_ids``, ``attention_mask``, ...). With
+            ``method="whitened"`` every targeted layer must run on them (a ValueError lists those that do not).
         energy: keep the smallest rank whose σ² energy reaches this fraction, per layer.
         ranks: explicit ranks by layer name or suffix; targeted layers not named stay dense.
         allocation: ``"uniform"`` (same fraction per layer), ``"sensitivity"`` (measured effect of
@@ -297,7 +298,7 @@ def compress(
 
     grams = input_grams(model, names, batches) if method == "whitened" else {}
     decompositions = {
-        n: regression_decomposition(weight_matrix(model.get_submodule(n)), grams[n], n) if grams
+        n: regression_decomposition(weight_matrix(model.get_submodule(n)), grams[n], n) if method == "whitened"
         else plain_decomposition(weight_matrix(model.get_submodule(n)))
         for n in names
     }
