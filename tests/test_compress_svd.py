@@ -299,10 +299,54 @@ def test_bad_inputs_raise_a_clear_value_error(kwargs, match):
         assert torch.equal(value, before[key])
 
 
+class WithUnused(Toy):
+    """Toy with a Linear layer its forward never calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = nn.Linear(32, 32)
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["unused"]])
+def test_whitening_refuses_a_targeted_layer_that_never_runs(targets):
+    """audit p1: a target with no calibration input raised a KeyError when other layers ran, and fell back to
+    plain SVD (the report still saying "whitened") when none did."""
+    torch.manual_seed(0)
+    model = WithUnused()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    for sequential in (False, True):
+        with pytest.raises(ValueError, match=r"\['unused'\].*never ran on the 4 calibration batch.*exclude them"):
+            compress(model, ratio=0.5, method="whitened", calibration=calibration(), targets=targets,
+                     sequential=sequential)
+        assert all(type(m) is nn.Linear for m in (model.first, model.second, model.unused))
+        assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+    compress(model, ratio=0.5, method="whitened", calibration=calibration(), exclude=["unused"])
+    assert isinstance(model.first, FactorizedLinear) and type(model.unused) is nn.Linear
+
+
 def test_compressing_twice_is_refused():
     model = compress(toy(), ratio=0.5)
     with pytest.raises(ValueError, match="already factorised"):
         compress(model, ratio=0.5)
+
+
+def test_an_adapted_layer_is_refused_before_anything_changes():
+    """audit p2: targeting sees an adapted layer as its base layer, so compress replaced wrapper and adapter by a
+    factorisation of the base weight alone: the adapter's update was lost and the model still listed it."""
+    model = rankwise.adapt(toy(), rankwise.LoRAConfig(r=4, targets=["first"]))
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    for targets in ("all-linear", ["first"]):
+        with pytest.raises(ValueError, match=r"\['first'\].*carry a rankwise adapter.*unload\(model, merge=True\)"):
+            compress(model, ranks={"first": 32}, targets=targets, force=True)
+    assert type(model.first).__name__ == "AdaptedLayer" and type(model.second) is nn.Linear
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+    # the fix the message names: merge, then compress (at full rank the function is kept)
+    with torch.no_grad():
+        model.first.adapter.lora_B.weight.normal_()
+    x = correlated_inputs(8)
+    adapted = model(x)
+    compress(rankwise.unload(model, merge=True), ranks={"first": 32, "second": 24}, force=True)
+    torch.testing.assert_close(model(x), adapted, atol=1e-4, rtol=1e-4)
 
 
 def test_the_package_is_callable_as_rankwise_compress():

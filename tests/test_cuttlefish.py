@@ -205,3 +205,19 @@ def test_bad_inputs_raise_clear_errors() -> None:
         model = _cnn()
         nn.init.zeros_(model[2].weight)
         Cuttlefish(model, CuttlefishConfig())
+
+
+def test_a_layer_with_a_rankwise_adapter_is_refused() -> None:
+    """audit p2: as for compress and TRP, factorising an adapted layer would drop the adapter's update."""
+    import rankwise
+
+    adapted = rankwise.adapt(_mlp(), rankwise.LoRAConfig(r=2, targets=["1"]))
+    with pytest.raises(ValueError, match=r"'1.*carry a rankwise adapter.*unload\(model, merge=True\)"):
+        Cuttlefish(adapted, CuttlefishConfig(dense_prefix=0))
+    model = _mlp()
+    cf = Cuttlefish(model, CuttlefishConfig(dense_prefix=0))
+    cf.ranks = lambda: {"0": 2, "1": 2}  # type: ignore[method-assign]
+    rankwise.adapt(model, rankwise.LoRAConfig(r=2, targets=["1"]))
+    with pytest.raises(ValueError, match=r"Cuttlefish.switch.*\['1'\].*carry a rankwise adapter"):
+        cf.switch()
+    assert type(model[0]) is nn.Linear and type(model[1]).__name__ == "AdaptedLayer" and not cf.switched

@@ -188,6 +188,38 @@ def test_compressed_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert "head.weight" in capsys.readouterr().out
 
 
+def test_buffers_of_a_compressed_model_are_not_counted_as_parameters(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """audit p4: a BatchNorm's running_mean / running_var / num_batches_tracked are saved with a compressed model but
+    are buffers; save_compressed records which saved tensors are parameters and inspect counts only those."""
+    from rankwise.compress import factorize_layer
+    from rankwise.compress.lowrank_conv import set_submodule
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Flatten(), nn.Linear(1024, 10))
+    model(torch.randn(4, 3, 8, 8))  # running statistics that are not the defaults
+    set_submodule(model, "0", factorize_layer("0", model[0], 4))
+    set_submodule(model, "4", factorize_layer("4", model[4], 5))
+    directory = save_compressed(model, tmp_path / "bn")
+    info = inspect_json(directory, capsys)
+    assert info["totals"]["stored"] == sum(p.numel() for p in model.parameters())
+    assert info["totals"]["other"] == 2 * 16 and info["totals"]["buffers"] == 2 * 16 + 1
+    assert info["totals"]["before"] == 16 * 27 + 16 + 1024 * 10 + 10 + 2 * 16
+    assert {t["name"] for t in info["other_tensors"] if t["buffer"]} == {
+        "1.running_mean", "1.running_var", "1.num_batches_tracked"}
+    assert cli.main(["inspect", str(directory)]) == 0
+    out = capsys.readouterr().out
+    assert "32 parameters, 33 buffer values" in out and f"total: {info['totals']['stored']:,} parameters stored" in out
+    # a file saved before the record: nothing tells parameters from buffers, every tensor counts as before
+    payload = json.loads((directory / COMPRESSED_CONFIG).read_text())
+    del payload["parameters"]
+    (directory / COMPRESSED_CONFIG).write_text(json.dumps(payload))
+    old = inspect_json(directory, capsys)["totals"]
+    assert old["other"] == 2 * 16 + 2 * 16 + 1 and old["buffers"] == 0
+    payload["parameters"] = "1.weight"
+    (directory / COMPRESSED_CONFIG).write_text(json.dumps(payload))
+    assert cli.main(["inspect", str(directory)]) == 2
+
+
 def _one_error_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()

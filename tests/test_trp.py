@@ -161,3 +161,42 @@ def test_bad_inputs_raise_clear_errors() -> None:
         TRP(nn.Sequential(nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3, groups=4)), TRPConfig(targets=["1"]))
     with pytest.raises(ValueError, match="do not exist"):
         TRP(nn.Sequential(nn.Linear(3, 3)), TRPConfig(targets=["missing"]))
+
+
+def test_a_layer_with_a_rankwise_adapter_is_refused() -> None:
+    """audit p2: TRP's default rule would pick an adapted layer's base_layer and the adapter's own factors, and a
+    layer adapted after TRP(...) would be replaced wrapper and all, dropping the adapter's update."""
+    import rankwise
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 2))
+    adapted = rankwise.adapt(model, rankwise.LoRAConfig(r=2, targets=["0"]))
+    for config in (TRPConfig(include_linear=True), TRPConfig(targets=["0"]), TRPConfig(targets=["0.base_layer"])):
+        with pytest.raises(ValueError, match=r"'0.*carry a rankwise adapter.*unload\(model, merge=True\)"):
+            TRP(adapted, config)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 2))
+    trp = TRP(model, TRPConfig(include_linear=True, final_threshold=0.0))
+    rankwise.adapt(model, rankwise.LoRAConfig(r=2, targets=["0"]))
+    with pytest.raises(ValueError, match=r"TRP.factorize.*\['0'\].*carry a rankwise adapter"):
+        trp.factorize()
+    assert type(model[0]).__name__ == "AdaptedLayer" and type(model[2]) is nn.Linear and not trp.factorized
+
+
+def test_a_non_finite_weight_is_refused_before_any_layer_changes() -> None:
+    """audit p5: factorize() replaced the earlier layers, then torch's LinAlgError on the NaN one left the model
+    half factorised (and a second call crashed); before_forward likewise projected the earlier weights first."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(16, 2) @ torch.randn(2, 16))
+        model[2].weight[3, 3] = float("nan")
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    trp = TRP(model, TRPConfig(include_linear=True, energy=0.5))
+    for call in (trp.factorize, trp.factorize, lambda: trp.before_forward(0), lambda: trp.final_rank("2")):
+        with pytest.raises(ValueError, match=r"layer '2' holds NaN or Inf"):
+            call()
+        assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear, nn.ReLU, nn.Linear] and not trp.factorized
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(value, before[key], equal_nan=True, rtol=0, atol=0)
+    with torch.no_grad():
+        model[2].weight[3, 3] = 0.0
+    assert trp.factorize()["0"] == {"rank": 2, "factorized": True}

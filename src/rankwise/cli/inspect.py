@@ -8,7 +8,8 @@ layer with its tensors, its stored values and its expected trainable parameter c
 built on a weightless layer of the recorded shape, kernel and groups), then the modules saved in full (the
 classification head; only their parameters count as trainable, not buffers such as a BatchNorm's running
 statistics). Compressed models: each factorised layer with its rank, its tensors and the parameters
-it keeps of the dense layer, then the rest of the model in one line (``--all-tensors`` lists it).
+it keeps of the dense layer, then the rest of the model in one line (``--all-tensors`` lists it); buffers
+(a BatchNorm's running statistics) are stored but counted apart from the parameters.
 """
 
 from __future__ import annotations
@@ -106,15 +107,17 @@ def format_compressed(info: dict[str, Any], all_tensors: bool) -> str:
     other = info["other_tensors"]
     if all_tensors and other:
         lines += ["", "other tensors:"]
-        lines += _table(["tensor", "shape", "dtype", "params"],
-                        [[t["name"], "x".join(map(str, t["shape"])) or "scalar", t["dtype"], f"{t['numel']:,}"] for t in other],
+        lines += _table(["tensor", "shape", "dtype", "values", "kind"],
+                        [[t["name"], "x".join(map(str, t["shape"])) or "scalar", t["dtype"], f"{t['numel']:,}",
+                          "buffer" if t.get("buffer") else "parameter"] for t in other],
                         right={3})
     dtypes = sorted({t["dtype"] for t in other})
     before, stored = totals["before"], totals["stored"]
     lines += [
         "",
         f"{totals['layers']} factorised layers: {totals['factorised']:,} parameters (dense: {totals['dense_before']:,})",
-        f"other tensors: {len(other)} ({totals['other']:,} parameters, {', '.join(dtypes) or '-'})"
+        f"other tensors: {len(other)} ({totals['other']:,} parameters"
+        + (f", {totals['buffers']:,} buffer values" if totals.get("buffers") else "") + f", {', '.join(dtypes) or '-'})"
         + ("" if all_tensors or not other else "; --all-tensors lists them"),
         f"shared (stored once): {len(info['aliases'])}" if info["aliases"] else "shared (stored once): none",
         f"total: {stored:,} parameters stored, {before:,} before compression "

@@ -80,7 +80,9 @@ def _eval_no_grad(model: nn.Module) -> Iterator[None]:
 def input_grams(model: nn.Module, names: list[str], batches: list[Batch]) -> dict[str, Tensor]:
     """``XᵀX`` (float64, in x in) of every named layer's input, from one pass per batch.
 
-    Layers reading the same input tensor (Q, K, V) share one product per batch.
+    Layers reading the same input tensor (Q, K, V) share one product per batch. A named layer that never ran
+    on the batches has no Gram matrix to whiten with: that is a ValueError listing every such layer (rather
+    than a KeyError later, or a silent plain SVD when none ran).
     """
     grams: dict[str, Tensor] = {}
     current: dict[str, Any] = {}
@@ -105,6 +107,13 @@ def input_grams(model: nn.Module, names: list[str], batches: list[Batch]) -> dic
     finally:
         for handle in handles:
             handle.remove()
+    missing = [n for n in names if n not in grams]
+    if missing:
+        raise ValueError(
+            f"whitened compression: the targeted layer(s) {missing[:8]}{' ...' if len(missing) > 8 else ''} "
+            f"({len(missing)} of {len(names)}) never ran on the {len(batches)} calibration batch(es), so they have "
+            "no input Gram matrix; exclude them (exclude=...) or feed batches that reach them"
+        )
     return grams
 
 

@@ -47,6 +47,7 @@ import numpy as np
 from torch import Tensor, nn
 
 from .lowrank_conv import (
+    check_not_adapted,
     factorize_layer,
     frobenius_decay,
     layer_break_even,
@@ -204,18 +205,24 @@ class Cuttlefish:
 
         Returns ``{name: {"rank": r, "factorized": bool}}``. Afterwards :attr:`layers` maps each tracked
         layer to the module now in the model (the pair, or the dense layer kept). Build a fresh optimizer.
+        A tracked layer that now carries a rankwise adapter (adapted after ``Cuttlefish(...)``) is refused
+        before anything changes (:func:`~rankwise.compress.lowrank_conv.check_not_adapted`); every pair is
+        built before the first one is swapped in.
         """
         self._check_dense("switch")
+        check_not_adapted(self.model, list(self.layers), "Cuttlefish.switch")
         report: dict[str, dict[str, object]] = {}
+        pairs: dict[str, nn.Module] = {}
         for name, rank in self.ranks().items():
             layer = self.layers[name]
             worth = rank < layer_break_even(layer.weight.shape)
             if worth:
-                pair = factorize_layer(name, layer, rank)
-                set_submodule(self.model, name, pair)
-                self.layers[name] = pair
-                self.factorized.append(pair)
+                pairs[name] = factorize_layer(name, layer, rank)
             report[name] = {"rank": rank, "factorized": worth}
+        for name, pair in pairs.items():
+            set_submodule(self.model, name, pair)
+            self.layers[name] = pair
+            self.factorized.append(pair)
         self.switched = True
         return report
 

@@ -31,6 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ..core.layer import AdaptedLayer, SavedModule
 from ..core.quantised import check_not_quantised, check_not_sharded
 from . import ranks
 from .factorized import FactorizedLinear, break_even_rank
@@ -70,13 +71,36 @@ def check_layer(name: str, module: nn.Module) -> None:
         raise ValueError(f"layer '{name}' is a {type(module).__name__}; only nn.Linear and nn.Conv2d can be factorised")
 
 
+def check_not_adapted(model: nn.Module, names: Sequence[str], what: str) -> None:
+    """Refuse target layers that are, or sit inside, a rankwise adapter wrapper (an adapted layer or a
+    ``modules_to_save`` copy), with a ValueError naming them, before anything changes.
+
+    Compression replaces a layer by a factorisation of one weight. For an adapted layer that weight is the
+    base weight, so the adapter's update would be dropped (the compressed model would compute the base model)
+    while the model still listed the adapter; a layer inside the wrapper (``base_layer``, an adapter's own
+    factors, a saved copy) would be swapped under the adapter's feet. Merge the adapters first, or compress
+    before adapting.
+    """
+    wrapped = [n for n, m in model.named_modules() if n and isinstance(m, (AdaptedLayer, SavedModule))]
+    hits = [t for t in names if any(t == w or t.startswith(w + ".") for w in wrapped)]
+    if hits:
+        raise ValueError(
+            f"{what}: the target layer(s) {hits[:8]} of {type(model).__name__} carry a rankwise adapter (or lie "
+            "inside one); compressing them would factorise the base weight alone and drop the adapter's update. "
+            "Call rankwise.unload(model, merge=True) first to fold the adapters into the weights, or compress "
+            "before adapting"
+        )
+
+
 def resolve_targets(model: nn.Module, targets: Sequence[str] | None, default: list[str], what: str) -> dict[str, nn.Module]:
-    """Map target names to modules, checking each; raise if none match."""
+    """Map target names to modules, checking each (no layer of an adapter: :func:`check_not_adapted`); raise if
+    none match."""
     modules = dict(model.named_modules())
     names = list(targets) if targets is not None else default
     missing = [n for n in names if n not in modules]
     if missing:
         raise ValueError(f"{what}: target layers {missing[:5]} do not exist in {type(model).__name__}")
+    check_not_adapted(model, names, what)
     if not names:
         raise ValueError(
             f"{what}: {type(model).__name__} has no matching layers (Linear / ungrouped Conv2d); "

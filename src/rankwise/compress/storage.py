@@ -73,15 +73,23 @@ def _layer_spec(module: nn.Module) -> LayerSpec | None:
 
 
 def save_compressed(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
-    """Write the compressed model to ``directory`` (created if needed) and return it."""
+    """Write the compressed model to ``directory`` (created if needed) and return it.
+
+    The config's ``parameters`` lists the saved tensors that are parameters; the others are buffers (a
+    BatchNorm's running statistics), saved to restore the model but no parameters, so ``rankwise inspect``
+    counts them apart. Files written before that list existed have none (inspect then counts every tensor).
+    """
     layers = {name: spec for name, module in model.named_modules() if (spec := _layer_spec(module)) is not None}
     if not layers:
         raise ValueError(f"save_compressed: {type(model).__name__} has no factorised layer (FactorizedLinear / "
                          "FactorizedConv2d); call rankwise.compress, TRP.factorize or Cuttlefish.switch first")
     tensors, aliases = _unique_state(model)
+    parameter_names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    parameters = sorted(name for name in tensors if name in parameter_names)
     directory = Path(directory)
     save_tensors(directory / WEIGHTS_FILE, tensors, metadata={"format": FORMAT})
-    save_json(directory / CONFIG_FILE, {"format": FORMAT, "rankwise_version": __version__, "layers": layers, "aliases": aliases})
+    save_json(directory / CONFIG_FILE, {"format": FORMAT, "rankwise_version": __version__, "layers": layers,
+                                        "aliases": aliases, "parameters": parameters})
     return directory
 
 

@@ -64,7 +64,7 @@ from ..core.layer import linear_shape, weight_matrix
 from ..core.quantised import check_not_sharded
 from .calibration import Batch, execution_stages, input_grams, materialize, paired_grams
 from .factorized import FactorizedLinear, break_even_rank
-from .lowrank_conv import UNSHARDED
+from .lowrank_conv import UNSHARDED, check_not_adapted
 from .ranks import energy_rank, global_allocation, uniform_rank
 from .sensitivity import DEFAULT_SEQUENCES, sensitivity_gains, take_sequences
 
@@ -205,7 +205,11 @@ def _check_fraction(name: str, value: float | None) -> None:
 
 
 def _select(model: nn.Module, targets: str | list[str], exclude: str | list[str] | None) -> list[str]:
+    """The targeted Linear layers not yet factorised; a ValueError for a sharded layer or one that carries a
+    rankwise adapter (targeting sees an adapted layer as its base layer, whose factorisation would drop the
+    adapter's update: :func:`~rankwise.compress.lowrank_conv.check_not_adapted`)."""
     names = find_targets(model, AdapterConfig(targets=targets, exclude=exclude))
+    check_not_adapted(model, names, "compress")
     modules = dict(model.named_modules())
     for name in names:
         check_not_sharded(name, modules[name], UNSHARDED)
@@ -250,7 +254,8 @@ def compress(
         ratio: fraction of the targeted layers' weights to keep (default 0.5 when neither
             ``energy`` nor ``ranks`` is given).
         method: ``"svd"`` (LoRD, data-free) or ``"whitened"`` (SVD-LLM, needs ``calibration``).
-        calibration: iterable of model-input dicts (``input_ids``, ``attention_mask``, ...).
+        calibration: iterable of model-input dicts (``input_ids``, ``attention_mask``, ...). With
+            ``method="whitened"`` every targeted layer must run on them (a ValueError lists those that do not).
         energy: keep the smallest rank whose σ² energy reaches this fraction, per layer.
         ranks: explicit ranks by layer name or suffix; targeted layers not named stay dense.
         allocation: ``"uniform"`` (same fraction per layer), ``"sensitivity"`` (measured effect of
@@ -293,7 +298,7 @@ def compress(
 
     grams = input_grams(model, names, batches) if method == "whitened" else {}
     decompositions = {
-        n: regression_decomposition(weight_matrix(model.get_submodule(n)), grams[n], n) if grams
+        n: regression_decomposition(weight_matrix(model.get_submodule(n)), grams[n], n) if method == "whitened"
         else plain_decomposition(weight_matrix(model.get_submodule(n)))
         for n in names
     }

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from .lowrank_conv import (
     Scheme,
     check_energy,
+    check_not_adapted,
     check_scheme,
     energy_rank,
     factorize_layer,
@@ -138,16 +139,30 @@ class TRP:
             raise ValueError(f"TRP.{what}: factorize() has already replaced the target layers by their factorised pairs "
                              "(TRP.layers now holds those); TRP acts on the dense weights, so train with it before factorize()")
 
+    def _check_finite(self, what: str, names: list[str] | None = None) -> None:
+        """Raise a ValueError naming the first target (of ``names``, default all) whose weight holds NaN or Inf:
+        its SVD would fail with torch's LinAlgError. Callers check every weight before they change any."""
+        for name in self.layers if names is None else names:
+            weight = self.layers[name].weight
+            if not torch.isfinite(weight.detach()).all():
+                raise ValueError(
+                    f"TRP.{what}: the {tuple(weight.shape)} weight of layer '{name}' holds NaN or Inf (training "
+                    "diverged), so it has no SVD; nothing was changed. Restore a checkpoint or lower the learning rate"
+                )
+
     @torch.no_grad()
     def before_forward(self, step: int) -> bool:
         """On TRP iterations (step % m == 0) project each weight to its energy-rank TSVD; return whether it did.
 
         The SVD runs in float32, or in float64 for float64 weights (never below the weight's precision).
+        A weight holding NaN or Inf (training diverged) is a ValueError naming the layer, raised before any
+        weight is projected.
         """
         self._check_dense("before_forward")
         self._subgradients = {}
         if step % self.config.period:
             return False
+        self._check_finite("before_forward")  # every weight, before the first one is projected
         for name, layer in self.layers.items():
             weight = layer.weight
             matrix = matricize(weight.detach().to(torch.promote_types(weight.dtype, torch.float32)), self.scheme)
@@ -170,8 +185,10 @@ class TRP:
         self._subgradients = {}
 
     def final_rank(self, name: str) -> int:
-        """The rank layer ``name`` gets at the end: #{σ >= τ}, or the energy rank if ``final_energy`` is set."""
+        """The rank layer ``name`` gets at the end: #{σ >= τ}, or the energy rank if ``final_energy`` is set
+        (a ValueError naming the layer if its weight holds NaN or Inf)."""
         self._check_dense("final_rank")
+        self._check_finite("final_rank", [name])
         matrix = matricize(self.layers[name].weight.detach().double(), self.scheme)
         sigma = torch.linalg.svdvals(matrix)
         if self.config.final_energy is not None:
@@ -184,15 +201,25 @@ class TRP:
         Returns ``{name: {"rank": r, "factorized": bool}}``; a layer at or above break-even stays dense.
         Afterwards :attr:`layers` maps each target to the module now in the model (the pair, or the
         dense layer kept), and the training hooks refuse to run.
+
+        All or nothing: every rank and every pair is computed first (a weight holding NaN or Inf is a
+        ValueError naming the layer; a target that now carries a rankwise adapter is refused, see
+        :func:`~rankwise.compress.lowrank_conv.check_not_adapted`), and only then are the layers swapped in,
+        so a failed call leaves the model as it was and can be repeated.
         """
         self._check_dense("factorize")
+        check_not_adapted(self.model, list(self.layers), "TRP.factorize")
+        self._check_finite("factorize")
         report: dict[str, dict[str, object]] = {}
-        for name, layer in list(self.layers.items()):
+        pairs: dict[str, nn.Module] = {}
+        for name, layer in self.layers.items():
             rank = self.final_rank(name)
             worth = rank < layer_break_even(layer.weight.shape, self.scheme)
             if worth:
-                self.layers[name] = factorize_layer(name, layer, rank, self.scheme)
-                set_submodule(self.model, name, self.layers[name])
+                pairs[name] = factorize_layer(name, layer, rank, self.scheme)
             report[name] = {"rank": rank, "factorized": worth}
+        for name, pair in pairs.items():
+            set_submodule(self.model, name, pair)
+            self.layers[name] = pair
         self.factorized = True
         return report

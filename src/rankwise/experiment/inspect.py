@@ -181,8 +181,21 @@ def _shape_text(spec: dict[str, Any]) -> str:
     return f"{spec['out_features']} x {spec['in_features']}"
 
 
+def _compressed_buffers(payload: dict[str, Any], rest: dict[str, TensorInfo], config_path: Path) -> set[str]:
+    """The names among the non-factorised tensors ``rest`` that are buffers (a BatchNorm's running statistics):
+    those missing from the config's ``parameters`` list (``save_compressed`` records which saved tensors are
+    parameters); a file saved before that record has none, so every tensor counts as a parameter as before."""
+    names = payload.get("parameters")
+    if names is None:
+        return set()
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise _malformed(config_path, "'parameters' must be a list of tensor names")
+    return set(rest) - set(names)
+
+
 def describe_compressed(directory: Path) -> dict[str, Any]:
-    """The compressed model in ``directory``: per-layer ranks, tensors and parameter counts."""
+    """The compressed model in ``directory``: per-layer ranks, tensors and parameter counts (buffers, such as a
+    BatchNorm's running statistics, are counted apart: see :func:`_compressed_buffers`)."""
     config_path = directory / storage.CONFIG_FILE
     payload = _read_config(config_path, storage.FORMAT, "compressed-model config")
     layers, aliases = payload.get("layers"), payload.get("aliases", {})
@@ -209,21 +222,23 @@ def describe_compressed(directory: Path) -> dict[str, Any]:
                      "tensors": _tensor_list(own), "stored": stored, "dense": dense,
                      "kept": stored / dense if dense else None})
     rest = {name: tensors[name] for name in sorted(tensors, key=_natural) if name not in claimed}
+    buffers = _compressed_buffers(payload, rest, config_path)
     factorised = sum(row["stored"] for row in rows)
     dense = sum(row["dense"] for row in rows)
-    other = sum(info.numel for info in rest.values())
+    other = sum(info.numel for name, info in rest.items() if name not in buffers)
     return {
         "kind": "compressed",
         "path": str(directory),
         "rankwise_version": payload.get("rankwise_version"),
         "layers": rows,
-        "other_tensors": _tensor_list(rest),
+        "other_tensors": [{**entry, "buffer": entry["name"] in buffers} for entry in _tensor_list(rest)],
         "aliases": aliases,
         "totals": {
             "layers": len(rows),
             "factorised": factorised,
             "dense_before": dense,
             "other": other,
+            "buffers": sum(rest[name].numel for name in buffers),
             "stored": factorised + other,
             "before": dense + other,
             "file_bytes": (directory / storage.WEIGHTS_FILE).stat().st_size,
