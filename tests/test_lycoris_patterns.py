@@ -126,6 +126,23 @@ def test_each_layer_gets_peft_s_rank_and_alpha(case):
         assert any(line.startswith(name + " ") and f"r={r}, s={alpha / r:g}" in line for line in table.splitlines())
 
 
+@pytest.mark.parametrize("method", ["loha", "lokr"])
+@pytest.mark.parametrize("alone", ["rank_pattern", "alpha_pattern"])
+def test_one_pattern_alone_equals_peft(method, alone):
+    """Either pattern works without the other (the other value stays global), as in PEFT (whose "no pattern" is {};
+    None raises there)."""
+    ours, theirs = build(method, init_weights=False, **{"rank_pattern": {}, "alpha_pattern": {},
+                                                        alone: {"rank_pattern": RANK_PATTERN,
+                                                                "alpha_pattern": ALPHA_PATTERN}[alone]})
+    for name, layer in rankwise.adapted_layers(ours):
+        r, alpha = EXPECTED[name]
+        r, alpha = (r, ALPHA) if alone == "rank_pattern" else (R, alpha)
+        assert (layer.adapter.r, layer.adapter.scaling) == (r, pytest.approx(alpha / r, rel=1e-12)), name
+        assert layer.adapter.scaling == pytest.approx(peft_layer(theirs, name).scaling["default"], rel=1e-12), name
+        for tensor, parameter in layer.adapter.named_parameters():
+            assert parameter.shape == getattr(peft_layer(theirs, name), tensor)["default"].shape, f"{name}.{tensor}"
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_seeded_init_equals_peft(case):
     """Same seed, same tensors: every layer's factors are drawn at its own rank, in PEFT's order."""
