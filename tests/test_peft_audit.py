@@ -42,9 +42,11 @@ REPRODUCED = {
     "gralora": SHARED | {"r", "alpha", "gralora_k", "hybrid_r", "gralora_dropout", "init_weights"},
     "miss": SHARED | {"r", "miss_dropout", "mini_r", "init_weights"},
     # use_effective_conv2d: the Tucker cores on convolutions (tests/test_lycoris_conv.py), inert on Linear layers
-    "loha": SHARED | {"r", "alpha", "rank_dropout", "module_dropout", "use_effective_conv2d", "init_weights"},
+    # rank_pattern / alpha_pattern: per-layer r and alpha (tests/test_lycoris_patterns.py)
+    "loha": SHARED | {"r", "alpha", "rank_dropout", "module_dropout", "use_effective_conv2d", "init_weights",
+                      "rank_pattern", "alpha_pattern"},
     "lokr": SHARED | {"r", "alpha", "rank_dropout", "module_dropout", "use_effective_conv2d", "init_weights",
-                      "decompose_both", "decompose_factor", "rank_dropout_scale"},
+                      "decompose_both", "decompose_factor", "rank_dropout_scale", "rank_pattern", "alpha_pattern"},
 }
 METADATA = {"peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
             "inference_mode"}
@@ -155,9 +157,8 @@ def test_every_peft_field_is_reproduced_inert_or_refused(method, tmp_path):
         assert not list(rankwise.adapted_layers(model))
         assert all(torch.equal(a, b) for a, b in zip(model.parameters(), base_model().parameters()))
     assert "layers_to_transform" in refused
-    if method in ("loha", "lokr"):  # PEFT's LyCORIS configs have no bias field; per-layer patterns are refused
-        assert {"rank_pattern", "alpha_pattern"} <= set(refused)
-    else:
+    assert not {"rank_pattern", "alpha_pattern"} & set(refused)  # per-layer r and alpha are reproduced
+    if method not in ("loha", "lokr"):  # PEFT's LyCORIS configs have no bias field
         assert "bias" in refused
     if method == "lora":
         assert {"use_qalora", "layer_replication", "target_parameters", "trainable_token_indices", "megatron_config",

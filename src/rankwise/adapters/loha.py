@@ -32,6 +32,12 @@ run draws PEFT's masks):
       k_i = [torch.rand(m)_i > p_r], rescaled to k / mean(k), multiplies row i of ΔW (equivalently
       output feature i of the update).
 
+Per-layer rank and alpha (PEFT ``rank_pattern`` / ``alpha_pattern``, shared with LoRA and LoKr:
+:class:`~rankwise.core.config.LayerPatterns`): layer ℓ gets r_ℓ and α_ℓ from the first key of each dict that matches
+its name by PEFT's rule (:func:`~rankwise.core.config.pattern_key`), else ``r`` and ``alpha``, so s_ℓ = α_ℓ/r_ℓ and its
+factors have r_ℓ columns / rows (the Tucker cores r_ℓ × r_ℓ); every formula here is per layer. ``import_peft`` /
+``export_peft`` carry both dicts in their order (the first matching key wins).
+
 Init (PEFT ``init_weights=True``): W1a, W1b, W2a Kaiming-uniform(a=√5), i.e. U(±1/√fan_in) with fan-in
 r for W1a, W2a (m × r) and n for W1b (r × n), drawn in that order; W2b = 0, so ΔW = 0 at step 0.
 ``init_weights=False`` draws W2b ~ U(±1/√n) as well (tests only). Same seed, same tensors as PEFT.
@@ -52,7 +58,8 @@ The Tucker cores are drawn last (Kaiming-uniform, fan-in r·∏k). Parameters: 2
 
 Oracle: PEFT 0.21.2 (outputs, gradients, ΔW, merged weights, seeded init, dropout masks under a
 shared seed, adapter files both ways; on Linear, Conv1d and Conv2d layers, tests/test_loha.py and
-tests/test_lycoris_conv.py) and the formulas above computed densely.
+tests/test_lycoris_conv.py; with per-layer patterns, tests/test_lycoris_patterns.py) and the formulas above computed
+densely.
 
 Differences from PEFT, on purpose:
     * If every row is dropped (all k_i = 0) the update is zero; PEFT divides by mean(k) = 0 and returns NaN.
@@ -61,7 +68,6 @@ Differences from PEFT, on purpose:
       accepts it, and ``import_peft`` sets it, so every file PEFT loads imports.
     * transformers ``Conv1D`` (GPT-2) layers work through rankwise's core; PEFT's LoHa raises TypeError
       on them, so ``export_peft`` refuses such a model.
-    * No ``rank_pattern`` / ``alpha_pattern``; a PEFT file that sets the patterns is refused by ``import_peft``.
     * Tucker gradients: PEFT's hand-written backward of the Tucker form (``HadaWeightCP``) returns wrong gradients
       for ``hada_w1_a`` and ``hada_w2_a`` (it pairs each with the other Hadamard factor's core product), so PEFT
       trains those two tensors on a wrong gradient; rankwise's are autograd's of the formula (outputs, every other
@@ -83,7 +89,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.config import AdapterConfig, check_choice, check_positive_int, check_positive_number, config_field
+from ..core.config import (
+    AdapterConfig,
+    LayerPatterns,
+    check_choice,
+    check_positive_int,
+    check_positive_number,
+    config_field,
+)
 from ..core.layer import Adapter, add_into_output, is_conv_layer
 from ..core.registry import PeftFormat, register
 
@@ -93,8 +106,12 @@ from ..core.registry import PeftFormat, register
 
 
 @dataclass(kw_only=True)
-class LycorisConfig(AdapterConfig):
-    """The options PEFT's LyCORIS adapters (LoHa, LoKr) share, with PEFT's names and defaults."""
+class LycorisConfig(LayerPatterns, AdapterConfig):
+    """The options PEFT's LyCORIS adapters (LoHa, LoKr) share, with PEFT's names and defaults.
+
+    ``rank_pattern`` / ``alpha_pattern`` (:class:`~rankwise.core.config.LayerPatterns`, PEFT's rule) give a layer
+    its own r and alpha; each adapter is built from the layer's :meth:`for_layer` config, as PEFT's
+    ``_create_and_replace`` passes the matched r and alpha to the layer."""
 
     r: int = config_field(8, "rank of each low-rank factor pair")
     alpha: float = config_field(8.0, "scaling numerator: s = alpha / r")
@@ -109,6 +126,7 @@ class LycorisConfig(AdapterConfig):
         owner = type(self).__name__
         check_positive_int(owner, "r", self.r)
         check_positive_number(owner, "alpha", self.alpha)
+        self.check_patterns()
         check_choice(owner, "use_effective_conv2d", self.use_effective_conv2d, [True, False])
         for name in ("rank_dropout", "module_dropout"):
             value = getattr(self, name)
@@ -117,6 +135,7 @@ class LycorisConfig(AdapterConfig):
 
     @property
     def scaling(self) -> float:
+        """s = alpha / r of a layer without pattern entries (a layer's own: ``for_layer(name).scaling``)."""
         return self.alpha / self.r
 
 
@@ -142,9 +161,10 @@ def row_keep_mask(rows: int, probability: float, rescale: bool, dtype: torch.dty
 
 def lycoris_peft_fields(config: LycorisConfig) -> dict[str, Any]:
     """The PEFT config fields LoHa and LoKr share (``use_effective_conv2d`` changes convolutions only; Linear
-    layers ignore it in PEFT and here)."""
+    layers ignore it in PEFT and here; the patterns are written as PEFT's dicts, ``{}`` for none)."""
     return {"r": config.r, "alpha": config.alpha, "rank_dropout": config.rank_dropout,
-            "module_dropout": config.module_dropout, "use_effective_conv2d": config.use_effective_conv2d}
+            "module_dropout": config.module_dropout, "use_effective_conv2d": config.use_effective_conv2d,
+            "rank_pattern": dict(config.rank_pattern or {}), "alpha_pattern": dict(config.alpha_pattern or {})}
 
 
 def lycoris_from_peft(peft_config: dict[str, Any], method: str) -> dict[str, Any]:
@@ -162,6 +182,8 @@ def lycoris_from_peft(peft_config: dict[str, Any], method: str) -> dict[str, Any
         "rank_dropout": float(peft_config.get("rank_dropout", 0.0)),
         "module_dropout": float(peft_config.get("module_dropout", 0.0)),
         "use_effective_conv2d": bool(peft_config.get("use_effective_conv2d", False)),
+        "rank_pattern": dict(peft_config.get("rank_pattern") or {}) or None,
+        "alpha_pattern": dict(peft_config.get("alpha_pattern") or {}) or None,
     }
 
 
@@ -261,6 +283,7 @@ class LoHaAdapter(Adapter):
 
     def __init__(self, base: nn.Module, config: LoHaConfig, layer_name: str = "") -> None:
         super().__init__(base, config, layer_name)
+        config = config.for_layer(layer_name)  # the layer's r and alpha (rank_pattern / alpha_pattern)
         self.r, self.scaling = config.r, config.scaling
         self.rank_dropout, self.module_dropout = config.rank_dropout, config.module_dropout
         self._build_factors(config)
@@ -270,7 +293,7 @@ class LoHaAdapter(Adapter):
         if self.r > limit and not config.allow_excess_rank:
             raise self.fail(
                 f"rank r={self.r} exceeds {what}={limit}",
-                f"Use r <= {limit}, exclude this layer from targets, or set allow_excess_rank=True "
+                f"Use r <= {limit} (in rank_pattern too), exclude this layer from targets, or set allow_excess_rank=True "
                 "(as PEFT does; the extra rank is wasted)",
             )
 

@@ -35,6 +35,11 @@ Init (PEFT ``init_weights``), Kaiming-uniform(a=√5) = U(±1/√fan_in) with fa
 Draws in PEFT's order (w1 or w1_a, w1_b, then w2 or w2_a, w2_b), so the same seed gives PEFT's tensors.
 Trainable parameters per layer: (a·c or r(a + c)) + (b·d or r(b + d)).
 
+Per-layer rank and alpha (PEFT ``rank_pattern`` / ``alpha_pattern``, as LoRA and LoHa:
+:class:`~rankwise.core.config.LayerPatterns`): layer ℓ gets r_ℓ and α_ℓ from the first key of each dict that matches
+its name by PEFT's rule, else ``r`` and ``alpha``; s_ℓ = α_ℓ/r_ℓ, and r_ℓ also decides which factors are full
+(r_ℓ < max(b, d)/2 above), as in PEFT. ``import_peft`` / ``export_peft`` carry both dicts in their order.
+
 Convolutions (``nn.Conv1d`` / ``nn.Conv2d`` with C_out = a·b, C = C_in/groups = c·d, kernel k;
 :class:`LoKrConvAdapter`, PEFT's ``lokr.Conv1d/2d``): the channels are split as the widths above and the kernel goes
 with W2, ΔW[(i, j), (p, q), h] = s · W1[i, p] · W2[j, q, h], i.e. s · W1 ⊗ W2 on the (C_out, C·∏k) kernel matrix
@@ -48,12 +53,12 @@ indices first): the same family of updates, reproduced so that PEFT's files mean
 
 Oracle: PEFT 0.21.2 (outputs, gradients, ΔW, merged weights, seeded init, factorization on every width
 up to 512, dropout masks under a shared seed, adapter files both ways; on Linear, Conv1d and Conv2d layers,
-tests/test_lokr.py and tests/test_lycoris_conv.py) and the Kronecker products densely.
+tests/test_lokr.py and tests/test_lycoris_conv.py; with per-layer patterns, tests/test_lycoris_patterns.py) and the
+Kronecker products densely.
 
 Differences from PEFT, on purpose: the forward never builds the m×n ΔW (PEFT builds it every forward);
 transformers ``Conv1D`` layers work through rankwise's core (PEFT raises TypeError, so ``export_peft``
-refuses them); no ``rank_pattern`` / ``alpha_pattern``, so a PEFT file that sets the patterns is refused by
-``import_peft``. On convolutions: a padding mode other than zeros is padded as the layer pads (PEFT pads ΔW with
+refuses them). On convolutions: a padding mode other than zeros is padded as the layer pads (PEFT pads ΔW with
 zeros, so its forward is not its merge; such layers are refused by ``export_peft`` / ``import_peft``); a Tucker core
 on a kernel whose last size is 1 (a Conv1d, a (k, 1) Conv2d) is computed as the Kronecker kernel W1 ⊗ (T ×₁ W2aᵀ ×₂
 W2bᵀ), where PEFT's ``torch.kron`` raises at every forward and merge (so it is refused both ways too); Conv3d is
@@ -148,6 +153,7 @@ class LoKrAdapter(Adapter):
 
     def __init__(self, base: nn.Module, config: LoKrConfig, layer_name: str = "") -> None:
         super().__init__(base, config, layer_name)
+        config = config.for_layer(layer_name)  # the layer's r and alpha (rank_pattern / alpha_pattern)
         self.r, self.scaling = config.r, config.scaling
         self.rank_dropout, self.module_dropout = config.rank_dropout, config.module_dropout
         self.rank_dropout_scale = config.rank_dropout_scale

@@ -18,8 +18,8 @@ the layer's bias (unmerge subtracts it). Trainable parameters per layer: r(m + n
 ``lora_bias``).
 
 Per-layer rank and alpha (PEFT ``rank_pattern`` / ``alpha_pattern``): layer ℓ gets r_ℓ and α_ℓ from the
-first pattern key that matches its name by PEFT's rule (:func:`pattern_key`), else ``r`` and ``alpha``;
-s_ℓ = α_ℓ/r_ℓ (α_ℓ/√r_ℓ with rsLoRA). ``import_peft`` / ``export_peft`` carry both dicts unchanged.
+first pattern key that matches its name by PEFT's rule (:func:`~rankwise.core.config.pattern_key`), else
+``r`` and ``alpha``; s_ℓ = α_ℓ/r_ℓ (α_ℓ/√r_ℓ with rsLoRA). ``import_peft`` / ``export_peft`` carry both dicts unchanged.
 GoRA (:mod:`rankwise.allocation.gora`) stores its allocated ranks this way.
 
 Two inits start from the base weight itself and move their initial update out of it, so the
@@ -98,11 +98,9 @@ Where we differ from PEFT, on purpose:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
-import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Self
 
 import torch
@@ -111,11 +109,13 @@ from torch import Tensor, nn
 
 from ..core.config import (
     AdapterConfig,
+    LayerPatterns,
     check_choice,
     check_dropout,
     check_positive_int,
     check_positive_number,
     config_field,
+    pattern_key,  # noqa: F401  (re-exported: PEFT's rule, shared with LoHa / LoKr)
 )
 from ..core.layer import Adapter, add_into_output, is_conv_layer, layer_kind
 from ..core.rank import FactorProduct, RankComponents, TwoFactors
@@ -127,7 +127,7 @@ _LAYER_VARIANTS: dict[tuple[str, str | None], type[LoRAAdapter]] = {}
 
 
 @dataclass(kw_only=True)
-class LoRAConfig(AdapterConfig):
+class LoRAConfig(LayerPatterns, AdapterConfig):
     """LoRA hyper-parameters, named and defaulted as in PEFT's ``LoraConfig``."""
 
     method = "lora"
@@ -146,27 +146,12 @@ class LoRAConfig(AdapterConfig):
     allow_excess_rank: bool = config_field(
         False, "accept r > min(out, in) (PEFT does; the extra rank is wasted). import_peft sets it"
     )
-    rank_pattern: dict[str, int] | None = field(  # field(): ruff wants a visible default for a dict
-        default=None, metadata={"help": "{layer name or regex: r} overriding r per layer, matched as in PEFT"})
-    alpha_pattern: dict[str, float] | None = field(
-        default=None, metadata={"help": "{layer name or regex: alpha} overriding alpha per layer, matched as in PEFT"})
 
     def validate(self) -> None:
         owner = type(self).__name__
         check_positive_int(owner, "r", self.r)
         check_positive_number(owner, "alpha", self.alpha)
-        for name, check in (("rank_pattern", check_positive_int), ("alpha_pattern", check_positive_number)):
-            pattern = getattr(self, name)
-            if pattern is None:
-                continue
-            if not isinstance(pattern, dict):
-                raise ValueError(f"{owner}: {name} must be a dict {{layer name or regex: value}}, got {pattern!r}")
-            for key, value in pattern.items():
-                try:
-                    re.compile(key)
-                except (re.error, TypeError) as error:
-                    raise ValueError(f"{owner}: {name} key {key!r} is not a valid regular expression ({error})") from None
-                check(owner, f"{name}[{key!r}]", value)
+        self.check_patterns()
         check_dropout(owner, self.dropout)
         check_choice(owner, "use_rslora", self.use_rslora, [True, False])
         check_choice(owner, "init_weights", self.init_weights, [True, False, "gaussian", *BASE_CHANGING_INITS])
@@ -178,27 +163,10 @@ class LoRAConfig(AdapterConfig):
                 f"load anything else), got init_weights={self.init_weights!r}"
             )
 
-    def rank_of(self, layer_name: str) -> int:
-        """The rank of layer ``layer_name``: its ``rank_pattern`` entry, else ``r`` (PEFT's rule, :func:`pattern_key`)."""
-        key = pattern_key(self.rank_pattern, layer_name)
-        return self.r if key is None else self.rank_pattern[key]  # type: ignore[index]
-
-    def alpha_of(self, layer_name: str) -> float:
-        """The alpha of layer ``layer_name``: its ``alpha_pattern`` entry, else ``alpha``."""
-        key = pattern_key(self.alpha_pattern, layer_name)
-        return self.alpha if key is None else float(self.alpha_pattern[key])  # type: ignore[index]
-
     def scaling_of(self, layer_name: str) -> float:
         """s of layer ``layer_name``: alpha / r, or alpha / sqrt(r) with ``use_rslora``, from its pattern entries."""
         r, alpha = self.rank_of(layer_name), self.alpha_of(layer_name)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
-
-    def for_layer(self, layer_name: str) -> LoRAConfig:
-        """This config with the layer's pattern entries as its ``r`` and ``alpha`` and no patterns."""
-        if not self.rank_pattern and not self.alpha_pattern:
-            return self
-        return dataclasses.replace(self, r=self.rank_of(layer_name), alpha=self.alpha_of(layer_name),
-                                   rank_pattern=None, alpha_pattern=None)
 
     def factor_width(self, out_features: int, in_features: int, layer_name: str = "") -> int:
         """Columns of B (rows of A): the layer's rank, or at most min(out, in) for the SVD / QR inits, which
@@ -216,20 +184,6 @@ class LoRAConfig(AdapterConfig):
     def scaling(self) -> float:
         """s of a layer without pattern entries."""
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
-
-
-def pattern_key(pattern: dict[str, Any] | None, layer_name: str) -> str | None:
-    """The first key of ``pattern`` that matches ``layer_name``, or None: PEFT 0.21.2's ``get_pattern_key``.
-
-    A key is a regular expression that must match the end of the name at a dot boundary:
-    ``re.match(rf"(.*\\.)?({key})$", layer_name)``. So ``"query"`` matches ``encoder.layer.0.query`` (and every
-    other layer ending in ``.query``), ``"layer.0.query"`` matches that one layer, and ``"^up$"`` only a
-    top-level ``up``. The first matching key in the dict's order wins, as in PEFT.
-    """
-    for key in pattern or {}:
-        if re.match(rf"(.*\.)?({key})$", layer_name):
-            return key
-    return None
 
 
 @dataclass(kw_only=True)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 Targets = Sequence[str] | str | None
 
@@ -72,7 +73,8 @@ class AdapterConfig:
 
     def for_layer(self, layer_name: str) -> AdapterConfig:
         """The config as layer ``layer_name`` sees it, for closed forms such as ``expected_num_params``:
-        ``self``, except for configs with per-layer overrides (LoRA's ``rank_pattern`` / ``alpha_pattern``)."""
+        ``self``, except for configs with per-layer overrides (:class:`LayerPatterns`: LoRA's, LoHa's and LoKr's
+        ``rank_pattern`` / ``alpha_pattern``)."""
         return self
 
     @property
@@ -96,6 +98,69 @@ class AdapterConfig:
                 "The adapter was probably written by a different method or a newer rankwise."
             )
         return cls(**values)
+
+
+@dataclass(kw_only=True)
+class LayerPatterns:
+    """Per-layer rank and alpha, as PEFT's ``rank_pattern`` / ``alpha_pattern`` (LoRA, LoHa, LoKr).
+
+    A mixin for a config with ``r`` and ``alpha`` fields, listed before :class:`AdapterConfig` in its bases
+    (``class LoRAConfig(LayerPatterns, AdapterConfig)``); the config's ``validate`` calls :meth:`check_patterns`.
+    Layer ℓ gets r_ℓ and α_ℓ from the first key of each dict that matches its name by PEFT's rule
+    (:func:`pattern_key`), else ``r`` and ``alpha``; adapters build each layer from :meth:`for_layer`.
+    """
+
+    rank_pattern: dict[str, int] | None = field(  # field(): ruff wants a visible default for a dict
+        default=None, metadata={"help": "{layer name or regex: r} overriding r per layer, matched as in PEFT"})
+    alpha_pattern: dict[str, float] | None = field(
+        default=None, metadata={"help": "{layer name or regex: alpha} overriding alpha per layer, matched as in PEFT"})
+
+    def check_patterns(self) -> None:
+        """Raise ``ValueError`` unless each pattern is None or a dict of valid regexes to positive ranks / alphas."""
+        owner = type(self).__name__
+        for name, check in (("rank_pattern", check_positive_int), ("alpha_pattern", check_positive_number)):
+            pattern = getattr(self, name)
+            if pattern is None:
+                continue
+            if not isinstance(pattern, dict):
+                raise ValueError(f"{owner}: {name} must be a dict {{layer name or regex: value}}, got {pattern!r}")
+            for key, value in pattern.items():
+                try:
+                    re.compile(key)
+                except (re.error, TypeError) as error:
+                    raise ValueError(f"{owner}: {name} key {key!r} is not a valid regular expression ({error})") from None
+                check(owner, f"{name}[{key!r}]", value)
+
+    def rank_of(self, layer_name: str) -> int:
+        """The rank of layer ``layer_name``: its ``rank_pattern`` entry, else ``r`` (PEFT's rule, :func:`pattern_key`)."""
+        key = pattern_key(self.rank_pattern, layer_name)
+        return self.r if key is None else self.rank_pattern[key]  # type: ignore[attr-defined,index]
+
+    def alpha_of(self, layer_name: str) -> float:
+        """The alpha of layer ``layer_name``: its ``alpha_pattern`` entry, else ``alpha``."""
+        key = pattern_key(self.alpha_pattern, layer_name)
+        return self.alpha if key is None else float(self.alpha_pattern[key])  # type: ignore[attr-defined,index]
+
+    def for_layer(self, layer_name: str) -> Self:
+        """This config with the layer's pattern entries as its ``r`` and ``alpha`` and no patterns."""
+        if not self.rank_pattern and not self.alpha_pattern:
+            return self
+        return dataclasses.replace(self, r=self.rank_of(layer_name), alpha=self.alpha_of(layer_name),  # type: ignore[type-var]
+                                   rank_pattern=None, alpha_pattern=None)
+
+
+def pattern_key(pattern: dict[str, Any] | None, layer_name: str) -> str | None:
+    """The first key of ``pattern`` that matches ``layer_name``, or None: PEFT 0.21.2's ``get_pattern_key``.
+
+    A key is a regular expression that must match the end of the name at a dot boundary:
+    ``re.match(rf"(.*\\.)?({key})$", layer_name)``. So ``"query"`` matches ``encoder.layer.0.query`` (and every
+    other layer ending in ``.query``), ``"layer.0.query"`` matches that one layer, and ``"^up$"`` only a
+    top-level ``up``. The first matching key in the dict's order wins, as in PEFT.
+    """
+    for key in pattern or {}:
+        if re.match(rf"(.*\.)?({key})$", layer_name):
+            return key
+    return None
 
 
 def _jsonable(value: Any) -> Any:

@@ -114,12 +114,16 @@ def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str
     atomic_write(path, lambda tmp: save_file(plain, tmp, metadata=metadata))
 
 
-def save_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON atomically."""
+def save_json(path: Path, payload: dict[str, Any], *, keep_order: bool = False) -> None:
+    """Write JSON atomically, keys sorted. ``keep_order`` sorts the top level only and keeps every nested dict in
+    its own order: an adapter config's ``rank_pattern`` / ``alpha_pattern`` gives a layer its *first* matching key
+    (PEFT's rule), so sorting their keys would change what the file means."""
+    if keep_order:
+        payload = dict(sorted(payload.items()))
 
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=2, sort_keys=True)
+            json.dump(payload, handle, indent=2, sort_keys=not keep_order)
             handle.write("\n")
 
     atomic_write(path, write)
@@ -273,7 +277,7 @@ def _save_adapter(model: nn.Module, name: str, directory: Path) -> bool:
         if sharded and dist.get_rank() != 0:
             return sharded
         save_tensors(directory / WEIGHTS_FILE, tensors, metadata={"format": FORMAT, "method": config.method})
-        save_json(directory / CONFIG_FILE, payload)
+        save_json(directory / CONFIG_FILE, payload, keep_order=True)  # pattern keys: first match wins
         if name == active_adapter(model):
             save_allocator(model, directory)
         else:  # the allocator belongs to the active adapter; a state left by an earlier save is not this one's

@@ -166,7 +166,9 @@ def export_peft(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     _to_peft_layout(bases, tensors, to_peft=True)
     directory = Path(directory)
     save_tensors(directory / PEFT_WEIGHTS, tensors, metadata={"format": "pt"})
-    save_json(directory / PEFT_CONFIG, payload)
+    # Pattern dicts in their own order: PEFT reads the file's order, and its first matching key wins (PEFT's own
+    # save_pretrained sorts them, so a PEFT model can reload as another; rankwise's export keeps the meaning).
+    save_json(directory / PEFT_CONFIG, payload, keep_order=True)
     return directory
 
 
