@@ -380,3 +380,36 @@ def test_rankwise_compress_runs_end_to_end_from_the_main_cli(tmp_path, capsys, o
     assert status == 0
     assert "whitened sensitivity" in printed and "fidelity" in printed and "linear-probe accuracy" in printed
     assert (tmp_path / "out" / "compress_config.json").is_file()
+
+
+def test_rankwise_compress_then_adapt_saves_the_trained_adapter_beside_the_compressed_model(
+        tmp_path, capsys, one_thread, monkeypatch):
+    """``--output DIR --then-adapt lora``: DIR holds the compressed model before adaptation and DIR/adapter the
+    trained adapter, and ``rankwise.load(load_compressed(base, DIR), DIR/adapter)`` computes exactly what the
+    trained model computed (the adaptation used to be lost: only the compressed model was saved)."""
+    from rankwise.cli import main
+    from rankwise.compress.evaluate import load_minilm
+    from rankwise.experiment import compression
+
+    trained = []
+    train = compression.adapt_and_train
+
+    def keep(*args, **kwargs):
+        trained.append(train(*args, **kwargs))
+        return trained[-1]
+
+    monkeypatch.setattr(compression, "adapt_and_train", keep)
+    out = tmp_path / "out"
+    status = main(["compress", "--method", "svd", "--allocation", "uniform", "--ratio", "0.8", "--targets",
+                   "intermediate.dense", "--calibration", "16", "--held-out", "24", "--probe-train", "48",
+                   "--output", str(out), "--then-adapt", "lora", "--adapt-steps", "2"])
+    assert status == 0 and f"adapter saved to {out / 'adapter'}" in capsys.readouterr().out
+    base, tokenizer = load_minilm()
+    batch = tokenizer(["a short test sentence", "another one here"], return_tensors="pt", padding=True)
+    compressed = load_compressed(copy.deepcopy(base), out)
+    with torch.no_grad():
+        before = compressed(**batch).last_hidden_state
+        reloaded = rankwise.load(compressed, out / "adapter").eval()
+        want, got = trained[0](**batch).last_hidden_state, reloaded(**batch).last_hidden_state
+    assert not torch.equal(want, before)  # the adapter was trained: it changes the output
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

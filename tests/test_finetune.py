@@ -102,6 +102,33 @@ def test_resume_from_a_checkpoint_gives_the_same_weights(tiny, tmp_path: Path, o
     assert losses[1] == pytest.approx(losses[0][4:], abs=1e-6)
 
 
+def test_resume_with_options_other_than_the_checkpoints_run_is_refused_before_training(
+        tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--resume`` restores the checkpoint's adapter, optimizer and schedule, so a different --lr / --r / --targets
+    would be silently ignored while metrics.json recorded it: refused, naming each option given vs recorded, with
+    nothing trained; options that only change how the run is executed (checkpoint frequency) are allowed."""
+    model, data = tiny
+    straight = tmp_path / "straight"
+    assert cli.main(tiny_argv(model, data, straight, "--save-every", "4")) == 0
+    checkpoint = straight / "checkpoints" / "checkpoint-4"
+    assert json.loads((checkpoint / "run.json").read_text())["settings"]["lr"] == 5e-3
+    capsys.readouterr()
+    refused = tmp_path / "refused"
+    argv = tiny_argv(model, data, refused, "--resume", str(checkpoint), "--lr", "0.5", "--r", "4",
+                     "--targets", "all-linear")
+    assert cli.main(argv) == 2
+    error = capsys.readouterr().err
+    for part in ("settings.lr: 0.5 given, 0.005 recorded", "config.r: 4 given, 2 recorded",
+                 "config.targets: 'all-linear' given, ['query', 'value'] recorded", "new --output-dir"):
+        assert part in error, part
+    assert not refused.exists()
+    allowed = tmp_path / "allowed"
+    assert cli.main(tiny_argv(model, data, allowed, "--resume", str(checkpoint), "--save-every", "2")) == 0
+    want, got = (load_file(str(path / "adapter.safetensors")) for path in (straight, allowed))
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, atol=1e-6, rtol=0, msg=key)
+
+
 def test_python_api_returns_metrics_and_paths(tiny, tmp_path: Path) -> None:
     from rankwise.experiment import DataConfig, RunConfig
 

@@ -5,6 +5,9 @@ the fidelity (mean cosine of mean-pooled embeddings to the uncompressed model on
 and the accuracy of a logistic-regression probe on frozen embeddings before and after.
 ``--then-adapt NAME`` then fine-tunes the compressed model with a rankwise adapter and a linear
 head for a few steps (LoRD + LoRA, arXiv 2309.14021) and reports the probe accuracy again.
+``--output DIR`` saves the compressed model (before any adaptation) to DIR and, with ``--then-adapt``,
+the trained adapter to DIR/adapter: ``rankwise.load(load_compressed(base, DIR), DIR/adapter)`` gives
+back the adapted model (the probe's linear head is not saved).
 Defaults run in a few minutes on 2 CPU cores with the shipped all-MiniLM-L6-v2.
 """
 
@@ -44,8 +47,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--held-out", type=int, default=512, help="held-out tweets for fidelity and the probe test")
     parser.add_argument("--probe-train", type=int, default=1500, help="tweets to fit the linear probe")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default=None, help="save the compressed model here (safetensors + JSON)")
-    parser.add_argument("--then-adapt", default=None, metavar="METHOD", help="fine-tune with this rankwise adapter")
+    parser.add_argument("--output", default=None,
+                        help="save the compressed model here (safetensors + JSON), before any --then-adapt; with "
+                             "--then-adapt, the trained adapter goes to OUTPUT/adapter (rankwise.load it onto "
+                             "load_compressed(base, OUTPUT))")
+    parser.add_argument("--then-adapt", default=None, metavar="METHOD",
+                        help="fine-tune with this rankwise adapter (saved to OUTPUT/adapter with --output)")
     parser.add_argument("--adapt-steps", type=int, default=60, help="optimizer steps for --then-adapt")
     parser.set_defaults(func=run)
     return parser
@@ -81,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
     if result.accuracy_adapted is not None:
         print(f"linear-probe accuracy after {args.adapt_steps} steps of {args.then_adapt} on the compressed model: "
               f"{result.accuracy_adapted:.4f}")
+    if result.saved_adapter is not None:
+        print(f"trained {args.then_adapt} adapter saved to {result.saved_adapter} "
+              f"(rankwise.load it onto load_compressed(base, {result.saved}))")
     return 0
 
 

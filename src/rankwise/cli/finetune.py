@@ -48,7 +48,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     _add_method_options(parser)
     add_training_options(parser, output_help="where the adapter and reports go; unset: runs/finetune-<task>-<method>")
     parser.add_argument("--resume", metavar="DIR",
-                        help="continue from a checkpoint: a checkpoint-N folder, or a run's --output-dir (its newest)")
+                        help="continue from a checkpoint: a checkpoint-N folder, or a run's --output-dir (its newest); "
+                             "the options that shape the run (method options, --targets, --lr, schedule, batch size, "
+                             "seed, steps, ...) must be the checkpoint's run's, or the resume is refused")
     parser.set_defaults(func=run)
     return parser
 

@@ -17,9 +17,12 @@ is known, the layer exists with the recorded type and shape/signature) before it
 then swaps the skeleton in, checks that the tensor keys, shapes and dtypes fit it exactly and that no
 tensor holds NaN/Inf (:func:`rankwise.core.io.check_loadable`) before copying a single weight, and loads
 the *whole* state dict strictly, so weights changed after compression
-(``--then-adapt`` merged into the model, any fine-tuning, Cuttlefish's post-switch training) come back
-too. On any failure the swapped modules are put back, so the base model is left as it was. Tensors that
-share storage (tied embeddings) are written once and listed as aliases.
+(an adapter merged into the model, any fine-tuning, Cuttlefish's post-switch training) come back
+too. ``rankwise compress --output DIR --then-adapt M`` saves the compressed model to ``DIR`` before
+adapting it, and the trained adapter with :func:`rankwise.save` to ``DIR/adapter``:
+``rankwise.load(load_compressed(base, DIR), DIR/adapter)`` gives back the adapted model. On any failure
+the swapped modules are put back, so the base model is left as it was. Tensors that share storage (tied
+embeddings) are written once and listed as aliases.
 """
 
 from __future__ import annotations

@@ -6,6 +6,11 @@ CPU inference-time ratio (interleaved), the fidelity (mean cosine of mean-pooled
 uncompressed model on held-out tweets) and the accuracy of a logistic-regression probe on frozen
 embeddings before and after; ``then_adapt`` fine-tunes the compressed model with a rankwise adapter
 and a linear head for a few steps (LoRD + LoRA, arXiv 2309.14021) and measures the probe again.
+
+With ``output``, the compressed model is saved to that directory *before* the adaptation
+(:func:`~rankwise.compress.save_compressed`) and, with ``then_adapt``, the trained adapter afterwards to
+``output/adapter`` (:func:`rankwise.save`; the linear head is a probe of the run and is not saved), so
+``rankwise.load(load_compressed(base, output), output / "adapter")`` gives back the adapted model.
 """
 
 from __future__ import annotations
@@ -59,6 +64,10 @@ class CompressOutcome:
     accuracy_after: float
     saved: Path | None
     accuracy_adapted: float | None
+    saved_adapter: Path | None = None
+
+
+ADAPTER_DIR = "adapter"  # the trained ``then_adapt`` adapter's subdirectory of ``output``
 
 
 def parameters(model: nn.Module) -> int:
@@ -106,6 +115,7 @@ def compress_and_measure(job: CompressJob) -> CompressOutcome:
                      allocation=allocation, sequential=job.sequential, force=job.force)
     compressed_test = embed(model, test)
     accuracy_adapted = None
+    saved_adapter = None
     saved = save_compressed(model, job.output) if job.output else None
     outcome = {
         "table": compression_report(model).table(), "parameters_before": parameters(original),
@@ -119,4 +129,8 @@ def compress_and_measure(job: CompressJob) -> CompressOutcome:
         train_labels = [splits.train[1][i:i + 32] for i in range(0, len(splits.train[1]), 32)]
         adapted = adapt_and_train(model, job.then_adapt, train, train_labels, job.adapt_steps, job.seed)
         accuracy_adapted = probe_accuracy(embed(adapted, train), splits.train[1], embed(adapted, test), splits.test[1])
-    return CompressOutcome(**outcome, accuracy_adapted=accuracy_adapted)
+        if job.output:
+            import rankwise
+
+            saved_adapter = rankwise.save(adapted, Path(job.output) / ADAPTER_DIR)
+    return CompressOutcome(**outcome, accuracy_adapted=accuracy_adapted, saved_adapter=saved_adapter)

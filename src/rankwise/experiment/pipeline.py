@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import logging
 import os
 import re
@@ -29,12 +30,12 @@ from torch import nn
 
 from ..core.config import AdapterConfig
 from ..core.inject import adapt, adapter_config, trainable_parameters
-from ..core.io import load, save
+from ..core.io import load, read_json, save
 from ..core.rank import allocator as model_allocator
 from ..core.rank import ranks as model_ranks
 from ..core.registry import config as make_config
 from ..core.registry import get_method, option_names
-from ..integrations.trainer import ADAPTER_SUBDIR
+from ..integrations.trainer import ADAPTER_SUBDIR, RUN_FILE
 from . import data as datasets
 from . import report
 from .train import Encoded, Metrics, Trained, TrainSettings, majority_metrics, train_and_test
@@ -308,13 +309,14 @@ def final_ranks(model: nn.Module) -> dict[str, int] | None:
 
 def train_method(model: nn.Module, prepared: Prepared, settings: TrainSettings, output_dir: Path,
                  validate: bool = True, resume: str | Path | None = None, callbacks: Sequence[Any] = (),
-                 adapter: bool = True) -> Trained:
+                 adapter: bool = True, run_record: dict[str, Any] | None = None) -> Trained:
     """Train an adapted classifier (or, ``adapter=False``, a plain one: full fine-tuning) on the training split
-    (validation at epoch ends when ``validate``), test it; ``callbacks``: extra Trainer callbacks (a progress bar)."""
+    (validation at epoch ends when ``validate``), test it; ``callbacks``: extra Trainer callbacks (a progress bar);
+    ``run_record`` (:func:`run_record`) goes into every checkpoint."""
     return train_and_test(model, settings, prepared.train, prepared.test, prepared.tokenizer, output_dir,
                           prepared.num_labels, validation=prepared.validation if validate else None, resume=resume,
                           before_training=allocate_before_training if adapter else None, callbacks=callbacks,
-                          adapter=adapter)
+                          adapter=adapter, run_record=run_record)
 
 
 def probe_classifier(prepared: Prepared, seed: int) -> nn.Module:
@@ -362,6 +364,73 @@ def resume_checkpoint(path: str | Path) -> Path:
                             f"or a run's output directory holding {CHECKPOINTS}/checkpoint-N)")
 
 
+#: The :class:`TrainSettings` fields a resume may change: they change how the run is executed or reported, not
+#: what it computes. ``save_every`` (checkpoint frequency) and ``report_to`` (tracker) touch no weight;
+#: ``compile`` and ``gradient_checkpointing`` compute the same steps another way (speed / memory); ``grad_accum``
+#: splits the same global batch of each step into more or fewer micro-batches (as a different number of processes
+#: does), so the examples and the update stay those of the checkpoint's run up to floating-point summation order;
+#: the number of processes is not recorded, for the same reason. ``RunConfig``'s ``threads``, ``probe``, ``probe_lr`` (the baseline, trained afresh), ``output_dir`` and
+#: ``resume`` are not recorded at all. Everything else (method options and targets, learning rate, schedule,
+#: warm-up, batch size, seed, steps / epochs, precision, optimizer, weight decay, clipping, model and data)
+#: must be what the checkpoint's run used.
+RESUME_MAY_CHANGE = frozenset({"save_every", "report_to", "compile", "gradient_checkpointing", "grad_accum"})
+RUN_FORMAT = "rankwise-finetune-run"
+
+
+def _path_or_name(value: str | None) -> str | None:
+    """An existing path made absolute (so ``data.csv`` and ``./data.csv`` compare equal), anything else as is."""
+    return str(Path(value).resolve()) if value is not None and Path(value).exists() else value
+
+
+def run_record(config: RunConfig, steps: int) -> dict[str, Any]:
+    """What shapes the adapter a ``finetune`` run of ``steps`` optimizer steps trains, as JSON: the method with its
+    whole config (every option, defaults included, targets, AdaLoRA's ``total_step``), the model, the data and the
+    training settings except :data:`RESUME_MAY_CHANGE`. Written into each checkpoint (``run.json``) and compared by
+    :func:`check_resume`."""
+    adapter = make_config(config.method, targets=config.targets, **with_run_length(config.method, config.options, steps))
+    data = {**dataclasses.asdict(config.data), "data": _path_or_name(config.data.data)}
+    settings = {key: value for key, value in dataclasses.asdict(config.settings).items()
+                if key not in RESUME_MAY_CHANGE}
+    record = {"format": RUN_FORMAT, "method": config.method, "config": adapter.to_dict(),
+              "model": _path_or_name(config.model), "data": data, "settings": settings}
+    return json.loads(json.dumps(record))  # tuples as lists, as they come back from the file
+
+
+def _flat(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"settings": {"lr": 0.1}}`` as ``{"settings.lr": 0.1}``."""
+    flat: dict[str, Any] = {}
+    for key, value in record.items():
+        if isinstance(value, dict) and key != "rank_pattern" and key != "alpha_pattern":
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_resume(checkpoint: Path, record: dict[str, Any], log: Log = logger.info) -> None:
+    """Raise a ``ValueError`` naming every option of ``record`` (this run's :func:`run_record`) that differs from
+    the record of the run that wrote ``checkpoint`` (its ``run.json``), given vs recorded, before anything trains.
+
+    A resume restores the checkpoint's adapter, optimizer and scheduler state and continues the schedule of its
+    run, so a different ``--lr``, ``--r``, ``--targets``, ... would be silently ignored (or half applied) while
+    ``metrics.json`` recorded the given values. What may change is :data:`RESUME_MAY_CHANGE` and the options
+    :func:`run_record` leaves out. A checkpoint written before runs were recorded (no ``run.json``) cannot be
+    checked: that is logged and the resume goes on."""
+    path = checkpoint / RUN_FILE
+    if not path.is_file():
+        log(f"--resume {checkpoint}: the checkpoint has no {RUN_FILE} (written by an older rankwise), so the options "
+            "given cannot be checked against its run's; make sure they are the same")
+        return
+    given, recorded = _flat(record), _flat(read_json(path, "--resume"))
+    differ = [f"{key}: {given.get(key)!r} given, {recorded.get(key)!r} recorded"
+              for key in sorted(set(given) | set(recorded)) if given.get(key) != recorded.get(key)]
+    if differ:
+        raise ValueError(
+            f"--resume {checkpoint}: the checkpoint's run used other options than the ones given, which a resume "
+            f"would ignore (it continues the checkpoint's adapter, optimizer and schedule): {'; '.join(differ)}. "
+            "Resume with the original run's command line, or start a new run in a new --output-dir without --resume")
+
+
 # ----------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------
@@ -371,7 +440,8 @@ def finetune(config: RunConfig, log: Log = logger.info) -> FinetuneResult:
     """Fine-tune ``config.method`` on ``config.data``, test it beside the baselines, write the reports.
 
     ``log`` receives the progress lines (``print`` for the command line). Raises ``ValueError`` on bad
-    options before any data or model is loaded, and
+    options before any data or model is loaded, on a ``resume`` whose checkpoint was trained with other options
+    (:func:`check_resume`) before any training, and
     :class:`~rankwise.integrations.trainer.TrainingDiverged` when the loss or a gradient turns NaN/Inf.
     """
     started = time.perf_counter()
@@ -384,11 +454,14 @@ def finetune(config: RunConfig, log: Log = logger.info) -> FinetuneResult:
     labels = prepared.splits.train.label_names
     output = Path(config.output_dir or f"runs/finetune-{config.data.name}-{config.method}")
 
+    steps = settings.total_steps(len(prepared.train))
+    record = run_record(config, steps)
+    if resume is not None:
+        check_resume(resume, record, log)
     model, adapter = adapted_classifier(prepared, config.method, config.options, config.targets, settings.seed,
-                                        settings.total_steps(len(prepared.train)),
-                                        saved=resume / ADAPTER_SUBDIR if resume is not None else None)
+                                        steps, saved=resume / ADAPTER_SUBDIR if resume is not None else None)
     log(f"method {config.method}: {trainable_parameters(model):,} trainable parameters, targets {adapter.targets}")
-    adapted = train_method(model, prepared, settings, output / CHECKPOINTS, resume=resume)
+    adapted = train_method(model, prepared, settings, output / CHECKPOINTS, resume=resume, run_record=record)
     adapter = adapter_config(model)  # an allocator may have rewritten it (GoRA's rank pattern)
 
     rows: dict[str, tuple[Metrics, int | None]] = {

@@ -312,10 +312,11 @@ class _Recorder(TrainerCallback):
 
 def build_trainer(model: nn.Module, settings: TrainSettings, train: Encoded, tokenizer: Any, output_dir: Path,
                   num_labels: int, validation: Encoded | None = None, callbacks: Sequence[Any] = (),
-                  adapter: bool = True) -> Any:
+                  adapter: bool = True, run_record: dict[str, Any] | None = None) -> Any:
     """A Trainer for ``model`` on ``train`` with the divergence guard and ``callbacks``, evaluating on
     ``validation`` at epoch ends when given: a :class:`~rankwise.integrations.trainer.RankwiseTrainer`
-    for an adapted model, a plain ``Trainer`` (``adapter=False``) for the linear probe."""
+    for an adapted model (writing ``run_record``, when given, into each checkpoint), a plain ``Trainer``
+    (``adapter=False``) for the linear probe."""
     from transformers import DataCollatorWithPadding, PrinterCallback, Trainer
 
     from ..integrations.trainer import DivergenceGuard, RankwiseCallback, RankwiseTrainer
@@ -333,7 +334,7 @@ def build_trainer(model: nn.Module, settings: TrainSettings, train: Encoded, tok
         model=model, args=args, train_dataset=EncodedDataset(train),
         eval_dataset=EncodedDataset(validation) if validation is not None else None,
         data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=_metric_function(num_labels),
-        optimizers=optimizers, callbacks=[*guards, *callbacks],
+        optimizers=optimizers, callbacks=[*guards, *callbacks], **({"run_record": run_record} if adapter else {}),
     )
     trainer.remove_callback(PrinterCallback)  # the logs go to the History (and report_to), not to stdout
     # A sequence classifier's forward takes **kwargs, so Trainer assumes its loss sums over num_items_in_batch and
@@ -346,18 +347,21 @@ def build_trainer(model: nn.Module, settings: TrainSettings, train: Encoded, tok
 def train_and_test(model: nn.Module, settings: TrainSettings, train: Encoded, test: Encoded, tokenizer: Any,
                    output_dir: Path, num_labels: int, validation: Encoded | None = None,
                    resume: str | Path | None = None, before_training: Any = None,
-                   callbacks: Sequence[Any] = (), adapter: bool = True) -> Trained:
+                   callbacks: Sequence[Any] = (), adapter: bool = True,
+                   run_record: dict[str, Any] | None = None) -> Trained:
     """Train ``model`` (evaluating on ``validation`` at epoch ends when given), then test it.
 
     ``resume``: a checkpoint folder to continue from (Trainer's resume: adapter, optimizer, scheduler,
     RNG states and data position). ``before_training(trainer)`` runs once the Trainer exists and before
     it trains (GoRA's gradient init takes its first batches there). Checkpoints (``settings.save_every``)
-    go to ``output_dir``. ``adapter=False`` trains a model without adapter (the probe) with a plain Trainer. Raises :class:`~rankwise.integrations.trainer.TrainingDiverged` at a NaN/Inf.
+    go to ``output_dir``, each with ``run_record`` (when given) as its ``run.json``. ``adapter=False`` trains a
+    model without adapter (the probe) with a plain Trainer. Raises
+    :class:`~rankwise.integrations.trainer.TrainingDiverged` at a NaN/Inf.
     """
     history = History()
     recorder = _Recorder(history)
     trainer = build_trainer(model, settings, train, tokenizer, output_dir, num_labels, validation,
-                            callbacks=[recorder, *callbacks], adapter=adapter)
+                            callbacks=[recorder, *callbacks], adapter=adapter, run_record=run_record)
     if before_training is not None:
         before_training(trainer)
     trainable = trainable_parameters(model)

@@ -105,11 +105,14 @@ from ..core.io import (
     read_json,
     read_tensors,
     save,
+    save_json,
 )
 from ..core.rank import Allocator, allocator, load_allocator
 from . import TrainingDiverged
 
 ADAPTER_SUBDIR = "adapter"
+#: A checkpoint's record of the run that wrote it (``RankwiseTrainer(run_record=...)``), which a resume can check.
+RUN_FILE = "run.json"
 
 
 def load_checkpoint_adapter(base_model: nn.Module, checkpoint_dir: str | os.PathLike[str]) -> nn.Module:
@@ -510,16 +513,21 @@ class RankwiseTrainer(Trainer):
       best checkpoint; a checkpoint written by a plain Trainer (``model.safetensors``) still loads the
       plain way.
 
+    * ``run_record``: a JSON object (what shapes the run: method options, learning rate, ...) written as
+      ``run.json`` (:data:`RUN_FILE`) into every checkpoint before it is renamed, so a checkpoint always says
+      which run it belongs to and a resume can refuse other options (``rankwise finetune --resume``).
+
     A :class:`RankwiseCallback` is added unless ``callbacks`` holds one (it writes the final adapter,
     steps allocators and runs the checks).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, run_record: dict[str, Any] | None = None, **kwargs: Any) -> None:
         callbacks = list(kwargs.pop("callbacks", None) or [])
         if not any(isinstance(c, RankwiseCallback) or c is RankwiseCallback for c in callbacks):
             callbacks.append(RankwiseCallback())
         super().__init__(*args, callbacks=callbacks, **kwargs)
         self._staging: str | None = None
+        self.run_record = run_record
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if self.args.should_save:
@@ -543,6 +551,8 @@ class RankwiseTrainer(Trainer):
             self._staging = None
         self.accelerator.wait_for_everyone()  # every rank's RNG file is in the staging folder
         if self.args.should_save:
+            if self.run_record is not None:
+                save_json(staging / name / RUN_FILE, self.run_record)
             final = run_dir / name
             if self.state.best_model_checkpoint == str(staging / name):
                 self.state.best_model_checkpoint = str(final)
