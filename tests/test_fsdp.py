@@ -154,7 +154,8 @@ def _work(rank: int, directory: Path) -> dict[str, Any]:
     trained, sharded, loaded = {}, {}, {}
     writes = []  # the config files this process wrote
     write_json = rankwise.core.io.save_json
-    rankwise.core.io.save_json = lambda path, payload: (writes.append(path.parent.name), write_json(path, payload))
+    rankwise.core.io.save_json = lambda path, payload, **options: (writes.append(path.parent.name),
+                                                                  write_json(path, payload, **options))
     for name in rankwise.methods():
         model = adapted(name)
         shard(model, per_layer=name in PER_LAYER)
