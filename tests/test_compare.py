@@ -161,6 +161,15 @@ def test_verdict_follows_the_tie_rule(differences: list[float], outcome: str) ->
     assert claims.verdict(_paired(differences)) == outcome
 
 
+def test_each_runs_budget_ratio_is_measured_on_the_model_it_trained() -> None:
+    """The matcher's ratio is the size an entry is built at; GoRA's allocation trains at another. The row's
+    × budget is (trained trainable − head) / target, per run (audit: GoRA showed 1.000 at 0.92)."""
+    records = [plots.RunRecord("gora", s, trainable=t, budget_ratio=1.0, accuracy=0.8) for s, t in ((0, 9270), (1, 9190))]
+    records += [plots.RunRecord("gora", 2, budget_ratio=1.0, error="x"), plots.RunRecord("linear probe", 0, "baseline", 770)]
+    measured = comparison.achieved_budget(records, target=10_000, head=770)
+    assert [r.budget_ratio for r in measured] == [pytest.approx(0.85), pytest.approx(0.842), 1.0, None]
+
+
 def test_verdicts_pair_each_claimed_method_with_lora_seed_by_seed() -> None:
     def record(method: str, seed: int, accuracy: float | None, **extra) -> plots.RunRecord:
         return plots.RunRecord(method=method, seed=seed, accuracy=accuracy, **extra)

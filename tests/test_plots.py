@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from rankwise.experiment import plots
+from rankwise.experiment import claims, plots
 
 
 def fake_records() -> list[dict]:
@@ -60,6 +60,36 @@ def test_one_seed_says_there_is_no_tie_information():
     assert [row["accuracy_mark"] for row in rows] == ["best", ""]
     assert len(notes) == 1 and "no tie information" in notes[0]
     assert rows[0]["step_time_vs_lora"] is None  # nothing measured
+
+
+def test_a_non_finite_score_is_a_failed_run_not_the_best():
+    """A NaN accuracy would average to NaN and sort first (audit): the record counts as failed, so the best is
+    the real best and the claim verdicts never see it."""
+    records = [plots.RunRecord("adalora", 0, accuracy=float("nan"), macro_f1=0.5)]
+    records += [plots.RunRecord("adalora", s, accuracy=a, macro_f1=a) for s, a in ((1, 0.70), (2, 0.71))]
+    records += [plots.RunRecord("lora", s, accuracy=a, macro_f1=a) for s, a in ((0, 0.80), (1, 0.81), (2, 0.82))]
+    assert records[0].error == "non-finite test metric(s) {'accuracy': nan}"
+    by = {row["method"]: row for row in plots.comparison_rows(records)[0]}
+    assert by["lora"]["accuracy_mark"] == "best" and by["adalora"]["accuracy_mark"] == ""
+    assert by["adalora"]["seeds"] == 2 and by["adalora"]["failed_runs"] == 1
+    assert by["adalora"]["accuracy_mean"] == pytest.approx(0.705)
+    verdict = {v.claim.method: v for v in claims.verdicts(records)}["adalora"]
+    assert verdict.seeds == 2 and verdict.outcome == claims.DOES_NOT_HOLD
+    assert plots.RunRecord("lora", 0, accuracy=0.8, macro_f1=float("inf")).error is not None
+
+
+def test_a_row_counts_its_successful_runs_and_says_when_their_size_differs():
+    """trainable and × budget come from the runs that finished (a failed first seed left them blank), as means
+    when they differ across seeds (GoRA's allocation), with a note."""
+    records = [plots.RunRecord("lora", 0, error="RuntimeError: out of memory")]
+    records += [plots.RunRecord("lora", s, trainable=1000, budget_ratio=1.0, accuracy=0.8, macro_f1=0.8) for s in (1, 2)]
+    records += [plots.RunRecord("gora", s, trainable=t, budget_ratio=t / 1000, accuracy=0.8, macro_f1=0.8)
+                for s, t in ((1, 900), (2, 940))]
+    rows, notes = plots.comparison_rows(records)
+    by = {row["method"]: row for row in rows}
+    assert by["lora"]["trainable"] == 1000 and by["lora"]["budget_ratio"] == 1.0
+    assert by["gora"]["trainable"] == 920 and by["gora"]["budget_ratio"] == pytest.approx(0.92)
+    assert any(note.startswith("gora: the trained size differs across seeds (900–940") for note in notes)
 
 
 def test_write_comparison_files_agree(tmp_path):

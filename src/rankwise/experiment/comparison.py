@@ -7,7 +7,8 @@
    ``options`` (``--set METHOD.KEY=VALUE``).
 2. Budget (:mod:`rankwise.experiment.budget`): with ``budget=N`` or ``budget_like="lora:r=8"`` (the default) every
    entry's size knob is set by :func:`~rankwise.experiment.budget.match_budget` on the chosen targets (the knob's
-   value overrides a given option); its achieved count / target is the row's ``budget_ratio``, and an entry more
+   value overrides a given option); the row's ``budget_ratio`` is the trained adapter's parameter count / target
+   (:func:`achieved_budget`; the matched count, unless the method moves rank before training), and an entry more
    than 10 % off or without a knob keeps the ``reason`` as its ``budget_note`` (marked †). ``budget_like=None``
    and ``budget=None``: every entry at its own size.
 3. Learning rate (``lrs``): tuned ONCE per entry, on the first seed's validation macro-F1, and used for every seed.
@@ -49,7 +50,7 @@ from transformers import TrainerCallback
 from ..core.io import atomic_write, save
 from ..core.registry import get_method, methods
 from . import claims, plots, sweep
-from .budget import Match, match_budget
+from .budget import Match, match_budget, reference_count
 from .pipeline import (
     COMMON_FIELDS,
     SHIPPED_MODEL,
@@ -58,6 +59,7 @@ from .pipeline import (
     adapted_classifier,
     final_ranks,
     full_classifier,
+    head_modules,
     linear_probe,
     load_classifier,
     prepare,
@@ -284,6 +286,27 @@ def matched_options(config: CompareConfig, prepared_model: nn.Module) -> dict[st
     return matches
 
 
+def budget_target(config: CompareConfig, classifier: nn.Module) -> int:
+    """The budget the entries are matched to: ``config.budget``, or the count of ``budget_like`` on the targets."""
+    if config.budget is not None:
+        return config.budget
+    return reference_count(classifier, config.budget_like, config.targets)
+
+
+def head_parameters(classifier: nn.Module) -> int:
+    """Parameters of the classification head every adapted run trains beside its adapter (``modules_to_save``)."""
+    return sum(p.numel() for name in head_modules(classifier) for p in classifier.get_submodule(name).parameters())
+
+
+def achieved_budget(records: list[plots.RunRecord], target: int, head: int) -> list[plots.RunRecord]:
+    """``records`` with each finished entry run's ``budget_ratio`` measured on the model it trained: (its trainable
+    parameters − the head's) / ``target``. The matcher's ratio, which the run carries, is the size the entry was
+    built at; a method that moves rank before training (GoRA's gradient allocation) trains at another size, which
+    this reports."""
+    return [dataclasses.replace(r, budget_ratio=(r.trainable - head) / target)
+            if r.kind == "method" and r.error is None and r.trainable is not None else r for r in records]
+
+
 def _method_specs(config: CompareConfig, matches: dict[str, Match] | None, setup: dict[str, Any], seed: int,
                   lr_of: Callable[[str], list[float]]) -> list[dict[str, Any]]:
     specs = []
@@ -359,7 +382,8 @@ def compare(config: CompareConfig, log: Log = print) -> dict[str, Any]:
     setup_torch(config.threads)
     directory = Path(config.output_dir or f"runs/compare-{config.data.name}")
     prepared = prepare(config.data, config.model, config.settings.seed, log)
-    matches = matched_options(config, load_classifier(prepared.model_path, prepared.splits.train.label_names))
+    classifier = load_classifier(prepared.model_path, prepared.splits.train.label_names)
+    matches = matched_options(config, classifier)
     directory.mkdir(parents=True, exist_ok=True)
     setup = {"data": dataclasses.asdict(config.data), "model": config.model, "targets": config.targets,
              "settings": dataclasses.asdict(config.settings)}
@@ -387,6 +411,8 @@ def compare(config: CompareConfig, log: Log = print) -> dict[str, Any]:
                "steps": config.settings.total_steps(len(prepared.train)), "batch size": config.settings.batch_size,
                "max length": config.data.max_length, "lr": _lr_text(config, seeds[0])}
     loaded = [plots.RunRecord.from_dict(r) for r in records]
+    if matches is not None:
+        loaded = achieved_budget(loaded, budget_target(config, classifier), head_parameters(classifier))
     found = claims.verdicts(loaded)
     text = claims.claims_markdown(found, context)
     atomic_write(directory / CLAIMS_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
@@ -407,11 +433,14 @@ __all__ = [
     "SKIPPED",
     "VARIANTS",
     "CompareConfig",
+    "achieved_budget",
+    "budget_target",
     "choose_lrs",
     "compare",
     "config_summary",
     "entries",
     "entry_method",
     "full_finetune_fits",
+    "head_parameters",
     "run",
 ]

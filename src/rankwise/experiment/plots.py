@@ -58,9 +58,9 @@ class RunRecord:
         seed: the run's seed (runs of two methods with one seed are paired).
         kind: ``"method"`` (ranked) or ``"baseline"`` (shown, not ranked).
         trainable: trainable parameters (adapter and head).
-        accuracy, macro_f1: test metrics (None when the run failed).
+        accuracy, macro_f1: test metrics (None when the run failed; a non-finite one makes the record failed).
         lr: the learning rate the run trained with (the one tuned on validation).
-        budget_ratio: trainable adapter parameters / the budget (:mod:`rankwise.experiment.budget`).
+        budget_ratio: the trained adapter's parameters / the budget (:mod:`rankwise.experiment.budget`).
         budget_note: why the method is not at the budget, when it is not.
         train_loss: the loss at every optimizer step.
         validation: ``[{"step": s, "accuracy": a, "macro_f1": f}, ...]`` at each evaluation.
@@ -106,6 +106,11 @@ class RunRecord:
     def __post_init__(self) -> None:
         if self.kind not in ("method", "baseline"):
             raise ValueError(f"RunRecord {self.method!r}: kind must be 'method' or 'baseline', got {self.kind!r}")
+        # A NaN or infinite test metric is a failed run, never a score: it would sort and average as a number.
+        bad = {name: value for name, value in (("accuracy", self.accuracy), ("macro_f1", self.macro_f1))
+               if value is not None and not math.isfinite(value)}
+        if bad and self.error is None:
+            self.error = f"non-finite test metric(s) {bad}"
 
 
 def options_text(values: Mapping[str, Any]) -> str:
@@ -158,13 +163,18 @@ def comparison_rows(records: Sequence[RunRecord]) -> tuple[list[dict[str, Any]],
         ok = [r for r in group if r.error is None]
         failed = [r for r in group if r.error is not None]
         step, memory = cost(name)
+        counts = [r.trainable for r in ok if r.trainable is not None]
+        ratios = [r.budget_ratio for r in ok if r.budget_ratio is not None]
+        if len(set(counts)) > 1:
+            notes.append(f"{name}: the trained size differs across seeds ({min(counts):,}–{max(counts):,} trainable; "
+                         "its rank allocation depends on the data), so its row shows the means")
         row: dict[str, Any] = {
             "method": name,
             "kind": group[0].kind,
             "config": options_text(group[0].options) if group[0].options is not None else None,
             "seeds": len(ok),
-            "trainable": group[0].trainable,
-            "budget_ratio": group[0].budget_ratio,
+            "trainable": round(stats.mean(counts)) if counts else group[0].trainable,
+            "budget_ratio": stats.mean(ratios) if ratios else group[0].budget_ratio,
             "budget_note": group[0].budget_note,
             "lr": _lrs(ok),
             "step_seconds": step,
