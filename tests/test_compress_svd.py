@@ -324,6 +324,23 @@ def test_whitening_refuses_a_targeted_layer_that_never_runs(targets):
     assert isinstance(model.first, FactorizedLinear) and type(model.unused) is nn.Linear
 
 
+@pytest.mark.parametrize("method", ["svd", "whitened"])
+def test_sensitivity_allocation_refuses_a_targeted_layer_that_never_runs(method):
+    """audit 3: with method="svd" the sensitivity probe of a layer the model never calls measured distortion 0,
+    so every rank looked free and the layer was cut to rank 1 silently (whitening already refused it)."""
+    torch.manual_seed(0)
+    model = WithUnused()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    data = "64 calibration sequence.*sensitivity_sequences" if method == "svd" else "4 calibration batch"
+    where = "sensitivity allocation" if method == "svd" else "whitened compression"
+    with pytest.raises(ValueError, match=rf"{where}: .*\['unused'\].*never ran on the {data}.*exclude them"):
+        compress(model, ratio=0.5, method=method, calibration=calibration(), allocation="sensitivity")
+    assert all(type(m) is nn.Linear for m in (model.first, model.second, model.unused))
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+    compress(model, ratio=0.5, method=method, calibration=calibration(), allocation="sensitivity", exclude=["unused"])
+    assert isinstance(model.first, FactorizedLinear) and type(model.unused) is nn.Linear
+
+
 def test_compressing_twice_is_refused():
     model = compress(toy(), ratio=0.5)
     with pytest.raises(ValueError, match="already factorised"):

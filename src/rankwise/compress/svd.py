@@ -255,7 +255,9 @@ def compress(
             ``energy`` nor ``ranks`` is given).
         method: ``"svd"`` (LoRD, data-free) or ``"whitened"`` (SVD-LLM, needs ``calibration``).
         calibration: iterable of model-input dicts (``input_ids``, ``attention_mask``, ...). With
-            ``method="whitened"`` every targeted layer must run on them (a ValueError lists those that do not).
+            ``method="whitened"`` or ``allocation="sensitivity"`` every targeted layer must run on them (on the
+            first ``sensitivity_sequences`` sequences for the sensitivity measurement); a ValueError lists
+            those that do not.
         energy: keep the smallest rank whose σ² energy reaches this fraction, per layer.
         ranks: explicit ranks by layer name or suffix; targeted layers not named stay dense.
         allocation: ``"uniform"`` (same fraction per layer), ``"sensitivity"`` (measured effect of
