@@ -225,6 +225,39 @@ def test_ratio_keeps_that_fraction_of_weights_and_skips_layers_past_break_even()
     assert isinstance(forced[0], FactorizedLinear) and forced[0].rank == 8
 
 
+@pytest.mark.parametrize("allocation", ["uniform", "global", "sensitivity"])
+def test_an_unreachable_ratio_is_refused_before_anything_changes(allocation):
+    """audit 3: no layer goes below rank 1, so two 32 x 32 layers at ratio 0.01 kept 128 / 2048 = 0.0625 of their
+    weights without a word, under every allocation. The ValueError names the floor Σ(m + n) / Σ m·n."""
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    data = [{"input": torch.randn(8, 32)}]
+    with pytest.raises(ValueError, match=r"ratio=0\.05 cannot be met.*128 of their 2,048.*smallest ratio reachable is "
+                                         r"0\.0625.*larger ratio, or fewer or larger targets"):
+        compress(model, ratio=0.05, allocation=allocation, calibration=data)
+    assert all(type(model[i]) is nn.Linear for i in (0, 2))
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+    report = compression_report(compress(model, ratio=0.0625, allocation=allocation, calibration=data))
+    assert [layer.rank for layer in report.layers] == [1, 1] and report.params_after == 128
+
+
+def test_a_uniform_plan_over_the_ratio_names_the_layers_rank_one_overfills():
+    """Above the floor a uniform plan still overshoots when a small layer's share is below rank 1 (here the 2 x 64
+    layer needs ratio >= 66 / 128); global allocation meets the same ratio."""
+    def model() -> nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(64, 2))
+
+    uniform = model()
+    with pytest.raises(ValueError, match=r"ratio=0\.2 cannot be met.*uniform plan keeps 258 of their 1,152.*"
+                                         r"rank 1 already keeps more than 0\.2 of \['2'\].*ratio >= 0\.5156.*"
+                                         r"allocation='global'"):
+        compress(uniform, ratio=0.2)
+    assert type(uniform[0]) is nn.Linear and type(uniform[2]) is nn.Linear
+    report = compression_report(compress(model(), ratio=0.2, allocation="global"))
+    assert report.params_after <= 0.2 * report.params_before
+
+
 def test_energy_rank_is_the_smallest_rank_reaching_the_threshold():
     sigma = torch.tensor([4.0, 2.0, 1.0, 1.0])  # energies 16, 4, 1, 1 of 22
     assert energy_rank(sigma, 16 / 22) == 1
@@ -321,6 +354,23 @@ def test_whitening_refuses_a_targeted_layer_that_never_runs(targets):
         assert all(type(m) is nn.Linear for m in (model.first, model.second, model.unused))
         assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
     compress(model, ratio=0.5, method="whitened", calibration=calibration(), exclude=["unused"])
+    assert isinstance(model.first, FactorizedLinear) and type(model.unused) is nn.Linear
+
+
+@pytest.mark.parametrize("method", ["svd", "whitened"])
+def test_sensitivity_allocation_refuses_a_targeted_layer_that_never_runs(method):
+    """audit 3: with method="svd" the sensitivity probe of a layer the model never calls measured distortion 0,
+    so every rank looked free and the layer was cut to rank 1 silently (whitening already refused it)."""
+    torch.manual_seed(0)
+    model = WithUnused()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    data = "64 calibration sequence.*sensitivity_sequences" if method == "svd" else "4 calibration batch"
+    where = "sensitivity allocation" if method == "svd" else "whitened compression"
+    with pytest.raises(ValueError, match=rf"{where}: .*\['unused'\].*never ran on the {data}.*exclude them"):
+        compress(model, ratio=0.5, method=method, calibration=calibration(), allocation="sensitivity")
+    assert all(type(m) is nn.Linear for m in (model.first, model.second, model.unused))
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+    compress(model, ratio=0.5, method=method, calibration=calibration(), allocation="sensitivity", exclude=["unused"])
     assert isinstance(model.first, FactorizedLinear) and type(model.unused) is nn.Linear
 
 

@@ -180,6 +180,20 @@ def test_als_bad_inputs() -> None:
         als_low_rank(a, 2, init="nope")
     with pytest.raises(ValueError, match=r"\(6, 2\) and \(2, 5\)"):
         als_low_rank(a, 2, init=(torch.zeros(6, 3), torch.zeros(3, 5)))
+    # audit 3: these used to return NaN factors behind a misleading "numerically singular" warning
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"init factor\(s\) \['W0'\] have NaN or inf"):
+            als_low_rank(a, 2, init=(torch.full((6, 2), bad, dtype=a.dtype), torch.ones(2, 5, dtype=a.dtype)))
+        with pytest.raises(ValueError, match=r"init factor\(s\) \['Z0'\] have NaN or inf"):
+            als_low_rank(a, 2, init=(torch.ones(6, 2, dtype=a.dtype), torch.full((2, 5), bad, dtype=a.dtype)))
+    for ridge in (float("inf"), (0.0, float("inf")), (float("inf"), 1.0), float("nan")):
+        with pytest.raises(ValueError, match="ridge must be a finite number >= 0"):
+            als_low_rank(a, 2, ridge=ridge)
+    for seed in (1.5, "0", None):
+        with pytest.raises(ValueError, match="seed must be an integer"):
+            als_low_rank(a, 2, init="random", seed=seed)
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        hadamard_decomposition(a, (1, 1), seed=2.0)
 
 
 # ----------------------------------------------------------------------------------------------

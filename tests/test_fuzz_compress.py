@@ -195,6 +195,9 @@ def check_compress(options: dict[str, Any], net: Net) -> None:
             eps = 1e-5 if net.dtype == "float32" else 1e-12
             assert abs(error - optimum) <= eps * (1 + float(dense.double().square().sum()))
     assert report.params_after == sum(row.params_after for row in report.layers)
+    if options["budget"] in ("ratio", "default"):  # a ratio is met or refused, never silently exceeded
+        ratio = options["ratio"] if options["budget"] == "ratio" else 0.5
+        assert report.params_after <= ratio * report.params_before * (1 + 1e-9)
     with torch.no_grad():
         out = model(x)
         assert out.shape == original(x).shape and out.dtype == DTYPES[net.dtype]

@@ -211,6 +211,37 @@ def test_bad_config_raises(kwargs: dict) -> None:
         LoRAEConfig(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"lr": float("inf")}, "lr must be a finite number > 0"),
+        ({"lr": float("nan")}, "lr must be a finite number > 0"),
+        ({"lr": 0.0}, "lr must be a finite number > 0"),
+        ({"epochs": 1.5}, "epochs must be a positive integer"),
+        ({"epochs": True}, "epochs must be a positive integer"),
+        ({"batch_size": 2.5}, "batch_size must be a positive integer"),
+        ({"batch_size": 0}, "batch_size must be a positive integer"),
+        ({"data": torch.full((32, 10), float("nan"))}, r"data rows \[0, 1, .*of 32 have NaN or inf"),
+        ({"data": torch.rand(32, 10).index_fill(0, torch.tensor([5]), float("inf"))}, r"data rows \[5\] of 32"),
+        ({"data": torch.rand(32, 7)}, r"cannot read data of shape \(32, 7\).*first Linear reads 10 features"),
+        ({"data": torch.rand(32, 10, dtype=torch.float64)}, r"cannot read data .*float64.*parameters are torch.float32"),
+        ({"data": torch.randint(0, 2, (32, 10))}, r"dtype torch.int64; pass floating-point data"),
+    ],
+)
+def test_train_autoencoder_refuses_bad_input_and_leaves_the_model_unchanged(kwargs: dict, match: str) -> None:
+    """audit 3: lr=inf and NaN data trained to non-finite parameters (the first behind a normal-looking history);
+    float epochs / batch_size, wrong-width and integer data raised TypeError / RuntimeError from inside the loop."""
+    torch.manual_seed(0)
+    model = mlp_autoencoder(10, 8, LoRAEConfig(latent_dim=4))
+    model.train()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    data = kwargs.pop("data", torch.rand(32, 10))
+    with pytest.raises(ValueError, match=f"train_autoencoder: .*{match}"):
+        train_autoencoder(model, data, **{"epochs": 1, **kwargs})
+    assert model.training
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+
+
 def test_bad_inputs_raise() -> None:
     config = LoRAEConfig(latent_dim=6)
     wrong_encoder = LowRankAutoencoder(nn.Linear(12, 5), nn.Linear(6, 12), config)

@@ -15,7 +15,7 @@ giving ``G = X_cᵀX_c`` and ``C = X_cᵀX_o`` (see :func:`rankwise.compress.svd
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Container, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -107,14 +107,45 @@ def input_grams(model: nn.Module, names: list[str], batches: list[Batch]) -> dic
     finally:
         for handle in handles:
             handle.remove()
-    missing = [n for n in names if n not in grams]
+    require_ran(names, grams, f"the {len(batches)} calibration batch(es)", "whitened compression",
+                "they have no input Gram matrix")
+    return grams
+
+
+def require_ran(names: list[str], ran: Container[str], data: str, where: str, consequence: str) -> None:
+    """ValueError listing every named layer not in ``ran`` (the layers seen running on the calibration batches).
+
+    A targeted layer the calibration forward passes never reach has no statistics: whitening has no Gram
+    matrix for it, and the sensitivity measurement sees zero output distortion at every rank, so the
+    allocator would cut it to rank 1 without a word. ``data`` names what the passes ran on and ``consequence``
+    says which of the two the caller means.
+    """
+    missing = [n for n in names if n not in ran]
     if missing:
         raise ValueError(
-            f"whitened compression: the targeted layer(s) {missing[:8]}{' ...' if len(missing) > 8 else ''} "
-            f"({len(missing)} of {len(names)}) never ran on the {len(batches)} calibration batch(es), so they have "
-            "no input Gram matrix; exclude them (exclude=...) or feed batches that reach them"
+            f"{where}: the targeted layer(s) {missing[:8]}{' ...' if len(missing) > 8 else ''} "
+            f"({len(missing)} of {len(names)}) never ran on {data}, so {consequence}; "
+            "exclude them (exclude=...) or feed batches that reach them"
         )
-    return grams
+
+
+@contextlib.contextmanager
+def recording_calls(model: nn.Module, names: list[str]) -> Iterator[set[str]]:
+    """Within the block, the set of the named layers that have been called (filled by forward pre-hooks)."""
+    ran: set[str] = set()
+
+    def hook(name: str):
+        def record(_module: nn.Module, _args: tuple[Tensor, ...]) -> None:
+            ran.add(name)
+
+        return record
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        yield ran
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def execution_stages(model: nn.Module, names: list[str], batch: Batch) -> list[list[str]]:

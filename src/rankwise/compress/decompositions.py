@@ -132,10 +132,12 @@ def _pair(value: Sequence[int], caller: str, name: str) -> tuple[int, int]:
 
 
 def _ridges(ridge: float | tuple[float, float]) -> tuple[float, float]:
-    """(λ_w, λ_z) from one number or a pair."""
+    """(λ_w, λ_z) from one number or a pair; each finite and >= 0 (an infinite ridge makes the normal
+    equations ``inf · I`` and the factors NaN)."""
     pair = tuple(ridge) if isinstance(ridge, (tuple, list)) else (ridge, ridge)
-    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 for v in pair):
-        raise ValueError(f"als_low_rank: ridge must be a number >= 0 or a pair (λ_w, λ_z) of them, got {ridge!r}")
+    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf
+                             for v in pair):
+        raise ValueError(f"als_low_rank: ridge must be a finite number >= 0 or a pair (λ_w, λ_z) of them, got {ridge!r}")
     return float(pair[0]), float(pair[1])
 
 
@@ -206,8 +208,9 @@ def _converged(previous: float, current: float, tol: float, exact: float) -> boo
 
 
 def _generator(seed: int, caller: str) -> torch.Generator:
+    """A CPU generator seeded with ``seed``; ValueError (bad input, like every other argument) for a non-integer."""
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"{caller}: seed must be an integer, got {seed!r}")
+        raise ValueError(f"{caller}: seed must be an integer, got {seed!r}")
     return torch.Generator().manual_seed(seed)
 
 
@@ -239,7 +242,13 @@ def _als_init(a: Tensor, observed: Tensor | None, rank: int, init: str | tuple[T
                 or tuple(init[0].shape) != (m, rank) or tuple(init[1].shape) != (rank, n)):
             shapes = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in init]
             raise ValueError(f"als_low_rank: init factors must be tensors of shapes {(m, rank)} and {(rank, n)}, got {shapes}")
-        return tuple(t.detach().to(device=a.device, dtype=torch.float64) for t in init)  # type: ignore[return-value]
+        factors = tuple(t.detach().to(device=a.device, dtype=torch.float64) for t in init)
+        # A NaN / inf factor poisons every solve (the result was NaN factors behind a "singular" warning).
+        bad = [name for name, t in zip(("W0", "Z0"), factors) if not bool(torch.isfinite(t).all())]
+        if bad:
+            raise ValueError(f"als_low_rank: the init factor(s) {bad} have NaN or inf entries; pass finite factors "
+                             "or init='svd' / 'random'")
+        return factors  # type: ignore[return-value]
     if init == "svd":
         filled = a if observed is None else a / observed.mean()
         return _svd_factors(filled, rank)
@@ -274,13 +283,13 @@ def als_low_rank(
     Args:
         A: the M x N matrix (float32/float64). With a mask, unobserved entries are ignored (may be NaN).
         rank: K, 1 <= K < min(M, N).
-        ridge: λ for both factors, or a pair (λ_w, λ_z).
+        ridge: λ for both factors, or a pair (λ_w, λ_z); finite and >= 0.
         mask: M x N, True/1 where A is observed; every row and column needs one observed entry.
         tol: stop when ``|f_{t-1} - f_t| <= tol · f_{t-1}``.
         max_iter: at most this many (Z-step, W-step) sweeps.
-        seed: seeds ``init="random"``.
+        seed: an integer; seeds ``init="random"``.
         init: ``"svd"`` (truncated SVD of A; with a mask of the zero-filled A divided by the observed
-            fraction), ``"random"`` (Gaussian) or explicit factors ``(W0, Z0)``. Z0 only enters
+            fraction), ``"random"`` (Gaussian) or explicit finite factors ``(W0, Z0)``. Z0 only enters
             ``info.history[0]``: the first step recomputes Z from W0.
 
     Returns:

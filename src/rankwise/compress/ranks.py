@@ -34,7 +34,11 @@ from .factorized import break_even_rank
 
 
 def uniform_rank(out_features: int, in_features: int, ratio: float) -> int:
-    """``max(1, floor(ratio · m n / (m + n)))``: the rank that keeps ``ratio`` of the layer's weights."""
+    """``max(1, floor(ratio · m n / (m + n)))``: the rank that keeps ``ratio`` of the layer's weights.
+
+    Below ``ratio = (m + n) / (m n)`` rank 1 keeps more than asked; :func:`rankwise.compress.compress` refuses
+    a plan whose total exceeds the ratio (a ValueError naming the smallest reachable ratio).
+    """
     return max(1, math.floor(ratio * break_even_rank(out_features, in_features) + 1e-9))
 
 
@@ -152,6 +156,9 @@ def global_allocation(spectra: dict[str, tuple[Tensor, int, int]], ratio: float,
     ``spectra`` maps a layer name to (singular values, out_features, in_features); each layer's loss
     at rank r is its relative tail, times ``gains[name][r-1]`` when gains are given (the measured
     sensitivity of :mod:`rankwise.compress.sensitivity`).
+
+    A budget below the cheapest option of every layer (rank 1, or dense where that is smaller) cannot be met: the
+    cheapest options come back, over budget; :func:`rankwise.compress.compress` refuses such a ratio beforehand.
     """
     options = {name: spectrum_options(s, m, n, None if gains is None else gains[name])
                for name, (s, m, n) in spectra.items()}

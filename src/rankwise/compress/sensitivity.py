@@ -36,7 +36,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from .calibration import Batch, _eval_no_grad, _on_device, swapped, token_rows
+from .calibration import Batch, _eval_no_grad, _on_device, recording_calls, require_ran, swapped, token_rows
 from .factorized import FactorizedLinear
 from .ranks import exact_rank, max_useful_rank, relative_tail
 
@@ -71,13 +71,23 @@ def distortion(model: nn.Module, batches: list[Batch], references: list[Tensor])
     return error / (total or 1.0)
 
 
+def _batch_size(batch: Batch, default: int) -> int:
+    """The first dimension of the batch's first non-scalar tensor (``default`` when it has none)."""
+    return next((v.shape[0] for v in batch.values() if isinstance(v, Tensor) and v.dim()), default)
+
+
+def _sequences(batches: list[Batch]) -> int:
+    """How many sequences the batches hold (a batch without a tensor counts as one)."""
+    return sum(_batch_size(batch, 1) for batch in batches)
+
+
 def take_sequences(batches: list[Batch], count: int) -> list[Batch]:
     """The first ``count`` sequences of the calibration batches (tensors sliced along their first dimension)."""
     taken: list[Batch] = []
     for batch in batches:
         if count <= 0:
             break
-        size = next((v.shape[0] for v in batch.values() if isinstance(v, Tensor) and v.dim()), count)
+        size = _batch_size(batch, count)
         keep = min(size, count)
         taken.append({k: (v[:keep] if isinstance(v, Tensor) and v.dim() and v.shape[0] == size else v)
                       for k, v in batch.items()})
@@ -109,8 +119,15 @@ def sensitivity_gains(
 
     ``factors[name] = (left, right, spectrum)`` with ``W_r = left[:, :r] @ right[:r]``; probes sit at
     ``round(f · r_max)`` for ``f`` in ``fractions``, moved below the layer's numerical rank.
+
+    Every layer in ``factors`` must run on ``batches`` (ValueError otherwise, before any probe): a layer the
+    model never calls distorts nothing at any rank, so it would get gain 0 and be cut to rank 1 unmeasured.
     """
-    references = model_outputs(model, batches)
+    with recording_calls(model, list(factors)) as ran:
+        references = model_outputs(model, batches)
+    require_ran(list(factors), ran, f"the {_sequences(batches)} calibration sequence(s) of the measurement (the first "
+                "sensitivity_sequences)", "sensitivity allocation",
+                "their effect on the model output cannot be measured (every rank would look free)")
     gains: dict[str, Tensor] = {}
     for name, (left, right, spectrum) in factors.items():
         dense = model.get_submodule(name)

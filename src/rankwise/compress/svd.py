@@ -251,11 +251,15 @@ def compress(
     """Replace the targeted Linear layers by rank-r :class:`FactorizedLinear` layers; return the model.
 
     Args:
-        ratio: fraction of the targeted layers' weights to keep (default 0.5 when neither
-            ``energy`` nor ``ranks`` is given).
+        ratio: fraction of the targeted layers' weights to keep, at most (default 0.5 when neither
+            ``energy`` nor ``ranks`` is given). No layer goes below rank 1, so a ratio below
+            ``Σ (m + n) / Σ m n`` over the targets cannot be met: a ValueError names the smallest reachable
+            ratio, before anything is computed or replaced.
         method: ``"svd"`` (LoRD, data-free) or ``"whitened"`` (SVD-LLM, needs ``calibration``).
         calibration: iterable of model-input dicts (``input_ids``, ``attention_mask``, ...). With
-            ``method="whitened"`` every targeted layer must run on them (a ValueError lists those that do not).
+            ``method="whitened"`` or ``allocation="sensitivity"`` every targeted layer must run on them (on the
+            first ``sensitivity_sequences`` sequences for the sensitivity measurement); a ValueError lists
+            those that do not.
         energy: keep the smallest rank whose σ² energy reaches this fraction, per layer.
         ranks: explicit ranks by layer name or suffix; targeted layers not named stay dense.
         allocation: ``"uniform"`` (same fraction per layer), ``"sensitivity"`` (measured effect of
@@ -290,6 +294,8 @@ def compress(
 
     names = _select(model, targets, exclude)
     shapes = {n: linear_shape(model.get_submodule(n)) for n in names}
+    if ratio is not None:  # cheap early refusal, before any calibration pass or SVD
+        _check_budget(shapes, ratio, allocation, force)
     chosen = _named_ranks(ranks, names) if ranks is not None else {}
     for name, rank in chosen.items():
         if rank > min(shapes[name]):
@@ -309,6 +315,8 @@ def compress(
         gains = sensitivity_gains(model, factors, shapes, take_sequences(batches, sensitivity_sequences))
     wanted = _wanted_ranks(names, shapes, decompositions, ratio, energy, chosen, allocation, gains)
     plan = _plan(names, shapes, wanted, allocation, force, report)
+    if ratio is not None:
+        _check_budget(shapes, ratio, allocation, force, report)
 
     if sequential:
         _compress_sequential(model, plan, batches)
@@ -350,6 +358,42 @@ def _plan(names: list[str], shapes: dict[str, tuple[int, int]], wanted: dict[str
             plan[name] = rank
             report.layers.append(LayerReport(name, m, n, rank))
     return plan
+
+
+def _rank_one_cost(m: int, n: int, allocation: str, force: bool) -> int:
+    """The fewest weights the plan can keep for an m x n layer: rank 1 (``m + n``), or the dense layer (``m n``)
+    where that is smaller, which is what :func:`_plan` (break-even) and the allocations' dense option pick;
+    a uniform plan with ``force=True`` factorises even then."""
+    return m + n if force and allocation == "uniform" else min(m + n, m * n)
+
+
+def _check_budget(shapes: dict[str, tuple[int, int]], ratio: float, allocation: str, force: bool,
+                  report: CompressionReport | None = None) -> None:
+    """ValueError when the plan keeps more than ``ratio`` of the targeted layers' weights.
+
+    No layer goes below rank 1, so a ratio under ``Σ cost_1 / Σ m n`` (:func:`_rank_one_cost`, about
+    ``Σ (m + n) / Σ m n``) cannot be met; the rank rules used to stop at rank 1 and keep more than asked
+    without a word. Without ``report`` this checks that floor alone (before any work); with it, the planned
+    weights (a uniform plan can also overshoot above the floor: each layer gets its own share, clamped to rank 1).
+    """
+    dense = sum(m * n for m, n in shapes.values())
+    floor = sum(_rank_one_cost(m, n, allocation, force) for m, n in shapes.values())
+    kept = floor if report is None else report.params_after
+    if kept <= ratio * dense * (1 + 1e-9):
+        return
+    keeps = "even rank 1 on every layer keeps" if report is None else f"the {allocation} plan keeps"
+    message = (f"compress: ratio={ratio} cannot be met for the {len(shapes)} targeted layer(s): {keeps} "
+               f"{kept:,} of their {dense:,} weights ({kept / dense:.4g})")
+    rule = "force=True" if force and allocation == "uniform" else "dense where that is smaller"
+    floor_text = f"{floor / dense:.4g} (rank 1 on every layer, {rule}: Σ(m + n) / Σ m·n)"
+    fix = "a larger ratio, or fewer or larger targets (targets=/exclude=)"
+    over = {name: _rank_one_cost(m, n, allocation, force) / (m * n) for name, (m, n) in shapes.items()
+            if _rank_one_cost(m, n, allocation, force) > ratio * m * n}
+    if floor > ratio * dense * (1 + 1e-9) or not over:
+        raise ValueError(f"{message}; the smallest ratio reachable is {floor_text}; pass {fix}")
+    raise ValueError(f"{message}: allocation='uniform' keeps the same fraction of every layer, and rank 1 already keeps "
+                     f"more than {ratio} of {list(over)[:8]} (they need ratio >= {max(over.values()):.4g}); pass "
+                     f"allocation='global' (it spreads the budget and reaches down to {floor_text}), {fix}")
 
 
 def _replace(model: nn.Module, name: str, left: Tensor, right: Tensor) -> None:

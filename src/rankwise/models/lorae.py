@@ -209,6 +209,44 @@ def mlp_autoencoder(input_dim: int, hidden_dim: int, config: LoRAEConfig) -> Low
 # ----------------------------------------------------------------------------------------------
 
 
+def _check_training_input(model: LowRankAutoencoder, data: Tensor, epochs: int, batch_size: int, lr: float) -> None:
+    """ValueError for arguments that would corrupt or crash the training, before any parameter moves.
+
+    An infinite lr or NaN / inf data train to non-finite parameters behind a normal-looking (or NaN) history;
+    float epochs / batch_size, integer data and data the model cannot read used to fail with a TypeError or
+    RuntimeError from deep inside the loop. The model must read ``data``: one example goes through ``model.loss``
+    (eval mode, no gradient, the training flag restored), so a wrong width or dtype is reported with its shapes.
+    """
+    check_positive_int("train_autoencoder", "epochs", epochs)
+    check_positive_int("train_autoencoder", "batch_size", batch_size)
+    check_positive_number("train_autoencoder", "lr", lr)
+    if not isinstance(data, Tensor) or data.dim() < 2 or data.shape[0] == 0:
+        shape = tuple(data.shape) if isinstance(data, Tensor) else type(data).__name__
+        raise ValueError(f"train_autoencoder: data must be a non-empty batch (N, ...), got shape {shape}")
+    if not data.is_floating_point():
+        raise ValueError(f"train_autoencoder: data has dtype {data.dtype}; pass floating-point data "
+                         "(e.g. data.float()), the model reconstructs it with a mean squared error")
+    if not bool(torch.isfinite(data).all()):
+        rows = (~torch.isfinite(data.reshape(data.shape[0], -1))).any(1).nonzero().flatten().tolist()
+        raise ValueError(f"train_autoencoder: data rows {rows[:10]}{'...' if len(rows) > 10 else ''} of {data.shape[0]} "
+                         "have NaN or inf entries; clean or drop them")
+    parameter = next(model.parameters(), None)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model.loss(data[:1])
+    except RuntimeError as error:
+        first = next((m for m in model.encoder.modules() if isinstance(m, nn.Linear)), None)
+        reads = "" if first is None else f"its first Linear reads {first.in_features} features, "
+        expects = "" if parameter is None else f" ({reads}its parameters are {parameter.dtype} on {parameter.device})"
+        raise ValueError(f"train_autoencoder: the model cannot read data of shape {tuple(data.shape)}, dtype {data.dtype}, "
+                         f"on {data.device}{expects}: {error}; pass data of the width, dtype and device the encoder "
+                         "expects") from error
+    finally:
+        model.train(was_training)
+
+
 def train_autoencoder(
     model: LowRankAutoencoder,
     data: Tensor,
@@ -218,11 +256,12 @@ def train_autoencoder(
     lr: float = 1e-3,
     seed: int = 0,
 ) -> list[float]:
-    """Adam on the LoRAE loss over shuffled mini-batches; returns the mean total loss of each epoch."""
-    if data.dim() < 2 or data.shape[0] == 0:
-        raise ValueError(f"train_autoencoder: data must be a non-empty batch (N, ...), got shape {tuple(data.shape)}")
-    if epochs <= 0 or batch_size <= 0 or lr <= 0:
-        raise ValueError(f"train_autoencoder: epochs, batch_size and lr must be > 0, got {epochs}, {batch_size}, {lr}")
+    """Adam on the LoRAE loss over shuffled mini-batches; returns the mean total loss of each epoch.
+
+    Bad arguments are a ValueError before the optimizer is built, so the model is left unchanged
+    (see :func:`_check_training_input`).
+    """
+    _check_training_input(model, data, epochs, batch_size, lr)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     history = []
