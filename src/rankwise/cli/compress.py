@@ -32,7 +32,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``compress`` on the main CLI's subparsers."""
     parser = subparsers.add_parser("compress", help="one-shot low-rank compression (LoRD / SVD, whitened SVD-LLM)",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ratio", type=_fraction, default=None, help="fraction of targeted weights kept (default 0.5)")
+    parser.add_argument("--ratio", type=_fraction, default=None, help="at most this fraction of the targeted weights is kept (default 0.5; a ratio below rank 1 everywhere is refused)")
     parser.add_argument("--energy", type=_fraction, default=None, help="per-layer σ² energy kept instead of --ratio")
     parser.add_argument("--method", choices=METHODS, default="whitened", help="svd (LoRD, data-free) or whitened (SVD-LLM)")
     parser.add_argument("--sequential", action="store_true", help="calibrate each layer on the compressed model's inputs")
