@@ -158,9 +158,13 @@ def _copy_without_allocator(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def _updates(layer: AdaptedLayer) -> tuple[Tensor, Tensor | None]:
-    """(ΔW, Δb) in float64 for an unmerged layer: W' − W from ``merged_weight`` on a float64 copy of the layer."""
+    """(ΔW, Δb) in float64 for an unmerged layer: W' − W from ``merged_weight`` on a float64 copy of the layer.
+
+    The weight is cast too: ``.double()`` leaves a bitsandbytes layer's packed weight alone, and it dequantises to
+    the dtype it was quantised from (bf16 under ``load_in_4bit`` with ``torch_dtype=bfloat16``), where W + ΔW − W
+    would round ΔW away."""
     work = copy.deepcopy(layer).double()
-    weight = weight_matrix(work.base_layer).detach().clone()
+    weight = weight_matrix(work.base_layer).detach().to(torch.float64).clone()
     delta_bias = work.adapter.delta_bias()
     return work.adapter.merged_weight(weight.clone()) - weight, None if delta_bias is None else delta_bias.double()
 
