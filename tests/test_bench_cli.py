@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from transformers import BertConfig, BertModel
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
 
 import rankwise
 from rankwise.cli import main
@@ -32,6 +32,21 @@ def test_bench_times_each_method_and_reports_misfits(tmp_path, capsys, one_threa
     assert f"{expected:,}" in rows["lora"]
     assert "error" in rows["c3a"] and "7" in rows["c3a"]
     assert "1.00" in rows["frozen floor"]
+
+
+def test_a_method_that_trains_but_cannot_merge_keeps_its_row_and_the_others(tmp_path, capsys, one_thread):
+    """A bias update on Llama's bias-less layers cannot merge: that cell says why; the run and the other rows go on
+    (the merge refusal used to end the whole command without a table)."""
+    torch.manual_seed(0)
+    LlamaModel(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "llama")
+    status = main(["bench", "--model", str(tmp_path / "llama"), "--methods", "lora,dora", "--set", "lora.lora_bias=true",
+                   "--batch", "2", "--seq", "8", "--rounds", "1", "--warmup", "0", "--threads", "1"])
+    printed = capsys.readouterr().out
+    assert status == 0
+    rows = {line.split("|")[1].strip(): line.split("|") for line in printed.splitlines() if line.startswith("| ")}
+    assert "cannot merge" in rows["lora"][5] and "no bias" in rows["lora"][5] and float(rows["lora"][4]) > 0
+    assert float(rows["dora"][5]) > 0
 
 
 def test_bench_rejects_bad_options(capsys):

@@ -588,6 +588,19 @@ def test_to_lora_on_a_base_quantised_from_half_precision_keeps_a_small_update_ex
         assert ((got - exact).norm() / exact.norm()).item() < 1e-6, name
 
 
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_a_quantised_module_to_save_is_refused_before_any_change(kind):
+    """A module to save trains as a full copy, which an integer weight cannot (torch raised a RuntimeError)."""
+    model = quantised_net(kind)
+    before = {key: value.clone() for key, value in model.state_dict().items() if isinstance(value, torch.Tensor)}
+    flags = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(ValueError, match="modules_to_save entry 'down' holds the quantised layer 'down'"):
+        rankwise.adapt(model, rankwise.LoRAConfig(r=4, targets=["up", "mid"], modules_to_save=["down"]))
+    after = model.state_dict()
+    assert all(torch.equal(value, after[key]) for key, value in before.items())
+    assert [p.requires_grad for p in model.parameters()] == flags and not list(rankwise.adapted_layers(model))
+
+
 def test_to_lora_of_dora_on_a_quantised_base_is_exact_at_full_rank():
     """to_lora reads W' − W through the dequantised weight, so a QDoRA becomes a QLoRA that PEFT can serve."""
     model = rankwise.adapt(quantised_net("nf4"), rankwise.DoRAConfig(r=4, targets=NAMES, init_weights=False))

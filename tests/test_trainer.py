@@ -127,6 +127,16 @@ def test_merge_at_end_refuses_a_tied_weight_before_training(tmp_path):
     assert not (tmp_path / "adapter").exists()
 
 
+@pytest.mark.parametrize("checks", [True, False])
+def test_a_merged_adapter_is_refused_when_training_begins(checks, tmp_path):
+    """Merged, the forward skips the adapter: no gradient ever reaches it (the first-step check blamed gradient
+    checkpointing, or torch raised from backward, or with checks off only the head trained)."""
+    model = rankwise.adapt(tiny_bert(), rankwise.LoRAConfig(r=4, alpha=8, targets=TARGETS, init_weights=False))
+    rankwise.merge(model)
+    with pytest.raises(ValueError, match=r"merged into the base weights of 4 layer\(s\).*rankwise.unmerge\(model\)"):
+        train(model, tmp_path, max_steps=2, callback=RankwiseCallback(checks=checks))
+
+
 def singlora_model(adapter_seed: int):
     base = tiny_bert()
     torch.manual_seed(adapter_seed)  # a different fresh adapter: resume must overwrite it

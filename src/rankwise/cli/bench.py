@@ -6,8 +6,9 @@ floor (the base model's forward + backward to its input embeddings, no trainable
 process, interleaved round by round after warm-up, medians (:mod:`rankwise.experiment.timing`).
 Printed per method: trainable parameters, the median step (forward, loss, backward, AdamW), the
 step as a multiple of the floor, and merged inference as a multiple of the plain model's.
-A method that does not fit the model is an error row. For rankwise against HF PEFT on the same
-configs, and peak memory, use the repository's ``benchmarks/step.py``.
+A method that does not fit the model is an error row; one that trains but cannot merge (a bias update
+on a bias-less layer) keeps its step time and says why in the merged-inference column. For rankwise
+against HF PEFT on the same configs, and peak memory, use the repository's ``benchmarks/step.py``.
 """
 
 from __future__ import annotations

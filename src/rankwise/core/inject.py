@@ -26,6 +26,7 @@ from .quantised import (
     check_not_quantised,
     check_not_sharded,
     is_quantised_linear,
+    quantisation_reason,
 )
 from .registry import get_method, registered
 
@@ -325,7 +326,18 @@ def _modules_to_save(model: nn.Module, config: AdapterConfig) -> list[str]:
                 f"top-level modules are {[n for n, _ in model.named_children()]}"
             )
         found += [n for n in hits if n not in found]
-    return [n for n in found if not any(n.startswith(outer + ".") for outer in found)]
+    outermost = [n for n in found if not any(n.startswith(outer + ".") for outer in found)]
+    for path in outermost:  # a trained copy of a quantised module: its integer weights cannot take gradients
+        for inner, module in model.get_submodule(path).named_modules():
+            reason = quantisation_reason(module)
+            if reason is not None:
+                where = f"{path}.{inner}" if inner else path
+                raise ValueError(
+                    f"modules_to_save entry {path!r} holds the quantised layer {where!r} ({reason}); a module to "
+                    "save is trained as a full copy, which a quantised weight cannot be. Load that module unquantised "
+                    "(e.g. llm_int8_skip_modules in transformers' BitsAndBytesConfig), or leave it out of modules_to_save"
+                )
+    return outermost
 
 
 def check_merge(model: nn.Module, safe: bool = False) -> None:

@@ -166,6 +166,12 @@ class RankwiseCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: nn.Module | None = None, optimizer: Any = None, **kwargs: Any) -> None:
         self._gradient_checked = not self.checks or _sharded(args)
+        merged = [name for name, layer in adapted_layers(_adapted(model)) if layer.merged] if model is not None else []
+        if merged:
+            raise ValueError(
+                f"the adapter is merged into the base weights of {len(merged)} layer(s) (first {merged[0]!r}), so its "
+                "forward skips the adapter and training could never update it; rankwise.unmerge(model) before training"
+            )
         if self.merge_at_end and model is not None:
             check_merge(_adapted(model))  # a merge that would refuse at the end is refused before training
         self._start_allocation(args, state, _adapted(model), optimizer, kwargs.get("train_dataloader"))
