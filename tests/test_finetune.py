@@ -102,6 +102,23 @@ def test_resume_from_a_checkpoint_gives_the_same_weights(tiny, tmp_path: Path, o
     assert losses[1] == pytest.approx(losses[0][4:], abs=1e-6)
 
 
+def test_a_resume_may_not_change_gradient_accumulation(tmp_path: Path) -> None:
+    """An epoch's short last batch splits into unequal micro-batches that Trainer weighs equally, so --grad-accum
+    changes that step (≈ 1 % of a weight seen): recorded, and a resume with another value is refused."""
+    from rankwise.experiment import pipeline
+    from rankwise.experiment.train import TrainSettings
+
+    def record(accumulation: int) -> dict:
+        config = pipeline.RunConfig(method="lora", settings=TrainSettings(grad_accum=accumulation))
+        return pipeline.run_record(config, steps=8)
+
+    assert "grad_accum" not in pipeline.RESUME_MAY_CHANGE
+    (tmp_path / pipeline.RUN_FILE).write_text(json.dumps(record(1)))
+    pipeline.check_resume(tmp_path, record(1))
+    with pytest.raises(ValueError, match=r"settings.grad_accum: 2 given, 1 recorded"):
+        pipeline.check_resume(tmp_path, record(2))
+
+
 def test_resume_with_options_other_than_the_checkpoints_run_is_refused_before_training(
         tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``--resume`` restores the checkpoint's adapter, optimizer and schedule, so a different --lr / --r / --targets

@@ -366,14 +366,14 @@ def resume_checkpoint(path: str | Path) -> Path:
 
 #: The :class:`TrainSettings` fields a resume may change: they change how the run is executed or reported, not
 #: what it computes. ``save_every`` (checkpoint frequency) and ``report_to`` (tracker) touch no weight;
-#: ``compile`` and ``gradient_checkpointing`` compute the same steps another way (speed / memory); ``grad_accum``
-#: splits the same global batch of each step into more or fewer micro-batches (as a different number of processes
-#: does), so the examples and the update stay those of the checkpoint's run up to floating-point summation order;
-#: the number of processes is not recorded, for the same reason. ``RunConfig``'s ``threads``, ``probe``, ``probe_lr`` (the baseline, trained afresh), ``output_dir`` and
-#: ``resume`` are not recorded at all. Everything else (method options and targets, learning rate, schedule,
-#: warm-up, batch size, seed, steps / epochs, precision, optimizer, weight decay, clipping, model and data)
-#: must be what the checkpoint's run used.
-RESUME_MAY_CHANGE = frozenset({"save_every", "report_to", "compile", "gradient_checkpointing", "grad_accum"})
+#: ``compile`` and ``gradient_checkpointing`` compute the same steps another way (speed / memory). ``grad_accum``
+#: is not among them: an epoch's short last batch splits into unequal micro-batches whose means count equally
+#: (:mod:`rankwise.experiment.train`), so it changes that step. The number of processes, which splits a batch the
+#: same way, is not recorded. ``RunConfig``'s ``threads``, ``probe``, ``probe_lr`` (the baseline, trained afresh),
+#: ``output_dir`` and ``resume`` are not recorded at all. Everything else (method options and targets, learning
+#: rate, schedule, warm-up, batch size, accumulation, seed, steps / epochs, precision, optimizer, weight decay,
+#: clipping, model and data) must be what the checkpoint's run used.
+RESUME_MAY_CHANGE = frozenset({"save_every", "report_to", "compile", "gradient_checkpointing"})
 RUN_FORMAT = "rankwise-finetune-run"
 
 

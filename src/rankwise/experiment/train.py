@@ -14,7 +14,11 @@ scikit-learn's.
 
 ``TrainSettings.batch_size`` is the global batch of one optimizer step: each of ``world_size``
 processes takes ``batch_size / (world_size * grad_accum)`` examples per forward, so the same settings
-train the same model on any number of processes (up to floating-point summation order).
+train the same model on any number of processes (up to floating-point summation order) as long as every batch
+is full. An epoch's last, shorter batch is not: it is cut into micro-batches (or process shares) of unequal
+size, whose mean losses Trainer averages with equal weight, so that step differs from the mean over the whole
+batch (≈ 1 % of a weight's size after one such step, seen with 124 examples, batch 16 and ``grad_accum`` 2).
+Use a training-set size that ``batch_size`` divides (``--max-examples``) when the runs must agree exactly.
 """
 
 from __future__ import annotations
