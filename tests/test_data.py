@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 from pathlib import Path
 
@@ -112,3 +113,26 @@ def test_classes_are_counted_after_duplicates_are_dropped(tmp_path: Path) -> Non
                       + json.dumps({"text": "t1", "label": "b"}) + "\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"at least 2 distinct labels, found \['a'\] after dropping 1 duplicate"):
         data.load_file(single)
+
+
+def test_files_must_be_utf8_and_may_start_with_a_byte_order_mark(tmp_path: Path) -> None:
+    # Latin-1: "café" and "cafè" must not both decode to "caf\ufffd" and merge as duplicates.
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("text,label\ncafé,a\ncafè,b\nnaïve,a\nx,b\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin\.csv is not valid UTF-8: byte 0xe9 at byte offset 14 \(line 2\)"
+                                         r".*Re-save the file as UTF-8"):
+        data.load_file(latin)
+    jsonl = tmp_path / "latin.jsonl"
+    jsonl.write_bytes(b'{"text": "a", "label": 1}\n{"text": "caf\xe9", "label": 0}\n')
+    with pytest.raises(ValueError, match=r"latin\.jsonl is not valid UTF-8: byte 0xe9 at byte offset 39 \(line 2\)"):
+        data.load_file(jsonl)
+    bom = "\ufeff" + "".join(json.dumps({"text": f"t{i}", "label": i % 2}) + "\n" for i in range(10))
+    for name, content in (("bom.jsonl", bom), ("bom.csv", "\ufefftext,label\n" + "".join(f"t{i},{i % 2}\n"
+                                                                                        for i in range(10)))):
+        (tmp_path / name).write_text(content, encoding="utf-8")
+        loaded = data.load_file(tmp_path / name)
+        assert len(loaded) == 10 and loaded.label_names == ["0", "1"] and loaded.texts[0] == "t0"
+    bad_after_bom = tmp_path / "bad_after_bom.csv"
+    bad_after_bom.write_bytes(codecs.BOM_UTF8 + b"text,label\nx\xff,a\n")
+    with pytest.raises(ValueError, match=r"byte 0xff at byte offset 15 \(line 2\)"):
+        data.load_file(bad_after_bom)

