@@ -136,3 +136,36 @@ def test_files_must_be_utf8_and_may_start_with_a_byte_order_mark(tmp_path: Path)
     bad_after_bom.write_bytes(codecs.BOM_UTF8 + b"text,label\nx\xff,a\n")
     with pytest.raises(ValueError, match=r"byte 0xff at byte offset 15 \(line 2\)"):
         data.load_file(bad_after_bom)
+
+
+def _jsonl(path: Path, labels: list[object]) -> Path:
+    path.write_text("".join(json.dumps({"text": f"t{i}", "label": label}) + "\n" for i, label in enumerate(labels)),
+                    encoding="utf-8")
+    return path
+
+
+def test_labels_are_compared_by_value_not_by_str(tmp_path: Path) -> None:
+    # A number is its value (1 and 1.0 one class); strings are stripped; true / false are their own labels.
+    loaded = data.load_file(_jsonl(tmp_path / "numbers.jsonl", [1, 1.0, 0, 0.0, 2.5] * 4))
+    assert loaded.label_names == ["0", "1", "2.5"] and loaded.label_counts() == [8, 8, 4]
+    loaded = data.load_file(_jsonl(tmp_path / "bools.jsonl", [True, False] * 5))
+    assert loaded.label_names == ["false", "true"] and loaded.label_counts() == [5, 5]
+    csv_path = tmp_path / "spaces.csv"
+    csv_path.write_text("text,label\n" + "".join(f"t{i},{['pos', ' pos', 'neg ', 'neg'][i % 4]}\n" for i in range(20)),
+                        encoding="utf-8")
+    loaded = data.load_file(csv_path)
+    assert loaded.label_names == ["neg", "pos"] and loaded.label_counts() == [10, 10]
+
+
+@pytest.mark.parametrize(("labels", "message"), [
+    ([1, "1", 0], r'the labels 1 \(line 1, a JSON number\) and "1" \(line 2, a string\) are ambiguous'),
+    ([0, 1.0, "1.0"], r'the labels 1.0 \(line 2, a JSON number\) and "1.0" \(line 3, a string\) are ambiguous'),
+    (["a", True, False, "True"], r'the labels true \(line 2, a JSON true/false\) and "True" \(line 4'),
+    ([[1, 2], 0], r"line 1: the label \[1, 2\] is a JSON list; a label must be one string, number or true/false"),
+    ([0, {"y": 1}], r'line 2: the label \{"y": 1\} is a JSON dict'),
+    ([0, 1, float("nan")], r"line 3: the label nan is not a finite number"),
+])
+def test_labels_that_would_merge_or_split_silently_are_refused(tmp_path: Path, labels: list[object],
+                                                                message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        data.load_file(_jsonl(tmp_path / "labels.jsonl", labels * 3))

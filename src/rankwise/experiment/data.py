@@ -12,7 +12,18 @@ counted and before it is split: a label that only occurs on dropped duplicates i
 
 The user's own file (``load_file``, ``--data FILE``) must be UTF-8 (a byte-order mark is allowed);
 any other encoding is a ValueError naming the file and the first bad byte, never silently replaced
-characters.
+characters. Its labels are compared by this rule, so that none merge or split silently:
+
+* a string label is stripped of surrounding whitespace (``" pos"`` is ``"pos"``);
+* a number is named by its value: ``1`` and ``1.0`` are the label ``"1"``, ``0.5`` is ``"0.5"``;
+  NaN and infinity are refused;
+* JSON ``true`` / ``false`` are the labels ``"true"`` / ``"false"``, never 1 / 0;
+* a list, an object or any other JSON value is refused;
+* a number or true/false and a string that spell the same label in one file (``1`` and ``"1"`` or
+  ``"1.0"``, ``true`` and ``"True"``) are refused as ambiguous, naming both lines: write every
+  label one way.
+
+Class names are then sorted as strings (``"10"`` before ``"2"``).
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ import importlib.util
 import io
 import json
 import logging
+import math
 import random
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -197,19 +209,88 @@ def load_file(path: str | Path, text_column: str = "text", label_column: str = "
     if not records:
         raise ValueError(f"data file {path} holds no rows")
     for column in (text_column, label_column):
-        if column not in records[0]:
+        if column not in records[0][1]:
             raise ValueError(
-                f"data file {path} has no column {column!r}; its columns are {sorted(records[0])}. "
+                f"data file {path} has no column {column!r}; its columns are {sorted(records[0][1])}. "
                 "Name the right ones with --text-column / --label-column."
             )
-    usable = [r for r in records if _present(r.get(text_column)) and _present(r.get(label_column))]
+    usable = [(line, r) for line, r in records if _present(r.get(text_column)) and _present(r.get(label_column))]
     if len(usable) < len(records):
         logger.info("skipped %d rows with an empty text or label", len(records) - len(usable))
-    return from_rows([str(r[text_column]) for r in usable], [str(r[label_column]) for r in usable])
+    labels = _label_names(path, [(line, r[label_column]) for line, r in usable])
+    return from_rows([str(r[text_column]) for _, r in usable], labels)
 
 
 def _present(value: object) -> bool:
     return value is not None and str(value).strip() != ""
+
+
+def _label_names(path: Path, labels: list[tuple[int, object]]) -> list[str]:
+    """The class name of every ``(line, label)`` by the rule of the module docstring.
+
+    Labels were compared as ``str(value)``: JSON ``1`` and ``1.0`` became two classes, ``" pos"`` and
+    ``"pos"`` two, a list the class ``"[1, 2]"``; and ``1`` and ``"1"`` one class without a word. So a
+    string is stripped, a number is named by its value, true / false stay their own labels, other
+    JSON values are refused, and a number or true/false spelled as a string elsewhere in the same
+    file is refused as ambiguous (naming both), so that no labels merge or split silently.
+    """
+    names = []
+    typed: dict[str, tuple[int, object]] = {}  # name -> first (line, value) given as a JSON number / bool
+    spelled: dict[str, tuple[int, str]] = {}  # what a string label reads as -> first (line, string)
+    for line, value in labels:
+        name = _label_name(path, line, value)
+        names.append(name)
+        if isinstance(value, str):
+            spelled.setdefault(_reads_as(name), (line, value))
+        else:
+            typed.setdefault(name, (line, value))
+    for name, (line, value) in typed.items():
+        if name in spelled:
+            other_line, other = spelled[name]
+            kind = "true/false" if isinstance(value, bool) else "number"
+            raise ValueError(
+                f"data file {path}: the labels {json.dumps(value)} (line {line}, a JSON {kind}) and "
+                f"{json.dumps(other)} (line {other_line}, a string) are ambiguous: they spell the same label "
+                f"{name!r}. Write every label one way (all numbers or all strings) to make them one class, "
+                "or spell them differently to make two."
+            )
+    return names
+
+
+def _label_name(path: Path, line: int, value: object) -> str:
+    """One label's class name: a stripped string, a number by its value (1.0 is "1"), "true" / "false"."""
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"data file {path}, line {line}: the label {value} is not a finite number")
+        return str(int(value)) if value.is_integer() else repr(value)
+    raise ValueError(
+        f"data file {path}, line {line}: the label {json.dumps(value)} is a JSON {type(value).__name__}; "
+        "a label must be one string, number or true/false"
+    )
+
+
+def _reads_as(name: str) -> str:
+    """The name a string label would have as a JSON value: "1.0" reads as the number 1, "True" as true."""
+    lowered = name.lower()
+    if lowered in ("true", "false"):
+        return lowered
+    try:
+        return str(int(name))
+    except ValueError:
+        pass
+    try:
+        number = float(name)
+    except ValueError:
+        return name
+    if not math.isfinite(number):
+        return name
+    return str(int(number)) if number.is_integer() else repr(number)
 
 
 def _read_text(path: Path) -> str:
@@ -233,11 +314,14 @@ def _read_text(path: Path) -> str:
         ) from None
 
 
-def _read_csv(path: Path) -> list[dict[str, object]]:
-    return list(csv.DictReader(io.StringIO(_read_text(path), newline="")))
+def _read_csv(path: Path) -> list[tuple[int, dict[str, object]]]:
+    """The rows as ``(line, row)``, ``line`` the file line the row ends on."""
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    return [(reader.line_num, row) for row in reader]
 
 
-def _read_jsonl(path: Path) -> list[dict[str, object]]:
+def _read_jsonl(path: Path) -> list[tuple[int, dict[str, object]]]:
+    """The objects as ``(line, object)``; blank lines are skipped."""
     records = []
     for number, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
@@ -248,7 +332,7 @@ def _read_jsonl(path: Path) -> list[dict[str, object]]:
             raise ValueError(f"{path}, line {number}: not valid JSON ({error})") from None
         if not isinstance(record, dict):
             raise ValueError(f"{path}, line {number}: each line must be a JSON object")
-        records.append(record)
+        records.append((number, record))
     return records
 
 
