@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 from pathlib import Path
 
@@ -97,3 +98,74 @@ def test_bad_files_give_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=".csv or .jsonl"):
         (tmp_path / "mine.txt").write_text("x", encoding="utf-8")
         data.load_file(tmp_path / "mine.txt")
+
+
+def test_classes_are_counted_after_duplicates_are_dropped(tmp_path: Path) -> None:
+    # Class "c" only labels repeated texts: once they are dropped it has no example, so it is no class.
+    rows = [{"text": f"t{i}", "label": "a" if i % 2 else "b"} for i in range(40)]
+    phantom = tmp_path / "phantom.jsonl"
+    phantom.write_text("".join(json.dumps(r) + "\n" for r in [*rows, {"text": "t1", "label": "c"}]), encoding="utf-8")
+    loaded = data.load_file(phantom)
+    assert loaded.label_names == ["a", "b"] and loaded.label_counts() == [20, 20]
+    # Only one label is left after duplicates are dropped: refused, saying why.
+    single = tmp_path / "single.jsonl"
+    single.write_text("".join(json.dumps({"text": f"t{i}", "label": "a"}) + "\n" for i in range(10))
+                      + json.dumps({"text": "t1", "label": "b"}) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"at least 2 distinct labels, found \['a'\] after dropping 1 duplicate"):
+        data.load_file(single)
+
+
+def test_files_must_be_utf8_and_may_start_with_a_byte_order_mark(tmp_path: Path) -> None:
+    # Latin-1: "café" and "cafè" must not both decode to "caf\ufffd" and merge as duplicates.
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("text,label\ncafé,a\ncafè,b\nnaïve,a\nx,b\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin\.csv is not valid UTF-8: byte 0xe9 at byte offset 14 \(line 2\)"
+                                         r".*Re-save the file as UTF-8"):
+        data.load_file(latin)
+    jsonl = tmp_path / "latin.jsonl"
+    jsonl.write_bytes(b'{"text": "a", "label": 1}\n{"text": "caf\xe9", "label": 0}\n')
+    with pytest.raises(ValueError, match=r"latin\.jsonl is not valid UTF-8: byte 0xe9 at byte offset 39 \(line 2\)"):
+        data.load_file(jsonl)
+    bom = "\ufeff" + "".join(json.dumps({"text": f"t{i}", "label": i % 2}) + "\n" for i in range(10))
+    for name, content in (("bom.jsonl", bom), ("bom.csv", "\ufefftext,label\n" + "".join(f"t{i},{i % 2}\n"
+                                                                                        for i in range(10)))):
+        (tmp_path / name).write_text(content, encoding="utf-8")
+        loaded = data.load_file(tmp_path / name)
+        assert len(loaded) == 10 and loaded.label_names == ["0", "1"] and loaded.texts[0] == "t0"
+    bad_after_bom = tmp_path / "bad_after_bom.csv"
+    bad_after_bom.write_bytes(codecs.BOM_UTF8 + b"text,label\nx\xff,a\n")
+    with pytest.raises(ValueError, match=r"byte 0xff at byte offset 15 \(line 2\)"):
+        data.load_file(bad_after_bom)
+
+
+def _jsonl(path: Path, labels: list[object]) -> Path:
+    path.write_text("".join(json.dumps({"text": f"t{i}", "label": label}) + "\n" for i, label in enumerate(labels)),
+                    encoding="utf-8")
+    return path
+
+
+def test_labels_are_compared_by_value_not_by_str(tmp_path: Path) -> None:
+    # A number is its value (1 and 1.0 one class); strings are stripped; true / false are their own labels.
+    loaded = data.load_file(_jsonl(tmp_path / "numbers.jsonl", [1, 1.0, 0, 0.0, 2.5] * 4))
+    assert loaded.label_names == ["0", "1", "2.5"] and loaded.label_counts() == [8, 8, 4]
+    loaded = data.load_file(_jsonl(tmp_path / "bools.jsonl", [True, False] * 5))
+    assert loaded.label_names == ["false", "true"] and loaded.label_counts() == [5, 5]
+    csv_path = tmp_path / "spaces.csv"
+    csv_path.write_text("text,label\n" + "".join(f"t{i},{['pos', ' pos', 'neg ', 'neg'][i % 4]}\n" for i in range(20)),
+                        encoding="utf-8")
+    loaded = data.load_file(csv_path)
+    assert loaded.label_names == ["neg", "pos"] and loaded.label_counts() == [10, 10]
+
+
+@pytest.mark.parametrize(("labels", "message"), [
+    ([1, "1", 0], r'the labels 1 \(line 1, a JSON number\) and "1" \(line 2, a string\) are ambiguous'),
+    ([0, 1.0, "1.0"], r'the labels 1.0 \(line 2, a JSON number\) and "1.0" \(line 3, a string\) are ambiguous'),
+    (["a", True, False, "True"], r'the labels true \(line 2, a JSON true/false\) and "True" \(line 4'),
+    ([[1, 2], 0], r"line 1: the label \[1, 2\] is a JSON list; a label must be one string, number or true/false"),
+    ([0, {"y": 1}], r'line 2: the label \{"y": 1\} is a JSON dict'),
+    ([0, 1, float("nan")], r"line 3: the label nan is not a finite number"),
+])
+def test_labels_that_would_merge_or_split_silently_are_refused(tmp_path: Path, labels: list[object],
+                                                                message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        data.load_file(_jsonl(tmp_path / "labels.jsonl", labels * 3))

