@@ -167,3 +167,21 @@ def test_finetune_with_lorapro(tmp_path: Path) -> None:
     assert metrics["settings"]["optimizer"] == "lorapro"
     with pytest.raises(ValueError, match="optimizer must be one of"):
         TrainSettings(optimizer="sgd")
+
+
+def test_metrics_record_the_label_of_each_head_output(tiny, tmp_path: Path) -> None:
+    """The head's output k is the k-th label name (sorted as strings: with labels 1..10 output 1 is "10"), which
+    no file recorded: metrics.json holds ``label_names`` in head index order, the order of the model's id2label."""
+    model, _ = tiny
+    data = tmp_path / "stars.csv"
+    data.write_text("text,label\n" + "".join(f"review {i} rated,{1 + i % 10}\n" for i in range(200)), encoding="utf-8")
+    out = tmp_path / "stars"
+    result = rankwise.experiment.finetune(rankwise.experiment.RunConfig(
+        options={"r": 2}, model=str(model), probe=False, threads=1, output_dir=str(out),
+        data=rankwise.experiment.DataConfig(data=str(data), max_examples=64, max_length=16),
+        settings=TrainSettings(steps=1, batch_size=16)))
+    names = json.loads((out / "metrics.json").read_text())["label_names"]
+    id2label = result.adapted.model.config.id2label
+    assert names == [id2label[i] for i in range(len(id2label))]
+    assert sorted(names, key=int) == [str(i) for i in range(1, 11)]
+

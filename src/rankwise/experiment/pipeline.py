@@ -1,11 +1,13 @@
 """The main job as a library: fine-tune a sequence classifier with any registered method.
 
 ``finetune(RunConfig(...))`` trains the adapter on a fixed split (the engine: :mod:`.train`), tests it
-beside two baselines (the majority class and a frozen-encoder linear probe trained on the same
-examples, epochs and batch size), and writes the adapter, ``metrics.json`` and a training-curve PNG to
-``output_dir``; for a method that allocates rank (AdaLoRA) metrics.json also holds the final rank of
-every layer, drawn as a heat map (``rank_heatmap.png``). It returns the metrics and the paths. Under
-several processes (torchrun / accelerate launch) every rank trains its share and only rank 0 writes.
+beside two baselines (the majority class and a frozen-encoder linear probe trained on the same examples,
+epochs and batch size), and writes the adapter, ``metrics.json`` and a training-curve PNG to
+``output_dir``. metrics.json's ``label_names`` is the label of each output of the classification head,
+in index order (the adapter files hold no label names); for a method that allocates rank (AdaLoRA)
+metrics.json also holds the final rank of every layer, drawn as a heat map (``rank_heatmap.png``). It
+returns the metrics and the paths. Under several processes (torchrun / accelerate launch) every rank
+trains its share and only rank 0 writes.
 
 ``compare`` reuses the pieces: :func:`prepare`, :func:`adapted_classifier`, :func:`train_method`,
 :func:`linear_probe`.
@@ -479,6 +481,7 @@ def finetune(config: RunConfig, log: Log = logger.info) -> FinetuneResult:
         "config": adapter.to_dict(),
         "settings": dataclasses.asdict(settings),
         "max_length": config.data.max_length,
+        "label_names": labels,
         "split_sizes": prepared.splits.sizes(),
         "world_size": adapted.world_size,
         "resumed_from": str(resume) if resume else None,
