@@ -184,3 +184,59 @@ def test_finetune_with_lorapro(tmp_path: Path) -> None:
     assert metrics["settings"]["optimizer"] == "lorapro"
     with pytest.raises(ValueError, match="optimizer must be one of"):
         TrainSettings(optimizer="sgd")
+
+
+def test_metrics_record_the_label_of_each_head_output(tiny, tmp_path: Path) -> None:
+    """The head's output k is the k-th label name (sorted as strings: with labels 1..10 output 1 is "10"), which
+    no file recorded: metrics.json holds ``label_names`` in head index order, the order of the model's id2label."""
+    model, _ = tiny
+    data = tmp_path / "stars.csv"
+    data.write_text("text,label\n" + "".join(f"review {i} rated,{1 + i % 10}\n" for i in range(200)), encoding="utf-8")
+    out = tmp_path / "stars"
+    result = rankwise.experiment.finetune(rankwise.experiment.RunConfig(
+        options={"r": 2}, model=str(model), probe=False, threads=1, output_dir=str(out),
+        data=rankwise.experiment.DataConfig(data=str(data), max_examples=64, max_length=16),
+        settings=TrainSettings(steps=1, batch_size=16)))
+    names = json.loads((out / "metrics.json").read_text())["label_names"]
+    id2label = result.adapted.model.config.id2label
+    assert names == [id2label[i] for i in range(len(id2label))]
+    assert sorted(names, key=int) == [str(i) for i in range(1, 11)]
+
+
+@pytest.mark.parametrize("max_length", ["0", "1", "2", "-1", "65", "200"])
+def test_max_length_outside_what_the_tokenizer_and_model_take_is_refused(
+        tiny, tmp_path: Path, max_length: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """0 and 1 made the tokenizer keep every token (while metrics.json recorded them), -1 raised an OverflowError in
+    the tokenizer, 65+ crashed the forward pass of the 64-position model mid-run: each is refused, naming the bounds
+    (2 special tokens + 1, the model's 64 positions), before anything is written; both bounds themselves run."""
+    model, data = tiny
+    out = tmp_path / "run"
+    assert cli.main(tiny_argv(model, data, out, "--max-length", max_length, "--steps", "1")) == 2
+    error = capsys.readouterr().err
+    assert (f"--max-length must be an integer from 3 (2 special tokens + 1 token of text) to 64 (the model's "
+            f"max_position_embeddings 64), got {max_length}") in error
+    assert not out.exists()
+
+
+def test_max_length_bounds_are_accepted_and_python_api_is_checked_too(tiny, tmp_path: Path) -> None:
+    """The bounds themselves (3 and 64 on the tiny model) run; the library's ``prepare`` (shared by ``compare``)
+    refuses a non-integer length as well."""
+    from rankwise.experiment.pipeline import DataConfig, prepare
+
+    model, data = tiny
+    for max_length in ("3", "64"):
+        assert cli.main(tiny_argv(model, data, tmp_path / max_length, "--max-length", max_length, "--steps", "1")) == 0
+        assert json.loads((tmp_path / max_length / "metrics.json").read_text())["max_length"] == int(max_length)
+    with pytest.raises(ValueError, match=r"--max-length must be an integer from 3 .* got 16\.0"):
+        prepare(DataConfig(data=str(data), max_length=16.0), str(model), seed=0)
+
+
+def test_column_options_without_a_data_file_are_refused() -> None:
+    """--text-column / --label-column name columns of a --data file; a built-in task ignored them silently."""
+    from rankwise.experiment import DataConfig
+
+    with pytest.raises(ValueError, match=r"--text-column 'review' applies to --data files only"):
+        finetune_cli.run_config(_parse("--text-column", "review"))
+    with pytest.raises(ValueError, match=r"--text-column 'a' and --label-column 'b' apply to --data files only"):
+        DataConfig(task="tweets", text_column="a", label_column="b")
+    assert finetune_cli.run_config(_parse("--data", "x.csv", "--label-column", "y")).data.label_column == "y"

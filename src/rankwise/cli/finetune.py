@@ -1,12 +1,14 @@
 """``rankwise finetune``: fine-tune a sequence classifier with any registered method.
 
-It trains the adapter on a fixed split, then prints its test accuracy and macro-F1 beside two
-baselines: the majority class and a frozen-encoder linear probe (only the classification head
-trained, on the same examples, steps and batch size). The adapter, ``metrics.json`` and a
-training-curve PNG go to ``--output-dir``; for a method that allocates rank (AdaLoRA), metrics.json
-also holds the final rank of every layer (``ranks``), drawn as a heat map of rank per layer index
-and module type (``rank_heatmap.png``). Training runs on transformers.Trainer: ``--nproc`` processes,
-``--save-every`` checkpoints and ``--resume``, ``--precision bf16``, ``--report-to``.
+It trains the adapter on a fixed split, then prints its test accuracy and macro-F1 beside two baselines:
+the majority class and a frozen-encoder linear probe (only the classification head trained, on the same
+examples, steps and batch size). The adapter, ``metrics.json`` and a training-curve PNG go to
+``--output-dir``; metrics.json's ``label_names`` is the label of each output of the classification head,
+in index order (sorted as strings: with labels 1..10, output 1 is "10"); for a method that allocates
+rank (AdaLoRA), metrics.json also holds the final rank of every layer (``ranks``), drawn as a heat map
+of rank per layer index and module type (``rank_heatmap.png``). Training runs on transformers.Trainer:
+``--nproc`` processes, ``--save-every`` checkpoints and ``--resume``, ``--precision bf16``,
+``--report-to``.
 """
 
 from __future__ import annotations

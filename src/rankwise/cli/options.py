@@ -21,11 +21,13 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--task", default="movie-reviews", help=f"built-in task: {', '.join(sorted(datasets.TASKS))}")
     data.add_argument("--data", help="your own .csv or .jsonl file instead of a built-in task")
-    data.add_argument("--text-column", default="text", help="text column of --data")
-    data.add_argument("--label-column", default="label", help="label column of --data")
+    data.add_argument("--text-column", default="text", help="text column of --data (refused without --data)")
+    data.add_argument("--label-column", default="label", help="label column of --data (refused without --data)")
     data.add_argument("--max-examples", type=int, default=3000,
                       help="cap on training examples (validation and test get max(100, N/3)); 0 = no cap")
-    data.add_argument("--max-length", type=int, default=64, help="tokens per example")
+    data.add_argument("--max-length", type=int, default=64,
+                      help="tokens per example, special tokens included: from their number + 1 to what the model "
+                           "takes (the tokenizer's model_max_length, the model's max_position_embeddings)")
 
 
 def add_targets_option(group: argparse._ArgumentGroup, default: str) -> None:

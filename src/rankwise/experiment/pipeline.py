@@ -1,11 +1,13 @@
 """The main job as a library: fine-tune a sequence classifier with any registered method.
 
 ``finetune(RunConfig(...))`` trains the adapter on a fixed split (the engine: :mod:`.train`), tests it
-beside two baselines (the majority class and a frozen-encoder linear probe trained on the same
-examples, epochs and batch size), and writes the adapter, ``metrics.json`` and a training-curve PNG to
-``output_dir``; for a method that allocates rank (AdaLoRA) metrics.json also holds the final rank of
-every layer, drawn as a heat map (``rank_heatmap.png``). It returns the metrics and the paths. Under
-several processes (torchrun / accelerate launch) every rank trains its share and only rank 0 writes.
+beside two baselines (the majority class and a frozen-encoder linear probe trained on the same examples,
+epochs and batch size), and writes the adapter, ``metrics.json`` and a training-curve PNG to
+``output_dir``. metrics.json's ``label_names`` is the label of each output of the classification head,
+in index order (the adapter files hold no label names); for a method that allocates rank (AdaLoRA)
+metrics.json also holds the final rank of every layer, drawn as a heat map (``rank_heatmap.png``). It
+returns the metrics and the paths. Under several processes (torchrun / accelerate launch) every rank
+trains its share and only rank 0 writes.
 
 ``compare`` reuses the pieces: :func:`prepare`, :func:`adapted_classifier`, :func:`train_method`,
 :func:`linear_probe`.
@@ -54,7 +56,10 @@ class DataConfig:
     """Which examples: a built-in ``task`` or the user's ``data`` file (.csv / .jsonl), capped and tokenised.
 
     ``max_examples`` caps the training split (validation and test get ``max(100, max_examples // 3)``);
-    0 means no cap.
+    0 means no cap. ``text_column`` / ``label_column`` name the columns of a ``data`` file; a built-in task has
+    its own, so changing them without ``data`` is refused here (it would be silently ignored). ``max_length``
+    (tokens per example, special tokens included) is checked against the tokenizer and the model by
+    :func:`prepare`.
     """
 
     task: str = "movie-reviews"
@@ -63,6 +68,18 @@ class DataConfig:
     label_column: str = "label"
     max_examples: int = 3000
     max_length: int = 64
+
+    def __post_init__(self) -> None:
+        """Refuse ``text_column`` / ``label_column`` other than the defaults when no ``data`` file is given: a
+        built-in task ignores them, so the run would not use the columns asked for."""
+        if self.data is None:
+            given = [f"--{name.replace('_', '-')} {value!r}" for name, value, default in
+                     (("text_column", self.text_column, "text"), ("label_column", self.label_column, "label"))
+                     if value != default]
+            if given:
+                verb = "apply" if len(given) > 1 else "applies"
+                raise ValueError(f"{' and '.join(given)} {verb} to --data files only; the built-in task "
+                                 f"{self.task!r} has its own columns. Pass --data FILE, or drop the option")
 
     @property
     def name(self) -> str:
@@ -227,16 +244,41 @@ class Prepared:
         return len(self.splits.train.label_names)
 
 
-def prepare(config: DataConfig, model: str, seed: int, log: Log = logger.info) -> Prepared:
-    """Load, split and tokenise the data and locate the model."""
-    from transformers import AutoTokenizer
+def check_max_length(max_length: int, tokenizer: Any, model_config: Any) -> None:
+    """Raise a ``ValueError`` naming the bounds unless ``max_length`` (tokens per example, special tokens
+    included) is an integer from ``num_special_tokens + 1`` (the tokenizer's [CLS]/[SEP] plus one token of text)
+    to the longest input the model takes: the smaller of the tokenizer's ``model_max_length`` and the model
+    config's ``max_position_embeddings`` (when it has one).
 
+    Outside these bounds the tokenizer does not do what was asked: 0 and 1 are below what it can truncate to,
+    so it silently keeps every token (and the run records a max length it did not use), a negative value raises
+    an OverflowError inside the tokenizer, and a length past the model's position embeddings crashes the forward
+    pass in mid-run on the first long example."""
+    special = tokenizer.num_special_tokens_to_add(pair=False)
+    limits = {f"the tokenizer's model_max_length {tokenizer.model_max_length}": tokenizer.model_max_length}
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        limits[f"the model's max_position_embeddings {positions}"] = positions
+    most = min(limits.values())
+    low = special + 1
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or not low <= max_length <= most:
+        which = min(limits, key=limits.get)
+        raise ValueError(f"--max-length must be an integer from {low} ({special} special tokens + 1 token of text) "
+                         f"to {most} ({which}), got {max_length!r}")
+
+
+def prepare(config: DataConfig, model: str, seed: int, log: Log = logger.info) -> Prepared:
+    """Locate the model, check ``config.max_length`` against its tokenizer and config (:func:`check_max_length`),
+    then load, split and tokenise the data."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = model_path(model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    check_max_length(config.max_length, tokenizer, AutoConfig.from_pretrained(path))
     splits = load_splits(config, seed)
     sizes = splits.sizes()
     log(f"data: {config.data or config.task}, labels {splits.train.label_names}; "
         f"train {sizes['train']}, validation {sizes['validation']}, test {sizes['test']}")
-    path = model_path(model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
     return Prepared(
         splits=splits,
         train=encode(tokenizer, splits.train, config.max_length),
@@ -440,8 +482,9 @@ def finetune(config: RunConfig, log: Log = logger.info) -> FinetuneResult:
     """Fine-tune ``config.method`` on ``config.data``, test it beside the baselines, write the reports.
 
     ``log`` receives the progress lines (``print`` for the command line). Raises ``ValueError`` on bad
-    options before any data or model is loaded, on a ``resume`` whose checkpoint was trained with other options
-    (:func:`check_resume`) before any training, and
+    options before any data or model is loaded, on a ``max_length`` the tokenizer or model cannot take
+    (:func:`check_max_length`) before the data is loaded, on a ``resume`` whose checkpoint was trained with other
+    options (:func:`check_resume`) before any training, and
     :class:`~rankwise.integrations.trainer.TrainingDiverged` when the loss or a gradient turns NaN/Inf.
     """
     started = time.perf_counter()
@@ -479,6 +522,7 @@ def finetune(config: RunConfig, log: Log = logger.info) -> FinetuneResult:
         "config": adapter.to_dict(),
         "settings": dataclasses.asdict(settings),
         "max_length": config.data.max_length,
+        "label_names": labels,
         "split_sizes": prepared.splits.sizes(),
         "world_size": adapted.world_size,
         "resumed_from": str(resume) if resume else None,
