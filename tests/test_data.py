@@ -100,6 +100,24 @@ def test_bad_files_give_clear_errors(tmp_path: Path) -> None:
         data.load_file(tmp_path / "mine.txt")
 
 
+def test_a_csv_row_with_another_number_of_fields_is_refused(tmp_path: Path) -> None:
+    """A row with fewer fields lost its label and was skipped silently; one with more shifted values."""
+    for body, fields in (("a,pos\nb\nc,neg\n", 1), ("a,pos\nb,neg,extra\n", 3)):
+        path = tmp_path / "ragged.csv"
+        path.write_text("text,label\n" + body, encoding="utf-8")
+        with pytest.raises(ValueError, match=rf"line 3: {fields} field\(s\) where the header has 2"):
+            data.load_file(path)
+
+
+def test_jsonl_lines_end_at_newlines_only(tmp_path: Path) -> None:
+    """JSON allows a raw U+2028 (and U+0085, form feed) inside a string; str.splitlines cut the line there."""
+    path = tmp_path / "unicode.jsonl"
+    rows = [{"text": f"row {i}\u2028second part\x0c{i}", "label": "ab"[i % 2]} for i in range(6)]
+    path.write_text("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\r\n", encoding="utf-8")
+    loaded = data.load_file(path)
+    assert sorted(loaded.texts) == sorted(r["text"] for r in rows) and loaded.label_names == ["a", "b"]
+
+
 def test_classes_are_counted_after_duplicates_are_dropped(tmp_path: Path) -> None:
     # Class "c" only labels repeated texts: once they are dropped it has no example, so it is no class.
     rows = [{"text": f"t{i}", "label": "a" if i % 2 else "b"} for i in range(40)]

@@ -315,15 +315,28 @@ def _read_text(path: Path) -> str:
 
 
 def _read_csv(path: Path) -> list[tuple[int, dict[str, object]]]:
-    """The rows as ``(line, row)``, ``line`` the file line the row ends on."""
+    """The rows as ``(line, row)``, ``line`` the file line the row ends on. A row with more or fewer fields than
+    the header is a ValueError (its values would shift into other columns, or its label be lost silently)."""
     reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
-    return [(reader.line_num, row) for row in reader]
+    rows = []
+    for row in reader:
+        extra = row.pop(None, None) or []  # DictReader keeps surplus values under the key None
+        missing = sum(value is None for value in row.values())  # and fills absent ones with None
+        if extra or missing:
+            header = len(reader.fieldnames or [])
+            raise ValueError(f"{path}, line {reader.line_num}: {header - missing + len(extra)} field(s) where the "
+                             f"header has {header}; quote values that contain the delimiter")
+        rows.append((reader.line_num, row))
+    return rows
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict[str, object]]]:
     """The objects as ``(line, object)``; blank lines are skipped."""
     records = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+    # "\n" only: JSON escapes every line break inside a string, while splitlines() would also cut at a raw U+2028,
+    # U+0085 or form feed there, which JSON allows unescaped
+    for number, line in enumerate(_read_text(path).split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:
