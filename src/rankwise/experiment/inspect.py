@@ -154,17 +154,23 @@ def describe_adapter(directory: Path) -> dict[str, Any]:
     }
 
 
+def _recorded_parameters(payload: dict[str, Any], key: str, config_path: Path) -> set[str] | None:
+    """The names of the saved tensors that are parameters, as the writer recorded them under ``key`` (the rest are
+    buffers, such as a BatchNorm's running statistics); None for a file written before that record existed."""
+    names = payload.get(key)
+    if names is None:
+        return None
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise _malformed(config_path, f"'{key}' must be a list of tensor names")
+    return set(names)
+
+
 def _saved_trainable(payload: dict[str, Any], saved: dict[str, TensorInfo], config_path: Path) -> int:
     """The trainable values among the ``modules_to_save`` tensors ``saved``: those the config's
     ``modules_to_save_parameters`` names (``rankwise.save`` records which saved tensors are parameters, so a
     BatchNorm's running statistics, buffers, are not counted); a file saved before that record counts every one."""
-    names = payload.get("modules_to_save_parameters")
-    if names is None:
-        return sum(info.numel for info in saved.values())
-    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
-        raise _malformed(config_path, "'modules_to_save_parameters' must be a list of tensor names")
-    parameters = set(names)
-    return sum(info.numel for name, info in saved.items() if name in parameters)
+    parameters = _recorded_parameters(payload, "modules_to_save_parameters", config_path)
+    return sum(info.numel for name, info in saved.items() if parameters is None or name in parameters)
 
 
 def _dense_size(spec: dict[str, Any]) -> int:
@@ -185,12 +191,8 @@ def _compressed_buffers(payload: dict[str, Any], rest: dict[str, TensorInfo], co
     """The names among the non-factorised tensors ``rest`` that are buffers (a BatchNorm's running statistics):
     those missing from the config's ``parameters`` list (``save_compressed`` records which saved tensors are
     parameters); a file saved before that record has none, so every tensor counts as a parameter as before."""
-    names = payload.get("parameters")
-    if names is None:
-        return set()
-    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
-        raise _malformed(config_path, "'parameters' must be a list of tensor names")
-    return set(rest) - set(names)
+    parameters = _recorded_parameters(payload, "parameters", config_path)
+    return set() if parameters is None else set(rest) - parameters
 
 
 def describe_compressed(directory: Path) -> dict[str, Any]:
