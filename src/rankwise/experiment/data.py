@@ -128,14 +128,6 @@ def _first_occurrences(texts: list[str]) -> list[int]:
     return keep
 
 
-def deduplicate(data: LabelledText) -> LabelledText:
-    """Keep the first occurrence of every exact text (the class list is left as it is)."""
-    keep = _first_occurrences(data.texts)
-    if len(keep) < len(data):
-        logger.info("dropped %d exact duplicate texts", len(data) - len(keep))
-    return data.subset(keep)
-
-
 # ----------------------------------------------------------------------------------------------
 # Built-in tasks
 # ----------------------------------------------------------------------------------------------
@@ -268,7 +260,7 @@ def _label_name(path: Path, line: int, value: object) -> str:
     if isinstance(value, float):
         if not math.isfinite(value):
             raise ValueError(f"data file {path}, line {line}: the label {value} is not a finite number")
-        return str(int(value)) if value.is_integer() else repr(value)
+        return _number_name(value)
     raise ValueError(
         f"data file {path}, line {line}: the label {json.dumps(value)} is a JSON {type(value).__name__}; "
         "a label must be one string, number or true/false"
@@ -290,6 +282,12 @@ def _reads_as(name: str) -> str:
         return name
     if not math.isfinite(number):
         return name
+    return _number_name(number)
+
+
+def _number_name(number: float) -> str:
+    """A finite number's class name, the one rule both a JSON number and a numeric string follow: a whole
+    number as an int ("1" for 1.0), else its shortest repr ("0.5")."""
     return str(int(number)) if number.is_integer() else repr(number)
 
 
